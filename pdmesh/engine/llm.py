@@ -1,0 +1,123 @@
+"""Offline entry point, in the spirit of vLLM's ``LLM(...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdmesh.engine.engine import LLMEngine
+from pdmesh.engine.sequence import SamplingParams, TokenLogprob
+from pdmesh.tokenizer import StopStringMatcher, Tokenizer
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str]
+    logprobs: Optional[list[TokenLogprob]] = None
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    outputs: list[Completion] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
+def child_seed(seed: Optional[int], index: int) -> Optional[int]:
+    """Seed of the ``index``-th of n samples: distinct per sample, reproducible per request."""
+    return None if seed is None else seed + index * 1_000_003
+
+
+class LLM:
+    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, load_format: str = "auto",
+                 dtype: str = "auto", max_model_len: Optional[int] = None, seed: int = 0, block_size: int = 32,
+                 num_kv_blocks: Optional[int] = None, kv_cache_memory: int = 512 << 20,
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
+                 enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: str = "auto",
+                 enforce_eager: bool = False, engine_config: Optional[EngineConfig] = None) -> None:
+        if engine_config is None:
+            mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                             **({"model": model} if model else {}))
+            engine_config = EngineConfig(
+                model=mc,
+                cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                                  enable_prefix_caching=enable_prefix_caching),
+                scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                          enable_chunked_prefill=enable_chunked_prefill),
+                device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager),
+            )
+        self.engine = LLMEngine(engine_config)
+        self._tokenizer: Optional[Tokenizer] = None
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self.engine.resolved.tokenizer_path)
+            self.engine.set_eos_token_ids(self._tokenizer.eos_token_ids)
+        return self._tokenizer
+
+    def generate(self, prompts: Union[str, Sequence[str], Sequence[Sequence[int]]],
+                 params: Optional[SamplingParams] = None, detokenize: bool = True) -> list[GenerationResult]:
+        """Generate for every prompt (text, or token ids) in one continuous batch."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        token_prompts = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        if detokenize or params.stop:
+            _ = self.tokenizer
+        return self._run(token_prompts, params, detokenize)
+
+    def chat(self, conversations: Sequence[list[dict[str, Any]]], params: Optional[SamplingParams] = None,
+             **template_kwargs: Any) -> list[GenerationResult]:
+        token_prompts = [self.tokenizer.apply_chat_template(list(c), **template_kwargs) for c in conversations]
+        return self._run(token_prompts, params or SamplingParams(), True)
+
+    def _run(self, token_prompts: list[list[int]], params: SamplingParams, detokenize: bool) -> list[GenerationResult]:
+        eng = self.engine
+        results = [GenerationResult(p) for p in token_prompts]
+        live: dict[str, dict[str, Any]] = {}
+        for i, prompt in enumerate(token_prompts):
+            for j in range(params.n):
+                rid = f"llm-{next(self._ids)}"
+                sub = params.with_updates(n=1, seed=child_seed(params.seed, j))
+                eng.add_request(rid, prompt, sub)
+                comp = Completion(j, "", [], None, [] if params.logprobs is not None else None)
+                results[i].outputs.append(comp)
+                live[rid] = {
+                    "res": results[i], "comp": comp,
+                    "detok": self.tokenizer.detokenizer(prompt, params.skip_special_tokens) if detokenize else None,
+                    "stop": StopStringMatcher(params.stop, params.include_stop_str_in_output),
+                }
+        while live:
+            for out in eng.step():
+                st = live.get(out.request_id)
+                if st is None:
+                    continue
+                comp: Completion = st["comp"]
+                st["res"].num_cached_tokens = out.num_cached_tokens
+                comp.token_ids.extend(out.new_token_ids)
+                if out.logprobs and comp.logprobs is not None:
+                    comp.logprobs.extend(out.logprobs)
+                if st["detok"] is not None:
+                    delta = "".join(st["detok"].step(t) for t in out.new_token_ids)
+                    if out.finished:
+                        delta += st["detok"].flush()
+                    text, hit = st["stop"].feed(delta)
+                    comp.text += text
+                    if hit:
+                        eng.abort(out.request_id)
+                        comp.finish_reason = "stop"
+                        del live[out.request_id]
+                        continue
+                if out.finished:
+                    if st["detok"] is not None:
+                        comp.text += st["stop"].flush()
+                    comp.finish_reason = out.finish_reason
+                    del live[out.request_id]
+        return results

@@ -1,0 +1,179 @@
+"""Batched sampling on the model's device.
+
+Order (as vLLM): raw logprobs (if asked) -> min_tokens suppression -> penalties -> greedy rows take
+argmax; the rest: temperature -> top-k/top-p -> min-p -> softmax -> exponential-race sampling
+(``argmax(p / q)`` with ``q ~ Exp(1)``), where a seeded row draws ``q`` from a generator seeded by
+``(seed, output index)``: the draw of token i depends on nothing but the seed and i, so a request
+gives the same tokens whether one engine runs it or a prefill and a decode worker split it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pdmesh.engine.sequence import Sequence, TokenLogprob
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    temperature: torch.Tensor  # [B] float32
+    top_p: Optional[torch.Tensor]  # [B] float32
+    top_k: Optional[torch.Tensor]  # [B] int64 (vocab size where disabled)
+    min_p: Optional[torch.Tensor]  # [B] float32
+    presence: Optional[torch.Tensor]  # [B, 1]
+    frequency: Optional[torch.Tensor]  # [B, 1]
+    repetition: Optional[torch.Tensor]  # [B, 1]
+    output_ids: Optional[torch.Tensor]  # [B, max_out] int64 padded with vocab (dropped)
+    prompt_ids: Optional[torch.Tensor]  # [B, max_prompt] int64 padded with vocab
+    suppress: Optional[list[tuple[int, list[int]]]]  # (row, token ids) masked to -inf
+    seeds: list[Optional[int]]  # per row: seed for this draw (already mixed with index)
+    all_greedy: bool
+    max_logprobs: int  # -1: none requested
+
+
+def _pad(rows: list[list[int]], fill: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), fill, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+    return out.to(device)
+
+
+def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device) -> SamplingBatch:
+    ps = [s.params for s in seqs]
+    temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=device)
+    any_topp = any(p.top_p < 1.0 for p in ps)
+    any_topk = any(p.top_k > 0 for p in ps)
+    any_minp = any(p.min_p > 0 for p in ps)
+    any_pen = any(p.has_penalties for p in ps)
+    any_rep = any(p.repetition_penalty != 1.0 for p in ps)
+    suppress = []
+    for i, s in enumerate(seqs):
+        if s.num_output_tokens < s.params.min_tokens:
+            ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(s.eos_token_ids))
+            if ids:
+                suppress.append((i, ids))
+    seeds = [
+        None if s.params.seed is None else (s.params.seed * _SEED_MIX + s.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF
+        for s in seqs
+    ]
+    return SamplingBatch(
+        temperature=temps,
+        top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device) if any_topp else None,
+        top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps], dtype=torch.int64, device=device) if any_topk else None,
+        min_p=torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=device) if any_minp else None,
+        presence=torch.tensor([[p.presence_penalty] for p in ps], dtype=torch.float32, device=device) if any_pen else None,
+        frequency=torch.tensor([[p.frequency_penalty] for p in ps], dtype=torch.float32, device=device) if any_pen else None,
+        repetition=torch.tensor([[p.repetition_penalty] for p in ps], dtype=torch.float32, device=device) if any_rep else None,
+        output_ids=_pad([s.output_token_ids for s in seqs], vocab, device) if any_pen else None,
+        prompt_ids=_pad([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, device) if any_rep else None,
+        suppress=suppress or None,
+        seeds=seeds,
+        all_greedy=all(p.greedy for p in ps),
+        max_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
+    )
+
+
+class Sampler:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(0)
+
+    @torch.no_grad()
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, seqs: list[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
+        """logits: [B, V] float32 -> sampled ids and per-row logprobs (None where not asked)."""
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs >= 0 else None
+        logits = self._apply_penalties(logits, batch)
+        greedy_ids = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            ids = greedy_ids
+        else:
+            ids = torch.where(batch.temperature == 0, greedy_ids, self._sample(logits, batch))
+        id_list = ids.tolist()
+        return id_list, self._logprobs(raw_logprobs, ids, batch, seqs)
+
+    def _apply_penalties(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        if b.suppress:
+            logits = logits.clone()
+            for row, toks in b.suppress:
+                logits[row, toks] = float("-inf")
+        if b.output_ids is None and b.repetition is None:
+            return logits
+        nb, vocab = logits.shape
+        if b.output_ids is not None:
+            counts = torch.zeros((nb, vocab + 1), dtype=torch.float32, device=logits.device)
+            counts.scatter_add_(1, b.output_ids, torch.ones_like(b.output_ids, dtype=torch.float32))
+            counts = counts[:, :vocab]
+        else:
+            counts = None
+        if b.repetition is not None:
+            seen = torch.zeros((nb, vocab + 1), dtype=torch.bool, device=logits.device)
+            seen.scatter_(1, b.prompt_ids, True)
+            if b.output_ids is not None:
+                seen.scatter_(1, b.output_ids, True)
+            seen = seen[:, :vocab]
+            penalised = torch.where(logits > 0, logits / b.repetition, logits * b.repetition)
+            logits = torch.where(seen, penalised, logits)
+        if counts is not None:
+            logits = logits - b.frequency * counts - b.presence * (counts > 0).float()
+        return logits
+
+    def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        temp = torch.where(b.temperature == 0, torch.ones_like(b.temperature), b.temperature)
+        logits = logits / temp[:, None]
+        if b.top_k is not None or b.top_p is not None:
+            logits = _top_k_top_p(logits, b.top_k, b.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if b.min_p is not None:
+            top = probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(probs < b.min_p[:, None] * top, torch.zeros_like(probs), probs)
+        q = torch.empty_like(probs)
+        q.exponential_(generator=self.generator)
+        for row, seed in enumerate(b.seeds):
+            if seed is not None:
+                gen = torch.Generator(device=probs.device)
+                gen.manual_seed(seed)
+                q[row].exponential_(generator=gen)
+        return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(raw: Optional[torch.Tensor], ids: torch.Tensor, b: SamplingBatch, seqs: list[Sequence]) -> list[Optional[TokenLogprob]]:
+        if raw is None:
+            return [None] * len(seqs)
+        chosen = raw.gather(1, ids[:, None]).squeeze(1).tolist()
+        k = max(b.max_logprobs, 0)
+        top_v, top_i = (raw.topk(k, dim=-1) if k > 0 else (None, None))
+        top_v = top_v.tolist() if top_v is not None else None
+        top_i = top_i.tolist() if top_i is not None else None
+        out: list[Optional[TokenLogprob]] = []
+        id_list = ids.tolist()
+        for row, s in enumerate(seqs):
+            n = s.params.logprobs
+            if n is None:
+                out.append(None)
+                continue
+            top = list(zip(top_i[row][:n], top_v[row][:n])) if n and top_i is not None else []
+            out.append(TokenLogprob(id_list[row], chosen[row], top))
+        return out
+
+
+def _top_k_top_p(logits: torch.Tensor, k: Optional[torch.Tensor], p: Optional[torch.Tensor]) -> torch.Tensor:
+    sorted_logits, idx = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if k is not None:
+        kth = sorted_logits.gather(1, (vocab - k.clamp(max=vocab))[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        drop = cum <= (1 - p[:, None])
+        drop[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, idx, sorted_logits)

@@ -1,0 +1,1 @@
+"""Paged KV cache: block ids (``block_manager``) and tensors (``pool``)."""

@@ -1,0 +1,219 @@
+"""Paged KV block manager with reference counts and automatic prefix caching.
+
+Pure Python (no tensors): it hands out block ids; ``pdmesh.kv.pool`` holds the tensors.
+
+Algorithm
+---------
+* Blocks ``0..N-1`` start in the free queue in id order; allocation pops from the front.
+* A block that becomes full of computed tokens gets a content hash chained from the request's
+  first block: ``h_i = H(h_{i-1} || tokens of block i)``; ``hash -> block`` is recorded.
+* A new request first looks up the longest chain of cached full blocks of its tokens (never all
+  of its tokens: the last one is always recomputed so that there are logits to sample from); those
+  blocks are shared (ref count + 1) instead of recomputed.
+* Freeing decrements ref counts, walking a request's blocks from last to first.  A block whose
+  count drops to 0 goes back to the free queue: to the *front* if it holds nothing reusable (no
+  hash), to the *back* if it is cached.  So cached blocks are evicted least-recently-freed first,
+  and within one request its tail before its head.
+* Popping a cached block from the free queue for reuse evicts it (its hash is forgotten).
+
+Invariants (checked by ``check_invariants``)
+--------------------------------------------
+* A block is in the free queue iff its ref count is 0.
+* ``cached[h] == b`` iff ``block_hash[b] == h``.
+* Every block of every live request has ref count >= 1; ref count = number of live requests
+  holding it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+
+def hash_block(parent: Optional[bytes], tokens: Sequence[int]) -> bytes:
+    """Content hash of one full block, chained from its parent block's hash."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent or b"\0" * 16)
+    h.update(array("q", tokens).tobytes())
+    return h.digest()
+
+
+@dataclass
+class _Request:
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+    """Hashes of this request's leading full blocks that have been cached (len <= len(blocks))."""
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """Result of a prefix-cache lookup: shared blocks and the tokens they cover."""
+
+    block_ids: tuple[int, ...]
+    num_tokens: int
+    hashes: tuple[bytes, ...]
+
+
+class PrefixCachingBlockManager:
+    """Owns block ids for requests (keyed by request id). Not thread-safe: one owner thread."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[Optional[bytes]] = [None] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached: dict[bytes, int] = {}
+        self.requests: dict[str, _Request] = {}
+        self.prefix_queries = 0
+        """Tokens looked up in the prefix cache (counter)."""
+        self.prefix_hits = 0
+        """Tokens found in the prefix cache (counter)."""
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with ref count 0 (cached ones included: they are evictable)."""
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.requests[request_id].blocks
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.requests
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---------------------------------------------------------------- prefix cache
+    def lookup_prefix(self, token_ids: Sequence[int]) -> PrefixHit:
+        """Longest chain of cached full blocks of ``token_ids`` (capped below len(token_ids))."""
+        if not self.enable_prefix_caching:
+            return PrefixHit((), 0, ())
+        bs = self.block_size
+        max_blocks = (len(token_ids) - 1) // bs
+        blocks: list[int] = []
+        hashes: list[bytes] = []
+        parent: Optional[bytes] = None
+        for i in range(max_blocks):
+            h = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
+            b = self.cached.get(h)
+            if b is None:
+                break
+            blocks.append(b)
+            hashes.append(h)
+            parent = h
+        return PrefixHit(tuple(blocks), len(blocks) * bs, tuple(hashes))
+
+    def record_prefix_query(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries += queried_tokens
+        self.prefix_hits += hit_tokens
+
+    # ---------------------------------------------------------------- allocation
+    def can_allocate(self, request_id: str, num_total_tokens: int, hit: Optional[PrefixHit] = None) -> bool:
+        req = self.requests.get(request_id)
+        have = len(req.blocks) if req else 0
+        shared = 0
+        if hit is not None and req is None:
+            have = len(hit.block_ids)
+            shared = sum(1 for b in hit.block_ids if self.ref_count[b] == 0)
+        return self.blocks_needed(num_total_tokens) - have + shared <= self.num_free_blocks
+
+    def allocate(self, request_id: str, num_total_tokens: int, hit: Optional[PrefixHit] = None) -> Optional[list[int]]:
+        """Make ``request_id`` hold enough blocks for ``num_total_tokens`` tokens.
+
+        On a request's first allocation ``hit`` (from ``lookup_prefix``) supplies shared blocks.
+        Returns the new block ids appended (fresh ones only), or None, changing nothing, when
+        there are not enough free blocks.
+        """
+        if not self.can_allocate(request_id, num_total_tokens, hit):
+            return None
+        req = self.requests.get(request_id)
+        if req is None:
+            req = self.requests[request_id] = _Request()
+            if hit is not None:
+                for b, h in zip(hit.block_ids, hit.hashes):
+                    self._incref(b)
+                    req.blocks.append(b)
+                    req.hashes.append(h)
+        fresh = []
+        for _ in range(self.blocks_needed(num_total_tokens) - len(req.blocks)):
+            b = self._pop_free()
+            self.ref_count[b] = 1
+            req.blocks.append(b)
+            fresh.append(b)
+        return fresh
+
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Register hashes of the request's blocks that are full within ``num_computed_tokens``."""
+        if not self.enable_prefix_caching:
+            return
+        req = self.requests[request_id]
+        bs = self.block_size
+        full = min(num_computed_tokens // bs, len(req.blocks))
+        parent = req.hashes[-1] if req.hashes else None
+        for i in range(len(req.hashes), full):
+            h = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
+            b = req.blocks[i]
+            if h not in self.cached and self.block_hash[b] is None:
+                self.cached[h] = b
+                self.block_hash[b] = h
+            req.hashes.append(h)
+            parent = h
+
+    def free(self, request_id: str) -> int:
+        """Release every block of the request; returns how many it held. Unknown ids: 0."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return 0
+        for b in reversed(req.blocks):
+            self.ref_count[b] -= 1
+            assert self.ref_count[b] >= 0, f"block {b} ref count underflow"
+            if self.ref_count[b] == 0:
+                self.free_queue[b] = None
+                if self.block_hash[b] is None:
+                    self.free_queue.move_to_end(b, last=False)
+        return len(req.blocks)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (blocks in use keep their data)."""
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+        for req in self.requests.values():
+            req.hashes.clear()
+
+    # ---------------------------------------------------------------- internals
+    def _incref(self, b: int) -> None:
+        if self.ref_count[b] == 0:
+            del self.free_queue[b]
+        self.ref_count[b] += 1
+
+    def _pop_free(self) -> int:
+        b, _ = self.free_queue.popitem(last=False)
+        h = self.block_hash[b]
+        if h is not None:
+            if self.cached.get(h) == b:
+                del self.cached[h]
+            self.block_hash[b] = None
+        return b
+
+    def check_invariants(self) -> None:
+        counts = [0] * self.num_blocks
+        for req in self.requests.values():
+            for b in req.blocks:
+                counts[b] += 1
+        assert counts == self.ref_count, "ref counts disagree with live requests"
+        for b in range(self.num_blocks):
+            assert (b in self.free_queue) == (self.ref_count[b] == 0), f"block {b} free-queue mismatch"
+        for h, b in self.cached.items():
+            assert self.block_hash[b] == h

@@ -1,0 +1,1 @@
+"""OpenAI API shapes: request validation, reasoning split, response builders."""

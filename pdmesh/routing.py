@@ -1,0 +1,184 @@
+"""Worker registry and routing policies (used by the scheduler service; pure logic, no I/O).
+
+Invariants
+----------
+* A worker is routable iff it registered, its lease (last heartbeat + ``lease_s``) has not run
+  out, and it is not draining.  ``expire`` removes workers whose lease ran out.
+* Workers serving the same model must agree on dtype and KV layout (block size, heads, head dim,
+  layers): registration of an incompatible worker is refused, so any prefill/decode pair the
+  scheduler hands out can exchange KV.
+* A pair is only formed when the two share a transport; ``cuda_ipc`` only within one host.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from pdmesh.v1 import common_pb2 as pb
+
+TRANSPORT_PREFERENCE = ("cuda_ipc", "grpc")
+
+
+class RegistrationRefused(ValueError):
+    """The worker cannot join: it disagrees with registered peers of the same model."""
+
+
+class NoRoute(LookupError):
+    """No compatible (prefill, decode) pair is available."""
+
+
+@dataclass
+class WorkerEntry:
+    info: pb.WorkerInfo
+    load: pb.WorkerLoad = field(default_factory=pb.WorkerLoad)
+    last_seen: float = field(default_factory=time.monotonic)
+    draining: bool = False
+    pending: int = 0
+    """Routes handed out since the last heartbeat (so a burst does not pile onto one worker)."""
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
+
+
+def _compat_key(info: pb.WorkerInfo) -> tuple:
+    lay = info.kv_layout
+    return (info.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype, lay.layout)
+
+
+def shared_transport(p: pb.WorkerInfo, d: pb.WorkerInfo) -> Optional[str]:
+    for t in TRANSPORT_PREFERENCE:
+        if t in p.transports and t in d.transports:
+            if t == "cuda_ipc" and p.host_id != d.host_id:
+                continue
+            return t
+    return None
+
+
+class Registry:
+    def __init__(self, lease_s: float = 3.0) -> None:
+        self.lease_s = lease_s
+        self.workers: dict[str, WorkerEntry] = {}
+
+    def register(self, info: pb.WorkerInfo) -> WorkerEntry:
+        if not info.worker_id or not info.address or info.role == pb.ROLE_UNSPECIFIED:
+            raise RegistrationRefused("worker_id, address and role are required")
+        for other in self.workers.values():
+            if other.info.model == info.model and other.worker_id != info.worker_id and _compat_key(other.info) != _compat_key(info):
+                raise RegistrationRefused(
+                    f"worker {info.worker_id} ({_compat_key(info)}) is incompatible with {other.worker_id} "
+                    f"({_compat_key(other.info)}) serving {info.model!r}"
+                )
+        entry = WorkerEntry(info)
+        self.workers[info.worker_id] = entry
+        return entry
+
+    def heartbeat(self, worker_id: str, load: pb.WorkerLoad, draining: bool, now: Optional[float] = None) -> bool:
+        entry = self.workers.get(worker_id)
+        if entry is None:
+            return False
+        entry.load = load
+        entry.draining = draining
+        entry.pending = 0
+        entry.last_seen = time.monotonic() if now is None else now
+        return True
+
+    def remove(self, worker_id: str) -> bool:
+        return self.workers.pop(worker_id, None) is not None
+
+    def expire(self, now: Optional[float] = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        dead = [w for w, e in self.workers.items() if now - e.last_seen > self.lease_s]
+        for w in dead:
+            del self.workers[w]
+        return dead
+
+    def routable(self, role: int, model: str, exclude: Sequence[str] = ()) -> list[WorkerEntry]:
+        return [e for e in self.workers.values()
+                if e.info.role == role and not e.draining and e.worker_id not in exclude and (not model or e.info.model == model)]
+
+
+class BaseRoutingPolicy(ABC):
+    """Chooses a (prefill, decode) pair among routable, transport-compatible candidates."""
+
+    name = "base"
+
+    @abstractmethod
+    def choose(self, prefills: list[WorkerEntry], decodes: list[WorkerEntry], prompt_tokens: int) -> tuple[WorkerEntry, WorkerEntry, str, str]:
+        """Returns (prefill, decode, transport, reason); raises NoRoute."""
+
+
+def _pairs(prefills: list[WorkerEntry], decodes: list[WorkerEntry]):
+    for p in prefills:
+        for d in decodes:
+            t = shared_transport(p.info, d.info)
+            if t is not None:
+                yield p, d, t
+
+
+class LeastLoadedPolicy(BaseRoutingPolicy):
+    """Prefill with the fewest queued+running requests; decode with the fewest running plus the
+    least KV in use.  Ties go to the worker registered first; ``pending`` counts routes issued
+    since the last heartbeat so that a burst spreads."""
+
+    name = "least_loaded"
+
+    @staticmethod
+    def prefill_score(e: WorkerEntry) -> tuple:
+        return (e.load.waiting + e.load.running + e.load.inflight + e.pending,)
+
+    @staticmethod
+    def decode_score(e: WorkerEntry) -> tuple:
+        used = 1.0 - (e.load.free_blocks / e.load.total_blocks) if e.load.total_blocks else 0.0
+        return (e.load.running + e.load.waiting_for_kv + e.load.inflight + e.pending, round(used, 2))
+
+    def choose(self, prefills, decodes, prompt_tokens):
+        best = None
+        for p, d, t in _pairs(prefills, decodes):
+            key = (self.prefill_score(p) + self.decode_score(d), TRANSPORT_PREFERENCE.index(t))
+            if best is None or key < best[0]:
+                best = (key, p, d, t)
+        if best is None:
+            raise NoRoute("no prefill/decode pair shares a transport")
+        _, p, d, t = best
+        reason = (f"{self.name}: prefill {p.worker_id} load={self.prefill_score(p)[0]}, "
+                  f"decode {d.worker_id} load={self.decode_score(d)[0]} kv_used={self.decode_score(d)[1]}, transport={t}")
+        return p, d, t, reason
+
+
+class RoundRobinPolicy(BaseRoutingPolicy):
+    """Deterministic rotation over compatible pairs (tests and debugging)."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self.counter = 0
+
+    def choose(self, prefills, decodes, prompt_tokens):
+        pairs = sorted(_pairs(prefills, decodes), key=lambda x: (x[0].worker_id, x[1].worker_id))
+        if not pairs:
+            raise NoRoute("no prefill/decode pair shares a transport")
+        p, d, t = pairs[self.counter % len(pairs)]
+        self.counter += 1
+        return p, d, t, f"{self.name}: pair {self.counter - 1} of {len(pairs)}"
+
+
+POLICIES = {"least_loaded": LeastLoadedPolicy, "round_robin": RoundRobinPolicy}
+
+
+def route(registry: Registry, policy: BaseRoutingPolicy, model: str, prompt_tokens: int,
+          exclude: Sequence[str] = ()) -> tuple[WorkerEntry, WorkerEntry, str, str]:
+    prefills = registry.routable(pb.ROLE_PREFILL, model, exclude)
+    decodes = registry.routable(pb.ROLE_DECODE, model, exclude)
+    if not prefills or not decodes:
+        raise NoRoute(f"no {'prefill' if not prefills else 'decode'} worker available for model {model!r}")
+    for e in list(prefills) + list(decodes):
+        if e.info.max_model_len and prompt_tokens >= e.info.max_model_len:
+            raise NoRoute(f"prompt of {prompt_tokens} tokens does not fit max_model_len {e.info.max_model_len}")
+    p, d, t, reason = policy.choose(prefills, decodes, prompt_tokens)
+    p.pending += 1
+    d.pending += 1
+    return p, d, t, reason

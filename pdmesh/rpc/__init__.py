@@ -1,0 +1,1 @@
+"""gRPC helpers shared by every service: conversions, server setup, channels, registration."""

@@ -1,0 +1,42 @@
+"""One cached ``grpc.aio`` channel per peer address, and per-call deadlines."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import grpc
+
+from pdmesh.rpc.server import CHANNEL_OPTIONS
+
+S = TypeVar("S")
+
+
+class ChannelPool:
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, type], object] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return ch
+
+    def stub(self, address: str, stub_cls: Callable[[grpc.aio.Channel], S]) -> S:
+        key = (address, stub_cls)  # type: ignore[assignment]
+        s = self._stubs.get(key)
+        if s is None:
+            s = self._stubs[key] = stub_cls(self.channel(address))
+        return s  # type: ignore[return-value]
+
+    async def drop(self, address: str) -> None:
+        ch = self._channels.pop(address, None)
+        self._stubs = {k: v for k, v in self._stubs.items() if k[0] != address}
+        if ch is not None:
+            await ch.close()
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+        self._stubs.clear()

@@ -1,0 +1,83 @@
+"""A worker's membership in the mesh: register with the scheduler, keep the lease alive with a
+heartbeat stream that carries load, and re-register on its own when the scheduler restarts or
+forgets the worker.  Runs as one asyncio task; never raises out of ``run``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import grpc
+
+from pdmesh.v1 import common_pb2 as pb
+from pdmesh.v1 import scheduler_pb2 as spb
+from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
+from pdmesh.rpc.server import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
+
+
+class Registration:
+    def __init__(self, scheduler_address: str, info: pb.WorkerInfo, load: Callable[[], pb.WorkerLoad],
+                 rpc_timeout: float = 5.0) -> None:
+        self.scheduler_address = scheduler_address
+        self.info = info
+        self.load = load
+        self.rpc_timeout = rpc_timeout
+        self.registered = asyncio.Event()
+        self.draining = False
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        backoff = 0.2
+        async with grpc.aio.insecure_channel(self.scheduler_address, options=CHANNEL_OPTIONS) as ch:
+            stub = sgrpc.SchedulerStub(ch)
+            while not self._stop.is_set():
+                try:
+                    resp = await stub.Register(spb.RegisterRequest(worker=self.info), timeout=self.rpc_timeout)
+                    self.registered.set()
+                    backoff = 0.2
+                    log.info("registered with scheduler %s as %s", self.scheduler_address, resp.worker_id)
+                    await self._heartbeat(stub, resp.heartbeat_interval_ms / 1000.0)
+                except grpc.aio.AioRpcError as exc:
+                    self.registered.clear()
+                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        log.error("scheduler refused registration: %s", exc.details())
+                    else:
+                        log.info("scheduler unreachable (%s); retrying", exc.code().name)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - keep trying
+                    log.exception("registration loop error")
+                    self.registered.clear()
+                if not self._stop.is_set():
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), backoff)
+                    except asyncio.TimeoutError:
+                        pass
+                    backoff = min(backoff * 2, 2.0)
+            if self.registered.is_set():
+                try:
+                    await stub.Deregister(spb.DeregisterRequest(worker_id=self.info.worker_id), timeout=2.0)
+                except grpc.aio.AioRpcError:
+                    pass
+
+    async def _heartbeat(self, stub: sgrpc.SchedulerStub, interval: float) -> None:
+        async def beats():
+            while not self._stop.is_set():
+                yield spb.HeartbeatRequest(worker_id=self.info.worker_id, load=self.load(), draining=self.draining)
+                try:
+                    await asyncio.wait_for(self._stop.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+
+        call = stub.Heartbeat(beats())
+        async for resp in call:
+            if not resp.known:
+                log.info("scheduler does not know this worker; re-registering")
+                call.cancel()
+                return
+
+    async def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,75 @@
+"""gRPC server construction, health checking and graceful shutdown on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Awaitable, Callable, Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+
+
+def make_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+class Health:
+    """The standard grpc.health.v1 service; ``set_serving`` flips every listed service."""
+
+    def __init__(self, server: grpc.aio.Server, services: list[str]) -> None:
+        self.servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        self.services = [""] + services
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.services:
+            res = self.servicer.set(name, status)
+            if asyncio.iscoroutine(res):
+                await res
+
+
+def bind(server: grpc.aio.Server, host: str, port: int) -> int:
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    return bound
+
+
+async def wait_for_signal() -> str:
+    """Resolve on SIGINT/SIGTERM; returns the signal's name."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: fut.done() or fut.set_result(s.name))
+    return await fut
+
+
+async def serve_until_signal(server: grpc.aio.Server, health_: Optional[Health], drain_timeout: float,
+                             on_drain: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+    """Run until SIGINT/SIGTERM, then: NOT_SERVING, ``on_drain()``, stop with a grace period."""
+    name = await wait_for_signal()
+    log.info("%s: draining (up to %.1fs)", name, drain_timeout)
+    if health_ is not None:
+        await health_.set_serving(False)
+    if on_drain is not None:
+        try:
+            await asyncio.wait_for(on_drain(), drain_timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out")
+    await server.stop(grace=1.0)

@@ -1,0 +1,128 @@
+"""Tokenizer side: loading (HF dir or GGUF, cached), chat templates, incremental
+detokenization that is correct across multi-byte characters, and stop strings."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    """A thin wrapper over a transformers fast tokenizer."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        p = Path(path)
+        if p.suffix == ".gguf":
+            from pdmesh.models.loader import gguf_to_hf_dir
+
+            p = gguf_to_hf_dir(p)
+        self.hf = AutoTokenizer.from_pretrained(str(p))
+        self.path = str(p)
+
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = set()
+        if self.hf.eos_token_id is not None:
+            ids.add(int(self.hf.eos_token_id))
+        return frozenset(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> list[int]:
+        """Token ids of the rendered chat (the template adds BOS/specials itself)."""
+        if not self.hf.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+    def detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """Token-by-token text that never splits a multi-byte character.
+
+    Decodes a sliding window (vLLM's prefix/read offsets): text is only emitted once the window's
+    decoding no longer ends in the replacement character U+FFFD, so an incomplete UTF-8 sequence
+    waits for the token that completes it.
+    """
+
+    def __init__(self, tok: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
+        self.tok = tok
+        self.skip = skip_special_tokens
+        ctx = list(prompt_ids[-6:])
+        self.ids: list[int] = ctx
+        self.prefix_offset = 0
+        self.read_offset = len(ctx)
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is pending at the end (may contain U+FFFD for truly broken bytes)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stops: Sequence[str], include_in_output: bool = False) -> None:
+        self.stops = [s for s in stops if s]
+        self.include = include_in_output
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """New text -> (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return delta, False
+        buf = self.pending + delta
+        best: Optional[tuple[int, str]] = None
+        for s in self.stops:
+            idx = buf.find(s)
+            if idx >= 0 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is not None:
+            self.pending = ""
+            self.stopped = True
+            idx, s = best
+            return buf[: idx + (len(s) if self.include else 0)], True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:k]):
+                    keep = max(keep, k)
+                    break
+        self.pending = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

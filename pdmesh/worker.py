@@ -1,0 +1,175 @@
+"""What every worker process shares: its config, the engine thread, the gRPC server with health
+checking, membership in the mesh, load reports and graceful drain.
+
+Lifecycle of a worker process
+-----------------------------
+1. Parse flags into ``WorkerConfig`` + ``EngineConfig``; start the engine thread (loads weights).
+2. Bind the gRPC server (port 0 picks a free one), add the role's servicers and health.
+3. Register with the scheduler and heartbeat load; re-register by itself if the scheduler restarts.
+4. On SIGTERM/SIGINT: health NOT_SERVING, heartbeats say ``draining`` (no new routes), refuse new
+   requests, wait up to ``--drain-timeout`` for in-flight ones, deregister, stop, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Optional
+
+import grpc
+
+from pdmesh.config import EngineConfig, _require, add_flags, from_flags
+from pdmesh.engine.async_engine import AsyncEngine
+from pdmesh.engine.engine import LLMEngine
+from pdmesh.env import ENV
+from pdmesh.rpc.convert import layout_to_proto
+from pdmesh.rpc.registration import Registration
+from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
+from pdmesh.v1 import common_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A prefill or decode worker's place in the mesh."""
+
+    host: str = "0.0.0.0"
+    """Address the gRPC server binds."""
+    port: int = 0
+    """gRPC port (0 picks a free port; the bound port is what gets registered)."""
+    advertise_host: str = "127.0.0.1"
+    """Host peers use to reach this worker (a pod IP or DNS name across hosts)."""
+    scheduler: str = "127.0.0.1:50051"
+    """host:port of the scheduler."""
+    worker_id: Optional[str] = None
+    """Unique id in the mesh (default: role-host-port)."""
+    drain_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM."""
+    kv_lease_seconds: float = 30.0
+    """Prefill: how long KV is held for a decode worker that has not pulled it yet."""
+    kv_transfer_timeout: float = 30.0
+    """Decode: deadline of one KV pull."""
+    rpc_timeout: float = 10.0
+    """Deadline of short control RPCs (release, abort, register)."""
+    transports: tuple[str, ...] = ("grpc",)
+    """KV transports this worker offers."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "port", "must be in 0..65535")
+        _require(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
+        _require(self.kv_lease_seconds > 0, "kv_lease_seconds", "must be > 0")
+        _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
+        _require(bool(self.transports), "transports", "at least one transport")
+        for t in self.transports:
+            _require(t in ("grpc", "cuda_ipc"), "transports", f"unknown transport {t!r}")
+
+
+def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"pdmesh {role}", description=f"pdmesh {role} worker")
+    add_flags(parser, WorkerConfig)
+    parser.set_defaults(port=default_port)
+    EngineConfig.add_flags(parser)
+    return parser
+
+
+class WorkerRuntime:
+    """Engine + server + registration for one worker; the role adds servicers."""
+
+    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig) -> None:
+        self.role = role
+        self.wcfg = wcfg
+        self.ecfg = ecfg
+        self.engine = AsyncEngine(lambda: LLMEngine(ecfg))
+        self.server: Optional[grpc.aio.Server] = None
+        self.health: Optional[Health] = None
+        self.registration: Optional[Registration] = None
+        self.inflight = 0
+        self.requests_total = 0
+        self.draining = False
+        self.port = 0
+
+    @property
+    def worker_id(self) -> str:
+        role = "prefill" if self.role == pb.ROLE_PREFILL else "decode"
+        return self.wcfg.worker_id or f"{role}-{self.wcfg.advertise_host}-{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.wcfg.advertise_host}:{self.port}"
+
+    @property
+    def llm(self) -> LLMEngine:
+        assert self.engine.engine is not None
+        return self.engine.engine
+
+    def load(self) -> pb.WorkerLoad:
+        s = self.engine.stats
+        if s is None:
+            return pb.WorkerLoad(inflight=self.inflight, requests_total=self.requests_total)
+        return pb.WorkerLoad(free_blocks=s.free_blocks, total_blocks=s.total_blocks, running=s.num_running,
+                             waiting=s.num_waiting, held_blocks=s.held_blocks, waiting_for_kv=s.num_waiting_for_kv,
+                             inflight=self.inflight, requests_total=self.requests_total)
+
+    def info(self) -> pb.WorkerInfo:
+        eng = self.llm
+        return pb.WorkerInfo(
+            worker_id=self.worker_id, role=self.role, address=self.address, model=eng.resolved.served_name,
+            dtype=str(eng.dtype).removeprefix("torch."), kv_layout=layout_to_proto(eng.pool.layout),
+            transports=list(self.wcfg.transports), host_id=ENV.HOSTNAME.get() or socket.gethostname(),
+            max_model_len=eng.max_model_len, total_blocks=eng.blocks.num_blocks,
+            device_index=eng.device.index if eng.device.type == "cuda" and eng.device.index is not None else (0 if eng.device.type == "cuda" else -1),
+        )
+
+    async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
+
+    async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
+                  background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
+        await self.engine.start()
+        self.server = make_server()  # grpc.aio objects belong to the running loop
+        names = add_servicers(self)
+        self.health = Health(self.server, names)
+        self.port = bind(self.server, self.wcfg.host, self.wcfg.port)
+        await self.server.start()
+        await self.health.set_serving(True)
+        self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout)
+        tasks = [asyncio.create_task(self.registration.run())] + [asyncio.create_task(c) for c in background(self)]
+        log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
+        print(f"READY {self.worker_id} {self.address}", flush=True)
+        await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain)
+        await self.registration.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.engine.shutdown()
+
+    async def _drain(self) -> None:
+        self.draining = True
+        if self.registration is not None:
+            self.registration.draining = True
+        while self.inflight > 0 or (self.engine.stats and (self.engine.stats.num_running or self.engine.stats.num_waiting)):
+            await asyncio.sleep(0.05)
+
+
+def build_configs(role: str, default_port: int, argv: Optional[list[str]]) -> tuple[WorkerConfig, EngineConfig]:
+    ns = worker_parser(role, default_port).parse_args(argv)
+    return from_flags(WorkerConfig, ns), EngineConfig.from_flags(ns)
+
+
+def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], Awaitable[None]],
+                argv: Optional[list[str]] = None) -> None:
+    """Entry point of a worker process: flags -> configs -> ``serve(runtime)`` on uvloop."""
+    import sys
+
+    from pdmesh.log import configure_logging, run_async
+
+    configure_logging(role)
+    wcfg, ecfg = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
+    role_enum = pb.ROLE_PREFILL if role == "prefill" else pb.ROLE_DECODE
+    run_async(lambda: serve(WorkerRuntime(role_enum, wcfg, ecfg)))

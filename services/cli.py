@@ -1,0 +1,178 @@
+"""``pdmesh``: one command for every service, and ``pdmesh up`` for the whole mesh.
+
+``pdmesh up`` starts the mesh as separate OS processes on this host — a scheduler, N prefill and
+M decode workers, a gateway — passes the user's flags on, waits until the gateway is ready, and on
+Ctrl-C/SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period).  Children are bound to
+it with PR_SET_PDEATHSIG, so none outlives it even if it is killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Optional
+
+from pdmesh.config import DEFAULT_MODEL
+
+ROLES = ("gateway", "scheduler", "prefill", "decode")
+
+
+def _pdeathsig() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def up_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdmesh up", description="Start a whole mesh on this host as separate processes.")
+    p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default: 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: 127.0.0.1)")
+    p.add_argument("--scheduler-port", type=int, default=50051, help="scheduler gRPC port (default: 50051)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model dir, .gguf, dummy preset, or the embedded default")
+    p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send")
+    p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens")
+    p.add_argument("--api-key", default=None, help="require this key on every gateway route but /health")
+    p.add_argument("--prefill", type=int, default=1, help="number of prefill workers (default: 1)")
+    p.add_argument("--decode", type=int, default=1, help="number of decode workers (default: 1)")
+    p.add_argument("--worker-args", default="", help="extra flags for every worker, as one string")
+    p.add_argument("--gateway-args", default="", help="extra flags for the gateway, as one string")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    return p
+
+
+class Mesh:
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, name: str, role: str, args: list[str]) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", f"services.{role}", *args]
+        proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig)
+        self.procs.append((name, proc))
+        return proc
+
+    def failed(self) -> Optional[str]:
+        for name, p in self.procs:
+            if p.poll() is not None:
+                return f"{name} exited with code {p.returncode}"
+        return None
+
+    def stop(self, grace: float = 40.0) -> int:
+        # Gateway first (stops taking requests), then workers, scheduler last.
+        order = sorted(self.procs, key=lambda np: ("gateway", "prefill", "decode", "scheduler").index(np[0].split("-")[0]))
+        for _, p in order:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for _, p in order:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        return max((p.returncode or 0) for _, p in self.procs) if self.procs else 0
+
+
+def _wait_ready(url: str, mesh: Mesh, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        err = mesh.failed()
+        if err:
+            raise RuntimeError(err)
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"mesh not ready after {timeout:.0f}s ({url})")
+
+
+def up(argv: list[str]) -> int:
+    a = up_parser().parse_args(argv)
+    if a.prefill < 1 or a.decode < 1:
+        print("pdmesh up: --prefill and --decode must be >= 1", file=sys.stderr)
+        return 2
+    sched = f"127.0.0.1:{a.scheduler_port}"
+    model = ["--model", a.model, "--load-format", a.load_format]
+    for flag, val in (("--tokenizer", a.tokenizer), ("--served-model-name", a.served_model_name),
+                      ("--max-model-len", a.max_model_len)):
+        if val is not None:
+            model += [flag, str(val)]
+    if a.model == DEFAULT_MODEL or a.model.endswith(".gguf"):
+        # Convert the GGUF once, before several processes want it.
+        from pdmesh.config import ModelConfig
+        from pdmesh.models.loader import resolve
+
+        resolve(ModelConfig(model=a.model, load_format=a.load_format))
+    mesh = Mesh()
+    stopping = {"flag": False}
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        mesh.spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(a.scheduler_port)])
+        extra = a.worker_args.split()
+        for i in range(a.prefill):
+            mesh.spawn(f"prefill-{i}", "prefill", ["--host", "127.0.0.1", "--port", "0", "--scheduler", sched, *model, *extra])
+        for i in range(a.decode):
+            mesh.spawn(f"decode-{i}", "decode", ["--host", "127.0.0.1", "--port", "0", "--scheduler", sched, *model, *extra])
+        gw = ["--host", a.host, "--port", str(a.port), "--scheduler", sched, *model, *a.gateway_args.split()]
+        if a.api_key:
+            gw += ["--api-key", a.api_key]
+        mesh.spawn("gateway", "gateway", gw)
+        url = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '') else a.host}:{a.port}"
+        _wait_ready(url + "/health", mesh, a.startup_timeout)
+        print(f"pdmesh is up: {url}/v1 ({a.prefill} prefill, {a.decode} decode). Ctrl-C stops it.", flush=True)
+        while not stopping["flag"]:
+            err = mesh.failed()
+            if err:
+                print(f"pdmesh up: {err}; stopping the mesh", file=sys.stderr)
+                mesh.stop()
+                return 1
+            time.sleep(0.2)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"pdmesh up: {exc}", file=sys.stderr)
+        mesh.stop()
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    print("pdmesh up: stopping", file=sys.stderr)
+    return mesh.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: pdmesh {up,gateway,scheduler,prefill,decode} [flags]\n\n"
+              "  up         start a whole mesh on this host (pdmesh up --help)\n"
+              "  gateway    OpenAI-compatible HTTP gateway\n"
+              "  scheduler  worker registry and routing\n"
+              "  prefill    prefill worker\n"
+              "  decode     decode worker")
+        sys.exit(0)
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "up":
+        sys.exit(up(rest))
+    if cmd not in ROLES:
+        print(f"pdmesh: unknown command {cmd!r}; one of up, {', '.join(ROLES)}", file=sys.stderr)
+        sys.exit(2)
+    mod = __import__(f"services.{cmd}.__main__", fromlist=["main"])
+    mod.main(rest)
+
+
+if __name__ == "__main__":
+    main()

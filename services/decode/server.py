@@ -1,0 +1,139 @@
+"""Decode worker.
+
+Lifecycle of a request here
+---------------------------
+``Generate(request, kv descriptor)`` -> allocate local blocks for the prompt (prefix-cache hits
+are not pulled) -> pull the rest from the prefill worker over the descriptor's transport -> tell
+prefill to ``Release`` -> queue the request in the continuous batch from its first token ->
+stream tokens (a step's tokens per message; steps that finished while the client was busy are
+coalesced) -> finish.  Every exit path frees the local blocks: no room (RESOURCE_EXHAUSTED, and
+prefill is told to release at once), failed transfer (UNAVAILABLE), cancellation or ``Abort``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+import grpc
+
+from pdmesh.engine.engine import RequestRejected
+from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
+from pdmesh.transport.base import BaseKVTransport, TransferError
+from pdmesh.transport.grpc_transport import GrpcKVTransport
+from pdmesh.v1 import common_pb2 as pb
+from pdmesh.v1 import decode_pb2 as dpb
+from pdmesh.v1 import decode_pb2_grpc as dgrpc
+from pdmesh.v1 import prefill_pb2 as ppb
+from pdmesh.v1 import prefill_pb2_grpc as pgrpc
+from pdmesh.worker import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class DecodeServicer(dgrpc.DecodeServicer):
+    def __init__(self, rt: WorkerRuntime, transports: dict[str, BaseKVTransport], channels: ChannelPool) -> None:
+        self.rt = rt
+        self.transports = transports
+        self.channels = channels
+        self._bg: set[asyncio.Task] = set()
+
+    def _release_prefill(self, desc: pb.KVDescriptor) -> None:
+        """Tell the prefill worker to free the request's held KV (lease expiry is the backstop)."""
+        async def go() -> None:
+            try:
+                await self.channels.stub(desc.address, pgrpc.PrefillStub).Release(
+                    ppb.ReleaseRequest(request_id=desc.request_id), timeout=self.rt.wcfg.rpc_timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.info("release of %s on %s failed (%s); its lease will expire", desc.request_id, desc.address, exc.code().name)
+
+        task = asyncio.create_task(go())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def Generate(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext):
+        desc = request.kv
+        try:
+            await self.rt.refuse_if_draining(context)
+        except BaseException:
+            self._release_prefill(desc)
+            raise
+        rid = request.request_id
+        try:
+            params = params_from_proto(request.params)
+        except ValueError as exc:
+            self._release_prefill(desc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        prompt = list(request.prompt_token_ids)
+        transport: Optional[BaseKVTransport] = self.transports.get(desc.transport)
+        if transport is None or desc.num_tokens != len(prompt):
+            self._release_prefill(desc)
+            why = f"transport {desc.transport!r} not offered here" if transport is None else "descriptor does not match the prompt"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+        eng = self.rt.engine
+        self.rt.inflight += 1
+        self.rt.requests_total += 1
+        q = eng.open_stream(rid)
+        finished = False
+        try:
+            try:
+                adm = await eng.call(lambda e: e.admit_remote(rid, prompt, request.first_token_id, params))
+            except RequestRejected as exc:
+                self._release_prefill(desc)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if adm is None:
+                self._release_prefill(desc)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.rt.worker_id} has no free KV blocks")
+            if len(adm.block_ids) != len(desc.block_ids):
+                self._release_prefill(desc)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
+            k = adm.num_cached_blocks
+            log.debug("%s: admitted, %d blocks (%d cached); pulling", rid, len(adm.block_ids), k)
+            try:
+                res = await transport.pull(desc, list(desc.block_ids)[k:], adm.block_ids[k:], self.rt.llm.pool,
+                                           self.rt.wcfg.kv_transfer_timeout)
+            except TransferError as exc:
+                log.warning("request %s: %s", rid, exc)
+                self._release_prefill(desc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+            log.debug("%s: pulled %d bytes in %.4fs", rid, res.bytes, res.seconds)
+            self._release_prefill(desc)
+            if not await eng.call(lambda e: e.activate_remote(rid)):
+                await context.abort(grpc.StatusCode.CANCELLED, "request was aborted during the KV transfer")
+            yield dpb.GenerateResponse(transfer=pb.TransferStats(
+                transport=res.transport, bytes=res.bytes, blocks=res.blocks, cached_blocks=k, seconds=res.seconds))
+            async for batch in eng.iterate_batches(rid, q):
+                msg = dpb.GenerateResponse()
+                for out in batch:
+                    msg.token_ids.extend(out.new_token_ids)
+                    if out.logprobs:
+                        msg.logprobs.extend(logprob_to_proto(lp) for lp in out.logprobs)
+                    if out.finished:
+                        msg.finished = True
+                        msg.finish_reason = out.finish_reason or ""
+                finished = msg.finished
+                yield msg
+        finally:
+            eng.close_stream(rid)
+            if not finished:
+                eng.call_nowait(lambda e: e.abort(rid))
+            self.rt.inflight -= 1
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(found=await self.rt.engine.abort(request.request_id))
+
+
+async def serve(rt: WorkerRuntime) -> None:
+    channels = ChannelPool()
+    transports: dict[str, BaseKVTransport] = {"grpc": GrpcKVTransport(channels)}
+
+    def add(r: WorkerRuntime) -> list[str]:
+        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, transports, channels), r.server)
+        return ["pdmesh.v1.Decode"]
+
+    try:
+        await rt.run(add)
+    finally:
+        await channels.close()

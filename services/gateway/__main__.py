@@ -1,0 +1,65 @@
+"""``pdmesh gateway`` / ``python -m services.gateway``.
+
+Lifecycle: load the tokenizer (no weights), start uvicorn (uvloop) on --port, watch the scheduler
+for workers (``/health`` is 200 only while a prefill and a decode worker are routable), serve;
+on SIGTERM: ``/health`` turns 503, new requests get 503, in-flight streams finish within
+--drain-timeout, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import Optional
+
+from pdmesh.log import configure_logging, run_async
+from pdmesh.models.loader import resolve
+from pdmesh.tokenizer import Tokenizer
+
+log = logging.getLogger("gateway")
+
+
+async def serve(argv: Optional[list[str]]) -> None:
+    import uvicorn
+
+    from services.gateway.app import Gateway, build_app
+    from services.gateway.config import build
+
+    cfg, mcfg = build(argv)
+    res = await asyncio.to_thread(resolve, mcfg)
+    tok = await asyncio.to_thread(Tokenizer, res.tokenizer_path)
+    max_len = mcfg.max_model_len or res.arch.max_position_embeddings
+    gw = Gateway(cfg, tok, res.served_name, max_len)
+    server = uvicorn.Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
+                                           loop="none", lifespan="on", timeout_graceful_shutdown=30))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if task.done():
+        await task
+        raise SystemExit(f"gateway failed to start on {cfg.host}:{cfg.port}")
+    print(f"READY gateway http://{cfg.host}:{cfg.port}", flush=True)
+    await stop.wait()
+    log.info("draining: refusing new requests, %d in flight", gw.inflight)
+    gw.draining = True
+    deadline = loop.time() + cfg.drain_timeout
+    while gw.inflight and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    server.should_exit = True
+    await task
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    configure_logging("gateway")
+    run_async(lambda: serve(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Gateway configuration."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pdmesh.config import ModelConfig, _require, add_flags, from_flags
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The OpenAI-compatible HTTP front door."""
+
+    host: str = "0.0.0.0"
+    """Address the HTTP server binds."""
+    port: int = 8000
+    """HTTP port."""
+    scheduler: str = "127.0.0.1:50051"
+    """host:port of the scheduler."""
+    api_key: Optional[str] = None
+    """When set, every route but /health requires 'Authorization: Bearer <key>'."""
+    api_key_file: Optional[str] = None
+    """File holding the API key (first line), instead of --api-key."""
+    max_request_bytes: int = 4 << 20
+    """Request bodies above this get 413."""
+    max_n: int = 16
+    """Largest 'n' accepted."""
+    max_stop: int = 16
+    """Most stop strings per request."""
+    max_inflight: int = 1024
+    """Requests handled at once; beyond it, 429 with Retry-After."""
+    request_timeout: float = 600.0
+    """Deadline of one request across prefill and decode (seconds)."""
+    route_timeout: float = 5.0
+    """Deadline of a scheduler Route call (seconds)."""
+    drain_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM."""
+    reasoning_parser: str = "auto"
+    """'auto' (split <think> when the tokenizer has that token), 'think', or 'none'."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port < 65536, "port", "must be in 0..65535")
+        _require(self.max_request_bytes > 0, "max_request_bytes", "must be > 0")
+        _require(self.max_n >= 1 and self.max_inflight >= 1, "max_n", "limits must be >= 1")
+        _require(self.reasoning_parser in ("auto", "think", "none"), "reasoning_parser", "auto, think or none")
+        _require(not (self.api_key and self.api_key_file), "api_key_file", "give --api-key or --api-key-file, not both")
+
+    def resolved_api_key(self) -> Optional[str]:
+        if self.api_key_file:
+            key = Path(self.api_key_file).read_text().splitlines()[0].strip()
+            if not key:
+                raise ValueError(f"--api-key-file {self.api_key_file} is empty")
+            return key
+        return self.api_key or None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdmesh gateway", description="pdmesh OpenAI-compatible gateway")
+    add_flags(p, GatewayConfig)
+    add_flags(p, ModelConfig, skip=("dtype", "seed"))
+    return p
+
+
+def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig]:
+    ns = parser().parse_args(argv)
+    return from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns)

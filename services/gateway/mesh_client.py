@@ -1,0 +1,157 @@
+"""One request's path through the mesh, as the gateway drives it.
+
+``stream()`` yields ``TokenEvent``s: the first comes from the prefill worker as soon as it has
+sampled the first token (TTFT never waits for the KV transfer); the rest stream from the decode
+worker, which pulls the KV meanwhile.  Failures before any token is produced are retried on other
+workers; failures after it end the stream with ``MeshError``.  Closing the generator early
+(client gone, stop string) cancels the decode call — which aborts the request there — and, if
+decode never took the KV, releases it on prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import grpc
+
+from pdmesh.engine.sequence import SamplingParams, TokenLogprob
+from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
+from pdmesh.v1 import decode_pb2 as dpb
+from pdmesh.v1 import decode_pb2_grpc as dgrpc
+from pdmesh.v1 import prefill_pb2 as ppb
+from pdmesh.v1 import prefill_pb2_grpc as pgrpc
+from pdmesh.v1 import scheduler_pb2 as spb
+from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class MeshError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    logprobs: Optional[list[TokenLogprob]]
+    finished: bool
+    finish_reason: Optional[str]
+
+
+@dataclass
+class RequestTrace:
+    """What the mesh did for one request (for usage, logs and traces)."""
+
+    prefill_worker: str = ""
+    decode_worker: str = ""
+    route_reason: str = ""
+    num_cached_tokens: int = 0
+    transport: str = ""
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
+    attempts: int = 0
+    first_token_time: float = 0.0
+
+
+@dataclass
+class MeshClient:
+    scheduler: str
+    route_timeout: float = 5.0
+    rpc_timeout: float = 10.0
+    channels: ChannelPool = field(default_factory=ChannelPool)
+    max_attempts: int = 3
+
+    def _scheduler(self) -> sgrpc.SchedulerStub:
+        return self.channels.stub(self.scheduler, sgrpc.SchedulerStub)
+
+    async def list_workers(self, timeout: float = 2.0) -> spb.ListWorkersResponse:
+        return await self._scheduler().ListWorkers(spb.ListWorkersRequest(), timeout=timeout)
+
+    def _release(self, address: str, rid: str) -> None:
+        async def go() -> None:
+            try:
+                await self.channels.stub(address, pgrpc.PrefillStub).Release(ppb.ReleaseRequest(request_id=rid), timeout=self.rpc_timeout)
+            except grpc.aio.AioRpcError:
+                pass  # the lease expires on its own
+
+        asyncio.ensure_future(go())
+
+    async def _prefill(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
+                       trace: RequestTrace) -> tuple[spb.RouteResponse, ppb.PrefillResponse]:
+        exclude: list[str] = []
+        last: Optional[MeshError] = None
+        for attempt in range(self.max_attempts):
+            trace.attempts = attempt + 1
+            try:
+                route = await self._scheduler().Route(
+                    spb.RouteRequest(request_id=rid, model=model, prompt_tokens=len(prompt), exclude_worker_ids=exclude),
+                    timeout=min(self.route_timeout, max(0.01, deadline - time.monotonic())))
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
+                raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
+            trace.prefill_worker, trace.decode_worker, trace.route_reason = route.prefill.worker_id, route.decode.worker_id, route.reason
+            try:
+                resp = await self.channels.stub(route.prefill.address, pgrpc.PrefillStub).Prefill(
+                    ppb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params), transport=route.transport),
+                    timeout=max(0.01, deadline - time.monotonic()))
+                return route, resp
+            except grpc.aio.AioRpcError as exc:
+                last = MeshError(exc.code(), exc.details() or exc.code().name)
+                if exc.code() not in _RETRYABLE:
+                    raise last from exc
+                log.info("prefill on %s failed (%s); retrying elsewhere", route.prefill.worker_id, exc.code().name)
+                exclude.append(route.prefill.worker_id)
+        assert last is not None
+        raise last
+
+    async def stream(self, rid: str, model: str, prompt: list[int], params: SamplingParams, timeout: float,
+                     trace: Optional[RequestTrace] = None) -> AsyncIterator[TokenEvent]:
+        trace = trace or RequestTrace()
+        deadline = time.monotonic() + timeout
+        route, pre = await self._prefill(rid, model, prompt, params, deadline, trace)
+        trace.num_cached_tokens = pre.num_cached_tokens
+        trace.first_token_time = time.monotonic()
+        first_lp = [logprob_from_proto(pre.first_logprob)] if pre.HasField("first_logprob") else None
+        done = bool(pre.finish_reason)
+        yield TokenEvent([pre.first_token_id], first_lp, done, pre.finish_reason or None)
+        if done:
+            return
+        call = None
+        took_kv = False
+        finished = False
+        try:
+            call = self.channels.stub(route.decode.address, dgrpc.DecodeStub).Generate(
+                dpb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, first_token_id=pre.first_token_id,
+                                    params=params_to_proto(params), kv=pre.kv),
+                timeout=max(0.01, deadline - time.monotonic()))
+            async for msg in call:
+                if msg.HasField("transfer"):
+                    took_kv = True
+                    t = msg.transfer
+                    trace.transport, trace.transfer_bytes, trace.transfer_seconds = t.transport, t.bytes, t.seconds
+                if msg.token_ids or msg.finished:
+                    lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
+                    finished = msg.finished
+                    yield TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
+                if msg.finished:
+                    return
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"decode worker {route.decode.worker_id} ended the stream early")
+        except grpc.aio.AioRpcError as exc:
+            took_kv = took_kv or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise MeshError(exc.code(), f"decode worker {route.decode.worker_id}: {exc.details() or exc.code().name}") from exc
+        finally:
+            if call is not None and not finished:
+                call.cancel()
+            if not took_kv:
+                self._release(route.prefill.address, rid)

@@ -1,0 +1,97 @@
+"""Prefill worker.
+
+Lifecycle of a request here
+---------------------------
+``Prefill`` -> the engine computes the prompt (chunked, batched with others) and samples the
+first token -> if the request ended there (EOS, stop id, max_tokens=1) its KV is freed at once and
+``finish_reason`` is returned; otherwise its blocks stay held under a lease (``LeaseTable``) and a
+``KVDescriptor`` goes back -> the decode worker pulls them (``KVTransfer.Pull``, which extends the
+lease) -> ``Release`` (or ``Abort``, or lease expiry) frees them.  A cancelled ``Prefill`` call
+aborts the request in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from pdmesh.engine.engine import RequestRejected
+from pdmesh.rpc.convert import layout_to_proto, logprob_to_proto, params_from_proto
+from pdmesh.transport.grpc_transport import KVTransferServicer
+from pdmesh.transport.lease import LeaseTable
+from pdmesh.v1 import common_pb2 as pb
+from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
+from pdmesh.v1 import prefill_pb2 as ppb
+from pdmesh.v1 import prefill_pb2_grpc as pgrpc
+from pdmesh.worker import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServicer(pgrpc.PrefillServicer):
+    def __init__(self, rt: WorkerRuntime, leases: LeaseTable) -> None:
+        self.rt = rt
+        self.leases = leases
+
+    async def Prefill(self, request: ppb.PrefillRequest, context: grpc.aio.ServicerContext) -> ppb.PrefillResponse:
+        await self.rt.refuse_if_draining(context)
+        rid = request.request_id
+        try:
+            params = params_from_proto(request.params)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        prompt = list(request.prompt_token_ids)
+        self.rt.inflight += 1
+        self.rt.requests_total += 1
+        t0 = time.monotonic()
+        try:
+            out = None
+            try:
+                async for out in self.rt.engine.generate(rid, prompt, params, prefill_only=True):
+                    pass
+            except RequestRejected as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            assert out is not None
+            resp = ppb.PrefillResponse(
+                first_token_id=out.new_token_ids[0], finish_reason=out.finish_reason or "",
+                num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+                queue_seconds=out.queue_time, compute_seconds=max(0.0, time.monotonic() - t0 - out.queue_time),
+            )
+            if out.logprobs:
+                resp.first_logprob.CopyFrom(logprob_to_proto(out.logprobs[0]))
+            if out.held_block_ids is not None:
+                lease = self.leases.add(rid, out.held_block_ids, len(prompt))
+                llm = self.rt.llm
+                resp.kv.CopyFrom(pb.KVDescriptor(
+                    request_id=rid, worker_id=self.rt.worker_id, address=self.rt.address,
+                    transport=request.transport or "grpc", block_ids=out.held_block_ids, num_tokens=len(prompt),
+                    layout=layout_to_proto(llm.pool.layout),
+                    lease_deadline_unix_ms=int((time.time() + (lease.deadline - time.monotonic())) * 1000),
+                    host_id=self.rt.info().host_id,
+                ))
+            return resp
+        finally:
+            self.rt.inflight -= 1
+
+    async def Release(self, request: ppb.ReleaseRequest, context: grpc.aio.ServicerContext) -> ppb.ReleaseResponse:
+        return ppb.ReleaseResponse(found=self.leases.release(request.request_id))
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        rid = request.request_id
+        found = self.leases.release(rid)
+        found_engine = await self.rt.engine.abort(rid) if not found else False
+        return pb.AbortResponse(found=found or found_engine)
+
+
+def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
+    pgrpc.add_PrefillServicer_to_server(PrefillServicer(rt, leases), rt.server)
+    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases), rt.server)
+    return ["pdmesh.v1.Prefill", "pdmesh.v1.KVTransfer"]
+
+
+async def serve(rt: WorkerRuntime) -> None:
+    leases = LeaseTable(lambda rid: rt.engine.call_nowait(lambda e: e.release(rid)), rt.wcfg.kv_lease_seconds)
+    await rt.run(lambda r: add_servicers(r, leases), lambda r: [leases.reap_forever()])

@@ -1,0 +1,118 @@
+"""Scheduler service.
+
+Lifecycle
+---------
+Workers ``Register`` (refused if incompatible) and hold a heartbeat stream that renews their
+lease and reports load; a reaper drops workers whose lease ran out (a killed worker leaves
+routing within ``lease`` seconds).  Gateways call ``Route`` per request.  The scheduler keeps no
+durable state: after a restart, workers re-register by themselves within a heartbeat or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from pdmesh.config import _require, add_flags
+from pdmesh.routing import POLICIES, NoRoute, Registry, RegistrationRefused, route
+from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
+from pdmesh.v1 import scheduler_pb2 as spb
+from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerServiceConfig:
+    """The scheduler process."""
+
+    host: str = "0.0.0.0"
+    """Address to bind."""
+    port: int = 50051
+    """gRPC port."""
+    heartbeat_interval: float = 1.0
+    """Seconds between worker heartbeats (sent to workers at registration)."""
+    lease: float = 3.0
+    """Seconds without a heartbeat after which a worker leaves routing."""
+    policy: str = "least_loaded"
+    """Routing policy: least_loaded or round_robin."""
+    drain_timeout: float = 5.0
+    """Seconds to keep answering after SIGTERM."""
+
+    def __post_init__(self) -> None:
+        _require(self.policy in POLICIES, "policy", f"unknown policy {self.policy!r}")
+        _require(self.lease > self.heartbeat_interval > 0, "lease", "must exceed --heartbeat-interval > 0")
+
+
+class SchedulerServicer(sgrpc.SchedulerServicer):
+    def __init__(self, cfg: SchedulerServiceConfig) -> None:
+        self.cfg = cfg
+        self.registry = Registry(cfg.lease)
+        self.policy = POLICIES[cfg.policy]()
+
+    async def Register(self, request, context):
+        try:
+            entry = self.registry.register(request.worker)
+        except RegistrationRefused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.info("registered %s (%s) at %s", entry.worker_id, "prefill" if entry.info.role == 1 else "decode", entry.info.address)
+        return spb.RegisterResponse(worker_id=entry.worker_id, heartbeat_interval_ms=int(self.cfg.heartbeat_interval * 1000),
+                                    lease_ms=int(self.cfg.lease * 1000))
+
+    async def Heartbeat(self, request_iterator, context):
+        async for beat in request_iterator:
+            known = self.registry.heartbeat(beat.worker_id, beat.load, beat.draining)
+            yield spb.HeartbeatResponse(known=known)
+            if not known:
+                return
+
+    async def Deregister(self, request, context):
+        self.registry.remove(request.worker_id)
+        log.info("deregistered %s", request.worker_id)
+        return spb.DeregisterResponse()
+
+    async def Route(self, request, context):
+        try:
+            p, d, t, reason = route(self.registry, self.policy, request.model, request.prompt_tokens, list(request.exclude_worker_ids))
+        except NoRoute as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return spb.RouteResponse(prefill=p.info, decode=d.info, transport=t, reason=reason)
+
+    async def ListWorkers(self, request, context):
+        now = time.monotonic()
+        return spb.ListWorkersResponse(workers=[
+            spb.WorkerStatus(info=e.info, load=e.load, last_heartbeat_age_s=now - e.last_seen, draining=e.draining)
+            for e in self.registry.workers.values()
+        ])
+
+    async def reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_interval / 2)
+            for w in self.registry.expire():
+                log.warning("worker %s missed its heartbeats: removed from routing", w)
+
+
+async def serve(cfg: SchedulerServiceConfig) -> None:
+    server = make_server()
+    servicer = SchedulerServicer(cfg)
+    sgrpc.add_SchedulerServicer_to_server(servicer, server)
+    health = Health(server, ["pdmesh.v1.Scheduler"])
+    port = bind(server, cfg.host, cfg.port)
+    await server.start()
+    await health.set_serving(True)
+    reaper = asyncio.create_task(servicer.reap_forever())
+    print(f"READY scheduler {cfg.host}:{port}", flush=True)
+    log.info("scheduler serving on %s:%d", cfg.host, port)
+    await serve_until_signal(server, health, cfg.drain_timeout)
+    reaper.cancel()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdmesh scheduler", description="pdmesh scheduler: registry and routing")
+    add_flags(p, SchedulerServiceConfig)
+    return p

@@ -1,0 +1,32 @@
+"""Shared fixtures. The embedded model is dequantized once (cached as safetensors under
+PDMESH_CACHE_DIR) and reused by every test and every mesh process."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    from pdmesh.models.loader import embedded_gguf_path, gguf_to_hf_dir
+
+    return gguf_to_hf_dir(embedded_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from pdmesh.tokenizer import Tokenizer
+
+    return Tokenizer(str(embedded_dir))
+
+
+@pytest.fixture(scope="session")
+def smol_hf():
+    """transformers' own model, dequantized from the same GGUF file (the reference)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pdmesh.models.loader import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()

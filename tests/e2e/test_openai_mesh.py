@@ -1,0 +1,178 @@
+"""The mesh as 4+ processes (scheduler, prefill, decode, gateway) with the embedded default model,
+driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTIONS = ["What is the capital of France?", "Name a primary color.", "What is 2+2?"]
+
+
+@pytest.fixture(scope="module")
+def client(mesh):
+    return openai.OpenAI(base_url=mesh.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def hf_chat_greedy(smol_hf, tokenizer, question, n=32):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}])
+    out = smol_hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    return tokenizer.decode(out), len(ids), len(out)
+
+
+def test_models_and_health(client, mesh):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(mesh.base + "/health").json()["ready"] is True
+
+
+def test_chat_greedy_equals_transformers(client, smol_hf, tokenizer):
+    for q in QUESTIONS:
+        ref, n_prompt, n_out = hf_chat_greedy(smol_hf, tokenizer, q)
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=32, temperature=0)
+        assert r.choices[0].message.content == ref
+        assert r.choices[0].message.role == "assistant"
+        assert r.usage.prompt_tokens == n_prompt and r.usage.completion_tokens == n_out
+        assert r.usage.total_tokens == n_prompt + n_out
+        assert r.choices[0].finish_reason == ("length" if n_out == 32 else "stop")
+
+
+def test_chat_streaming_matches_non_streaming(client):
+    q = [{"role": "user", "content": "Write one sentence about rivers."}]
+    full = client.chat.completions.create(model=MODEL, messages=q, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=q, max_tokens=24, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_raw_sse_format(mesh):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", mesh.base + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    first = json.loads(events[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_completions_and_usage(client, tokenizer):
+    prompt = "The three primary colors are"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt)) and r.usage.completion_tokens <= 12
+    s = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in s) == r.choices[0].text
+    # a repeated prompt is served from the prefix cache (reported as cached tokens) when long enough
+    long_prompt = "Here is a list of fruits: " + ", ".join(["apple", "banana", "cherry", "grape"] * 12)
+    client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_n2_and_seed_reproducibility(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a fun fact."}], max_tokens=20,
+              temperature=1.0, seed=42, n=2)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content
+    one = client.chat.completions.create(**dict(kw, n=1))
+    assert a.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt is counted once, not per choice
+    assert a.choices[0].message.content == one.choices[0].message.content  # choice 0 uses the request's seed
+    s = client.chat.completions.create(**kw, stream=True)
+    texts = {0: "", 1: ""}
+    for c in s:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert [texts[0], texts[1]] == [c.message.content for c in a.choices]
+
+
+def test_stop_strings(client):
+    q = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    base = client.chat.completions.create(model=MODEL, messages=q, max_tokens=40, temperature=0).choices[0].message.content
+    word = base.split(",")[2].strip()
+    r = client.chat.completions.create(model=MODEL, messages=q, max_tokens=40, temperature=0, stop=[word])
+    assert r.choices[0].finish_reason == "stop" and word not in r.choices[0].message.content
+    assert base.startswith(r.choices[0].message.content)
+    s = client.chat.completions.create(model=MODEL, messages=q, max_tokens=40, temperature=0, stop=[word], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == r.choices[0].message.content
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                       temperature=0, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-5  # greedy: the top one
+
+
+def test_concurrent_streams_and_cancellations_leave_kv_at_baseline(client, mesh):
+    base = mesh.wait_idle()
+    totals = {w.info.worker_id: w.load.total_blocks for w in base}
+
+    def full(i):
+        s = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Story number {i}:"}],
+                                           max_tokens=24, temperature=0.8, seed=i, stream=True)
+        return sum(1 for c in s if c.choices and c.choices[0].finish_reason)
+
+    with cf.ThreadPoolExecutor(32) as ex:
+        assert list(ex.map(full, range(32))) == [1] * 32
+
+    def cut(i):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Write a long essay about topic {i}."}],
+                "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", mesh.base + "/v1/chat/completions", json=body, timeout=60) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if n >= 2 + (i % 5) * 2:
+                    break  # close mid-stream
+        return True
+
+    with cf.ThreadPoolExecutor(20) as ex:
+        assert all(ex.map(cut, range(20)))
+    after = mesh.wait_idle(timeout=30)
+    assert {w.info.worker_id: w.load.free_blocks for w in after} == totals
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{bad json", 400, None),
+    (b"[]", 400, None),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 1000}).encode(), 400, "n"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 50}).encode(), 400, "stop"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a\u0000b"}]}).encode(), 400, "messages"),
+    (json.dumps({"model": MODEL, "messages": "nope"}).encode(), 400, "messages"),
+    (b"\xc3\x28", 400, None),
+    (json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}).encode(), 404, "model"),
+])
+def test_bad_inputs_get_status_and_error_body(mesh, client, body, status, param):
+    r = httpx.post(mesh.base + "/v1/chat/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["param"] == param
+    ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok?"}], max_tokens=2)
+    assert ok.choices[0].message.content is not None
+
+
+def test_context_length_and_body_limit(mesh):
+    long = "word " * 9000
+    r = httpx.post(mesh.base + "/v1/completions", json={"model": MODEL, "prompt": long, "max_tokens": 10}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(mesh.base + "/v1/completions", json={"model": MODEL, "prompt": "x" * (5 << 20)}, timeout=30)
+    assert r.status_code == 413 and "error" in r.json()
+    mesh.wait_idle()

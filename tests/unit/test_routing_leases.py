@@ -1,0 +1,108 @@
+"""Scheduler registry/routing and the prefill lease table (pure logic)."""
+
+import pytest
+
+from pdmesh.routing import LeastLoadedPolicy, NoRoute, RegistrationRefused, Registry, RoundRobinPolicy, route
+from pdmesh.transport.lease import LeaseTable
+from pdmesh.v1 import common_pb2 as pb
+
+
+def info(wid, role, transports=("grpc",), host="h1", block_size=32, model="m"):
+    return pb.WorkerInfo(worker_id=wid, role=role, address=f"{wid}:1", model=model, dtype="float32",
+                         kv_layout=pb.KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=block_size,
+                                               dtype="float32", layout="LNKBHD"),
+                         transports=list(transports), host_id=host, max_model_len=100)
+
+
+def test_register_refuses_incompatible_layout():
+    r = Registry()
+    r.register(info("p1", pb.ROLE_PREFILL))
+    with pytest.raises(RegistrationRefused):
+        r.register(info("d1", pb.ROLE_DECODE, block_size=16))
+    r.register(info("d2", pb.ROLE_DECODE, block_size=16, model="other"))  # other model: fine
+
+
+def test_least_loaded_spreads_a_burst():
+    r = Registry()
+    for w in ("p1", "p2"):
+        r.register(info(w, pb.ROLE_PREFILL))
+    for w in ("d1", "d2"):
+        r.register(info(w, pb.ROLE_DECODE))
+    pol = LeastLoadedPolicy()
+    picks = [route(r, pol, "m", 10)[:2] for _ in range(4)]
+    assert {p.worker_id for p, _ in picks} == {"p1", "p2"}
+    assert {d.worker_id for _, d in picks} == {"d1", "d2"}
+
+
+def test_heartbeat_load_and_expiry():
+    r = Registry(lease_s=3.0)
+    r.register(info("p1", pb.ROLE_PREFILL))
+    r.register(info("d1", pb.ROLE_DECODE))
+    r.register(info("d2", pb.ROLE_DECODE))
+    r.heartbeat("d1", pb.WorkerLoad(running=5, total_blocks=10, free_blocks=1), False, now=100.0)
+    r.heartbeat("d2", pb.WorkerLoad(running=0, total_blocks=10, free_blocks=10), False, now=100.0)
+    r.heartbeat("p1", pb.WorkerLoad(), False, now=100.0)
+    _, d, t, reason = route(r, LeastLoadedPolicy(), "m", 5)
+    assert d.worker_id == "d2" and t == "grpc" and "least_loaded" in reason
+    assert not r.heartbeat("zz", pb.WorkerLoad(), False)
+    assert sorted(r.expire(now=103.5)) == ["d1", "d2", "p1"]
+    with pytest.raises(NoRoute):
+        route(r, LeastLoadedPolicy(), "m", 5)
+
+
+def test_draining_and_excluded_workers_are_not_routed():
+    r = Registry()
+    r.register(info("p1", pb.ROLE_PREFILL))
+    r.register(info("p2", pb.ROLE_PREFILL))
+    r.register(info("d1", pb.ROLE_DECODE))
+    r.heartbeat("p1", pb.WorkerLoad(), True)
+    for _ in range(3):
+        assert route(r, RoundRobinPolicy(), "m", 5)[0].worker_id == "p2"
+    with pytest.raises(NoRoute):
+        route(r, RoundRobinPolicy(), "m", 5, exclude=["p2"])
+
+
+def test_transport_pairing():
+    r = Registry()
+    r.register(info("p1", pb.ROLE_PREFILL, transports=("cuda_ipc", "grpc"), host="h1"))
+    r.register(info("d1", pb.ROLE_DECODE, transports=("cuda_ipc", "grpc"), host="h2"))
+    assert route(r, LeastLoadedPolicy(), "m", 5)[2] == "grpc"  # different hosts: no cuda_ipc
+    r2 = Registry()
+    r2.register(info("p1", pb.ROLE_PREFILL, transports=("cuda_ipc", "grpc")))
+    r2.register(info("d1", pb.ROLE_DECODE, transports=("cuda_ipc", "grpc")))
+    assert route(r2, LeastLoadedPolicy(), "m", 5)[2] == "cuda_ipc"
+    r3 = Registry()
+    r3.register(info("p1", pb.ROLE_PREFILL, transports=("cuda_ipc",), host="a"))
+    r3.register(info("d1", pb.ROLE_DECODE, transports=("cuda_ipc",), host="b"))
+    with pytest.raises(NoRoute):
+        route(r3, LeastLoadedPolicy(), "m", 5)
+
+
+def test_prompt_too_long_for_workers():
+    r = Registry()
+    r.register(info("p1", pb.ROLE_PREFILL))
+    r.register(info("d1", pb.ROLE_DECODE))
+    with pytest.raises(NoRoute):
+        route(r, LeastLoadedPolicy(), "m", 100)
+
+
+def test_lease_release_expiry_and_pins():
+    freed = []
+    t = LeaseTable(freed.append, ttl=10.0)
+    t.add("a", [1, 2], 40)
+    t.add("b", [3], 10)
+    t.add("c", [4], 10)
+    assert t.held_blocks() == 4
+    assert t.release("a") and not t.release("a")
+    assert freed == ["a"]
+    t.pin("b")
+    assert t.release("b")  # deferred while pinned
+    assert freed == ["a"]
+    t.unpin("b")
+    assert freed == ["a", "b"]
+    lease = t.get("c")
+    t.pin("c")
+    assert t.reap(now=lease.deadline + 100) == 0  # pinned: not expired under a reader
+    t.unpin("c")
+    assert t.reap(now=lease.deadline + 100) == 1 and freed == ["a", "b", "c"]
+    assert t.expired_total == 1 and t.held_blocks() == 0
