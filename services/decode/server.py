@@ -127,9 +127,15 @@ class DecodeServicer(dgrpc.DecodeServicer):
 
 async def serve(rt: WorkerRuntime) -> None:
     channels = ChannelPool()
-    transports: dict[str, BaseKVTransport] = {"grpc": GrpcKVTransport(channels)}
+    transports: dict[str, BaseKVTransport] = {}
 
     def add(r: WorkerRuntime) -> list[str]:
+        if "grpc" in r.transports:
+            transports["grpc"] = GrpcKVTransport(channels)
+        if "cuda_ipc" in r.transports:
+            from pdmesh.transport.cuda_ipc import CudaIpcTransport
+
+            transports["cuda_ipc"] = CudaIpcTransport(channels, r.llm.device)
         dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, transports, channels), r.server)
         return ["pdmesh.v1.Decode"]
 

@@ -70,7 +70,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
                     transport=request.transport or "grpc", block_ids=out.held_block_ids, num_tokens=len(prompt),
                     layout=layout_to_proto(llm.pool.layout),
                     lease_deadline_unix_ms=int((time.time() + (lease.deadline - time.monotonic())) * 1000),
-                    host_id=self.rt.info().host_id,
+                    host_id=self.rt.info().host_id, incarnation=self.rt.incarnation,
                 ))
             return resp
         finally:
@@ -88,7 +88,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
 
 def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
     pgrpc.add_PrefillServicer_to_server(PrefillServicer(rt, leases), rt.server)
-    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases), rt.server)
+    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases, rt.incarnation), rt.server)
     return ["pdmesh.v1.Prefill", "pdmesh.v1.KVTransfer"]
 
 

@@ -1,0 +1,210 @@
+"""GPU measurements for the engine and the cuda_ipc transport, each against a floor measured in the
+same run (see results/README.md). Usage: python benchmarks/gpu_bench.py --out results.json
+
+* HBM floor: bytes a decode step must read (weights + the batch's KV) / bandwidth of a large
+  device copy (2 x bytes per copy: read + write).
+* Compute floor: prefill FLOPs (2 x matmul params x tokens + causal attention) / a large bf16 matmul.
+* KV pull: a 3,500-token prompt's blocks through cuda_ipc vs a contiguous device copy of the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from pdmesh.engine import SamplingParams
+from pdmesh.engine.engine import LLMEngine
+from pdmesh.testing import engine_config
+
+
+def cuda_time(fn, iters=20, warmup=3) -> float:
+    """Median seconds of fn() with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def hbm_bandwidth() -> float:
+    x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = cuda_time(lambda: y.copy_(x), iters=10)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * (4 << 30) / t
+
+
+def matmul_flops() -> float:
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    t = cuda_time(lambda: a @ b, iters=20)
+    return 2 * 8192**3 / t
+
+
+def wall_step(eng: LLMEngine) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    eng.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hbm: float) -> list[dict]:
+    out = []
+    eng = LLMEngine(engine_config(preset, eager=eager, max_num_seqs=max(batches), max_model_len=ctx + 512,
+                                  max_tokens_step=8192))
+    arch = eng.arch
+    param_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    kv_tok = arch.kv_bytes_per_token(2)
+    for b in batches:
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        for i in range(b):
+            eng.add_request(f"{preset}-{b}-{i}", [(i * 131 + j * 7) % 30000 + 10 for j in range(ctx)], params)
+        while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
+            eng.step()
+        for _ in range(5):
+            eng.step()
+        times = sorted(wall_step(eng) for _ in range(30))
+        step = statistics.median(times)
+        bytes_read = param_bytes + b * (ctx + 20) * kv_tok
+        floor = bytes_read / hbm
+        out.append({"model": preset, "batch": b, "context": ctx, "cuda_graphs": not eager and eng.runner.graphs is not None,
+                    "step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor})
+        for s in list(eng.scheduler.running):
+            eng.abort(s.request_id)
+    del eng
+    torch.cuda.empty_cache()
+    return out
+
+
+def prefill_time(preset: str, tokens: int, flops_peak: float) -> dict:
+    eng = LLMEngine(engine_config(preset, max_num_seqs=4, max_model_len=tokens + 64, max_tokens_step=tokens + 64))
+    arch = eng.arch
+    matmul_params = sum(p.numel() for n, p in eng.model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    if arch.tie_word_embeddings:
+        matmul_params += arch.vocab_size * arch.hidden_size
+    attn = 2 * arch.num_layers * arch.num_heads * arch.head_dim * tokens * tokens  # causal: QK^T + PV, half each
+    flops = 2 * matmul_params * tokens + attn
+    times = []
+    for i in range(6):
+        eng.add_request(f"p{i}", [(i * 17 + j * 13) % 30000 + 10 for j in range(tokens)],
+                        SamplingParams(temperature=0, max_tokens=1))
+        times.append(wall_step(eng))
+        while eng.has_work():
+            eng.step()
+    t = statistics.median(times[1:])
+    floor = flops / flops_peak
+    del eng
+    torch.cuda.empty_cache()
+    return {"model": preset, "tokens": tokens, "prefill_ms": t * 1e3, "floor_ms": floor * 1e3, "ratio": t / floor,
+            "achieved_tflops": flops / t / 1e12}
+
+
+def _pool_owner(preset: str, blocks: int, device: str, conn) -> None:
+    from pdmesh.kv.pool import KVCachePool
+    from pdmesh.models.loader import resolve
+    from pdmesh.config import ModelConfig
+    from pdmesh.transport.cuda_ipc import export_handle
+
+    arch = resolve(ModelConfig(model=preset, load_format="dummy")).arch
+    pool = KVCachePool(arch, blocks, 32, torch.bfloat16, torch.device(device))
+    pool.kv.normal_()
+    conn.send(export_handle(pool, "bench").SerializeToString())
+    conn.recv()
+
+
+def kv_pull(preset: str, tokens: int, src_dev: str, dst_dev: str) -> dict:
+    from pdmesh.kv.pool import KVCachePool
+    from pdmesh.config import ModelConfig
+    from pdmesh.models.loader import resolve
+    from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
+    from pdmesh.v1 import kv_transfer_pb2 as kpb
+
+    arch = resolve(ModelConfig(model=preset, load_format="dummy")).arch
+    n = -(-tokens // 32)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_pool_owner, args=(preset, 4 * n, src_dev, child))
+    p.start()
+    try:
+        h = kpb.CudaIpcHandle.FromString(parent.recv())
+        t0 = time.perf_counter()
+        remote = open_handle(h)
+        open_ms = (time.perf_counter() - t0) * 1e3
+        dst = KVCachePool(arch, 4 * n, 32, torch.bfloat16, torch.device(dst_dev))
+        tr = CudaIpcTransport(None, torch.device(dst_dev))  # type: ignore[arg-type]
+        src_ids = list(range(0, 2 * n, 2))  # scattered source pages, as after real traffic
+        dst_ids = list(range(3 * n, 2 * n, -1))[:n]
+        nbytes = n * dst.layout.block_bytes
+        ts = []
+        for _ in range(25):
+            t0 = time.perf_counter()
+            tr.pull_blocking(remote, src_ids, dst_ids, dst)
+            ts.append(time.perf_counter() - t0)
+        pull = statistics.median(ts[3:])
+        ok = torch.equal(dst.kv[:, dst_ids].cpu(), remote[:, src_ids].cpu())
+        a = torch.empty(nbytes, dtype=torch.uint8, device=src_dev)
+        b = torch.empty(nbytes, dtype=torch.uint8, device=dst_dev)
+        ref = cuda_time(lambda: b.copy_(a), iters=20)
+        return {"model": preset, "tokens": tokens, "src": src_dev, "dst": dst_dev, "bytes": nbytes, "open_ms": open_ms,
+                "pull_ms": pull * 1e3, "contiguous_copy_ms": ref * 1e3, "fraction_of_copy_bw": ref / pull,
+                "pull_gbps": nbytes / pull / 1e9, "data_equal": ok}
+    finally:
+        parent.send("bye")
+        p.join(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_bench.json")
+    ap.add_argument("--skip", nargs="*", default=[])
+    a = ap.parse_args()
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+    res["hbm_bytes_per_s"] = hbm_bandwidth()
+    res["bf16_flops"] = matmul_flops()
+    print(f"HBM copy bandwidth {res['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {res['bf16_flops'] / 1e12:.0f} TFLOP/s", flush=True)
+
+    def save():
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    steps = [
+        ("kv_pull", lambda: [kv_pull("llama-3.1-8b", 3500, "cuda:0", "cuda:0")]
+         + ([kv_pull("llama-3.1-8b", 3500, "cuda:0", "cuda:1")] if torch.cuda.device_count() > 1 else [])),
+        ("decode_llama", lambda: decode_step_times("llama-3.1-8b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
+        ("prefill_llama", lambda: [prefill_time("llama-3.1-8b", 3500, res["bf16_flops"])]),
+        ("decode_qwen_graphs", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
+        ("decode_qwen_eager", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, True, res["hbm_bytes_per_s"])),
+    ]
+    for name, fn in steps:
+        if name in a.skip:
+            continue
+        t0 = time.perf_counter()
+        try:
+            res[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - record and go on: one failure must not lose the rest
+            res[name] = {"error": repr(exc)}
+        print(f"{name} ({time.perf_counter() - t0:.0f}s): {json.dumps(res[name])}", flush=True)
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""FlashInfer attention backend (CUDA): ``BatchPrefillWithPagedKVCacheWrapper`` for prefill and
+chunked prefill (a sequence's queries are aligned to the end of its KV, so prefix-cache hits and
+earlier chunks are attended causally), ``BatchDecodeWithPagedKVCacheWrapper`` for decode-only
+steps (tensor cores when the GQA group is >= 4).  ``plan`` runs once per step; ``run`` per layer.
+
+The KV pool's per-layer slice ``[num_blocks, 2, block_size, Hkv, D]`` is FlashInfer's NHD layout,
+so no copies happen between the cache and the kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import flashinfer
+import torch
+
+from pdmesh.attention.base import BaseAttentionBackend, BatchLayout
+from pdmesh.attention.paged import paged_metadata
+
+WORKSPACE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class FlashInferPlan:
+    wrapper: Any
+    """The planned FlashInfer wrapper this step's layers run."""
+    slot_block: torch.Tensor
+    """[T] int64: block of each new token's slot."""
+    slot_offset: torch.Tensor
+    """[T] int64: offset inside that block."""
+
+
+def store_kv(kv_layer: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """kv_layer [N, 2, bs, Hkv, D]; k, v [T, Hkv, D]: write new tokens into their slots."""
+    kv_layer[:, 0][slot_block, slot_offset] = k
+    kv_layer[:, 1][slot_block, slot_offset] = v
+
+
+class FlashInferBackend(BaseAttentionBackend):
+    name = "flashinfer"
+
+    def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.device = device
+        self.hq, self.hkv, self.d, self.dtype = num_heads, num_kv_heads, head_dim, dtype
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.use_tensor_cores = num_heads // num_kv_heads >= 4
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
+
+    def plan(self, batch: BatchLayout, decode_wrapper: Optional[Any] = None) -> FlashInferPlan:
+        # Host tensors: plan() reads indptr on the host anyway and copies what the kernels need.
+        m = paged_metadata(batch)
+        qo, kv_indptr, kv_indices, last = (torch.from_numpy(a) for a in
+                                           (m.qo_indptr, m.kv_indptr, m.kv_indices, m.kv_last_page_len))
+        slots = batch.slot_mapping.to(self.device, non_blocking=True)
+        bs = batch.block_size
+        if batch.is_decode_only:
+            wrapper = decode_wrapper or self.decode
+            wrapper.plan(kv_indptr, kv_indices, last, self.hq, self.hkv, self.d, bs,
+                         q_data_type=self.dtype, kv_data_type=self.dtype)
+        else:
+            wrapper = self.prefill
+            wrapper.plan(qo, kv_indptr, kv_indices, last, self.hq, self.hkv, self.d, bs, causal=True,
+                         q_data_type=self.dtype, kv_data_type=self.dtype)
+        return FlashInferPlan(wrapper, slots // bs, slots % bs)
+
+    def run(self, plan: FlashInferPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
+        store_kv(kv_layer, plan.slot_block, plan.slot_offset, k, v)
+        return plan.wrapper.run(q, kv_layer)

@@ -1,0 +1,109 @@
+"""Decode steps replayed from CUDA graphs, one per batch-size bucket (CUDA + FlashInfer only).
+
+Capture (at start-up, largest bucket first, one shared memory pool): for each bucket ``b`` a
+FlashInfer decode wrapper in CUDA-graph mode with its own preallocated indptr/indices/last-page
+buffers, static ``input_ids``/``positions``/slot tensors, two warm-up runs on a side stream, then
+the capture of the model's forward.  Replay: copy the step's inputs into the static tensors
+(padding rows decode one token into the reserved *null block*, which no request ever owns),
+``plan()`` the bucket's wrapper (host work + buffer copies, outside the graph), ``replay()``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pdmesh.attention.base import BatchLayout, StepAttention
+from pdmesh.attention.flashinfer_backend import FlashInferBackend, FlashInferPlan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model, backend: FlashInferBackend, kv: torch.Tensor, max_num_seqs: int, max_model_len: int,
+                 block_size: int, null_block: int, device: torch.device) -> None:
+        import flashinfer
+
+        self.model = model
+        self.backend = backend
+        self.kv = kv
+        self.block_size = block_size
+        self.null_block = null_block
+        self.device = device
+        self.max_pages = -(-max_model_len // block_size)
+        self.buckets = sorted({b for b in DEFAULT_BUCKETS if b < max_num_seqs} | {max_num_seqs})
+        top = self.buckets[-1]
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=device)
+        self.slot_block = torch.full((top,), null_block, dtype=torch.int64, device=device)
+        self.slot_offset = torch.zeros(top, dtype=torch.int64, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=backend.use_tensor_cores,
+                paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=device),
+                paged_kv_indices_buffer=torch.zeros(b * self.max_pages, dtype=torch.int32, device=device),
+                paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device=device),
+            )
+            self._plan(wrapper, self._padded_layout(None, b))
+            ctx = StepAttention(backend, FlashInferPlan(wrapper, self.slot_block[:b], self.slot_offset[:b]), kv)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):
+                    model(self.input_ids[:b], self.positions[:b], ctx)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+                out = model(self.input_ids[:b], self.positions[:b], ctx)
+            self.graphs[b] = (graph, wrapper, out)
+        torch.cuda.synchronize(device)
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def _padded_layout(self, layout: Optional[BatchLayout], b: int) -> tuple[list[int], list[list[int]]]:
+        ctx = list(layout.context_lens) if layout else []
+        tables = [t[: -(-c // self.block_size)] for t, c in zip(layout.block_tables, layout.context_lens)] if layout else []
+        pad = b - len(ctx)
+        return ctx + [1] * pad, tables + [[self.null_block]] * pad
+
+    def _plan(self, wrapper, padded: tuple[list[int], list[list[int]]]) -> None:
+        ctx, tables = padded
+        bs = self.block_size
+        pages = np.array([len(t) for t in tables], dtype=np.int64)
+        indptr = np.zeros(len(ctx) + 1, dtype=np.int32)
+        indptr[1:] = np.cumsum(pages)
+        indices = np.concatenate([np.asarray(t, dtype=np.int32) for t in tables])
+        last = (np.asarray(ctx) - (pages - 1) * bs).astype(np.int32)
+        be = self.backend
+        wrapper.plan(torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last), be.hq, be.hkv, be.d, bs,
+                     q_data_type=be.dtype, kv_data_type=be.dtype)
+
+    def can_run(self, layout: BatchLayout) -> bool:
+        return (layout.is_decode_only and len(layout.query_lens) <= self.buckets[-1]
+                and max(layout.context_lens) <= self.max_pages * self.block_size)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        """input_ids/positions [B] on device -> hidden [B, hidden] (a view of static output)."""
+        n = len(layout.query_lens)
+        b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        graph, wrapper, out = self.graphs[b]
+        slots = layout.slot_mapping.to(self.device, non_blocking=True)
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_block[:n].copy_(slots // self.block_size)
+        self.slot_offset[:n].copy_(slots % self.block_size)
+        if b > n:
+            self.input_ids[n:b].zero_()
+            self.positions[n:b].zero_()
+            self.slot_block[n:b].fill_(self.null_block)
+            self.slot_offset[n:b].zero_()
+        self._plan(wrapper, self._padded_layout(layout, b))
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,88 @@
+"""Helpers shared by GPU tests and benchmarks: small random models and the cross-process
+prefill -> cuda_ipc -> decode handoff (the library's real parts, driven without the services)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from typing import Optional
+
+from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+
+def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", backend: str = "auto", eager: bool = False,
+                  num_kv_blocks: Optional[int] = None, max_num_seqs: int = 16, max_tokens_step: int = 4096,
+                  max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len),
+        cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_step),
+        device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=eager),
+    )
+
+
+def _prefill_proc(cfg: EngineConfig, prompt: list[int], params, conn) -> None:
+    """Child: prefill ``prompt``, hold its KV, export the pool's IPC handle, wait for 'release'."""
+    from pdmesh.engine.engine import LLMEngine
+    from pdmesh.rpc.convert import layout_to_proto
+    from pdmesh.transport.cuda_ipc import export_handle
+
+    eng = LLMEngine(cfg)
+    eng.add_request("r", prompt, params, prefill_only=True)
+    out = None
+    while out is None:
+        outs = eng.step()
+        out = outs[0] if outs else None
+    h = export_handle(eng.pool, "child")
+    conn.send((out.new_token_ids[0], out.held_block_ids, h.SerializeToString(),
+               layout_to_proto(eng.pool.layout).SerializeToString()))
+    assert conn.recv() == "release"
+    eng.release("r")
+    conn.send(eng.blocks.num_free_blocks == eng.blocks.num_blocks)
+    conn.recv()
+
+
+def handoff_via_cuda_ipc(prefill_cfg: EngineConfig, decode_cfg: EngineConfig, prompt: list[int], params) -> dict:
+    """Prefill in a child process, decode here, KV through cuda_ipc; returns tokens and timings."""
+    import time
+
+    import torch
+
+    from pdmesh.engine.engine import LLMEngine
+    from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
+    from pdmesh.v1 import kv_transfer_pb2 as kpb
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_prefill_proc, args=(prefill_cfg, prompt, params, child))
+    proc.start()
+    try:
+        first, src_ids, handle_bytes, _layout = parent.recv()
+        dec = LLMEngine(decode_cfg)
+        h = kpb.CudaIpcHandle.FromString(handle_bytes)
+        t0 = time.perf_counter()
+        remote = open_handle(h)
+        open_ms = (time.perf_counter() - t0) * 1e3
+        adm = dec.admit_remote("r", prompt, first, params)
+        k = adm.num_cached_blocks
+        tr = CudaIpcTransport(None, dec.device)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        nbytes = tr.pull_blocking(remote, src_ids[k:], adm.block_ids[k:], dec.pool)
+        pull_ms = (time.perf_counter() - t0) * 1e3
+        parent.send("release")
+        prefill_freed = parent.recv()
+        dec.activate_remote("r")
+        tokens = [first]
+        while True:
+            outs = dec.step()
+            if outs:
+                tokens += outs[0].new_token_ids
+                if outs[0].finished:
+                    break
+        torch.cuda.synchronize()
+        return {"tokens": tokens, "open_ms": open_ms, "pull_ms": pull_ms, "bytes": nbytes, "prefill_freed": prefill_freed,
+                "decode_free_ok": dec.blocks.num_free_blocks == dec.blocks.num_blocks}
+    finally:
+        parent.send("bye")
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
