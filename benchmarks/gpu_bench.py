@@ -92,6 +92,35 @@ def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hb
     return out
 
 
+def profile_decode(preset: str, batch: int, steps: int = 200) -> dict:
+    """cProfile of decode steps (CUDA graphs on): where the host time of a step goes."""
+    import cProfile
+    import io
+    import pstats
+
+    eng = LLMEngine(engine_config(preset, max_num_seqs=max(batch, 2), max_model_len=2560, max_tokens_step=8192))
+    for i in range(batch):
+        eng.add_request(f"prof{i}", [(i * 7 + j) % 30000 + 10 for j in range(2048)],
+                        SamplingParams(temperature=0, max_tokens=steps + 50, ignore_eos=True))
+    for _ in range(10):
+        eng.step()
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        eng.step()
+    prof.disable()
+    torch.cuda.synchronize()
+    per_step = (time.perf_counter() - t0) / steps
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+    print(buf.getvalue(), flush=True)
+    del eng
+    torch.cuda.empty_cache()
+    return {"model": preset, "batch": batch, "profiled_step_ms": per_step * 1e3}
+
+
 def prefill_time(preset: str, tokens: int, flops_peak: float) -> dict:
     eng = LLMEngine(engine_config(preset, max_num_seqs=4, max_model_len=tokens + 64, max_tokens_step=tokens + 64))
     arch = eng.arch
@@ -191,6 +220,7 @@ def main() -> None:
         ("decode_llama", lambda: decode_step_times("llama-3.1-8b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
         ("prefill_llama", lambda: [prefill_time("llama-3.1-8b", 3500, res["bf16_flops"])]),
         ("decode_qwen_graphs", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
+        ("profile_qwen", lambda: [profile_decode("qwen2.5-0.5b", 1)]),
         ("decode_qwen_eager", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, True, res["hbm_bytes_per_s"])),
     ]
     for name, fn in steps:

@@ -33,7 +33,7 @@ class BatchLayout:
     block_tables: list[list[int]]
     """KV block ids per sequence, covering context_lens."""
     slot_mapping: torch.Tensor
-    """[T] int64 on the model's device: cache slot of each new token."""
+    """[T] int64 on the model's device: cache slot of each new token (block * block_size + offset)."""
     block_size: int
     """Tokens per block."""
 

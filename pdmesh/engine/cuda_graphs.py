@@ -28,8 +28,6 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128,
 class DecodeGraphs:
     def __init__(self, model, backend: FlashInferBackend, kv: torch.Tensor, max_num_seqs: int, max_model_len: int,
                  block_size: int, null_block: int, device: torch.device) -> None:
-        import flashinfer
-
         self.model = model
         self.backend = backend
         self.kv = kv
@@ -44,7 +42,18 @@ class DecodeGraphs:
         self.slot_block = torch.full((top,), null_block, dtype=torch.int64, device=device)
         self.slot_offset = torch.zeros(top, dtype=torch.int64, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        with torch.cuda.device(device):  # capture streams belong to the engine's device, not device 0
+            self._capture_all()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def _capture_all(self) -> None:
+        import flashinfer
+
+        model, backend, kv, device = self.model, self.backend, self.kv, self.device
         pool = torch.cuda.graph_pool_handle()
+        # An explicit capture stream on this device: torch.cuda.graph's default capture stream is
+        # created once per process on whichever device captured first.
+        capture_stream = torch.cuda.Stream(device)
         for b in reversed(self.buckets):
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=backend.use_tensor_cores,
@@ -61,11 +70,10 @@ class DecodeGraphs:
                     model(self.input_ids[:b], self.positions[:b], ctx)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+            with torch.cuda.graph(graph, pool=pool, stream=capture_stream), torch.inference_mode():
                 out = model(self.input_ids[:b], self.positions[:b], ctx)
             self.graphs[b] = (graph, wrapper, out)
         torch.cuda.synchronize(device)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def _padded_layout(self, layout: Optional[BatchLayout], b: int) -> tuple[list[int], list[list[int]]]:
         ctx = list(layout.context_lens) if layout else []
@@ -105,5 +113,6 @@ class DecodeGraphs:
             self.slot_block[n:b].fill_(self.null_block)
             self.slot_offset[n:b].zero_()
         self._plan(wrapper, self._padded_layout(layout, b))
-        graph.replay()
+        with torch.cuda.device(self.device):
+            graph.replay()
         return out[:n]

@@ -45,6 +45,13 @@ def _pad(rows: list[list[int]], fill: int, device: torch.device) -> torch.Tensor
     return out.to(device)
 
 
+def plain_greedy(seq: Sequence) -> bool:
+    """Argmax alone decides this row: greedy, no penalties, no logprobs, no suppressed ids."""
+    p = seq.params
+    return (p.greedy and not p.has_penalties and p.logprobs is None
+            and (p.min_tokens == 0 or seq.num_output_tokens >= p.min_tokens))
+
+
 def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device) -> SamplingBatch:
     ps = [s.params for s in seqs]
     temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=device)

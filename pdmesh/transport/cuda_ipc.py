@@ -18,6 +18,7 @@ from typing import Sequence
 import grpc
 import torch
 
+from pdmesh.kv.copy import copy_blocks
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult, check_layout
@@ -57,6 +58,7 @@ class CudaIpcTransport(BaseKVTransport):
         self.channels = channels
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self._src_stream = None
         self.peers: dict[tuple[str, str], torch.Tensor] = {}
         self.opened_total = 0
         """Handles opened so far (counter): one per peer process, never per request."""
@@ -87,17 +89,31 @@ class CudaIpcTransport(BaseKVTransport):
             return remote
 
     def _copy(self, remote: torch.Tensor, src: Sequence[int], dst: Sequence[int], pool: KVCachePool) -> int:
+        """Same GPU: one block-copy kernel, peer pool -> local pool.  Two GPUs: gather into a
+        contiguous buffer on the source GPU, one peer-to-peer copy, scatter on the destination."""
+        n = len(src)
+        local = pool.kv
+        nbytes = n * local[:, :1].numel() * local.element_size()
+        if remote.device == local.device:
+            with torch.cuda.stream(self.stream):
+                s_idx = torch.tensor(list(src), dtype=torch.int64).to(local.device, non_blocking=True)
+                d_idx = torch.tensor(list(dst), dtype=torch.int64).to(local.device, non_blocking=True)
+                copy_blocks(remote, s_idx, local, d_idx)
+            self.stream.synchronize()
+            return nbytes
+        src_stream = torch.cuda.Stream(remote.device) if self._src_stream is None else self._src_stream
+        self._src_stream = src_stream
+        shape = (remote.shape[0], n) + tuple(remote.shape[2:])
+        with torch.cuda.device(remote.device), torch.cuda.stream(src_stream):
+            s_idx = torch.tensor(list(src), dtype=torch.int64).to(remote.device, non_blocking=True)
+            staged = torch.empty(shape, dtype=remote.dtype, device=remote.device)
+            copy_blocks(remote, s_idx, staged, torch.arange(n, device=remote.device))
+        src_stream.synchronize()
         with torch.cuda.stream(self.stream):
-            src_idx = torch.tensor(list(src), dtype=torch.int64).to(remote.device, non_blocking=True)
-            dst_idx = torch.tensor(list(dst), dtype=torch.int64).to(pool.kv.device, non_blocking=True)
-            data = remote.index_select(1, src_idx)
-            if data.device != pool.kv.device:
-                data = data.to(pool.kv.device, non_blocking=True)
-            pool.kv.index_copy_(1, dst_idx, data)
-            nbytes = data.numel() * data.element_size()
+            moved = staged.to(local.device, non_blocking=True)
+            d_idx = torch.tensor(list(dst), dtype=torch.int64).to(local.device, non_blocking=True)
+            copy_blocks(moved, torch.arange(n, device=local.device), local, d_idx)
         self.stream.synchronize()
-        if remote.device != pool.kv.device:
-            torch.cuda.synchronize(remote.device)
         return nbytes
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
