@@ -121,6 +121,29 @@ def profile_decode(preset: str, batch: int, steps: int = 200) -> dict:
     return {"model": preset, "batch": batch, "profiled_step_ms": per_step * 1e3}
 
 
+def kernel_profile(preset: str, batch: int, eager: bool, steps: int = 20) -> dict:
+    """torch.profiler of decode steps: the GPU kernels that take the time, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = LLMEngine(engine_config(preset, eager=eager, max_num_seqs=max(batch, 2), max_model_len=2560, max_tokens_step=8192))
+    for i in range(batch):
+        eng.add_request(f"kp{i}", [(i * 7 + j) % 30000 + 10 for j in range(2048)],
+                        SamplingParams(temperature=0, max_tokens=steps + 50, ignore_eos=True))
+    for _ in range(10):
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    print(f"--- kernels: {preset} batch {batch} {'eager' if eager else 'graphs'} ({steps} steps)", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
+    total_gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
+    del eng
+    torch.cuda.empty_cache()
+    return {"model": preset, "batch": batch, "eager": eager, "gpu_ms_per_step": total_gpu_us / steps / 1e3}
+
+
 def prefill_time(preset: str, tokens: int, flops_peak: float) -> dict:
     eng = LLMEngine(engine_config(preset, max_num_seqs=4, max_model_len=tokens + 64, max_tokens_step=tokens + 64))
     arch = eng.arch
@@ -202,9 +225,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_bench.json")
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--only", nargs="*", default=[])
+    ap.add_argument("--commit", default="")
     a = ap.parse_args()
     res: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-                 "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                 "commit": a.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     res["hbm_bytes_per_s"] = hbm_bandwidth()
     res["bf16_flops"] = matmul_flops()
@@ -221,10 +246,11 @@ def main() -> None:
         ("prefill_llama", lambda: [prefill_time("llama-3.1-8b", 3500, res["bf16_flops"])]),
         ("decode_qwen_graphs", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
         ("profile_qwen", lambda: [profile_decode("qwen2.5-0.5b", 1)]),
+        ("kernels", lambda: [kernel_profile("qwen2.5-0.5b", 1, True), kernel_profile("qwen2.5-0.5b", 1, False)]),
         ("decode_qwen_eager", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, True, res["hbm_bytes_per_s"])),
     ]
     for name, fn in steps:
-        if name in a.skip:
+        if name in a.skip or (a.only and name not in a.only):
             continue
         t0 = time.perf_counter()
         try:

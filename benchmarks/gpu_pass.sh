@@ -16,7 +16,7 @@ for s in $stages; do
   case $s in
     tests) timeout 420 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
            pack_cache ;;
-    bench) timeout 420 python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" ;;
+    bench) timeout 420 python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" --commit "${PDMESH_COMMIT:-}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log" ;;
     mesh)  timeout 240 python3 benchmarks/gpu_mesh_smoke.py qwen2.5-0.5b .gpu_tok 2>&1 | tail -40 | tee "$OUT/gpu_mesh.log" ;;
   esac
 done
