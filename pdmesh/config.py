@@ -177,6 +177,8 @@ class DeviceConfig:
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
     enforce_eager: bool = False
     """Disable CUDA graphs for decode."""
+    fused_kernels: bool = True
+    """On CUDA with FlashInfer: fused RMSNorm(+residual add), rope and SiLU*mul kernels."""
     cpu_threads: int = 0
     """torch intra-op threads on CPU (0 keeps torch's default)."""
 

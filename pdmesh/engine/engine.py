@@ -96,6 +96,8 @@ class LLMEngine:
         self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
                                       arch.head_dim, self.dtype)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
+        if self.device.type == "cuda" and config.device.fused_kernels and self.backend.name == "flashinfer":
+            self.model.enable_fused_kernels()
         self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
         if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)

@@ -22,17 +22,35 @@ class AttentionContext(Protocol):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm; ``fused`` (CUDA) runs FlashInfer's kernels instead of the float32 torch math."""
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> same shape and dtype (normalised in float32, as HF does)."""
+        """x: [T, dim] or [T, H, dim] -> same shape and dtype (normalised in float32, as HF does)."""
+        if self.fused:
+            from flashinfer.norm import rmsnorm
+
+            return rmsnorm(x.contiguous(), self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual <- x + residual; returns (norm(residual), residual).  x, residual: [T, dim].
+        The fused kernel updates both tensors in place."""
+        if self.fused:
+            from flashinfer.norm import fused_add_rmsnorm
+
+            fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return x, residual
+        residual = x + residual
+        return self.forward(residual), residual
 
 
 def rope_inv_freq(arch: ModelArch, max_len: int) -> tuple[torch.Tensor, float]:
@@ -104,13 +122,39 @@ class RotaryEmbedding:
         self.sin = (emb.sin() * scale).to(device)
         self.max_len = max_len
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [T] int64 -> cos, sin: [T, 1, D] in ``dtype``."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        half = self.cos.shape[-1] // 2
+        self.cos_sin_cache = torch.cat((self.cos[:, :half], self.sin[:, :half]), dim=-1).contiguous()
+        """[max_len, D] float32, cos then sin: FlashInfer's fused rope layout."""
+        self.fused = False
+
+    def bind(self, positions: torch.Tensor, dtype: torch.dtype) -> "BoundRotary":
+        """The rotation for this step's tokens (computed once, applied in every layer)."""
+        if self.fused:
+            return BoundRotary(positions, None, None, self.cos_sin_cache)
+        return BoundRotary(positions, self.cos[positions].unsqueeze(1).to(dtype),
+                           self.sin[positions].unsqueeze(1).to(dtype), None)
+
+
+class BoundRotary:
+    __slots__ = ("positions", "cos", "sin", "cos_sin_cache")
+
+    def __init__(self, positions, cos, sin, cos_sin_cache) -> None:
+        self.positions, self.cos, self.sin, self.cos_sin_cache = positions, cos, sin, cos_sin_cache
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated (rotate-half convention, HF Llama/Qwen)."""
+        if self.cos_sin_cache is not None:
+            from flashinfer.rope import apply_rope_with_cos_sin_cache_inplace
+
+            q, k = q.contiguous(), k.contiguous()
+            t, d = q.shape[0], q.shape[-1]
+            apply_rope_with_cos_sin_cache_inplace(self.positions, q.view(t, -1), k.view(t, -1), d, self.cos_sin_cache, True)
+            return q, k
+        return apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; rotate-half convention (HF Llama/Qwen)."""
+    """x: [T, H, D]; cos/sin: [T, 1, D]; rotate-half convention (HF Llama/Qwen)."""
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin
@@ -124,9 +168,15 @@ class GatedMLP(nn.Module):
         self.inter = arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias, dtype=dtype)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gu = self.gate_up_proj(x)
+        if self.fused:
+            from flashinfer.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(gu))
+        gate, up = gu.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -145,7 +195,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
@@ -154,6 +204,6 @@ class Attention(nn.Module):
         v = v.view(t, self.hkv, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rope.apply(q, k)
         out = ctx.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(t, self.hq * self.d))

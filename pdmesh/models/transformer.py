@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pdmesh.models.arch import ModelArch
-from pdmesh.models.layers import Attention, AttentionContext, GatedMLP, RMSNorm, RotaryEmbedding
+from pdmesh.models.layers import Attention, AttentionContext, BoundRotary, GatedMLP, RMSNorm, RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -23,9 +23,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.mlp = GatedMLP(arch, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], rope: BoundRotary,
+                ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (mlp output, residual); the residual stream is x + residual (HF's
+        ``h = r + f(h)``, added by the next norm, fused with it on CUDA)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        h = self.self_attn(h, rope, ctx)
+        h, residual = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -72,10 +80,19 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         assert self.rotary is not None, "materialize() first"
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        rope = self.rotary.bind(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, ctx)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, ctx)
+        return self.model.norm.add_forward(x, residual)[0]
+
+    def enable_fused_kernels(self) -> None:
+        """Use FlashInfer's fused RMSNorm (+residual add), rope and SiLU*mul kernels (CUDA)."""
+        assert self.rotary is not None and self.rotary.cos.is_cuda, "fused kernels need the model on CUDA"
+        for m in self.modules():
+            if hasattr(m, "fused"):
+                m.fused = True
+        self.rotary.fused = True
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -56,7 +56,7 @@ def test_flashinfer_matches_torch_backend(hq, hkv, d):
         assert rel(out_fi, out_tb) < ATTN_RTOL, (name, rel(out_fi, out_tb))
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-0.5b"])
+@pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "qwen3-8b"])
 def test_engine_backends_agree_and_graphs_equal_eager(preset):
     from pdmesh.engine import SamplingParams
     from pdmesh.engine.engine import LLMEngine
@@ -64,10 +64,12 @@ def test_engine_backends_agree_and_graphs_equal_eager(preset):
 
     prompt = list(range(100, 400))
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    ref = LLMEngine(engine_config(preset, backend="torch", eager=True, num_kv_blocks=256, max_model_len=4096))
+    # the reference: torch attention, unfused torch layers, eager
+    ref = LLMEngine(engine_config(preset, backend="torch", eager=True, num_kv_blocks=256, max_model_len=4096, fused=False))
     fi_graph = LLMEngine(engine_config(preset, backend="flashinfer", eager=False, num_kv_blocks=256, max_model_len=4096))
     fi_eager = LLMEngine(engine_config(preset, backend="flashinfer", eager=True, num_kv_blocks=256, max_model_len=4096))
     assert fi_graph.runner.graphs is not None and fi_eager.runner.graphs is None
+    assert fi_eager.model.model.norm.fused and not ref.model.model.norm.fused
 
     def run(eng, rid):
         eng.add_request(rid, prompt, greedy)
