@@ -96,9 +96,8 @@ class CudaIpcTransport(BaseKVTransport):
         nbytes = n * local[:, :1].numel() * local.element_size()
         if remote.device == local.device:
             with torch.cuda.stream(self.stream):
-                s_idx = torch.tensor(list(src), dtype=torch.int64).to(local.device, non_blocking=True)
-                d_idx = torch.tensor(list(dst), dtype=torch.int64).to(local.device, non_blocking=True)
-                copy_blocks(remote, s_idx, local, d_idx)
+                idx = torch.tensor([list(src), list(dst)], dtype=torch.int64).to(local.device)  # one H2D copy
+                copy_blocks(remote, idx[0], local, idx[1])
             self.stream.synchronize()
             return nbytes
         src_stream = torch.cuda.Stream(remote.device) if self._src_stream is None else self._src_stream

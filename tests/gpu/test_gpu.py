@@ -1,8 +1,8 @@
 """GPU checks (run on the GPU machine; skipped where CUDA is unavailable).
 
 Tolerances: attention outputs in bf16 within 2e-2 relative (Frobenius) of the torch backend;
-engine logits within 0.06 absolute (bf16 accumulations differ between kernels) on every prefix of a
-32-token greedy continuation.
+engine logits (FlashInfer attention + fused kernels vs torch attention + unfused torch layers, bf16)
+within 2% of the logit range (max |logit|) on every prefix of a 32-token greedy continuation.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 ATTN_RTOL = 2e-2
-LOGIT_ATOL = 0.06
+LOGIT_RTOL = 0.02
 
 
 def rel(a, b):
@@ -82,9 +82,13 @@ def test_engine_backends_agree_and_graphs_equal_eager(preset):
     t_ref, t_graph, t_eager = run(ref, "a"), run(fi_graph, "b"), run(fi_eager, "c")
     assert t_graph == t_eager, "CUDA graphs change nothing but speed"
     seq = prompt + t_ref
+    worst = 0.0
     for i in range(len(prompt), len(seq) + 1, 4):
-        diff = (ref.score(seq[:i]) - fi_eager.score(seq[:i])).abs().max().item()
-        assert diff < LOGIT_ATOL, (i, diff)
+        a, b = ref.score(seq[:i]), fi_eager.score(seq[:i])
+        rel_diff = ((a - b).abs().max() / a.abs().max()).item()
+        worst = max(worst, rel_diff)
+        assert rel_diff < LOGIT_RTOL, (i, rel_diff, a.abs().max().item())
+    print(f"{preset}: worst logit difference {worst:.4f} of the logit range")
 
 
 def _cfgs(dev_p, dev_d):
