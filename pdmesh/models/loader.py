@@ -177,7 +177,8 @@ def fill_dummy(model: CausalLM, seed: int) -> None:
         gen = torch.Generator(device=param.device)
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF)
         bound = 0.02 if param.dim() > 1 else 0.01
-        param.uniform_(-bound, bound, generator=gen)
+        # drawn in float32 and cast, so every dtype gets the same (rounded) weights
+        param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).uniform_(-bound, bound, generator=gen))
 
 
 def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0) -> CausalLM:

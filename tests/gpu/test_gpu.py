@@ -1,8 +1,7 @@
 """GPU checks (run on the GPU machine; skipped where CUDA is unavailable).
 
 Tolerances: attention outputs in bf16 within 2e-2 relative (Frobenius) of the torch backend;
-engine logits (FlashInfer attention + fused kernels vs torch attention + unfused torch layers, bf16)
-within 2% of the logit range (max |logit|) on every prefix of a 32-token greedy continuation.
+engine logits: see test_engine_backends_agree_and_graphs_equal_eager (measured against fp32).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 ATTN_RTOL = 2e-2
-LOGIT_RTOL = 0.02
 
 
 def rel(a, b):
@@ -58,18 +56,16 @@ def test_flashinfer_matches_torch_backend(hq, hkv, d):
 
 @pytest.mark.parametrize("preset", ["qwen2.5-0.5b", "qwen3-8b"])
 def test_engine_backends_agree_and_graphs_equal_eager(preset):
+    """FlashInfer attention + fused kernels (bf16) are as accurate as torch's own bf16 path: both are
+    compared with an fp32 torch reference on every 4th prefix of its 32-token greedy continuation;
+    the FlashInfer error may exceed the torch-bf16 error by at most 50% (+0.5% of the logit range)."""
     from pdmesh.engine import SamplingParams
     from pdmesh.engine.engine import LLMEngine
     from pdmesh.testing import engine_config
 
     prompt = list(range(100, 400))
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    # the reference: torch attention, unfused torch layers, eager
-    ref = LLMEngine(engine_config(preset, backend="torch", eager=True, num_kv_blocks=256, max_model_len=4096, fused=False))
-    fi_graph = LLMEngine(engine_config(preset, backend="flashinfer", eager=False, num_kv_blocks=256, max_model_len=4096))
-    fi_eager = LLMEngine(engine_config(preset, backend="flashinfer", eager=True, num_kv_blocks=256, max_model_len=4096))
-    assert fi_graph.runner.graphs is not None and fi_eager.runner.graphs is None
-    assert fi_eager.model.model.norm.fused and not ref.model.model.norm.fused
+    kw = dict(num_kv_blocks=256, max_model_len=4096)
 
     def run(eng, rid):
         eng.add_request(rid, prompt, greedy)
@@ -79,16 +75,28 @@ def test_engine_backends_agree_and_graphs_equal_eager(preset):
                 toks += o.new_token_ids
         return toks
 
-    t_ref, t_graph, t_eager = run(ref, "a"), run(fi_graph, "b"), run(fi_eager, "c")
-    assert t_graph == t_eager, "CUDA graphs change nothing but speed"
-    seq = prompt + t_ref
-    worst = 0.0
-    for i in range(len(prompt), len(seq) + 1, 4):
-        a, b = ref.score(seq[:i]), fi_eager.score(seq[:i])
-        rel_diff = ((a - b).abs().max() / a.abs().max()).item()
-        worst = max(worst, rel_diff)
-        assert rel_diff < LOGIT_RTOL, (i, rel_diff, a.abs().max().item())
-    print(f"{preset}: worst logit difference {worst:.4f} of the logit range")
+    ref32 = LLMEngine(engine_config(preset, dtype="float32", backend="torch", eager=True, fused=False, **kw))
+    seq = prompt + run(ref32, "r")
+    prefixes = list(range(len(prompt), len(seq) + 1, 4))
+    want = {i: ref32.score(seq[:i]) for i in prefixes}
+    del ref32
+    torch.cuda.empty_cache()
+
+    def errors(eng):
+        return [((eng.score(seq[:i]) - want[i]).abs().max() / want[i].abs().max()).item() for i in prefixes]
+
+    ref16 = LLMEngine(engine_config(preset, backend="torch", eager=True, fused=False, **kw))
+    err_torch = errors(ref16)
+    del ref16
+    fi_graph = LLMEngine(engine_config(preset, backend="flashinfer", eager=False, **kw))
+    fi_eager = LLMEngine(engine_config(preset, backend="flashinfer", eager=True, **kw))
+    assert fi_graph.runner.graphs is not None and fi_eager.runner.graphs is None
+    assert fi_eager.model.model.norm.fused
+    assert run(fi_graph, "b") == run(fi_eager, "c"), "CUDA graphs change nothing but speed"
+    err_fi = errors(fi_eager)
+    print(f"{preset}: max logit error vs fp32, torch bf16 {max(err_torch):.4f}, flashinfer+fused bf16 {max(err_fi):.4f}")
+    for p, et, ef in zip(prefixes, err_torch, err_fi):
+        assert ef <= 1.5 * et + 0.005, (p, et, ef)
 
 
 def _cfgs(dev_p, dev_d):
