@@ -49,8 +49,9 @@ class BaseKVTransport(ABC):
 
     @abstractmethod
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-                   pool: KVCachePool, timeout: float) -> TransferResult:
-        """Copy remote blocks into the local pool (see module docstring)."""
+                   pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
+        """Copy remote blocks into the local pool (see module docstring). ``metadata``: gRPC
+        metadata for any call the transport makes (the W3C trace context)."""
 
     async def close(self) -> None:
         """Release cached connections/handles."""

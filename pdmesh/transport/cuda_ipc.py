@@ -64,7 +64,7 @@ class CudaIpcTransport(BaseKVTransport):
         """Handles opened so far (counter): one per peer process, never per request."""
         self._lock = asyncio.Lock()
 
-    async def _peer(self, desc: pb.KVDescriptor, timeout: float) -> torch.Tensor:
+    async def _peer(self, desc: pb.KVDescriptor, timeout: float, metadata: tuple = ()) -> torch.Tensor:
         key = (desc.address, desc.incarnation)
         remote = self.peers.get(key)
         if remote is not None:
@@ -74,7 +74,7 @@ class CudaIpcTransport(BaseKVTransport):
                 return self.peers[key]
             try:
                 h = await self.channels.stub(desc.address, kgrpc.KVTransferStub).GetIpcHandle(
-                    kpb.IpcHandleRequest(), timeout=timeout)
+                    kpb.IpcHandleRequest(), timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 raise TransferError(f"no IPC handle from {desc.address}: {exc.code().name}: {exc.details()}") from exc
             if h.incarnation != desc.incarnation:
@@ -116,14 +116,14 @@ class CudaIpcTransport(BaseKVTransport):
         return nbytes
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-                   pool: KVCachePool, timeout: float) -> TransferResult:
+                   pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
         check_layout(pool.layout, desc.layout)
         if len(src_block_ids) != len(dst_block_ids):
             raise TransferError("source and destination block counts differ")
         t0 = time.perf_counter()
         if not src_block_ids:
             return TransferResult(self.name, 0, 0, 0.0)
-        remote = await self._peer(desc, timeout)
+        remote = await self._peer(desc, timeout, metadata)
         if max(src_block_ids) >= remote.shape[1]:
             raise TransferError("source block id outside the peer's pool")
         try:

@@ -83,7 +83,7 @@ class GrpcKVTransport(BaseKVTransport):
         self.channels = channels or ChannelPool()
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-                   pool: KVCachePool, timeout: float) -> TransferResult:
+                   pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
         check_layout(pool.layout, desc.layout)
         if len(src_block_ids) != len(dst_block_ids):
             raise TransferError("source and destination block counts differ")
@@ -98,7 +98,8 @@ class GrpcKVTransport(BaseKVTransport):
         filled = [False] * len(dst_block_ids)
         total = 0
         try:
-            call = stub.Pull(kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids)), timeout=timeout)
+            call = stub.Pull(kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids)), timeout=timeout,
+                            metadata=metadata)
             async for chunk in call:
                 n, first = chunk.num_blocks, chunk.first_index
                 if n <= 0 or first < 0 or first + n > len(dst_block_ids) or len(chunk.data) != n * block_bytes:

@@ -20,7 +20,7 @@ class LoopbackTransport(BaseKVTransport):
         self.sources = sources
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-                   pool: KVCachePool, timeout: float) -> TransferResult:
+                   pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
         check_layout(pool.layout, desc.layout)
         src = self.sources.get(desc.worker_id)
         if src is None:

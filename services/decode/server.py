@@ -20,6 +20,7 @@ import grpc
 
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc import tracecontext
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport, TransferError
 from pdmesh.transport.grpc_transport import GrpcKVTransport
@@ -40,12 +41,13 @@ class DecodeServicer(dgrpc.DecodeServicer):
         self.channels = channels
         self._bg: set[asyncio.Task] = set()
 
-    def _release_prefill(self, desc: pb.KVDescriptor) -> None:
+    def _release_prefill(self, desc: pb.KVDescriptor, tp: Optional[str] = None) -> None:
         """Tell the prefill worker to free the request's held KV (lease expiry is the backstop)."""
         async def go() -> None:
             try:
                 await self.channels.stub(desc.address, pgrpc.PrefillStub).Release(
-                    ppb.ReleaseRequest(request_id=desc.request_id), timeout=self.rt.wcfg.rpc_timeout)
+                    ppb.ReleaseRequest(request_id=desc.request_id), timeout=self.rt.wcfg.rpc_timeout,
+                    metadata=tracecontext.metadata(tp))
             except grpc.aio.AioRpcError as exc:
                 log.info("release of %s on %s failed (%s); its lease will expire", desc.request_id, desc.address, exc.code().name)
 
@@ -61,6 +63,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
             self._release_prefill(desc)
             raise
         rid = request.request_id
+        tp = tracecontext.from_context(context)
         try:
             params = params_from_proto(request.params)
         except ValueError as exc:
@@ -90,16 +93,16 @@ class DecodeServicer(dgrpc.DecodeServicer):
                 self._release_prefill(desc)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
             k = adm.num_cached_blocks
-            log.debug("%s: admitted, %d blocks (%d cached); pulling", rid, len(adm.block_ids), k)
             try:
                 res = await transport.pull(desc, list(desc.block_ids)[k:], adm.block_ids[k:], self.rt.llm.pool,
-                                           self.rt.wcfg.kv_transfer_timeout)
+                                           self.rt.wcfg.kv_transfer_timeout, tracecontext.metadata(tp))
             except TransferError as exc:
                 log.warning("request %s: %s", rid, exc)
                 self._release_prefill(desc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
-            log.debug("%s: pulled %d bytes in %.4fs", rid, res.bytes, res.seconds)
-            self._release_prefill(desc)
+            log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms",
+                     rid, tracecontext.trace_id(tp), res.blocks, k, res.bytes, res.transport, res.seconds * 1e3)
+            self._release_prefill(desc, tp)
             if not await eng.call(lambda e: e.activate_remote(rid)):
                 await context.abort(grpc.StatusCode.CANCELLED, "request was aborted during the KV transfer")
             yield dpb.GenerateResponse(transfer=pb.TransferStats(

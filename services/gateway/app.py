@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from pdmesh.openai.protocol import APIError, Limits, OpenAIRequest, finalize_max_tokens, parse_request
 from pdmesh.openai.reasoning import ReasoningParser
+from pdmesh.rpc import tracecontext
 from pdmesh.tokenizer import Tokenizer
 from services.gateway.choices import Choice, Delta, logprobs_chat, logprobs_completion, make_choices, run_choice
 from services.gateway.config import GatewayConfig
@@ -142,7 +143,9 @@ class Gateway:
                                headers={"Retry-After": "1"})
         except APIError as err:
             return error_response(err)
-        choices = make_choices(prompts, params, req.params.n)
+        incoming = request.headers.get("traceparent")
+        traceparent = incoming if tracecontext.valid(incoming) else tracecontext.new()
+        choices = make_choices(prompts, params, req.params.n, traceparent)
         queue: asyncio.Queue = asyncio.Queue()
         model = self.served_name
         self.inflight += 1
@@ -158,12 +161,12 @@ class Gateway:
             if req.stream:
                 handed_off = True
                 return StreamingResponse(self._sse(req, rid, choices, tasks, queue), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": rid, "traceparent": traceparent})
             await self._until_disconnect(request, asyncio.gather(*tasks))
             errors = [d.error for d in self._drain(queue) if d.error is not None]
             if errors:
                 return error_response(errors[0])
-            return JSONResponse(self._full_response(req, rid, choices))
+            return JSONResponse(self._full_response(req, rid, choices), headers={"X-Request-Id": rid, "traceparent": traceparent})
         except _Disconnected:
             return Response(status_code=499)
         finally:

@@ -70,13 +70,15 @@ class TextPipeline:
         return r, c
 
 
-def make_choices(prompts: list[list[int]], params: list[SamplingParams], n: int) -> list[Choice]:
+def make_choices(prompts: list[list[int]], params: list[SamplingParams], n: int, traceparent: str) -> list[Choice]:
     out = []
     base = uuid.uuid4().hex
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         for j in range(n):
             idx = i * n + j
-            out.append(Choice(idx, prompt, p.with_updates(n=1, seed=child_seed(p.seed, j)), f"{base}-{idx}"))
+            c = Choice(idx, prompt, p.with_updates(n=1, seed=child_seed(p.seed, j)), f"{base}-{idx}")
+            c.trace.traceparent = traceparent
+            out.append(c)
     return out
 
 

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Optional
 import grpc
 
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
+from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
 from pdmesh.v1 import decode_pb2 as dpb
@@ -61,6 +62,8 @@ class RequestTrace:
     transfer_seconds: float = 0.0
     attempts: int = 0
     first_token_time: float = 0.0
+    traceparent: str = ""
+    """W3C trace context of this request (sent as gRPC metadata on every internal call)."""
 
 
 @dataclass
@@ -77,10 +80,11 @@ class MeshClient:
     async def list_workers(self, timeout: float = 2.0) -> spb.ListWorkersResponse:
         return await self._scheduler().ListWorkers(spb.ListWorkersRequest(), timeout=timeout)
 
-    def _release(self, address: str, rid: str) -> None:
+    def _release(self, address: str, rid: str, tp: str) -> None:
         async def go() -> None:
             try:
-                await self.channels.stub(address, pgrpc.PrefillStub).Release(ppb.ReleaseRequest(request_id=rid), timeout=self.rpc_timeout)
+                await self.channels.stub(address, pgrpc.PrefillStub).Release(
+                    ppb.ReleaseRequest(request_id=rid), timeout=self.rpc_timeout, metadata=tracecontext.metadata(tp))
             except grpc.aio.AioRpcError:
                 pass  # the lease expires on its own
 
@@ -95,7 +99,8 @@ class MeshClient:
             try:
                 route = await self._scheduler().Route(
                     spb.RouteRequest(request_id=rid, model=model, prompt_tokens=len(prompt), exclude_worker_ids=exclude),
-                    timeout=min(self.route_timeout, max(0.01, deadline - time.monotonic())))
+                    timeout=min(self.route_timeout, max(0.01, deadline - time.monotonic())),
+                    metadata=tracecontext.metadata(trace.traceparent))
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
@@ -104,7 +109,7 @@ class MeshClient:
             try:
                 resp = await self.channels.stub(route.prefill.address, pgrpc.PrefillStub).Prefill(
                     ppb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params), transport=route.transport),
-                    timeout=max(0.01, deadline - time.monotonic()))
+                    timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
                 return route, resp
             except grpc.aio.AioRpcError as exc:
                 last = MeshError(exc.code(), exc.details() or exc.code().name)
@@ -118,6 +123,7 @@ class MeshClient:
     async def stream(self, rid: str, model: str, prompt: list[int], params: SamplingParams, timeout: float,
                      trace: Optional[RequestTrace] = None) -> AsyncIterator[TokenEvent]:
         trace = trace or RequestTrace()
+        trace.traceparent = trace.traceparent or tracecontext.new()
         deadline = time.monotonic() + timeout
         route, pre = await self._prefill(rid, model, prompt, params, deadline, trace)
         trace.num_cached_tokens = pre.num_cached_tokens
@@ -134,7 +140,7 @@ class MeshClient:
             call = self.channels.stub(route.decode.address, dgrpc.DecodeStub).Generate(
                 dpb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, first_token_id=pre.first_token_id,
                                     params=params_to_proto(params), kv=pre.kv),
-                timeout=max(0.01, deadline - time.monotonic()))
+                timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
             async for msg in call:
                 if msg.HasField("transfer"):
                     took_kv = True
@@ -154,4 +160,4 @@ class MeshClient:
             if call is not None and not finished:
                 call.cancel()
             if not took_kv:
-                self._release(route.prefill.address, rid)
+                self._release(route.prefill.address, rid, trace.traceparent)

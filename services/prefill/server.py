@@ -19,6 +19,7 @@ import time
 import grpc
 
 from pdmesh.engine.engine import RequestRejected
+from pdmesh.rpc import tracecontext
 from pdmesh.rpc.convert import layout_to_proto, logprob_to_proto, params_from_proto
 from pdmesh.transport.grpc_transport import KVTransferServicer
 from pdmesh.transport.lease import LeaseTable
@@ -62,6 +63,10 @@ class PrefillServicer(pgrpc.PrefillServicer):
             )
             if out.logprobs:
                 resp.first_logprob.CopyFrom(logprob_to_proto(out.logprobs[0]))
+            log.info("prefill %s trace=%s prompt=%d cached=%d queue=%.1fms compute=%.1fms held_blocks=%d",
+                     rid, tracecontext.trace_id(tracecontext.from_context(context)), out.num_prompt_tokens,
+                     out.num_cached_tokens, resp.queue_seconds * 1e3, resp.compute_seconds * 1e3,
+                     len(out.held_block_ids or ()))
             if out.held_block_ids is not None:
                 lease = self.leases.add(rid, out.held_block_ids, len(prompt))
                 llm = self.rt.llm

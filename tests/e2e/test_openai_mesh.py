@@ -176,3 +176,22 @@ def test_context_length_and_body_limit(mesh):
     r = httpx.post(mesh.base + "/v1/completions", json={"model": MODEL, "prompt": "x" * (5 << 20)}, timeout=30)
     assert r.status_code == 413 and "error" in r.json()
     mesh.wait_idle()
+
+
+def test_trace_context_travels_to_prefill_and_decode(mesh):
+    import time
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    r = httpx.post(mesh.base + "/v1/chat/completions", timeout=60,
+                   headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "Tell me about owls."}],
+                         "max_tokens": 8, "ignore_eos": True})
+    assert r.status_code == 200 and r.headers["traceparent"].split("-")[1] == trace
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = mesh.proc.log_path.read_text(errors="replace")
+        lines = [line for line in log.splitlines() if f"trace={trace}" in line]
+        if any(" prefill[" in line for line in lines) and any(" decode[" in line and "via grpc" in line for line in lines):
+            return
+        time.sleep(0.2)
+    raise AssertionError("trace id not seen on both prefill and decode")
