@@ -27,6 +27,7 @@ from pdmesh.config import EngineConfig, _require, add_flags, from_flags
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.env import ENV
+from pdmesh.metrics import ServiceMetrics
 from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.rpc.registration import Registration
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
@@ -57,6 +58,8 @@ class WorkerConfig:
     """Decode: deadline of one KV pull."""
     rpc_timeout: float = 10.0
     """Deadline of short control RPCs (release, abort, register)."""
+    metrics_port: int = -1
+    """Port of this worker's /metrics (0: any free port, registered with the scheduler; -1: off)."""
     transports: tuple[str, ...] = ()
     """KV transports this worker offers (empty: cuda_ipc and grpc on CUDA, grpc on CPU)."""
 
@@ -72,7 +75,7 @@ class WorkerConfig:
 def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"pdmesh {role}", description=f"pdmesh {role} worker")
     add_flags(parser, WorkerConfig)
-    parser.set_defaults(port=default_port)
+    parser.set_defaults(port=default_port, metrics_port=8081 if role == "prefill" else 8082)
     EngineConfig.add_flags(parser)
     return parser
 
@@ -90,6 +93,8 @@ class WorkerRuntime:
         self.registration: Optional[Registration] = None
         self.inflight = 0
         self.requests_total = 0
+        self.metrics: Optional[ServiceMetrics] = None
+        self._last_prefix = (0, 0)
         self.incarnation = uuid.uuid4().hex
         """Identifies this process: peers drop cached CUDA IPC handles when it changes."""
         self.draining = False
@@ -130,6 +135,7 @@ class WorkerRuntime:
             dtype=str(eng.dtype).removeprefix("torch."), kv_layout=layout_to_proto(eng.pool.layout),
             transports=list(self.transports), host_id=ENV.HOSTNAME.get() or socket.gethostname(),
             max_model_len=eng.max_model_len, total_blocks=eng.blocks.num_blocks,
+            metrics_port=self.metrics.port if self.metrics else 0,
             device_index=eng.device.index if eng.device.type == "cuda" and eng.device.index is not None else (0 if eng.device.type == "cuda" else -1),
         )
 
@@ -140,6 +146,11 @@ class WorkerRuntime:
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
                   background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
         await self.engine.start()
+        role = "prefill" if self.role == pb.ROLE_PREFILL else "decode"
+        self.metrics = ServiceMetrics(self.llm.resolved.served_name, role, self.worker_id)
+        if self.wcfg.metrics_port >= 0:
+            self.metrics.serve(self.wcfg.metrics_port, self.wcfg.host)
+        self.engine.on_step = self._on_step
         self.server = make_server()  # grpc.aio objects belong to the running loop
         names = add_servicers(self)
         self.health = Health(self.server, names)
@@ -147,7 +158,8 @@ class WorkerRuntime:
         await self.server.start()
         await self.health.set_serving(True)
         self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout)
-        tasks = [asyncio.create_task(self.registration.run())] + [asyncio.create_task(c) for c in background(self)]
+        tasks = [asyncio.create_task(self.registration.run()), asyncio.create_task(self._refresh_gauges())]
+        tasks += [asyncio.create_task(c) for c in background(self)]
         log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
         print(f"READY {self.worker_id} {self.address}", flush=True)
         await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain)
@@ -156,6 +168,32 @@ class WorkerRuntime:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.engine.shutdown()
+
+    def _on_step(self, outputs, dt: float) -> None:
+        """Per-step metrics (loop thread): tokens, and prefill queue time / prompt tokens."""
+        m = self.metrics
+        if m is None:
+            return
+        m.inc("generation_tokens_total", sum(len(o.new_token_ids) for o in outputs))
+        if self.role == pb.ROLE_PREFILL:
+            for o in outputs:
+                m.inc("prompt_tokens_total", o.num_prompt_tokens)
+                m.observe("request_queue_time_seconds", o.queue_time)
+
+    async def _refresh_gauges(self, interval: float = 0.5) -> None:
+        while True:
+            s, m = self.engine.stats, self.metrics
+            if s is not None and m is not None:
+                m.set("num_requests_running", s.num_running + s.num_waiting_for_kv)
+                m.set("num_requests_waiting", s.num_waiting)
+                m.set("kv_blocks_free", s.free_blocks)
+                m.set("kv_cache_usage_perc", 1.0 - s.free_blocks / s.total_blocks)
+                m.set("kv_blocks_held_for_transfer", s.held_blocks)
+                q, h = self._last_prefix
+                m.inc("prefix_cache_queries_total", s.prefix_queries - q)
+                m.inc("prefix_cache_hits_total", s.prefix_hits - h)
+                self._last_prefix = (s.prefix_queries, s.prefix_hits)
+            await asyncio.sleep(interval)
 
     async def _drain(self) -> None:
         self.draining = True

@@ -36,6 +36,8 @@ def up_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="gateway HTTP port (default: 8000)")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: 127.0.0.1)")
     p.add_argument("--scheduler-port", type=int, default=50051, help="scheduler gRPC port (default: 50051)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="gateway /metrics port (default: 8080; -1 off)")
+    p.add_argument("--scheduler-metrics-port", type=int, default=8083, help="scheduler /metrics port (default: 8083)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model dir, .gguf, dummy preset, or the embedded default")
     p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's)")
@@ -124,13 +126,17 @@ def up(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        mesh.spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(a.scheduler_port)])
+        mesh.spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(a.scheduler_port),
+                                              "--metrics-port", str(a.scheduler_metrics_port)])
         extra = a.worker_args.split()
         for i in range(a.prefill):
-            mesh.spawn(f"prefill-{i}", "prefill", ["--host", "127.0.0.1", "--port", "0", "--scheduler", sched, *model, *extra])
+            mesh.spawn(f"prefill-{i}", "prefill", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                                                   "--scheduler", sched, *model, *extra])
         for i in range(a.decode):
-            mesh.spawn(f"decode-{i}", "decode", ["--host", "127.0.0.1", "--port", "0", "--scheduler", sched, *model, *extra])
-        gw = ["--host", a.host, "--port", str(a.port), "--scheduler", sched, *model, *a.gateway_args.split()]
+            mesh.spawn(f"decode-{i}", "decode", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                                                 "--scheduler", sched, *model, *extra])
+        gw = ["--host", a.host, "--port", str(a.port), "--metrics-port", str(a.metrics_port), "--scheduler", sched,
+              *model, *a.gateway_args.split()]
         if a.api_key:
             gw += ["--api-key", a.api_key]
         mesh.spawn("gateway", "gateway", gw)

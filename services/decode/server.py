@@ -100,6 +100,9 @@ class DecodeServicer(dgrpc.DecodeServicer):
                 log.warning("request %s: %s", rid, exc)
                 self._release_prefill(desc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+            m = self.rt.metrics
+            m.inc("kv_transfer_bytes_total", res.bytes, transport=res.transport)
+            m.observe("kv_transfer_seconds", res.seconds, transport=res.transport)
             log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms",
                      rid, tracecontext.trace_id(tp), res.blocks, k, res.bytes, res.transport, res.seconds * 1e3)
             self._release_prefill(desc, tp)
@@ -117,11 +120,14 @@ class DecodeServicer(dgrpc.DecodeServicer):
                         msg.finished = True
                         msg.finish_reason = out.finish_reason or ""
                 finished = msg.finished
+                if finished:
+                    self.rt.metrics.inc("request_success_total", finished_reason=msg.finish_reason or "stop")
                 yield msg
         finally:
             eng.close_stream(rid)
             if not finished:
                 eng.call_nowait(lambda e: e.abort(rid))
+                self.rt.metrics.inc("num_aborted_requests_total")
             self.rt.inflight -= 1
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pdmesh.metrics import ServiceMetrics
 from pdmesh.openai.protocol import APIError, Limits, OpenAIRequest, finalize_max_tokens, parse_request
 from pdmesh.openai.reasoning import ReasoningParser
 from pdmesh.rpc import tracecontext
@@ -57,9 +58,36 @@ class Gateway:
         mode = cfg.reasoning_parser
         self.reasoning = mode == "think" or (mode == "auto" and "<think>" in vocab and "</think>" in vocab)
         self._health_task: Optional[asyncio.Task] = None
+        self.metrics = ServiceMetrics(served_name, "gateway", f"{cfg.host}:{cfg.port}")
+
+    def record(self, c: Choice) -> None:
+        """Metrics of one finished choice (client view)."""
+        m = self.metrics
+        if c.outcome == "aborted":
+            m.inc("num_aborted_requests_total")
+            return
+        if c.outcome != "ok":
+            m.inc("request_failure_total", reason=c.outcome.removeprefix("error:") or "unknown")
+            return
+        n = len(c.token_ids)
+        m.inc("request_success_total", finished_reason=c.finish_reason or "stop")
+        m.observe("time_to_first_token_seconds", c.first_at - c.arrival)
+        m.observe("e2e_request_latency_seconds", c.last_at - c.arrival)
+        if n > 1:
+            m.observe("time_per_output_token_seconds", (c.last_at - c.first_at) / (n - 1))
+        m.observe_many("inter_token_latency_seconds", c.itls)
+        m.observe("request_prompt_tokens", len(c.prompt_ids))
+        m.observe("request_generation_tokens", n)
+        m.inc("prompt_tokens_total", len(c.prompt_ids))
+        m.inc("generation_tokens_total", n)
+        if c.trace.transport:
+            m.inc("kv_transfer_bytes_total", c.trace.transfer_bytes, transport=c.trace.transport)
+            m.observe("kv_transfer_seconds", c.trace.transfer_seconds, transport=c.trace.transport)
 
     # ------------------------------------------------------------------ lifecycle
     async def startup(self) -> None:
+        if self.cfg.metrics_port >= 0:
+            self.metrics.serve(self.cfg.metrics_port, self.cfg.host)
         self._health_task = asyncio.create_task(self._watch_workers())
 
     async def shutdown(self) -> None:
@@ -149,8 +177,9 @@ class Gateway:
         queue: asyncio.Queue = asyncio.Queue()
         model = self.served_name
         self.inflight += 1
+        self.metrics.set("num_requests_running", self.inflight)
         tasks = [asyncio.create_task(run_choice(self.mesh, model, self.tok, c, queue, self.cfg.request_timeout,
-                                                self._reasoning_parser(c.prompt_ids))) for c in choices]
+                                                self._reasoning_parser(c.prompt_ids), self.record)) for c in choices]
         handed_off = False
         try:
             try:
@@ -175,6 +204,7 @@ class Gateway:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.inflight -= 1
+                self.metrics.set("num_requests_running", self.inflight)
 
     @staticmethod
     def _drain(queue: asyncio.Queue) -> list[Delta]:
@@ -281,6 +311,7 @@ class Gateway:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.inflight -= 1
+            self.metrics.set("num_requests_running", self.inflight)
 
 
 class _Disconnected(Exception):

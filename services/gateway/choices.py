@@ -4,9 +4,10 @@ reasoning split, logprob shapes; and running all choices of a request concurrent
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pdmesh.engine.llm import child_seed
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
@@ -31,6 +32,12 @@ class Choice:
     finish_reason: Optional[str] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     started: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    arrival: float = field(default_factory=time.monotonic)
+    first_at: float = 0.0
+    last_at: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    outcome: str = ""
+    """'ok', 'aborted' or 'error:<grpc code>' once the choice ended."""
 
 
 @dataclass
@@ -83,15 +90,21 @@ def make_choices(prompts: list[list[int]], params: list[SamplingParams], n: int,
 
 
 async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choice, out: asyncio.Queue,
-                     timeout: float, reasoning: Optional[ReasoningParser]) -> None:
+                     timeout: float, reasoning: Optional[ReasoningParser],
+                     on_done: Optional[Callable[[Choice], None]] = None) -> None:
     """Drive one choice through the mesh, putting ``Delta``s on ``out``; never raises (errors
     become a Delta with ``error``), and always ends with a delta carrying finish_reason or error."""
     pipe = TextPipeline(tok, choice, reasoning)
     agen = mesh.stream(choice.request_id, model, choice.prompt_ids, choice.params, timeout, choice.trace)
     try:
         async for ev in agen:
+            now = time.monotonic()
             if not choice.started.done():
                 choice.started.set_result(True)
+                choice.first_at = now
+            else:
+                choice.itls.append(now - choice.last_at)
+            choice.last_at = now
             r, c, stopped = pipe.add(ev.token_ids)
             if pipe.reasoning is not None and (r or pipe.reasoning.in_reasoning):
                 choice.reasoning_tokens += len(ev.token_ids)
@@ -108,8 +121,13 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
                 out.put_nowait(Delta(choice.index, r, c, ev.logprobs, ev.token_ids, finish))
             if finish is not None:
                 choice.finish_reason = finish
+                choice.outcome = "ok"
                 return
+    except asyncio.CancelledError:
+        choice.outcome = "aborted"
+        raise
     except MeshError as exc:
+        choice.outcome = f"error:{exc.code.name.lower()}"
         err = mesh_error_to_api(exc)
         if not choice.started.done():
             choice.started.set_exception(err)
@@ -118,6 +136,8 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
         await agen.aclose()
         if not choice.started.done():
             choice.started.set_result(False)
+        if on_done is not None:
+            on_done(choice)
 
 
 def logprobs_chat(tok: Tokenizer, lps: list[TokenLogprob]) -> dict[str, Any]:

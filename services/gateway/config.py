@@ -18,6 +18,8 @@ class GatewayConfig:
     """Address the HTTP server binds."""
     port: int = 8000
     """HTTP port."""
+    metrics_port: int = 8080
+    """Port of the gateway's Prometheus /metrics (-1: off)."""
     scheduler: str = "127.0.0.1:50051"
     """host:port of the scheduler."""
     api_key: Optional[str] = None

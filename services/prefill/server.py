@@ -53,6 +53,9 @@ class PrefillServicer(pgrpc.PrefillServicer):
             try:
                 async for out in self.rt.engine.generate(rid, prompt, params, prefill_only=True):
                     pass
+            except asyncio.CancelledError:
+                self.rt.metrics.inc("num_aborted_requests_total")  # the caller went away: aborted
+                raise
             except RequestRejected as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             assert out is not None
@@ -67,6 +70,8 @@ class PrefillServicer(pgrpc.PrefillServicer):
                      rid, tracecontext.trace_id(tracecontext.from_context(context)), out.num_prompt_tokens,
                      out.num_cached_tokens, resp.queue_seconds * 1e3, resp.compute_seconds * 1e3,
                      len(out.held_block_ids or ()))
+            if out.finish_reason:
+                self.rt.metrics.inc("request_success_total", finished_reason=out.finish_reason)
             if out.held_block_ids is not None:
                 lease = self.leases.add(rid, out.held_block_ids, len(prompt))
                 llm = self.rt.llm
@@ -86,6 +91,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         rid = request.request_id
+        self.rt.metrics.inc("num_aborted_requests_total")
         found = self.leases.release(rid)
         found_engine = await self.rt.engine.abort(rid) if not found else False
         return pb.AbortResponse(found=found or found_engine)

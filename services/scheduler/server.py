@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdmesh.config import _require, add_flags
+from pdmesh.metrics import ServiceMetrics
 from pdmesh.routing import POLICIES, NoRoute, Registry, RegistrationRefused, route
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
 from pdmesh.v1 import scheduler_pb2 as spb
@@ -35,6 +36,8 @@ class SchedulerServiceConfig:
     """Address to bind."""
     port: int = 50051
     """gRPC port."""
+    metrics_port: int = 8083
+    """Port of the scheduler's Prometheus /metrics (-1: off)."""
     heartbeat_interval: float = 1.0
     """Seconds between worker heartbeats (sent to workers at registration)."""
     lease: float = 3.0
@@ -54,6 +57,7 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
         self.cfg = cfg
         self.registry = Registry(cfg.lease)
         self.policy = POLICIES[cfg.policy]()
+        self.metrics = ServiceMetrics("*", "scheduler", f"{cfg.host}:{cfg.port}")
 
     async def Register(self, request, context):
         try:
@@ -80,6 +84,7 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
         try:
             p, d, t, reason = route(self.registry, self.policy, request.model, request.prompt_tokens, list(request.exclude_worker_ids))
         except NoRoute as exc:
+            self.metrics.inc("request_failure_total", reason="no_route")
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return spb.RouteResponse(prefill=p.info, decode=d.info, transport=t, reason=reason)
 
@@ -105,6 +110,8 @@ async def serve(cfg: SchedulerServiceConfig) -> None:
     port = bind(server, cfg.host, cfg.port)
     await server.start()
     await health.set_serving(True)
+    if cfg.metrics_port >= 0:
+        servicer.metrics.serve(cfg.metrics_port, cfg.host)
     reaper = asyncio.create_task(servicer.reap_forever())
     print(f"READY scheduler {cfg.host}:{port}", flush=True)
     log.info("scheduler serving on %s:%d", cfg.host, port)

@@ -195,3 +195,88 @@ def test_trace_context_travels_to_prefill_and_decode(mesh):
             return
         time.sleep(0.2)
     raise AssertionError("trace id not seen on both prefill and decode")
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def total(samples, name, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, val) in ls for k, val in labels.items()))
+
+
+def test_metrics_agree_with_a_known_workload(mesh, client, tokenizer):
+    import time
+
+    from pdmesh.metrics import exported_names
+
+    mesh.wait_idle()
+    ws = mesh.workers()
+    urls = {"gateway": f"http://127.0.0.1:{mesh.metrics_port}/metrics",
+            "scheduler": f"http://127.0.0.1:{mesh.sched_metrics_port}/metrics"}
+    for w in ws:
+        urls["prefill" if w.info.role == 1 else "decode"] = f"http://127.0.0.1:{w.info.metrics_port}/metrics"
+    before = {k: scrape(u) for k, u in urls.items()}
+
+    prompts, gen = 0, 0
+    for i in range(3):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Say something {i}"}],
+                                           max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        prompts, gen = prompts + r.usage.prompt_tokens, gen + r.usage.completion_tokens
+    for i in range(2):
+        s = client.completions.create(model=MODEL, prompt=f"Counting: {i}, {i + 1},", max_tokens=5, temperature=0,
+                                      stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        usage = [c.usage for c in s if c.usage][-1]
+        prompts, gen = prompts + usage.prompt_tokens, gen + usage.completion_tokens
+    cut_prompts = 0
+    for i in range(2):
+        msgs = [{"role": "user", "content": f"Write a very long story {i}."}]
+        cut_prompts += len(tokenizer.apply_chat_template(msgs))
+        body = {"model": MODEL, "messages": msgs, "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", mesh.base + "/v1/chat/completions", json=body, timeout=60) as resp:
+            for n, _ in enumerate(line for line in resp.iter_lines() if line):
+                if n >= 6:
+                    break
+    mesh.wait_idle()
+    time.sleep(1.2)  # worker gauges refresh every 0.5 s
+    after = {k: scrape(u) for k, u in urls.items()}
+
+    def d(role, name, **labels):
+        return total(after[role], name, **labels) - total(before[role], name, **labels)
+
+    assert gen == 28
+    assert d("gateway", "pdmesh:request_success_total") == 5
+    assert d("gateway", "pdmesh:prompt_tokens_total") == prompts
+    assert d("gateway", "pdmesh:generation_tokens_total") == gen
+    assert d("gateway", "pdmesh:num_aborted_requests_total") == 2
+    assert d("gateway", "pdmesh:request_failure_total") == 0
+    for h in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prompt_tokens", "request_generation_tokens"):
+        assert d("gateway", f"pdmesh:{h}_count") == 5, h
+    assert d("gateway", "pdmesh:time_per_output_token_seconds_count") == 5
+    assert d("gateway", "pdmesh:kv_transfer_bytes_total", transport="grpc") > 0
+    assert d("gateway", "pdmesh:kv_transfer_seconds_count", transport="grpc") == 5
+    # prefill saw every prompt (the cut ones too) and produced each first token
+    assert d("prefill", "pdmesh:prompt_tokens_total") == prompts + cut_prompts
+    assert d("prefill", "pdmesh:request_queue_time_seconds_count") == 7
+    assert d("prefill", "pdmesh:generation_tokens_total") == 7
+    assert d("prefill", "pdmesh:prefix_cache_queries_total") >= prompts + cut_prompts
+    # decode generated the rest, finished five, lost two to the client
+    assert d("decode", "pdmesh:request_success_total", finished_reason="length") == 5
+    assert d("decode", "pdmesh:num_aborted_requests_total") == 2
+    assert d("decode", "pdmesh:generation_tokens_total") >= gen - 5
+    # decode pulled KV for all seven (the cut ones too); the gateway reports the five it finished
+    assert d("decode", "pdmesh:kv_transfer_seconds_count", transport="grpc") == 7
+    assert d("decode", "pdmesh:kv_transfer_bytes_total", transport="grpc") > d("gateway", "pdmesh:kv_transfer_bytes_total", transport="grpc")
+    for role in ("prefill", "decode"):
+        assert total(after[role], "pdmesh:num_requests_running") == 0
+        assert total(after[role], "pdmesh:kv_blocks_held_for_transfer") == 0
+        assert total(after[role], "pdmesh:kv_cache_usage_perc") == 0
+    names = exported_names()
+    for role, samples in after.items():
+        assert {n for n, _ in samples} <= names, (role, {n for n, _ in samples} - names)

@@ -1,0 +1,108 @@
+"""Prometheus metrics with vLLM's names under a ``pdmesh:`` prefix, one registry per process.
+
+Every series carries ``model_name``, ``role`` (gateway, scheduler, prefill, decode) and
+``instance``. ``ServiceMetrics.serve(port)`` exposes ``/metrics`` on its own HTTP port (0 picks a
+free one; the bound port is returned and workers register it with the scheduler).
+
+What each role reports (the dashboard in deploy/grafana reads exactly these):
+* gateway: per-request latencies (TTFT, TPOT, ITL, E2E), prompt/generation lengths, successes by
+  finish reason, failures by reason, aborts, KV transfer bytes/seconds by transport, in flight.
+* prefill: queue time, prompt and prefix-cache counters, KV held for transfer, running/waiting.
+* decode: generated tokens, KV transfers by transport, running/waiting, KV usage.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+PREFIX = "pdmesh:"
+LABELS = ("model_name", "role", "instance")
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+            20.0, 40.0, 80.0)
+_TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+# name -> (kind, documentation, extra labels, buckets)
+SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
+    "time_to_first_token_seconds": ("histogram", "Time to first token (gateway, client view).", (), _LATENCY),
+    "time_per_output_token_seconds": ("histogram", "Mean time per output token after the first, per request.", (), _LATENCY),
+    "inter_token_latency_seconds": ("histogram", "Time between consecutive streamed token chunks.", (), _LATENCY),
+    "e2e_request_latency_seconds": ("histogram", "Request latency from arrival to last token.", (), _LATENCY),
+    "request_queue_time_seconds": ("histogram", "Time a request waited in a worker's queue.", (), _LATENCY),
+    "request_prompt_tokens": ("histogram", "Prompt length per request.", (), _TOKENS),
+    "request_generation_tokens": ("histogram", "Generated tokens per request.", (), _TOKENS),
+    "kv_transfer_seconds": ("histogram", "Duration of one request's KV transfer.", ("transport",), _LATENCY),
+    "num_requests_running": ("gauge", "Requests in the batch (workers) or in flight (gateway).", (), None),
+    "num_requests_waiting": ("gauge", "Requests queued for a batch slot.", (), None),
+    "kv_cache_usage_perc": ("gauge", "Fraction of KV blocks in use (0-1).", (), None),
+    "kv_blocks_free": ("gauge", "KV blocks with no owner (cached ones included).", (), None),
+    "kv_blocks_held_for_transfer": ("gauge", "Prefill: KV blocks held under a lease for a decode worker.", (), None),
+    "prompt_tokens_total": ("counter", "Prompt tokens processed.", (), None),
+    "generation_tokens_total": ("counter", "Tokens generated.", (), None),
+    "request_success_total": ("counter", "Requests that finished, by finish reason.", ("finished_reason",), None),
+    "request_failure_total": ("counter", "Requests that failed, by reason.", ("reason",), None),
+    "num_aborted_requests_total": ("counter", "Requests aborted (client gone or cancelled).", (), None),
+    "prefix_cache_queries_total": ("counter", "Prompt tokens looked up in the prefix cache.", (), None),
+    "prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache.", (), None),
+    "kv_transfer_bytes_total": ("counter", "KV bytes moved between workers, by transport.", ("transport",), None),
+}
+
+
+def exported_names() -> set[str]:
+    """Every series name a scrape can contain (histogram/counter suffixes included)."""
+    out = set()
+    for name, (kind, _, _, _) in SPECS.items():
+        full = PREFIX + name
+        if kind == "histogram":
+            out |= {full + "_bucket", full + "_sum", full + "_count", full + "_created"}
+        elif kind == "counter":
+            out |= {full, full.removesuffix("_total") + "_created"}
+        else:
+            out.add(full)
+    return out
+
+
+class ServiceMetrics:
+    """The metrics of one service process (its own registry: no global state)."""
+
+    def __init__(self, model_name: str, role: str, instance: str) -> None:
+        self.registry = CollectorRegistry()
+        self.base = {"model_name": model_name, "role": role, "instance": instance}
+        self._m = {}
+        for name, (kind, doc, extra, buckets) in SPECS.items():
+            labels = LABELS + extra
+            if kind == "histogram":
+                self._m[name] = Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
+            elif kind == "counter":
+                self._m[name] = Counter(PREFIX + name.removesuffix("_total"), doc, labels, registry=self.registry)
+            else:
+                self._m[name] = Gauge(PREFIX + name, doc, labels, registry=self.registry)
+            if not extra:
+                self._m[name].labels(**self.base)  # present (at 0) from the first scrape
+        self.port = 0
+
+    def _get(self, name: str, **extra: str):
+        return self._m[name].labels(**self.base, **extra)
+
+    def observe(self, name: str, value: float, **extra: str) -> None:
+        self._get(name, **extra).observe(value)
+
+    def inc(self, name: str, value: float = 1.0, **extra: str) -> None:
+        if value:
+            self._get(name, **extra).inc(value)
+
+    def set(self, name: str, value: float, **extra: str) -> None:
+        self._get(name, **extra).set(value)
+
+    def observe_many(self, name: str, values: Iterable[float]) -> None:
+        h = self._get(name)
+        for v in values:
+            h.observe(v)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve /metrics on ``port`` (0: any free port); returns the bound port."""
+        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        self.port = httpd.server_port
+        return self.port
