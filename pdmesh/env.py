@@ -66,6 +66,11 @@ class _Registry:
         "with equal host ids may use same-host transports such as cuda_ipc.",
     )
     OTEL_SDK_DISABLED = EnvVar("OTEL_SDK_DISABLED", _bool, False, "Standard OpenTelemetry switch.")
+    OTEL_TRACES_EXPORTER = EnvVar("OTEL_TRACES_EXPORTER", str, "none",
+                                  "Standard: otlp, console or none (read when --tracing is 'auto').")
+    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = EnvVar("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", str, "", "Standard OTLP traces endpoint.")
+    OTEL_EXPORTER_OTLP_ENDPOINT = EnvVar("OTEL_EXPORTER_OTLP_ENDPOINT", str, "", "Standard OTLP endpoint.")
+    OTEL_EXPORTER_OTLP_PROTOCOL = EnvVar("OTEL_EXPORTER_OTLP_PROTOCOL", str, "grpc", "Standard: grpc or http/protobuf.")
 
     def __getattr__(self, item: str):  # pragma: no cover - attribute errors only
         raise AttributeError(f"unknown environment variable key {item!r}")

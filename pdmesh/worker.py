@@ -28,6 +28,7 @@ from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.env import ENV
 from pdmesh.metrics import ServiceMetrics
+from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.rpc.registration import Registration
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
@@ -75,6 +76,7 @@ class WorkerConfig:
 def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"pdmesh {role}", description=f"pdmesh {role} worker")
     add_flags(parser, WorkerConfig)
+    add_flags(parser, TracingConfig)
     parser.set_defaults(port=default_port, metrics_port=8081 if role == "prefill" else 8082)
     EngineConfig.add_flags(parser)
     return parser
@@ -83,8 +85,9 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
 class WorkerRuntime:
     """Engine + server + registration for one worker; the role adds servicers."""
 
-    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig) -> None:
+    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None) -> None:
         self.role = role
+        self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), "prefill" if role == pb.ROLE_PREFILL else "decode")
         self.wcfg = wcfg
         self.ecfg = ecfg
         self.engine = AsyncEngine(lambda: LLMEngine(ecfg))
@@ -168,6 +171,7 @@ class WorkerRuntime:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.engine.shutdown()
+        self.tel.shutdown()
 
     def _on_step(self, outputs, dt: float) -> None:
         """Per-step metrics (loop thread): tokens, and prefill queue time / prompt tokens."""
@@ -203,9 +207,9 @@ class WorkerRuntime:
             await asyncio.sleep(0.05)
 
 
-def build_configs(role: str, default_port: int, argv: Optional[list[str]]) -> tuple[WorkerConfig, EngineConfig]:
+def build_configs(role: str, default_port: int, argv: Optional[list[str]]) -> tuple[WorkerConfig, EngineConfig, TracingConfig]:
     ns = worker_parser(role, default_port).parse_args(argv)
-    return from_flags(WorkerConfig, ns), EngineConfig.from_flags(ns)
+    return from_flags(WorkerConfig, ns), EngineConfig.from_flags(ns), from_flags(TracingConfig, ns)
 
 
 def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], Awaitable[None]],
@@ -216,6 +220,6 @@ def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], A
     from pdmesh.log import configure_logging, run_async
 
     configure_logging(role)
-    wcfg, ecfg = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
+    wcfg, ecfg, tcfg = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
     role_enum = pb.ROLE_PREFILL if role == "prefill" else pb.ROLE_DECODE
-    run_async(lambda: serve(WorkerRuntime(role_enum, wcfg, ecfg)))
+    run_async(lambda: serve(WorkerRuntime(role_enum, wcfg, ecfg, tcfg)))

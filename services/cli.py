@@ -48,6 +48,8 @@ def up_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, default=1, help="number of decode workers (default: 1)")
     p.add_argument("--worker-args", default="", help="extra flags for every worker, as one string")
     p.add_argument("--gateway-args", default="", help="extra flags for the gateway, as one string")
+    p.add_argument("--tracing", default=None, help="auto, otlp, console or off for every service (default: the "
+                   "standard OTEL_* variables, which every service inherits)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     return p
 
@@ -117,6 +119,7 @@ def up(argv: list[str]) -> int:
         from pdmesh.models.loader import resolve
 
         resolve(ModelConfig(model=a.model, load_format=a.load_format))
+    tracing = ["--tracing", a.tracing] if a.tracing else []
     mesh = Mesh()
     stopping = {"flag": False}
 
@@ -127,16 +130,16 @@ def up(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         mesh.spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(a.scheduler_port),
-                                              "--metrics-port", str(a.scheduler_metrics_port)])
+                                              "--metrics-port", str(a.scheduler_metrics_port), *tracing])
         extra = a.worker_args.split()
         for i in range(a.prefill):
             mesh.spawn(f"prefill-{i}", "prefill", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                                                   "--scheduler", sched, *model, *extra])
+                                                   "--scheduler", sched, *model, *tracing, *extra])
         for i in range(a.decode):
             mesh.spawn(f"decode-{i}", "decode", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                                                 "--scheduler", sched, *model, *extra])
+                                                 "--scheduler", sched, *model, *tracing, *extra])
         gw = ["--host", a.host, "--port", str(a.port), "--metrics-port", str(a.metrics_port), "--scheduler", sched,
-              *model, *a.gateway_args.split()]
+              *model, *tracing, *a.gateway_args.split()]
         if a.api_key:
             gw += ["--api-key", a.api_key]
         mesh.spawn("gateway", "gateway", gw)

@@ -28,10 +28,11 @@ def free_port() -> int:
 class Proc:
     """One child process with its log in a file; killed (process group) on stop."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: Optional[dict] = None) -> None:
         self.log_path = log
         self._log = open(log, "wb")
-        self.p = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        full_env = dict(os.environ, **(env or {}))
+        self.p = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
 
     def alive(self) -> bool:
         return self.p.poll() is None
@@ -72,7 +73,7 @@ class Mesh:
     """``pdmesh up`` as a subprocess (it starts scheduler, workers and gateway as its children)."""
 
     def __init__(self, tmp: Path, prefill: int = 1, decode: int = 1, extra: Optional[list[str]] = None,
-                 worker_args: str = "") -> None:
+                 worker_args: str = "", env: Optional[dict] = None) -> None:
         self.port = free_port()
         self.sched_port = free_port()
         self.metrics_port = free_port()
@@ -82,7 +83,7 @@ class Mesh:
                 str(self.sched_port), "--metrics-port", str(self.metrics_port), "--scheduler-metrics-port",
                 str(self.sched_metrics_port), "--prefill", str(prefill), "--decode", str(decode),
                 "--worker-args", f"--cpu-threads 1 --kv-cache-memory 268435456 {worker_args}".strip(), *(extra or [])]
-        self.proc = Proc(args, tmp / f"mesh-{self.port}.log")
+        self.proc = Proc(args, tmp / f"mesh-{self.port}.log", env)
         wait_http(self.base + "/health", self.proc)
 
     @property

@@ -1,7 +1,7 @@
 """W3C trace context (``traceparent``) carried in gRPC metadata between services.
 
 Format: ``00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>``. The gateway honours an
-incoming header or starts a trace; each hop sends a child (same trace id, new span id).
+incoming header or starts a trace; each call carries the caller's current span as the parent.
 OpenTelemetry spans (issue 5) attach to the same header.
 """
 
@@ -37,8 +37,8 @@ def trace_id(tp: Optional[str]) -> str:
 
 
 def metadata(tp: Optional[str]) -> tuple[tuple[str, str], ...]:
-    """gRPC call metadata carrying a child of ``tp``."""
-    return ((KEY, child(tp)),)
+    """gRPC call metadata carrying ``tp`` (the caller's current span), or a new trace."""
+    return ((KEY, tp if valid(tp) else new()),)
 
 
 def from_context(context) -> Optional[str]:

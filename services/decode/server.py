@@ -80,6 +80,10 @@ class DecodeServicer(dgrpc.DecodeServicer):
         self.rt.requests_total += 1
         q = eng.open_stream(rid)
         finished = False
+        tel = self.rt.tel
+        span = tel.start("pdmesh.decode", tp, attributes={"pdmesh.request_id": rid, "pdmesh.worker_id": self.rt.worker_id,
+                                                           "pdmesh.prefill_worker": desc.worker_id})
+        generated = 1  # token 0 came from prefill
         try:
             try:
                 adm = await eng.call(lambda e: e.admit_remote(rid, prompt, request.first_token_id, params))
@@ -93,19 +97,27 @@ class DecodeServicer(dgrpc.DecodeServicer):
                 self._release_prefill(desc)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
             k = adm.num_cached_blocks
+            span.add_event("admitted", {"pdmesh.blocks": len(adm.block_ids), "pdmesh.cached_blocks": k})
+            xfer = tel.child_span("pdmesh.kv_transfer", span, {"pdmesh.kv.transport": transport.name})
+            xtp = tel.traceparent(xfer, tp)
             try:
                 res = await transport.pull(desc, list(desc.block_ids)[k:], adm.block_ids[k:], self.rt.llm.pool,
-                                           self.rt.wcfg.kv_transfer_timeout, tracecontext.metadata(tp))
+                                           self.rt.wcfg.kv_transfer_timeout, tracecontext.metadata(xtp))
             except TransferError as exc:
+                xfer.set_attribute("error.type", "transfer_failed")
+                xfer.end()
                 log.warning("request %s: %s", rid, exc)
                 self._release_prefill(desc)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+            xfer.set_attributes({"pdmesh.kv.bytes": res.bytes, "pdmesh.kv.blocks": res.blocks, "pdmesh.kv.cached_blocks": k,
+                                 "pdmesh.kv.seconds": res.seconds, "pdmesh.kv.gbps": res.gbps})
+            xfer.end()
             m = self.rt.metrics
             m.inc("kv_transfer_bytes_total", res.bytes, transport=res.transport)
             m.observe("kv_transfer_seconds", res.seconds, transport=res.transport)
             log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms",
                      rid, tracecontext.trace_id(tp), res.blocks, k, res.bytes, res.transport, res.seconds * 1e3)
-            self._release_prefill(desc, tp)
+            self._release_prefill(desc, xtp)
             if not await eng.call(lambda e: e.activate_remote(rid)):
                 await context.abort(grpc.StatusCode.CANCELLED, "request was aborted during the KV transfer")
             yield dpb.GenerateResponse(transfer=pb.TransferStats(
@@ -113,6 +125,11 @@ class DecodeServicer(dgrpc.DecodeServicer):
             async for batch in eng.iterate_batches(rid, q):
                 msg = dpb.GenerateResponse()
                 for out in batch:
+                    for t in out.new_token_ids:
+                        if generated == 1:
+                            span.add_event("first_token")
+                        tel.token_event(span, generated, **{"gen_ai.token.id": t})
+                        generated += 1
                     msg.token_ids.extend(out.new_token_ids)
                     if out.logprobs:
                         msg.logprobs.extend(logprob_to_proto(lp) for lp in out.logprobs)
@@ -121,9 +138,12 @@ class DecodeServicer(dgrpc.DecodeServicer):
                         msg.finish_reason = out.finish_reason or ""
                 finished = msg.finished
                 if finished:
+                    span.set_attributes({"gen_ai.response.finish_reasons": [msg.finish_reason or "stop"],
+                                         "gen_ai.usage.output_tokens": generated})
                     self.rt.metrics.inc("request_success_total", finished_reason=msg.finish_reason or "stop")
                 yield msg
         finally:
+            span.end()
             eng.close_stream(rid)
             if not finished:
                 eng.call_nowait(lambda e: e.abort(rid))

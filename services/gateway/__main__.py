@@ -16,6 +16,7 @@ from typing import Optional
 
 from pdmesh.log import configure_logging, run_async
 from pdmesh.models.loader import resolve
+from pdmesh.telemetry import Telemetry
 from pdmesh.tokenizer import Tokenizer
 
 log = logging.getLogger("gateway")
@@ -27,11 +28,11 @@ async def serve(argv: Optional[list[str]]) -> None:
     from services.gateway.app import Gateway, build_app
     from services.gateway.config import build
 
-    cfg, mcfg = build(argv)
+    cfg, mcfg, tcfg = build(argv)
     res = await asyncio.to_thread(resolve, mcfg)
     tok = await asyncio.to_thread(Tokenizer, res.tokenizer_path)
     max_len = mcfg.max_model_len or res.arch.max_position_embeddings
-    gw = Gateway(cfg, tok, res.served_name, max_len)
+    gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"))
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
                                            loop="none", lifespan="on", timeout_graceful_shutdown=30))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

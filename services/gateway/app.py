@@ -29,6 +29,7 @@ from pdmesh.metrics import ServiceMetrics
 from pdmesh.openai.protocol import APIError, Limits, OpenAIRequest, finalize_max_tokens, parse_request
 from pdmesh.openai.reasoning import ReasoningParser
 from pdmesh.rpc import tracecontext
+from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.tokenizer import Tokenizer
 from services.gateway.choices import Choice, Delta, logprobs_chat, logprobs_completion, make_choices, run_choice
 from services.gateway.config import GatewayConfig
@@ -42,8 +43,10 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, served_name: str, max_model_len: int) -> None:
+    def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, served_name: str, max_model_len: int,
+                 tel: Optional[Telemetry] = None) -> None:
         self.cfg = cfg
+        self.tel = tel or Telemetry(TracingConfig(tracing="off"), "gateway")
         self.tok = tokenizer
         self.served_name = served_name
         self.max_model_len = max_model_len
@@ -59,6 +62,28 @@ class Gateway:
         self.reasoning = mode == "think" or (mode == "auto" and "<think>" in vocab and "</think>" in vocab)
         self._health_task: Optional[asyncio.Task] = None
         self.metrics = ServiceMetrics(served_name, "gateway", f"{cfg.host}:{cfg.port}")
+
+    def on_tokens(self, c: Choice, first_index: int, token_ids: list[int]) -> None:
+        for k, t in enumerate(token_ids):
+            self.tel.token_event(c.span, first_index + k, **{"gen_ai.token.id": t, "pdmesh.choice": c.index})
+
+    def on_done(self, c: Choice) -> None:
+        self.record(c)
+
+    def _finish_span(self, span, req: OpenAIRequest, rid: str, choices: list[Choice]) -> None:
+        span.set_attributes({
+            "gen_ai.response.id": rid,
+            "gen_ai.response.finish_reasons": [c.finish_reason or c.outcome or "error" for c in choices],
+            "gen_ai.usage.input_tokens": sum(len(c.prompt_ids) for c in choices if c.index % req.params.n == 0),
+            "gen_ai.usage.output_tokens": sum(len(c.token_ids) for c in choices),
+            "pdmesh.kv.transport": choices[0].trace.transport, "pdmesh.prefill_worker": choices[0].trace.prefill_worker,
+            "pdmesh.decode_worker": choices[0].trace.decode_worker,
+        })
+        if self.tel.cfg.trace_include_text:
+            span.set_attribute("gen_ai.completion", json.dumps([c.reasoning + c.text for c in choices]))
+        if any(c.outcome.startswith("error") for c in choices):
+            span.set_attribute("error.type", next(c.outcome for c in choices if c.outcome.startswith("error")))
+        span.end()
 
     def record(self, c: Choice) -> None:
         """Metrics of one finished choice (client view)."""
@@ -94,6 +119,7 @@ class Gateway:
         if self._health_task:
             self._health_task.cancel()
         await self.mesh.channels.close()
+        self.tel.shutdown()
 
     async def _watch_workers(self) -> None:
         while True:
@@ -172,24 +198,34 @@ class Gateway:
         except APIError as err:
             return error_response(err)
         incoming = request.headers.get("traceparent")
-        traceparent = incoming if tracecontext.valid(incoming) else tracecontext.new()
+        incoming = incoming if tracecontext.valid(incoming) else None
+        op = "chat" if kind == "chat" else "text_completion"
+        span = self.tel.start(f"{op} {self.served_name}", incoming, attributes={
+            "gen_ai.operation.name": op, "gen_ai.system": "pdmesh", "gen_ai.request.model": self.served_name,
+            "gen_ai.request.max_tokens": params[0].max_tokens, "gen_ai.request.temperature": req.params.temperature,
+            "gen_ai.request.top_p": req.params.top_p, "gen_ai.request.choice.count": req.params.n})
+        if self.tel.cfg.trace_include_text:
+            span.set_attribute("gen_ai.prompt", json.dumps(req.messages if kind == "chat" else req.prompts))
+        traceparent = self.tel.traceparent(span, incoming)
         choices = make_choices(prompts, params, req.params.n, traceparent)
+        for c in choices:
+            c.span = span
         queue: asyncio.Queue = asyncio.Queue()
         model = self.served_name
         self.inflight += 1
         self.metrics.set("num_requests_running", self.inflight)
         tasks = [asyncio.create_task(run_choice(self.mesh, model, self.tok, c, queue, self.cfg.request_timeout,
-                                                self._reasoning_parser(c.prompt_ids), self.record)) for c in choices]
+                                                self._reasoning_parser(c.prompt_ids), self)) for c in choices]
         handed_off = False
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + choices[0].request_id.split("-")[0]
         try:
             try:
                 await self._until_disconnect(request, asyncio.gather(*(c.started for c in choices)))
             except APIError as err:
                 return error_response(err)
-            rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + choices[0].request_id.split("-")[0]
             if req.stream:
                 handed_off = True
-                return StreamingResponse(self._sse(req, rid, choices, tasks, queue), media_type="text/event-stream",
+                return StreamingResponse(self._sse(req, rid, choices, tasks, queue, span), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Request-Id": rid, "traceparent": traceparent})
             await self._until_disconnect(request, asyncio.gather(*tasks))
             errors = [d.error for d in self._drain(queue) if d.error is not None]
@@ -205,6 +241,7 @@ class Gateway:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 self.inflight -= 1
                 self.metrics.set("num_requests_running", self.inflight)
+                self._finish_span(span, req, rid, choices)
 
     @staticmethod
     def _drain(queue: asyncio.Queue) -> list[Delta]:
@@ -264,7 +301,7 @@ class Gateway:
                 "created": int(time.time()), "model": self.served_name, "choices": out, "usage": self._usage(choices)}
 
     async def _sse(self, req: OpenAIRequest, rid: str, choices: list[Choice], tasks: list[asyncio.Task],
-                   queue: asyncio.Queue) -> AsyncIterator[bytes]:
+                   queue: asyncio.Queue, span) -> AsyncIterator[bytes]:
         created = int(time.time())
         obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
         usage_null = {"usage": None} if req.include_usage else {}
@@ -312,6 +349,7 @@ class Gateway:
             await asyncio.gather(*tasks, return_exceptions=True)
             self.inflight -= 1
             self.metrics.set("num_requests_running", self.inflight)
+            self._finish_span(span, req, rid, choices)
 
 
 class _Disconnected(Exception):

@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional, Protocol
 
 from pdmesh.engine.llm import child_seed
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
@@ -38,6 +38,8 @@ class Choice:
     itls: list[float] = field(default_factory=list)
     outcome: str = ""
     """'ok', 'aborted' or 'error:<grpc code>' once the choice ended."""
+    span: Any = None
+    """The request's gateway span (token events go there)."""
 
 
 @dataclass
@@ -89,9 +91,16 @@ def make_choices(prompts: list[list[int]], params: list[SamplingParams], n: int,
     return out
 
 
+class ChoiceHooks(Protocol):
+    """What the gateway observes of a running choice (metrics, trace events)."""
+
+    def on_tokens(self, choice: "Choice", first_index: int, token_ids: list[int]) -> None: ...
+
+    def on_done(self, choice: "Choice") -> None: ...
+
+
 async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choice, out: asyncio.Queue,
-                     timeout: float, reasoning: Optional[ReasoningParser],
-                     on_done: Optional[Callable[[Choice], None]] = None) -> None:
+                     timeout: float, reasoning: Optional[ReasoningParser], hooks: Optional[ChoiceHooks] = None) -> None:
     """Drive one choice through the mesh, putting ``Delta``s on ``out``; never raises (errors
     become a Delta with ``error``), and always ends with a delta carrying finish_reason or error."""
     pipe = TextPipeline(tok, choice, reasoning)
@@ -105,6 +114,8 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
             else:
                 choice.itls.append(now - choice.last_at)
             choice.last_at = now
+            if hooks is not None:
+                hooks.on_tokens(choice, len(choice.token_ids), ev.token_ids)
             r, c, stopped = pipe.add(ev.token_ids)
             if pipe.reasoning is not None and (r or pipe.reasoning.in_reasoning):
                 choice.reasoning_tokens += len(ev.token_ids)
@@ -136,8 +147,8 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
         await agen.aclose()
         if not choice.started.done():
             choice.started.set_result(False)
-        if on_done is not None:
-            on_done(choice)
+        if hooks is not None:
+            hooks.on_done(choice)
 
 
 def logprobs_chat(tok: Tokenizer, lps: list[TokenLogprob]) -> dict[str, Any]:

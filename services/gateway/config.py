@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from pdmesh.config import ModelConfig, _require, add_flags, from_flags
+from pdmesh.telemetry import TracingConfig
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdmesh gateway", description="pdmesh OpenAI-compatible gateway")
     add_flags(p, GatewayConfig)
     add_flags(p, ModelConfig, skip=("dtype", "seed"))
+    add_flags(p, TracingConfig)
     return p
 
 
-def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig]:
+def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig, TracingConfig]:
     ns = parser().parse_args(argv)
-    return from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns)
+    return from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns), from_flags(TracingConfig, ns)

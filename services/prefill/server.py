@@ -48,6 +48,9 @@ class PrefillServicer(pgrpc.PrefillServicer):
         self.rt.inflight += 1
         self.rt.requests_total += 1
         t0 = time.monotonic()
+        tel = self.rt.tel
+        span = tel.start("pdmesh.prefill", tracecontext.from_context(context), attributes={
+            "pdmesh.request_id": rid, "pdmesh.worker_id": self.rt.worker_id, "gen_ai.usage.input_tokens": len(prompt)})
         try:
             out = None
             try:
@@ -70,7 +73,13 @@ class PrefillServicer(pgrpc.PrefillServicer):
                      rid, tracecontext.trace_id(tracecontext.from_context(context)), out.num_prompt_tokens,
                      out.num_cached_tokens, resp.queue_seconds * 1e3, resp.compute_seconds * 1e3,
                      len(out.held_block_ids or ()))
+            span.set_attributes({"pdmesh.prefill.queue_seconds": resp.queue_seconds,
+                                 "pdmesh.prefill.compute_seconds": resp.compute_seconds,
+                                 "pdmesh.prefill.cached_tokens": out.num_cached_tokens,
+                                 "pdmesh.prefill.held_blocks": len(out.held_block_ids or ())})
+            tel.token_event(span, 0, **{"gen_ai.token.id": out.new_token_ids[0]})
             if out.finish_reason:
+                span.set_attribute("gen_ai.response.finish_reasons", [out.finish_reason])
                 self.rt.metrics.inc("request_success_total", finished_reason=out.finish_reason)
             if out.held_block_ids is not None:
                 lease = self.leases.add(rid, out.held_block_ids, len(prompt))
@@ -84,6 +93,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
                 ))
             return resp
         finally:
+            span.end()
             self.rt.inflight -= 1
 
     async def Release(self, request: ppb.ReleaseRequest, context: grpc.aio.ServicerContext) -> ppb.ReleaseResponse:

@@ -13,8 +13,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     configure_logging("scheduler")
     from services.scheduler.server import SchedulerServiceConfig, parser, serve
 
-    cfg = from_flags(SchedulerServiceConfig, parser().parse_args(argv))
-    run_async(lambda: serve(cfg))
+    from pdmesh.telemetry import TracingConfig
+
+    ns = parser().parse_args(argv)
+    cfg, tcfg = from_flags(SchedulerServiceConfig, ns), from_flags(TracingConfig, ns)
+    run_async(lambda: serve(cfg, tcfg))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import grpc
 
 from pdmesh.config import _require, add_flags
 from pdmesh.metrics import ServiceMetrics
+from pdmesh.rpc import tracecontext
+from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.routing import POLICIES, NoRoute, Registry, RegistrationRefused, route
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
 from pdmesh.v1 import scheduler_pb2 as spb
@@ -53,8 +56,9 @@ class SchedulerServiceConfig:
 
 
 class SchedulerServicer(sgrpc.SchedulerServicer):
-    def __init__(self, cfg: SchedulerServiceConfig) -> None:
+    def __init__(self, cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = None) -> None:
         self.cfg = cfg
+        self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), "scheduler")
         self.registry = Registry(cfg.lease)
         self.policy = POLICIES[cfg.policy]()
         self.metrics = ServiceMetrics("*", "scheduler", f"{cfg.host}:{cfg.port}")
@@ -81,12 +85,22 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
         return spb.DeregisterResponse()
 
     async def Route(self, request, context):
+        span = self.tel.start("pdmesh.route", tracecontext.from_context(context),
+                              attributes={"pdmesh.request_id": request.request_id, "gen_ai.request.model": request.model,
+                                          "gen_ai.usage.input_tokens": request.prompt_tokens})
         try:
-            p, d, t, reason = route(self.registry, self.policy, request.model, request.prompt_tokens, list(request.exclude_worker_ids))
-        except NoRoute as exc:
-            self.metrics.inc("request_failure_total", reason="no_route")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return spb.RouteResponse(prefill=p.info, decode=d.info, transport=t, reason=reason)
+            try:
+                p, d, t, reason = route(self.registry, self.policy, request.model, request.prompt_tokens,
+                                        list(request.exclude_worker_ids))
+            except NoRoute as exc:
+                self.metrics.inc("request_failure_total", reason="no_route")
+                span.set_attribute("error.type", "no_route")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            span.set_attributes({"pdmesh.route.prefill_worker": p.worker_id, "pdmesh.route.decode_worker": d.worker_id,
+                                 "pdmesh.route.transport": t, "pdmesh.route.reason": reason})
+            return spb.RouteResponse(prefill=p.info, decode=d.info, transport=t, reason=reason)
+        finally:
+            span.end()
 
     async def ListWorkers(self, request, context):
         now = time.monotonic()
@@ -102,9 +116,9 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
                 log.warning("worker %s missed its heartbeats: removed from routing", w)
 
 
-async def serve(cfg: SchedulerServiceConfig) -> None:
+async def serve(cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = None) -> None:
     server = make_server()
-    servicer = SchedulerServicer(cfg)
+    servicer = SchedulerServicer(cfg, tcfg)
     sgrpc.add_SchedulerServicer_to_server(servicer, server)
     health = Health(server, ["pdmesh.v1.Scheduler"])
     port = bind(server, cfg.host, cfg.port)
@@ -117,9 +131,11 @@ async def serve(cfg: SchedulerServiceConfig) -> None:
     log.info("scheduler serving on %s:%d", cfg.host, port)
     await serve_until_signal(server, health, cfg.drain_timeout)
     reaper.cancel()
+    servicer.tel.shutdown()
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdmesh scheduler", description="pdmesh scheduler: registry and routing")
     add_flags(p, SchedulerServiceConfig)
+    add_flags(p, TracingConfig)
     return p
