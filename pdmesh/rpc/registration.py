@@ -25,6 +25,8 @@ class Registration:
         self.info = info
         self.load = load
         self.rpc_timeout = rpc_timeout
+        self.stream_deadline = 300.0
+        """Seconds one heartbeat stream lives before it is renewed."""
         self.registered = asyncio.Event()
         self.draining = False
         self._stop = asyncio.Event()
@@ -41,6 +43,8 @@ class Registration:
                     log.info("registered with scheduler %s as %s", self.scheduler_address, resp.worker_id)
                     await self._heartbeat(stub, resp.heartbeat_interval_ms / 1000.0)
                 except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.registered.is_set():
+                        continue  # the stream's deadline: renew at once
                     self.registered.clear()
                     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                         log.error("scheduler refused registration: %s", exc.details())
@@ -72,7 +76,9 @@ class Registration:
                 except asyncio.TimeoutError:
                     pass
 
-        call = stub.Heartbeat(beats())
+        # Like every call here, the stream has a deadline; when it passes, the worker re-registers
+        # (idempotent) and opens a new stream.
+        call = stub.Heartbeat(beats(), timeout=self.stream_deadline)
         async for resp in call:
             if not resp.known:
                 log.info("scheduler does not know this worker; re-registering")

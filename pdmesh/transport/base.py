@@ -47,6 +47,14 @@ def check_layout(local: KVLayout, remote: pb.KVLayout) -> None:
 class BaseKVTransport(ABC):
     name: str = "base"
 
+    def _precheck(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
+                  pool: KVCachePool) -> bool:
+        """Validate a pull's arguments; False when there is nothing to move."""
+        check_layout(pool.layout, desc.layout)
+        if len(src_block_ids) != len(dst_block_ids):
+            raise TransferError("source and destination block counts differ")
+        return bool(src_block_ids)
+
     @abstractmethod
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
                    pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:

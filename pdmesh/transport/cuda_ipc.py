@@ -21,7 +21,7 @@ import torch
 from pdmesh.kv.copy import copy_blocks
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.rpc.channels import ChannelPool
-from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult, check_layout
+from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import kv_transfer_pb2 as kpb
 from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
@@ -117,12 +117,9 @@ class CudaIpcTransport(BaseKVTransport):
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
                    pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
-        check_layout(pool.layout, desc.layout)
-        if len(src_block_ids) != len(dst_block_ids):
-            raise TransferError("source and destination block counts differ")
-        t0 = time.perf_counter()
-        if not src_block_ids:
+        if not self._precheck(desc, src_block_ids, dst_block_ids, pool):
             return TransferResult(self.name, 0, 0, 0.0)
+        t0 = time.perf_counter()
         remote = await self._peer(desc, timeout, metadata)
         if max(src_block_ids) >= remote.shape[1]:
             raise TransferError("source block id outside the peer's pool")

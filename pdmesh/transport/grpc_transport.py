@@ -16,7 +16,7 @@ import torch
 
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.rpc.channels import ChannelPool
-from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult, check_layout
+from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
 from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import kv_transfer_pb2 as kpb
@@ -84,12 +84,9 @@ class GrpcKVTransport(BaseKVTransport):
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
                    pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
-        check_layout(pool.layout, desc.layout)
-        if len(src_block_ids) != len(dst_block_ids):
-            raise TransferError("source and destination block counts differ")
-        t0 = time.perf_counter()
-        if not src_block_ids:
+        if not self._precheck(desc, src_block_ids, dst_block_ids, pool):
             return TransferResult(self.name, 0, 0, 0.0)
+        t0 = time.perf_counter()
         stub = self.channels.stub(desc.address, kgrpc.KVTransferStub)
         lay = pool.layout
         dtype = getattr(torch, lay.dtype)

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from pdmesh.kv.pool import KVCachePool
-from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult, check_layout
+from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
 from pdmesh.v1 import common_pb2 as pb
 
 
@@ -21,7 +21,8 @@ class LoopbackTransport(BaseKVTransport):
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
                    pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
-        check_layout(pool.layout, desc.layout)
+        if not self._precheck(desc, src_block_ids, dst_block_ids, pool):
+            return TransferResult(self.name, 0, 0, 0.0)
         src = self.sources.get(desc.worker_id)
         if src is None:
             raise TransferError(f"unknown source worker {desc.worker_id!r}")

@@ -236,12 +236,16 @@ class Gateway:
             return Response(status_code=499)
         finally:
             if not handed_off:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                self.inflight -= 1
-                self.metrics.set("num_requests_running", self.inflight)
-                self._finish_span(span, req, rid, choices)
+                await self._end_request(tasks, span, req, rid, choices)
+
+    async def _end_request(self, tasks: list[asyncio.Task], span, req: OpenAIRequest, rid: str, choices: list[Choice]) -> None:
+        """Every request ends here once: choices cancelled (aborting them in the mesh) or done."""
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.inflight -= 1
+        self.metrics.set("num_requests_running", self.inflight)
+        self._finish_span(span, req, rid, choices)
 
     @staticmethod
     def _drain(queue: asyncio.Queue) -> list[Delta]:
@@ -344,12 +348,7 @@ class Gateway:
                 yield b"data: " + json.dumps(body).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self.inflight -= 1
-            self.metrics.set("num_requests_running", self.inflight)
-            self._finish_span(span, req, rid, choices)
+            await self._end_request(tasks, span, req, rid, choices)
 
 
 class _Disconnected(Exception):

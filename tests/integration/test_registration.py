@@ -1,0 +1,56 @@
+"""A worker's registration against a real scheduler servicer: heartbeat streams renew at their
+deadline, load reaches the scheduler, and a restarted scheduler gets the worker back by itself."""
+
+import asyncio
+
+import grpc
+
+from pdmesh.rpc.registration import Registration
+from pdmesh.v1 import common_pb2 as pb
+from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
+from services.scheduler.server import SchedulerServiceConfig, SchedulerServicer
+from tests.meshproc import free_port
+
+INFO = pb.WorkerInfo(worker_id="d1", role=pb.ROLE_DECODE, address="127.0.0.1:1", model="m", dtype="float32",
+                     kv_layout=pb.KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype="float32", layout="LNKBHD"),
+                     transports=["grpc"])
+
+
+async def start_scheduler(port):
+    servicer = SchedulerServicer(SchedulerServiceConfig(port=port, heartbeat_interval=0.1, lease=0.5, metrics_port=-1))
+    server = grpc.aio.server()
+    sgrpc.add_SchedulerServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, servicer
+
+
+def test_heartbeats_renew_and_survive_a_scheduler_restart():
+    async def main():
+        port = free_port()
+        server, servicer = await start_scheduler(port)
+        load = {"n": 0}
+
+        def report():
+            load["n"] += 1
+            return pb.WorkerLoad(free_blocks=7, total_blocks=9, requests_total=load["n"])
+
+        reg = Registration(f"127.0.0.1:{port}", INFO, report, rpc_timeout=2)
+        reg.stream_deadline = 0.4
+        task = asyncio.create_task(reg.run())
+        await asyncio.sleep(1.5)  # several stream deadlines pass
+        entry = servicer.registry.workers.get("d1")
+        assert entry is not None and entry.load.free_blocks == 7 and entry.load.requests_total > 3
+        await server.stop(0)  # the scheduler dies, loses its registry, comes back
+        server, servicer = await start_scheduler(port)
+        for _ in range(60):
+            if "d1" in servicer.registry.workers:
+                break
+            await asyncio.sleep(0.1)
+        assert "d1" in servicer.registry.workers
+        await reg.stop()
+        await asyncio.wait_for(task, 5)
+        assert "d1" not in servicer.registry.workers  # deregistered on stop
+        await server.stop(0)
+
+    asyncio.run(main())
