@@ -46,7 +46,8 @@ class WorkerConfig:
     port: int = 0
     """gRPC port (0 picks a free port; the bound port is what gets registered)."""
     advertise_host: str = "127.0.0.1"
-    """Host peers use to reach this worker (a pod IP or DNS name across hosts)."""
+    """Host peers use to reach this worker (a pod IP or DNS name across hosts); 'auto': the IP
+    address of this machine's hostname (a container's or pod's own IP)."""
     scheduler: str = "127.0.0.1:50051"
     """host:port of the scheduler."""
     worker_id: Optional[str] = None
@@ -106,11 +107,17 @@ class WorkerRuntime:
     @property
     def worker_id(self) -> str:
         role = "prefill" if self.role == pb.ROLE_PREFILL else "decode"
-        return self.wcfg.worker_id or f"{role}-{self.wcfg.advertise_host}-{self.port}"
+        return self.wcfg.worker_id or f"{role}-{self.advertise_host}-{self.port}"
+
+    @property
+    def advertise_host(self) -> str:
+        if self.wcfg.advertise_host == "auto":
+            return socket.gethostbyname(socket.gethostname())
+        return self.wcfg.advertise_host
 
     @property
     def address(self) -> str:
-        return f"{self.wcfg.advertise_host}:{self.port}"
+        return f"{self.advertise_host}:{self.port}"
 
     @property
     def transports(self) -> tuple[str, ...]:

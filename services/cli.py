@@ -163,11 +163,36 @@ def up(argv: list[str]) -> int:
     return mesh.stop()
 
 
+def health(argv: list[str]) -> int:
+    """Exit 0 when the target is healthy: ``--grpc host:port`` (grpc.health.v1) or ``--http URL``."""
+    p = argparse.ArgumentParser(prog="pdmesh health", description="Health check for containers and scripts.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--grpc", help="host:port of a worker or the scheduler (gRPC health checking protocol)")
+    g.add_argument("--http", help="URL that must answer 200 (e.g. the gateway's /health)")
+    p.add_argument("--service", default="", help="gRPC service name to check (default: the server as a whole)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    a = p.parse_args(argv)
+    try:
+        if a.http:
+            with urllib.request.urlopen(a.http, timeout=a.timeout) as r:
+                return 0 if r.status == 200 else 1
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(a.grpc) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout)
+        return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pdmesh {up,gateway,scheduler,prefill,decode} [flags]\n\n"
+        print("usage: pdmesh {up,gateway,scheduler,prefill,decode,health} [flags]\n\n"
               "  up         start a whole mesh on this host (pdmesh up --help)\n"
+              "  health     check a service's health (for containers)\n"
               "  gateway    OpenAI-compatible HTTP gateway\n"
               "  scheduler  worker registry and routing\n"
               "  prefill    prefill worker\n"
@@ -176,6 +201,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     cmd, rest = argv[0], argv[1:]
     if cmd == "up":
         sys.exit(up(rest))
+    if cmd == "health":
+        sys.exit(health(rest))
     if cmd not in ROLES:
         print(f"pdmesh: unknown command {cmd!r}; one of up, {', '.join(ROLES)}", file=sys.stderr)
         sys.exit(2)

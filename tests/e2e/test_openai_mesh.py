@@ -280,3 +280,17 @@ def test_metrics_agree_with_a_known_workload(mesh, client, tokenizer):
     names = exported_names()
     for role, samples in after.items():
         assert {n for n, _ in samples} <= names, (role, {n for n, _ in samples} - names)
+
+
+def test_pdmesh_health_command_against_the_live_mesh(mesh):
+    import subprocess
+    import sys
+
+    def health(*args):
+        return subprocess.run([sys.executable, "-m", "services.cli", "health", *args], capture_output=True, timeout=60).returncode
+
+    assert health("--http", mesh.base + "/health") == 0
+    assert health("--grpc", mesh.scheduler) == 0
+    for w in mesh.workers():
+        assert health("--grpc", w.info.address, "--service", "pdmesh.v1.Decode" if w.info.role == 2 else "pdmesh.v1.Prefill") == 0
+    assert health("--grpc", mesh.scheduler, "--service", "no.such.Service") == 1
