@@ -80,6 +80,9 @@ def test_k8s_overlay_validates_against_schemas(overlay):
                 assert (gpus == 1) == overlay.startswith("gpu"), (overlay, role, gpus)
             if role == "gateway":
                 assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    roles = {"pdmesh-scheduler", "pdmesh-gateway"} | ({"pdmesh-pd-pair"} if overlay == "gpu-pd-pair" else {"pdmesh-prefill", "pdmesh-decode"})
+    assert roles <= services, roles - services
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     assert config["data"]["SCHEDULER"].startswith("pdmesh-scheduler:")  # the scheduler Service's DNS name
     if overlay == "gpu-pd-pair":
