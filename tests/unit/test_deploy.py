@@ -86,7 +86,7 @@ def test_k8s_overlay_validates_against_schemas(overlay):
     config = next(d for d in docs if d["kind"] == "ConfigMap")
     assert config["data"]["SCHEDULER"].startswith("pdmesh-scheduler:")  # the scheduler Service's DNS name
     if overlay == "gpu-pd-pair":
-        pair = next(d for d in docs if d["metadata"]["name"] == "pdmesh-pd-pair")
+        pair = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "pdmesh-pd-pair")
         assert pair["spec"]["template"]["spec"]["shareProcessNamespace"] is True
         assert [c["args"][0] for c in pair["spec"]["template"]["spec"]["containers"]] == ["prefill", "decode"]
 
