@@ -51,13 +51,28 @@ def bind(server: grpc.aio.Server, host: str, port: int) -> int:
     return bound
 
 
+def ignore_further_signals() -> None:
+    """Once draining has begun, a repeated SIGINT/SIGTERM (Ctrl-C reaches the whole process group,
+    and ``pdmesh up`` forwards its own) must not kill the process mid-drain; SIGKILL still does."""
+    try:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    except RuntimeError:
+        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 async def wait_for_signal() -> str:
-    """Resolve on SIGINT/SIGTERM; returns the signal's name."""
+    """Resolve on SIGINT/SIGTERM (ignoring any later ones); returns the signal's name."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda s=sig: fut.done() or fut.set_result(s.name))
-    return await fut
+    name = await fut
+    ignore_further_signals()
+    return name
 
 
 async def serve_until_signal(server: grpc.aio.Server, health_: Optional[Health], drain_timeout: float,

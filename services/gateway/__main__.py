@@ -16,6 +16,7 @@ from typing import Optional
 
 from pdmesh.log import configure_logging, run_async
 from pdmesh.models.loader import resolve
+from pdmesh.rpc.server import ignore_further_signals
 from pdmesh.telemetry import Telemetry
 from pdmesh.tokenizer import Tokenizer
 
@@ -48,6 +49,7 @@ async def serve(argv: Optional[list[str]]) -> None:
         raise SystemExit(f"gateway failed to start on {cfg.host}:{cfg.port}")
     print(f"READY gateway http://{cfg.host}:{cfg.port}", flush=True)
     await stop.wait()
+    ignore_further_signals()
     log.info("draining: refusing new requests, %d in flight", gw.inflight)
     gw.draining = True
     deadline = loop.time() + cfg.drain_timeout

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 import hmac
 import json
 import logging
@@ -25,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pdmesh.engine.sequence import SamplingParams
 from pdmesh.metrics import ServiceMetrics
 from pdmesh.openai.protocol import APIError, Limits, OpenAIRequest, finalize_max_tokens, parse_request
 from pdmesh.openai.reasoning import ReasoningParser
@@ -182,42 +184,52 @@ class Gateway:
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "completion")
 
-    async def _generate(self, request: Request, kind: str) -> Response:
-        try:
-            req = parse_request(await self._body(request), kind, self.limits)
-            if req.model is not None and req.model != self.served_name:
-                raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
-            prompts = self._prompt_ids(req)
-            params = [finalize_max_tokens(req, len(p), self.max_model_len) for p in prompts]
-            if self.draining or not self.ready:
-                raise APIError(503, "no workers are available to serve this request", "service_unavailable",
-                               code="no_workers", headers={"Retry-After": "1"})
-            if self.inflight >= self.cfg.max_inflight:
-                raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error", code="too_many_requests",
-                               headers={"Retry-After": "1"})
-        except APIError as err:
-            return error_response(err)
-        incoming = request.headers.get("traceparent")
-        incoming = incoming if tracecontext.valid(incoming) else None
-        op = "chat" if kind == "chat" else "text_completion"
+    def admit(self, raw: bytes, kind: str) -> tuple[OpenAIRequest, list[list[int]], list[SamplingParams]]:
+        """Validation through backpressure, for HTTP and gRPC alike; raises APIError."""
+        req = parse_request(raw, kind, self.limits)
+        if req.model is not None and req.model != self.served_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", param="model", code="model_not_found")
+        prompts = self._prompt_ids(req)
+        params = [finalize_max_tokens(req, len(p), self.max_model_len) for p in prompts]
+        if self.draining or not self.ready:
+            raise APIError(503, "no workers are available to serve this request", "service_unavailable",
+                           code="no_workers", headers={"Retry-After": "1"})
+        if self.inflight >= self.cfg.max_inflight:
+            raise APIError(429, "the server is at capacity; retry shortly", "rate_limit_error", code="too_many_requests",
+                           headers={"Retry-After": "1"})
+        return req, prompts, params
+
+    def launch(self, req: OpenAIRequest, prompts: list[list[int]], params: list[SamplingParams],
+               incoming: Optional[str]) -> "Launched":
+        """Start every choice of an admitted request; ``end_request`` must follow, exactly once."""
+        op = "chat" if req.kind == "chat" else "text_completion"
         span = self.tel.start(f"{op} {self.served_name}", incoming, attributes={
             "gen_ai.operation.name": op, "gen_ai.system": "pdmesh", "gen_ai.request.model": self.served_name,
             "gen_ai.request.max_tokens": params[0].max_tokens, "gen_ai.request.temperature": req.params.temperature,
             "gen_ai.request.top_p": req.params.top_p, "gen_ai.request.choice.count": req.params.n})
         if self.tel.cfg.trace_include_text:
-            span.set_attribute("gen_ai.prompt", json.dumps(req.messages if kind == "chat" else req.prompts))
+            span.set_attribute("gen_ai.prompt", json.dumps(req.messages if req.kind == "chat" else req.prompts))
         traceparent = self.tel.traceparent(span, incoming)
         choices = make_choices(prompts, params, req.params.n, traceparent)
         for c in choices:
             c.span = span
         queue: asyncio.Queue = asyncio.Queue()
-        model = self.served_name
         self.inflight += 1
         self.metrics.set("num_requests_running", self.inflight)
-        tasks = [asyncio.create_task(run_choice(self.mesh, model, self.tok, c, queue, self.cfg.request_timeout,
+        tasks = [asyncio.create_task(run_choice(self.mesh, self.served_name, self.tok, c, queue, self.cfg.request_timeout,
                                                 self._reasoning_parser(c.prompt_ids), self)) for c in choices]
+        rid = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + choices[0].request_id.split("-")[0]
+        return Launched(req, rid, choices, tasks, queue, span, traceparent)
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        try:
+            req, prompts, params = self.admit(await self._body(request), kind)
+        except APIError as err:
+            return error_response(err)
+        incoming = request.headers.get("traceparent")
+        run = self.launch(req, prompts, params, incoming if tracecontext.valid(incoming) else None)
+        rid, choices, tasks, queue, span, traceparent = run.rid, run.choices, run.tasks, run.queue, run.span, run.traceparent
         handed_off = False
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + choices[0].request_id.split("-")[0]
         try:
             try:
                 await self._until_disconnect(request, asyncio.gather(*(c.started for c in choices)))
@@ -353,6 +365,19 @@ class Gateway:
 
 class _Disconnected(Exception):
     pass
+
+
+@dataclass
+class Launched:
+    """A request whose choices are running in the mesh."""
+
+    req: OpenAIRequest
+    rid: str
+    choices: list[Choice]
+    tasks: list[asyncio.Task]
+    queue: asyncio.Queue
+    span: Any
+    traceparent: str
 
 
 def build_app(gw: Gateway) -> "_AuthWrapper":
