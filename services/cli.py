@@ -37,6 +37,7 @@ def up_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default: 127.0.0.1)")
     p.add_argument("--scheduler-port", type=int, default=50051, help="scheduler gRPC port (default: 50051)")
     p.add_argument("--metrics-port", type=int, default=8080, help="gateway /metrics port (default: 8080; -1 off)")
+    p.add_argument("--grpc-port", type=int, default=50050, help="public gRPC API port (default: 50050; -1 off)")
     p.add_argument("--scheduler-metrics-port", type=int, default=8083, help="scheduler /metrics port (default: 8083)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model dir, .gguf, dummy preset, or the embedded default")
     p.add_argument("--load-format", default="auto", help="auto, safetensors, gguf or dummy")
@@ -138,7 +139,8 @@ def up(argv: list[str]) -> int:
         for i in range(a.decode):
             mesh.spawn(f"decode-{i}", "decode", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                                                  "--scheduler", sched, *model, *tracing, *extra])
-        gw = ["--host", a.host, "--port", str(a.port), "--metrics-port", str(a.metrics_port), "--scheduler", sched,
+        gw = ["--host", a.host, "--port", str(a.port), "--metrics-port", str(a.metrics_port), "--grpc-port", str(a.grpc_port),
+              "--scheduler", sched,
               *model, *tracing, *a.gateway_args.split()]
         if a.api_key:
             gw += ["--api-key", a.api_key]

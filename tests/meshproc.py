@@ -78,10 +78,11 @@ class Mesh:
         self.sched_port = free_port()
         self.metrics_port = free_port()
         self.sched_metrics_port = free_port()
+        self.grpc_port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--scheduler-port",
                 str(self.sched_port), "--metrics-port", str(self.metrics_port), "--scheduler-metrics-port",
-                str(self.sched_metrics_port), "--prefill", str(prefill), "--decode", str(decode),
+                str(self.sched_metrics_port), "--grpc-port", str(self.grpc_port), "--prefill", str(prefill), "--decode", str(decode),
                 "--worker-args", f"--cpu-threads 1 --kv-cache-memory 268435456 {worker_args}".strip(), *(extra or [])]
         self.proc = Proc(args, tmp / f"mesh-{self.port}.log", env)
         wait_http(self.base + "/health", self.proc)

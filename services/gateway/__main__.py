@@ -47,14 +47,31 @@ async def serve(argv: Optional[list[str]]) -> None:
     if task.done():
         await task
         raise SystemExit(f"gateway failed to start on {cfg.host}:{cfg.port}")
+    grpc_server = grpc_health = None
+    if cfg.grpc_port >= 0:
+        from services.gateway.grpc_api import start_grpc_api
+
+        grpc_server, grpc_health = await start_grpc_api(gw, cfg.host, cfg.grpc_port)
+
+        async def follow_readiness() -> None:
+            while True:
+                await grpc_health.set_serving(gw.ready and not gw.draining)
+                await asyncio.sleep(0.5)
+
+        readiness = asyncio.create_task(follow_readiness())
     print(f"READY gateway http://{cfg.host}:{cfg.port}", flush=True)
     await stop.wait()
     ignore_further_signals()
     log.info("draining: refusing new requests, %d in flight", gw.inflight)
     gw.draining = True
+    if grpc_health is not None:
+        readiness.cancel()
+        await grpc_health.set_serving(False)
     deadline = loop.time() + cfg.drain_timeout
     while gw.inflight and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    if grpc_server is not None:
+        await grpc_server.stop(grace=1.0)
     server.should_exit = True
     await task
 

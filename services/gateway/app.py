@@ -338,6 +338,8 @@ class Gateway:
                 if d.error is not None:
                     yield b"data: " + json.dumps(d.error.body()).encode() + b"\n\n"
                     return
+                if not (d.content or d.reasoning or d.finish_reason or (req.logprobs and d.logprobs)):
+                    continue  # token ids without text yet (a split UTF-8 character): nothing to send
                 lp = None
                 if req.logprobs and d.logprobs:
                     lp = logprobs_chat(self.tok, d.logprobs) if req.kind == "chat" else logprobs_completion(self.tok, d.logprobs)

@@ -128,7 +128,7 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
                 r, c = r + r2, c + c2
             choice.reasoning += r
             choice.text += c
-            if r or c or ev.logprobs or finish:
+            if r or c or ev.logprobs or finish or ev.token_ids:
                 out.put_nowait(Delta(choice.index, r, c, ev.logprobs, ev.token_ids, finish))
             if finish is not None:
                 choice.finish_reason = finish

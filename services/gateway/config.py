@@ -19,6 +19,8 @@ class GatewayConfig:
     """Address the HTTP server binds."""
     port: int = 8000
     """HTTP port."""
+    grpc_port: int = 50050
+    """Port of the public gRPC API (pdmesh.v1.Inference, health, reflection); -1: off."""
     metrics_port: int = 8080
     """Port of the gateway's Prometheus /metrics (-1: off)."""
     scheduler: str = "127.0.0.1:50051"

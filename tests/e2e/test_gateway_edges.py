@@ -16,7 +16,7 @@ MODEL = "SmolLM2-135M-Instruct"
 
 def gateway(tmp_path, scheduler: str, *extra: str) -> tuple[Proc, str]:
     port = free_port()
-    p = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port),
+    p = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "-1",
               "--metrics-port", str(free_port()), "--scheduler", scheduler,
               *extra], tmp_path / f"gw-{port}.log")
     return p, f"http://127.0.0.1:{port}"
