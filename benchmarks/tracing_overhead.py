@@ -13,26 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import openai
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.meshproc import Mesh, free_port  # noqa: E402
+from tests.meshproc import Mesh, OtlpReceiver  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-class Sink(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.spans = 0
-
-    def Export(self, request, context):
-        self.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 def run(mesh: Mesh, batch: int, tokens: int) -> dict:
@@ -59,13 +47,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=48)
     a = ap.parse_args()
-    port = free_port()
-    sink = Sink()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    env_on = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
+    sink = OtlpReceiver()
+    env_on = sink.env
     rows = []
     for mode in ("off", "on", "off", "on"):
         mesh = Mesh(Path(tempfile.mkdtemp()), env=env_on if mode == "on" else {"OTEL_TRACES_EXPORTER": "none"})
@@ -82,11 +65,11 @@ def main() -> None:
            f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores",
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
            "command": " ".join(sys.argv), "batch": a.batch, "tokens": a.tokens, "runs": rows,
-           "tpot_off_s": off, "tpot_on_s": on, "ratio_on_over_off": on / off, "spans_received": sink.spans}
+           "tpot_off_s": off, "tpot_on_s": on, "ratio_on_over_off": on / off, "spans_received": len(sink.spans)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
-    print(f"TPOT tracing off {off * 1e3:.1f} ms, on {on * 1e3:.1f} ms, ratio {on / off:.3f} ({sink.spans} spans exported)")
-    server.stop(0)
+    print(f"TPOT tracing off {off * 1e3:.1f} ms, on {on * 1e3:.1f} ms, ratio {on / off:.3f} ({len(sink.spans)} spans exported)")
+    sink.stop()
 
 
 if __name__ == "__main__":

@@ -129,3 +129,41 @@ class Mesh:
 
     def stop(self) -> int:
         return self.proc.stop(signal.SIGTERM, timeout=90)
+
+
+class OtlpReceiver:
+    """An OTLP/gRPC trace receiver on 127.0.0.1 (tests and benchmarks): keeps (service, span)."""
+
+    def __init__(self) -> None:
+        import threading
+        from concurrent import futures
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        receiver = self
+
+        class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                with receiver.lock:
+                    for rs in request.resource_spans:
+                        svc = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                        for ss in rs.scope_spans:
+                            receiver.spans.extend((svc, sp) for sp in ss.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.lock = threading.Lock()
+        self.spans: list = []
+        self.port = free_port()
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(), self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    @property
+    def env(self) -> dict:
+        """Environment that makes every service export here."""
+        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+
+    def stop(self) -> None:
+        self.server.stop(0)

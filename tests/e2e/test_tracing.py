@@ -3,34 +3,16 @@ every process over OTLP/gRPC to a receiver in this test; token events count the 
 
 from __future__ import annotations
 
-import threading
 import time
-from concurrent import futures
 
-import grpc
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tests.meshproc import Mesh, free_port
+from tests.meshproc import Mesh, OtlpReceiver
 
 MODEL = "SmolLM2-135M-Instruct"
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SECRET = "the purple elephant sings at midnight"
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.spans: list[tuple[str, object]] = []
-
-    def Export(self, request, context):
-        with self.lock:
-            for rs in request.resource_spans:
-                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
-                for ss in rs.scope_spans:
-                    self.spans.extend((service, s) for s in ss.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
 
 
 def attrs(span) -> dict:
@@ -44,18 +26,11 @@ def attrs(span) -> dict:
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, embedded_dir):
-    port = free_port()
-    rec = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(rec, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    mesh = Mesh(tmp_path_factory.mktemp("traced"), env={
-        "OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    rec = OtlpReceiver()
+    mesh = Mesh(tmp_path_factory.mktemp("traced"), env=rec.env)
     yield mesh, rec
     assert mesh.stop() == 0
-    server.stop(0)
+    rec.stop()
 
 
 def test_one_trace_across_all_services_with_token_events(traced):
