@@ -75,12 +75,6 @@ class _Registry:
     def __getattr__(self, item: str):  # pragma: no cover - attribute errors only
         raise AttributeError(f"unknown environment variable key {item!r}")
 
-    def get(self, var: EnvVar[T]) -> T:
-        return var.get()
-
-    def environ_snapshot(self) -> dict[str, str]:
-        """A copy of the process environment, for spawning child processes."""
-        return dict(os.environ)
 
 
 ENV = _Registry()

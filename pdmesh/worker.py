@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -109,11 +110,16 @@ class WorkerRuntime:
         role = "prefill" if self.role == pb.ROLE_PREFILL else "decode"
         return self.wcfg.worker_id or f"{role}-{self.advertise_host}-{self.port}"
 
-    @property
+    @functools.cached_property
     def advertise_host(self) -> str:
         if self.wcfg.advertise_host == "auto":
             return socket.gethostbyname(socket.gethostname())
         return self.wcfg.advertise_host
+
+    @functools.cached_property
+    def host_id(self) -> str:
+        """Workers with equal host ids can use same-host transports (cuda_ipc)."""
+        return ENV.HOSTNAME.get() or socket.gethostname()
 
     @property
     def address(self) -> str:
@@ -143,7 +149,7 @@ class WorkerRuntime:
         return pb.WorkerInfo(
             worker_id=self.worker_id, role=self.role, address=self.address, model=eng.resolved.served_name,
             dtype=str(eng.dtype).removeprefix("torch."), kv_layout=layout_to_proto(eng.pool.layout),
-            transports=list(self.transports), host_id=ENV.HOSTNAME.get() or socket.gethostname(),
+            transports=list(self.transports), host_id=self.host_id,
             max_model_len=eng.max_model_len, total_blocks=eng.blocks.num_blocks,
             metrics_port=self.metrics.port if self.metrics else 0,
             device_index=eng.device.index if eng.device.type == "cuda" and eng.device.index is not None else (0 if eng.device.type == "cuda" else -1),

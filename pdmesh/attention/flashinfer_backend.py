@@ -10,7 +10,7 @@ so no copies happen between the cache and the kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import flashinfer
 import torch
@@ -49,18 +49,23 @@ class FlashInferBackend(BaseAttentionBackend):
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
 
-    def plan(self, batch: BatchLayout, decode_wrapper: Optional[Any] = None) -> FlashInferPlan:
-        # Host tensors: plan() reads indptr on the host anyway and copies what the kernels need.
+    def plan_decode(self, wrapper: Any, batch: BatchLayout) -> None:
+        """Plan a decode wrapper (this backend's, or a CUDA-graph one) for a decode-only batch."""
         m = paged_metadata(batch)
-        qo, kv_indptr, kv_indices, last = (torch.from_numpy(a) for a in
-                                           (m.qo_indptr, m.kv_indptr, m.kv_indices, m.kv_last_page_len))
+        wrapper.plan(torch.from_numpy(m.kv_indptr), torch.from_numpy(m.kv_indices), torch.from_numpy(m.kv_last_page_len),
+                     self.hq, self.hkv, self.d, batch.block_size, q_data_type=self.dtype, kv_data_type=self.dtype)
+
+    def plan(self, batch: BatchLayout) -> FlashInferPlan:
+        # Host tensors: plan() reads indptr on the host anyway and copies what the kernels need.
         slots = batch.slot_mapping.to(self.device, non_blocking=True)
         bs = batch.block_size
         if batch.is_decode_only:
-            wrapper = decode_wrapper or self.decode
-            wrapper.plan(kv_indptr, kv_indices, last, self.hq, self.hkv, self.d, bs,
-                         q_data_type=self.dtype, kv_data_type=self.dtype)
+            wrapper = self.decode
+            self.plan_decode(wrapper, batch)
         else:
+            m = paged_metadata(batch)
+            qo, kv_indptr, kv_indices, last = (torch.from_numpy(a) for a in
+                                               (m.qo_indptr, m.kv_indptr, m.kv_indices, m.kv_last_page_len))
             wrapper = self.prefill
             wrapper.plan(qo, kv_indptr, kv_indices, last, self.hq, self.hkv, self.d, bs, causal=True,
                          q_data_type=self.dtype, kv_data_type=self.dtype)

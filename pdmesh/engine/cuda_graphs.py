@@ -14,7 +14,6 @@ import bisect
 import logging
 from typing import Optional
 
-import numpy as np
 import torch
 
 from pdmesh.attention.base import BatchLayout, StepAttention
@@ -61,7 +60,7 @@ class DecodeGraphs:
                 paged_kv_indices_buffer=torch.zeros(b * self.max_pages, dtype=torch.int32, device=device),
                 paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device=device),
             )
-            self._plan(wrapper, self._padded_layout(None, b))
+            backend.plan_decode(wrapper, self._padded_layout(None, b))
             ctx = StepAttention(backend, FlashInferPlan(wrapper, self.slot_block[:b], self.slot_offset[:b]), kv)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -75,23 +74,12 @@ class DecodeGraphs:
             self.graphs[b] = (graph, wrapper, out)
         torch.cuda.synchronize(device)
 
-    def _padded_layout(self, layout: Optional[BatchLayout], b: int) -> tuple[list[int], list[list[int]]]:
+    def _padded_layout(self, layout: Optional[BatchLayout], b: int) -> BatchLayout:
+        """``layout`` padded to ``b`` rows; padding rows hold one token in the null block."""
         ctx = list(layout.context_lens) if layout else []
-        tables = [t[: -(-c // self.block_size)] for t, c in zip(layout.block_tables, layout.context_lens)] if layout else []
+        tables = list(layout.block_tables) if layout else []
         pad = b - len(ctx)
-        return ctx + [1] * pad, tables + [[self.null_block]] * pad
-
-    def _plan(self, wrapper, padded: tuple[list[int], list[list[int]]]) -> None:
-        ctx, tables = padded
-        bs = self.block_size
-        pages = np.array([len(t) for t in tables], dtype=np.int64)
-        indptr = np.zeros(len(ctx) + 1, dtype=np.int32)
-        indptr[1:] = np.cumsum(pages)
-        indices = np.concatenate([np.asarray(t, dtype=np.int32) for t in tables])
-        last = (np.asarray(ctx) - (pages - 1) * bs).astype(np.int32)
-        be = self.backend
-        wrapper.plan(torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last), be.hq, be.hkv, be.d, bs,
-                     q_data_type=be.dtype, kv_data_type=be.dtype)
+        return BatchLayout([1] * b, ctx + [1] * pad, tables + [[self.null_block]] * pad, self.slot_block[:0], self.block_size)
 
     def can_run(self, layout: BatchLayout) -> bool:
         return (layout.is_decode_only and len(layout.query_lens) <= self.buckets[-1]
@@ -112,7 +100,7 @@ class DecodeGraphs:
             self.positions[n:b].zero_()
             self.slot_block[n:b].fill_(self.null_block)
             self.slot_offset[n:b].zero_()
-        self._plan(wrapper, self._padded_layout(layout, b))
+        self.backend.plan_decode(wrapper, self._padded_layout(layout, b))
         with torch.cuda.device(self.device):
             graph.replay()
         return out[:n]

@@ -185,13 +185,6 @@ class PrefixCachingBlockManager:
                     self.free_queue.move_to_end(b, last=False)
         return len(req.blocks)
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (blocks in use keep their data)."""
-        self.cached.clear()
-        self.block_hash = [None] * self.num_blocks
-        for req in self.requests.values():
-            req.hashes.clear()
-
     # ---------------------------------------------------------------- internals
     def _incref(self, b: int) -> None:
         if self.ref_count[b] == 0:

@@ -61,13 +61,6 @@ class ModelArch:
         """Bytes of K and V for one token over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
-    def param_count(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        attn = h * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim + self.num_heads * self.head_dim * h
-        per_layer = attn + 3 * h * i + 2 * h
-        head = 0 if self.tie_word_embeddings else v * h
-        return self.num_layers * per_layer + v * h + head + h
-
 
 def _rope(cfg: dict) -> tuple[float, dict]:
     """(theta, scaling) from either the classic keys or transformers 5's ``rope_parameters``."""

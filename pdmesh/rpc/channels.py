@@ -29,12 +29,6 @@ class ChannelPool:
             s = self._stubs[key] = stub_cls(self.channel(address))
         return s  # type: ignore[return-value]
 
-    async def drop(self, address: str) -> None:
-        ch = self._channels.pop(address, None)
-        self._stubs = {k: v for k, v in self._stubs.items() if k[0] != address}
-        if ch is not None:
-            await ch.close()
-
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()

@@ -48,13 +48,6 @@ class LeaseTable:
     def held_blocks(self) -> int:
         return sum(len(lease.block_ids) for lease in self.leases.values())
 
-    def extend(self, request_id: str) -> bool:
-        lease = self.leases.get(request_id)
-        if lease is None:
-            return False
-        lease.deadline = max(lease.deadline, time.monotonic() + self.ttl)
-        return True
-
     def pin(self, request_id: str) -> Optional[Lease]:
         lease = self.leases.get(request_id)
         if lease is None or lease.release_pending:

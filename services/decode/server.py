@@ -12,7 +12,6 @@ prefill is told to release at once), failed transfer (UNAVAILABLE), cancellation
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Optional
 
@@ -21,14 +20,13 @@ import grpc
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.release import release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport, TransferError
 from pdmesh.transport.grpc_transport import GrpcKVTransport
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
-from pdmesh.v1 import prefill_pb2 as ppb
-from pdmesh.v1 import prefill_pb2_grpc as pgrpc
 from pdmesh.worker import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -39,21 +37,9 @@ class DecodeServicer(dgrpc.DecodeServicer):
         self.rt = rt
         self.transports = transports
         self.channels = channels
-        self._bg: set[asyncio.Task] = set()
 
     def _release_prefill(self, desc: pb.KVDescriptor, tp: Optional[str] = None) -> None:
-        """Tell the prefill worker to free the request's held KV (lease expiry is the backstop)."""
-        async def go() -> None:
-            try:
-                await self.channels.stub(desc.address, pgrpc.PrefillStub).Release(
-                    ppb.ReleaseRequest(request_id=desc.request_id), timeout=self.rt.wcfg.rpc_timeout,
-                    metadata=tracecontext.metadata(tp))
-            except grpc.aio.AioRpcError as exc:
-                log.info("release of %s on %s failed (%s); its lease will expire", desc.request_id, desc.address, exc.code().name)
-
-        task = asyncio.create_task(go())
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        release_held_kv(self.channels, desc.address, desc.request_id, tp, self.rt.wcfg.rpc_timeout)
 
     async def Generate(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext):
         desc = request.kv

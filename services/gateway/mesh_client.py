@@ -10,7 +10,6 @@ decode never took the KV, releases it on prefill.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import grpc
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
 from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.release import release_held_kv
 from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -79,16 +79,6 @@ class MeshClient:
 
     async def list_workers(self, timeout: float = 2.0) -> spb.ListWorkersResponse:
         return await self._scheduler().ListWorkers(spb.ListWorkersRequest(), timeout=timeout)
-
-    def _release(self, address: str, rid: str, tp: str) -> None:
-        async def go() -> None:
-            try:
-                await self.channels.stub(address, pgrpc.PrefillStub).Release(
-                    ppb.ReleaseRequest(request_id=rid), timeout=self.rpc_timeout, metadata=tracecontext.metadata(tp))
-            except grpc.aio.AioRpcError:
-                pass  # the lease expires on its own
-
-        asyncio.ensure_future(go())
 
     async def _prefill(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
                        trace: RequestTrace) -> tuple[spb.RouteResponse, ppb.PrefillResponse]:
@@ -160,4 +150,4 @@ class MeshClient:
             if call is not None and not finished:
                 call.cancel()
             if not took_kv:
-                self._release(route.prefill.address, rid, trace.traceparent)
+                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)

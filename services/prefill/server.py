@@ -89,7 +89,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
                     transport=request.transport or "grpc", block_ids=out.held_block_ids, num_tokens=len(prompt),
                     layout=layout_to_proto(llm.pool.layout),
                     lease_deadline_unix_ms=int((time.time() + (lease.deadline - time.monotonic())) * 1000),
-                    host_id=self.rt.info().host_id, incarnation=self.rt.incarnation,
+                    host_id=self.rt.host_id, incarnation=self.rt.incarnation,
                 ))
             return resp
         finally:

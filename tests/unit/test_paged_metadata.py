@@ -14,3 +14,16 @@ def test_csr_page_table_exact():
     assert m.kv_indptr.tolist() == [0, 2, 6, 8]  # pages used: 2, 4 (block 5 is allocated ahead, unused), 2
     assert m.kv_indices.tolist() == [7, 9, 1, 2, 3, 4, 6, 8]
     assert m.kv_last_page_len.tolist() == [1, 1, 4]
+
+
+def test_cuda_graph_padding_plans_real_rows_then_null_block_rows():
+    from pdmesh.engine.cuda_graphs import DecodeGraphs
+
+    g = DecodeGraphs.__new__(DecodeGraphs)  # the host-side part only (capture needs CUDA)
+    g.block_size, g.null_block, g.slot_block = 4, 99, torch.zeros(8, dtype=torch.int64)
+    real = BatchLayout([1, 1], [5, 13], [[7, 9], [1, 2, 3, 4, 5]], torch.zeros(2, dtype=torch.int64), 4)
+    m = paged_metadata(g._padded_layout(real, 4))
+    assert m.kv_indptr.tolist() == [0, 2, 6, 7, 8]
+    assert m.kv_indices.tolist() == [7, 9, 1, 2, 3, 4, 99, 99]
+    assert m.kv_last_page_len.tolist() == [1, 1, 1, 1]
+    assert paged_metadata(g._padded_layout(None, 2)).kv_indices.tolist() == [99, 99]

@@ -1,0 +1,33 @@
+"""Telling a prefill worker to free a request's held KV, without waiting (lease expiry is the
+backstop when the call fails). Used by the decode worker after a pull (or a refusal) and by the
+gateway when decode never took the KV."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional
+
+import grpc
+
+from pdmesh.rpc import tracecontext
+from pdmesh.rpc.channels import ChannelPool
+from pdmesh.v1 import prefill_pb2 as ppb
+from pdmesh.v1 import prefill_pb2_grpc as pgrpc
+
+log = logging.getLogger(__name__)
+_pending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
+
+
+def release_held_kv(channels: ChannelPool, address: str, request_id: str, traceparent: Optional[str],
+                    timeout: float) -> None:
+    async def go() -> None:
+        try:
+            await channels.stub(address, pgrpc.PrefillStub).Release(
+                ppb.ReleaseRequest(request_id=request_id), timeout=timeout, metadata=tracecontext.metadata(traceparent))
+        except grpc.aio.AioRpcError as exc:
+            log.info("release of %s on %s failed (%s); its lease will expire", request_id, address, exc.code().name)
+
+    task = asyncio.ensure_future(go())
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
