@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from pdmesh.attention.base import BatchLayout, StepAttention
-from pdmesh.attention.flashinfer_backend import FlashInferBackend, FlashInferPlan
+
+if TYPE_CHECKING:  # FlashInfer exists only on CUDA hosts; the padding logic is testable anywhere
+    from pdmesh.attention.flashinfer_backend import FlashInferBackend
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128,
 
 
 class DecodeGraphs:
-    def __init__(self, model, backend: FlashInferBackend, kv: torch.Tensor, max_num_seqs: int, max_model_len: int,
+    def __init__(self, model, backend: "FlashInferBackend", kv: torch.Tensor, max_num_seqs: int, max_model_len: int,
                  block_size: int, null_block: int, device: torch.device) -> None:
         self.model = model
         self.backend = backend
@@ -47,6 +49,8 @@ class DecodeGraphs:
 
     def _capture_all(self) -> None:
         import flashinfer
+
+        from pdmesh.attention.flashinfer_backend import FlashInferPlan
 
         model, backend, kv, device = self.model, self.backend, self.kv, self.device
         pool = torch.cuda.graph_pool_handle()
