@@ -13,9 +13,10 @@ What each role reports (the dashboard in deploy/grafana reads exactly these):
 
 from __future__ import annotations
 
+import asyncio
 from typing import Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 PREFIX = "pdmesh:"
 LABELS = ("model_name", "role", "instance")
@@ -47,12 +48,25 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "prefix_cache_queries_total": ("counter", "Prompt tokens looked up in the prefix cache.", (), None),
     "prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache.", (), None),
     "kv_transfer_bytes_total": ("counter", "KV bytes moved between workers, by transport.", ("transport",), None),
+    "kv_transfer_failures_total": ("counter", "Decode: KV pulls that failed, by what was done (recompute, fail).", ("action",), None),
+    "kv_transfer_faults_injected_total": ("counter", "Prefill: KV pulls corrupted by --inject-kv-faults.", ("mode",), None),
+    "requests_received_total": ("counter", "Gateway: generation requests received (before validation).", (), None),
+    "requests_finished_total": ("counter", "Gateway: requests that reached the mesh and ended, by outcome (ok, error, aborted).", ("outcome",), None),
+    "requests_rejected_total": ("counter", "Gateway: requests refused before reaching the mesh, by HTTP status.", ("status",), None),
+    "event_loop_lag_seconds": ("histogram", "How late the asyncio event loop ran a timer (stalls).", (), _LATENCY),
+    "event_loop_lag_max_seconds": ("gauge", "Largest event-loop lag seen since start.", (), None),
+    "asyncio_tasks": ("gauge", "asyncio tasks alive in this process.", (), None),
 }
+
+
+PROCESS_SERIES = {"process_virtual_memory_bytes", "process_resident_memory_bytes", "process_start_time_seconds",
+                  "process_cpu_seconds_total", "process_open_fds", "process_max_fds"}
+"""prometheus_client's process collector (Linux), registered in every service's registry."""
 
 
 def exported_names() -> set[str]:
     """Every series name a scrape can contain (histogram/counter suffixes included)."""
-    out = set()
+    out = set(PROCESS_SERIES)
     for name, (kind, _, _, _) in SPECS.items():
         full = PREFIX + name
         if kind == "histogram":
@@ -69,6 +83,7 @@ class ServiceMetrics:
 
     def __init__(self, model_name: str, role: str, instance: str) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_open_fds, ...
         self.base = {"model_name": model_name, "role": role, "instance": instance}
         self._m = {}
         for name, (kind, doc, extra, buckets) in SPECS.items():
@@ -106,3 +121,21 @@ class ServiceMetrics:
         httpd, _ = start_http_server(port, addr=host, registry=self.registry)
         self.port = httpd.server_port
         return self.port
+
+
+async def watch_event_loop(metrics: Optional[ServiceMetrics], interval: float = 0.05) -> None:
+    """Run forever on the loop being watched: every ``interval`` measure how late a timer fired
+    (a blocked loop shows up as lag) and count live tasks."""
+    if metrics is None:
+        return
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(interval)
+        lag = max(0.0, loop.time() - t0 - interval)
+        metrics.observe("event_loop_lag_seconds", lag)
+        if lag > worst:
+            worst = lag
+            metrics.set("event_loop_lag_max_seconds", worst)
+        metrics.set("asyncio_tasks", len(asyncio.all_tasks(loop)))

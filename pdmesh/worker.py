@@ -28,10 +28,13 @@ from pdmesh.config import EngineConfig, _require, add_flags, from_flags
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.env import ENV
-from pdmesh.metrics import ServiceMetrics
+from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.rpc.convert import layout_to_proto
+from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.registration import Registration
+from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
+from pdmesh.transport.faults import FaultPlan
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
 from pdmesh.v1 import common_pb2 as pb
 
@@ -65,12 +68,24 @@ class WorkerConfig:
     """Port of this worker's /metrics (0: any free port, registered with the scheduler; -1: off)."""
     transports: tuple[str, ...] = ()
     """KV transports this worker offers (empty: cuda_ipc and grpc on CUDA, grpc on CPU)."""
+    max_pending_requests: int = 1024
+    """Requests this worker takes at once (queued and running); beyond it new ones are refused with
+    RESOURCE_EXHAUSTED, which the gateway answers with 429 (or retries elsewhere)."""
+    kv_load_failure_policy: str = "recompute"
+    """Decode: what a failed or timed-out KV pull does to its request: 'recompute' (compute the prompt
+    here; the client sees nothing) or 'fail' (end the request with an error)."""
+    inject_kv_faults: str = ""
+    """Prefill, for fault testing only: corrupt KV pulls served here. 'fail:N' (every Nth pull
+    aborts), 'truncate:N' (every Nth pull loses its last chunk), 'delay:S' (S seconds before each chunk)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
         _require(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
         _require(self.kv_lease_seconds > 0, "kv_lease_seconds", "must be > 0")
         _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
+        _require(self.max_pending_requests >= 1, "max_pending_requests", "must be >= 1")
+        _require(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy", "recompute or fail")
+        FaultPlan.parse(self.inject_kv_faults)
         for t in self.transports:
             _require(t in ("grpc", "cuda_ipc"), "transports", f"unknown transport {t!r}")
 
@@ -79,6 +94,7 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"pdmesh {role}", description=f"pdmesh {role} worker")
     add_flags(parser, WorkerConfig)
     add_flags(parser, TracingConfig)
+    add_flags(parser, TlsConfig)
     parser.set_defaults(port=default_port, metrics_port=8081 if role == "prefill" else 8082)
     EngineConfig.add_flags(parser)
     return parser
@@ -87,8 +103,12 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
 class WorkerRuntime:
     """Engine + server + registration for one worker; the role adds servicers."""
 
-    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None) -> None:
+    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
+                 tls: TlsConfig = PLAINTEXT) -> None:
         self.role = role
+        self.tls = tls
+        self.channels = ChannelPool(tls)
+        """Channels to peers (prefill workers, for decode), over TLS when configured."""
         self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), "prefill" if role == pb.ROLE_PREFILL else "decode")
         self.wcfg = wcfg
         self.ecfg = ecfg
@@ -155,9 +175,18 @@ class WorkerRuntime:
             device_index=eng.device.index if eng.device.type == "cuda" and eng.device.index is not None else (0 if eng.device.type == "cuda" else -1),
         )
 
-    async def refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+    async def refuse_if_unable(self, context: grpc.aio.ServicerContext, trailing: tuple = ()) -> None:
+        """Refuse a new request while draining (UNAVAILABLE: the gateway retries elsewhere) or when
+        ``--max-pending-requests`` are already here (RESOURCE_EXHAUSTED: 429 at the gateway);
+        ``trailing``: metadata sent with the refusal."""
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining", trailing)
+        if self.inflight >= self.wcfg.max_pending_requests:
+            if self.metrics is not None:
+                self.metrics.inc("request_failure_total", reason="overloaded")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker {self.worker_id} has {self.inflight} requests pending (limit {self.wcfg.max_pending_requests})",
+                                trailing)
 
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
                   background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
@@ -170,11 +199,12 @@ class WorkerRuntime:
         self.server = make_server()  # grpc.aio objects belong to the running loop
         names = add_servicers(self)
         self.health = Health(self.server, names)
-        self.port = bind(self.server, self.wcfg.host, self.wcfg.port)
+        self.port = bind(self.server, self.wcfg.host, self.wcfg.port, self.tls)
         await self.server.start()
         await self.health.set_serving(True)
-        self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout)
-        tasks = [asyncio.create_task(self.registration.run()), asyncio.create_task(self._refresh_gauges())]
+        self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout, self.tls)
+        tasks = [asyncio.create_task(self.registration.run()), asyncio.create_task(self._refresh_gauges()),
+                 asyncio.create_task(watch_event_loop(self.metrics))]
         tasks += [asyncio.create_task(c) for c in background(self)]
         log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
         print(f"READY {self.worker_id} {self.address}", flush=True)
@@ -184,6 +214,7 @@ class WorkerRuntime:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.engine.shutdown()
+        await self.channels.close()
         self.tel.shutdown()
 
     def _on_step(self, outputs, dt: float) -> None:
@@ -220,9 +251,10 @@ class WorkerRuntime:
             await asyncio.sleep(0.05)
 
 
-def build_configs(role: str, default_port: int, argv: Optional[list[str]]) -> tuple[WorkerConfig, EngineConfig, TracingConfig]:
+def build_configs(role: str, default_port: int, argv: Optional[list[str]]
+                  ) -> tuple[WorkerConfig, EngineConfig, TracingConfig, TlsConfig]:
     ns = worker_parser(role, default_port).parse_args(argv)
-    return from_flags(WorkerConfig, ns), EngineConfig.from_flags(ns), from_flags(TracingConfig, ns)
+    return from_flags(WorkerConfig, ns), EngineConfig.from_flags(ns), from_flags(TracingConfig, ns), from_flags(TlsConfig, ns)
 
 
 def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], Awaitable[None]],
@@ -233,6 +265,6 @@ def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], A
     from pdmesh.log import configure_logging, run_async
 
     configure_logging(role)
-    wcfg, ecfg, tcfg = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
+    wcfg, ecfg, tcfg, tls = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
     role_enum = pb.ROLE_PREFILL if role == "prefill" else pb.ROLE_DECODE
-    run_async(lambda: serve(WorkerRuntime(role_enum, wcfg, ecfg, tcfg)))
+    run_async(lambda: serve(WorkerRuntime(role_enum, wcfg, ecfg, tcfg, tls)))

@@ -172,7 +172,12 @@ def health(argv: list[str]) -> int:
     g.add_argument("--http", help="URL that must answer 200 (e.g. the gateway's /health)")
     p.add_argument("--service", default="", help="gRPC service name to check (default: the server as a whole)")
     p.add_argument("--timeout", type=float, default=3.0)
+    from pdmesh.config import add_flags, from_flags
+    from pdmesh.rpc.tls import TlsConfig
+
+    add_flags(p, TlsConfig)
     a = p.parse_args(argv)
+    tls = from_flags(TlsConfig, a)
     try:
         if a.http:
             with urllib.request.urlopen(a.http, timeout=a.timeout) as r:
@@ -180,7 +185,9 @@ def health(argv: list[str]) -> int:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(a.grpc) as ch:
+        ch = (grpc.secure_channel(a.grpc, tls.channel_credentials(), options=tls.channel_options()) if tls.enabled
+              else grpc.insecure_channel(a.grpc))
+        with ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=a.service), timeout=a.timeout)
         return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
     except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy"

@@ -69,6 +69,166 @@ def wait_http(url: str, proc: Proc, timeout: float = 240.0) -> None:
     raise TimeoutError(f"{url} not ready in {timeout}s:\n{proc.tail()}")
 
 
+def list_workers(scheduler: str) -> list[spb.WorkerStatus]:
+    async def go():
+        async with grpc.aio.insecure_channel(scheduler) as ch:
+            return list((await sgrpc.SchedulerStub(ch).ListWorkers(spb.ListWorkersRequest(), timeout=5)).workers)
+
+    return asyncio.run(go())
+
+
+def _idle(w: spb.WorkerStatus) -> bool:
+    ld = w.load
+    return (ld.free_blocks == ld.total_blocks and ld.held_blocks == 0 and ld.running == 0 and ld.waiting == 0
+            and ld.waiting_for_kv == 0 and ld.inflight == 0)
+
+
+def wait_idle(scheduler: str, timeout: float = 15.0, expect: Optional[int] = None) -> list[spb.WorkerStatus]:
+    """Until every registered worker (``expect`` of them, when given) reports all KV blocks free,
+    nothing held for transfer, nothing running, waiting or in flight.  The scheduler itself keeps no
+    per-request state (routing is stateless), so the workers' reports are the whole picture."""
+    deadline = time.monotonic() + timeout
+    ws: list = []
+    while time.monotonic() < deadline:
+        try:
+            ws = list_workers(scheduler)
+        except grpc.RpcError:
+            ws = []
+        if ws and (expect is None or len(ws) == expect) and all(_idle(w) for w in ws):
+            return ws
+        time.sleep(0.25)
+    raise AssertionError(f"KV not back at baseline ({len(ws)} workers): " + "; ".join(
+        f"{w.info.worker_id}: free={w.load.free_blocks}/{w.load.total_blocks} held={w.load.held_blocks} "
+        f"running={w.load.running} waiting={w.load.waiting} waiting_for_kv={w.load.waiting_for_kv} "
+        f"inflight={w.load.inflight}" for w in ws))
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A /metrics page as {'name{label="v",...}': value} plus {name: sum over series}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        for smp in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(smp.labels.items())
+                              if k not in ("model_name", "role", "instance"))
+            out[f"{smp.name}{{{labels}}}"] = smp.value
+            out[smp.name] = out.get(smp.name, 0.0) + smp.value
+    return out
+
+
+def gateway_books(metrics_url: str) -> dict[str, float]:
+    """The gateway's own accounting: every request received is rejected, or reaches the mesh and
+    ends ok, in error or aborted, exactly once."""
+    m = scrape(metrics_url)
+    g = lambda k: m.get("pdmesh:" + k, 0.0)  # noqa: E731
+    return {"received": g("requests_received_total"), "rejected": g("requests_rejected_total"),
+            "ok": g('requests_finished_total{outcome="ok"}'), "failed": g('requests_finished_total{outcome="error"}'),
+            "aborted": g('requests_finished_total{outcome="aborted"}'), "running": g("num_requests_running")}
+
+
+def process_vitals(metrics_url: str) -> dict[str, float]:
+    m = scrape(metrics_url)
+    return {"rss_mb": round(m.get("process_resident_memory_bytes", 0) / 2**20, 1), "fds": m.get("process_open_fds", 0),
+            "tasks": m.get("pdmesh:asyncio_tasks", 0), "loop_lag_max_s": m.get("pdmesh:event_loop_lag_max_seconds", 0)}
+
+
+class Services:
+    """Scheduler, workers and gateway as separate processes the test controls one by one (kill,
+    stop, restart on the same port), on 127.0.0.1 with free ports."""
+
+    WORKER_ARGS = ["--cpu-threads", "1", "--kv-cache-memory", "268435456"]
+
+    def __init__(self, tmp: Path, prefill: int = 1, decode: int = 1, worker_args: tuple = (),
+                 gateway_args: tuple = (), scheduler_args: tuple = (), env: Optional[dict] = None,
+                 role_args: Optional[dict[str, tuple]] = None) -> None:
+        self.tmp, self.env = tmp, env
+        self.role_args = {k: list(v) for k, v in (role_args or {}).items()}
+        self.worker_args, self.gateway_args, self.scheduler_args = list(worker_args), list(gateway_args), list(scheduler_args)
+        self.procs: dict[str, Proc] = {}
+        self.ports: dict[str, tuple[int, int]] = {}
+        self.sched_port = free_port()
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._starts = 0
+        try:
+            self.start("scheduler")
+            for i in range(prefill):
+                self.start(f"prefill-{i}")
+            for i in range(decode):
+                self.start(f"decode-{i}")
+            self.start("gateway")
+            wait_http(self.base + "/health", self.procs["gateway"])
+        except BaseException:
+            self.stop_all()
+            raise
+
+    @property
+    def scheduler(self) -> str:
+        return f"127.0.0.1:{self.sched_port}"
+
+    def metrics_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name][1]}/metrics"
+
+    def start(self, name: str, extra: tuple = ()) -> Proc:
+        """Start (or restart, on its old ports) the service ``name``: scheduler, gateway, prefill-i, decode-i."""
+        role = name.split("-")[0]
+        if name not in self.ports:
+            self.ports[name] = (self.sched_port if role == "scheduler" else self.port if role == "gateway" else free_port(),
+                                free_port())
+        port, mport = self.ports[name]
+        common = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mport)]
+        if role == "scheduler":
+            args = common + self.scheduler_args
+        elif role == "gateway":
+            args = common + ["--scheduler", self.scheduler, "--grpc-port", "-1"] + self.gateway_args
+        else:
+            args = common + ["--scheduler", self.scheduler] + self.WORKER_ARGS + self.worker_args + self.role_args.get(role, [])
+        self._starts += 1
+        proc = Proc([sys.executable, "-m", f"services.{role}", *args, *extra], self.tmp / f"{name}-{self._starts}.log", self.env)
+        self.procs[name] = proc
+        return proc
+
+    def wait_workers(self, prefill: int, decode: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ws = list_workers(self.scheduler)
+                roles = [w.info.role for w in ws if not w.draining]
+                if roles.count(1) == prefill and roles.count(2) == decode:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"expected {prefill} prefill + {decode} decode workers; logs:\n" +
+                           "\n".join(f"--- {n}\n{p.tail(15)}" for n, p in self.procs.items()))
+
+    def wait_registered(self, name: str, timeout: float = 120.0) -> None:
+        """Until the (re)started worker ``name`` has registered with the scheduler (its log says so)."""
+        proc = self.procs[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{name} exited:\n{proc.tail()}")
+            if "registered with scheduler" in proc.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} did not register:\n{proc.tail()}")
+
+    def pid(self, name: str) -> int:
+        return self.procs[name].p.pid
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.pid(name), sig)
+
+    def stop(self, name: str, timeout: float = 60.0) -> int:
+        return self.procs[name].stop(signal.SIGTERM, timeout)
+
+    def stop_all(self) -> dict[str, int]:
+        order = sorted(self.procs, key=lambda n: ("gateway", "prefill", "decode", "scheduler").index(n.split("-")[0]))
+        return {n: self.procs[n].stop(signal.SIGTERM, 60) for n in order}
+
+
 class Mesh:
     """``pdmesh up`` as a subprocess (it starts scheduler, workers and gateway as its children)."""
 
@@ -92,25 +252,14 @@ class Mesh:
         return f"127.0.0.1:{self.sched_port}"
 
     def workers(self) -> list[spb.WorkerStatus]:
-        async def go():
-            async with grpc.aio.insecure_channel(self.scheduler) as ch:
-                return list((await sgrpc.SchedulerStub(ch).ListWorkers(spb.ListWorkersRequest(), timeout=5)).workers)
+        return list_workers(self.scheduler)
 
-        return asyncio.run(go())
+    @property
+    def gateway_metrics(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def wait_idle(self, timeout: float = 15.0) -> list[spb.WorkerStatus]:
-        """Until every worker reports all KV blocks free, nothing held, nothing running/waiting."""
-        deadline = time.monotonic() + timeout
-        ws: list = []
-        while time.monotonic() < deadline:
-            ws = self.workers()
-            if ws and all(w.load.free_blocks == w.load.total_blocks and w.load.held_blocks == 0 and w.load.running == 0
-                          and w.load.waiting == 0 and w.load.waiting_for_kv == 0 and w.load.inflight == 0 for w in ws):
-                return ws
-            time.sleep(0.25)
-        raise AssertionError("KV not back at baseline: " + "; ".join(
-            f"{w.info.worker_id}: free={w.load.free_blocks}/{w.load.total_blocks} held={w.load.held_blocks} "
-            f"running={w.load.running} waiting={w.load.waiting} inflight={w.load.inflight}" for w in ws))
+        return wait_idle(self.scheduler, timeout)
 
     def service_pids(self) -> list[int]:
         """Live processes of this mesh (found through /proc by their flags)."""

@@ -168,6 +168,19 @@ class LLMEngine:
         self.scheduler.add(seq)
         return True
 
+    def recompute_remote(self, request_id: str) -> bool:
+        """The remote KV could not be had (failed pull): free what was allocated for it and queue the
+        request to compute its prompt here — like a preempted request, it re-prefills prompt + token 0
+        and goes on from token 1.  False if it was aborted meanwhile."""
+        seq = self.remote.pop(request_id, None)
+        if seq is None:
+            return False
+        self.blocks.free(request_id)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.scheduler.add(seq)
+        return True
+
     def abort(self, request_id: str) -> bool:
         """Drop the request wherever it is and free its blocks at once."""
         seq = self.scheduler.remove(request_id) or self.remote.pop(request_id, None) or self.held.pop(request_id, None)

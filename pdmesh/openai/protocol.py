@@ -77,6 +77,10 @@ def _is_int(v: Any) -> bool:
 def _check_text(s: str, param: str) -> str:
     if "\x00" in s:
         raise bad(f"'{param}' contains a NUL character", param)
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(f"'{param}' contains an unpaired UTF-16 surrogate", param) from None
     return s
 
 
@@ -176,6 +180,10 @@ def _prompts(body: dict, limits: Limits) -> list[Union[str, list[int]]]:
     return items
 
 
+def _no_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
+
+
 def parse_request(raw: bytes, kind: str, limits: Limits) -> OpenAIRequest:
     """Parse and validate a /v1/chat/completions (kind='chat') or /v1/completions body."""
     try:
@@ -183,7 +191,7 @@ def parse_request(raw: bytes, kind: str, limits: Limits) -> OpenAIRequest:
     except UnicodeDecodeError:
         raise bad("request body is not valid UTF-8") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise bad(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
     if not isinstance(body, dict):

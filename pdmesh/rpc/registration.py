@@ -13,14 +13,16 @@ import grpc
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import scheduler_pb2 as spb
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
-from pdmesh.rpc.server import CHANNEL_OPTIONS
+from pdmesh.rpc.channels import open_channel
+from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger(__name__)
 
 
 class Registration:
     def __init__(self, scheduler_address: str, info: pb.WorkerInfo, load: Callable[[], pb.WorkerLoad],
-                 rpc_timeout: float = 5.0) -> None:
+                 rpc_timeout: float = 5.0, tls: TlsConfig = PLAINTEXT) -> None:
+        self.tls = tls
         self.scheduler_address = scheduler_address
         self.info = info
         self.load = load
@@ -33,7 +35,7 @@ class Registration:
 
     async def run(self) -> None:
         backoff = 0.2
-        async with grpc.aio.insecure_channel(self.scheduler_address, options=CHANNEL_OPTIONS) as ch:
+        async with open_channel(self.scheduler_address, self.tls) as ch:
             stub = sgrpc.SchedulerStub(ch)
             while not self._stop.is_set():
                 try:

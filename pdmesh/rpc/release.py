@@ -16,6 +16,11 @@ from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as pgrpc
 
 log = logging.getLogger(__name__)
+
+REFUSED_KEY = "pdmesh-refused"
+"""Trailing metadata of a decode worker's refusal that left the request's KV untouched on the
+prefill worker (draining, too many requests, no free blocks): the caller may offer the same KV
+to another decode worker, and releases it if none takes it."""
 _pending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Awaitable, Callable, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+if TYPE_CHECKING:
+    from pdmesh.rpc.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,10 @@ class Health:
                 await res
 
 
-def bind(server: grpc.aio.Server, host: str, port: int) -> int:
-    bound = server.add_insecure_port(f"{host}:{port}")
+def bind(server: grpc.aio.Server, host: str, port: int, tls: Optional["TlsConfig"] = None) -> int:
+    """Listen on host:port (0: a free port), over TLS when ``tls`` is enabled; the bound port."""
+    addr = f"{host}:{port}"
+    bound = server.add_secure_port(addr, tls.server_credentials()) if tls is not None and tls.enabled else server.add_insecure_port(addr)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     return bound

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import grpc
 import torch
 
 from pdmesh.kv.pool import KVCachePool
+from pdmesh.metrics import ServiceMetrics
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
+from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import kv_transfer_pb2 as kpb
@@ -30,15 +32,15 @@ def blocks_per_chunk(block_bytes: int) -> int:
 
 
 class KVTransferServicer(kgrpc.KVTransferServicer):
-    """Prefill side. ``fault`` (tests) may corrupt the stream: it gets the request id and returns
-    None (normal), 'fail' (abort the call) or 'truncate' (drop the last chunk)."""
+    """Prefill side. ``faults`` (``--inject-kv-faults``, tests only) may corrupt pulls."""
 
     def __init__(self, pool: KVCachePool, leases: LeaseTable, incarnation: str = "",
-                 fault: Optional[Callable[[str], Optional[str]]] = None) -> None:
+                 faults: Optional[FaultPlan] = None, metrics: Optional[ServiceMetrics] = None) -> None:
+        self.metrics = metrics
         self.pool = pool
         self.incarnation = incarnation
         self.leases = leases
-        self.fault = fault
+        self.faults = faults or FaultPlan()
         self.per_chunk = blocks_per_chunk(pool.layout.block_bytes)
 
     async def Pull(self, request: kpb.PullRequest, context: grpc.aio.ServicerContext):
@@ -50,13 +52,17 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             ids = list(request.block_ids)
             if not set(ids) <= held:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requested blocks are not held for this request")
-            mode = self.fault(request.request_id) if self.fault else None
+            mode = self.faults.next_pull()
+            if mode and self.metrics is not None:
+                self.metrics.inc("kv_transfer_faults_injected_total", mode=mode)
             if mode == "fail":
                 await context.abort(grpc.StatusCode.INTERNAL, "injected transfer failure")
             starts = list(range(0, len(ids), self.per_chunk))
             if mode == "truncate" and starts:
                 starts = starts[:-1]
             for start in starts:
+                if self.faults.delay:
+                    await asyncio.sleep(self.faults.delay)
                 chunk = ids[start:start + self.per_chunk]
                 data = await asyncio.to_thread(self._read, chunk)
                 yield kpb.KVChunk(first_index=start, num_blocks=len(chunk), data=data)

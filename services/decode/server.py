@@ -6,8 +6,13 @@ Lifecycle of a request here
 are not pulled) -> pull the rest from the prefill worker over the descriptor's transport -> tell
 prefill to ``Release`` -> queue the request in the continuous batch from its first token ->
 stream tokens (a step's tokens per message; steps that finished while the client was busy are
-coalesced) -> finish.  Every exit path frees the local blocks: no room (RESOURCE_EXHAUSTED, and
-prefill is told to release at once), failed transfer (UNAVAILABLE), cancellation or ``Abort``.
+coalesced) -> finish.  Every exit path frees the local blocks.  A refusal before the KV is touched
+(draining, too many requests, no free blocks) carries the ``pdmesh-refused`` trailer and leaves
+the KV held on prefill: the gateway offers it to another decode worker or releases it at once.
+Any other failure releases it here.  A failed or timed-out pull frees
+the blocks it was filling and, per ``--kv-load-failure-policy``, either computes the prompt here
+('recompute': the client sees nothing but a later second token) or fails (UNAVAILABLE); prefill
+is told to release in both cases.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import grpc
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc import tracecontext
-from pdmesh.rpc.release import release_held_kv
+from pdmesh.rpc.release import REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport, TransferError
 from pdmesh.transport.grpc_transport import GrpcKVTransport
@@ -30,6 +35,7 @@ from pdmesh.v1 import decode_pb2_grpc as dgrpc
 from pdmesh.worker import WorkerRuntime
 
 log = logging.getLogger(__name__)
+REFUSED = ((REFUSED_KEY, "1"),)
 
 
 class DecodeServicer(dgrpc.DecodeServicer):
@@ -43,11 +49,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
 
     async def Generate(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext):
         desc = request.kv
-        try:
-            await self.rt.refuse_if_draining(context)
-        except BaseException:
-            self._release_prefill(desc)
-            raise
+        await self.rt.refuse_if_unable(context, REFUSED)
         rid = request.request_id
         tp = tracecontext.from_context(context)
         try:
@@ -76,38 +78,27 @@ class DecodeServicer(dgrpc.DecodeServicer):
             except RequestRejected as exc:
                 self._release_prefill(desc)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if adm is None:
-                self._release_prefill(desc)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.rt.worker_id} has no free KV blocks")
+            if adm is None:  # the caller may offer the KV to another decode worker, else releases it
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.rt.worker_id} has no free KV blocks",
+                                    REFUSED)
             if len(adm.block_ids) != len(desc.block_ids):
                 self._release_prefill(desc)
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
             k = adm.num_cached_blocks
             span.add_event("admitted", {"pdmesh.blocks": len(adm.block_ids), "pdmesh.cached_blocks": k})
-            xfer = tel.child_span("pdmesh.kv_transfer", span, {"pdmesh.kv.transport": transport.name})
-            xtp = tel.traceparent(xfer, tp)
             try:
-                res = await transport.pull(desc, list(desc.block_ids)[k:], adm.block_ids[k:], self.rt.llm.pool,
-                                           self.rt.wcfg.kv_transfer_timeout, tracecontext.metadata(xtp))
+                stats = await self._pull(rid, desc, transport, adm, span, tp)
             except TransferError as exc:
-                xfer.set_attribute("error.type", "transfer_failed")
-                xfer.end()
-                log.warning("request %s: %s", rid, exc)
-                self._release_prefill(desc)
+                self._release_prefill(desc, tp)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
-            xfer.set_attributes({"pdmesh.kv.bytes": res.bytes, "pdmesh.kv.blocks": res.blocks, "pdmesh.kv.cached_blocks": k,
-                                 "pdmesh.kv.seconds": res.seconds, "pdmesh.kv.gbps": res.gbps})
-            xfer.end()
-            m = self.rt.metrics
-            m.inc("kv_transfer_bytes_total", res.bytes, transport=res.transport)
-            m.observe("kv_transfer_seconds", res.seconds, transport=res.transport)
-            log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms",
-                     rid, tracecontext.trace_id(tp), res.blocks, k, res.bytes, res.transport, res.seconds * 1e3)
-            self._release_prefill(desc, xtp)
-            if not await eng.call(lambda e: e.activate_remote(rid)):
+            self._release_prefill(desc, tp)
+            if stats.transport == "recompute":
+                activated = await eng.call(lambda e: e.recompute_remote(rid))
+            else:
+                activated = await eng.call(lambda e: e.activate_remote(rid))
+            if not activated:
                 await context.abort(grpc.StatusCode.CANCELLED, "request was aborted during the KV transfer")
-            yield dpb.GenerateResponse(transfer=pb.TransferStats(
-                transport=res.transport, bytes=res.bytes, blocks=res.blocks, cached_blocks=k, seconds=res.seconds))
+            yield dpb.GenerateResponse(transfer=stats)
             async for batch in eng.iterate_batches(rid, q):
                 msg = dpb.GenerateResponse()
                 for out in batch:
@@ -136,12 +127,41 @@ class DecodeServicer(dgrpc.DecodeServicer):
                 self.rt.metrics.inc("num_aborted_requests_total")
             self.rt.inflight -= 1
 
+    async def _pull(self, rid: str, desc: pb.KVDescriptor, transport: BaseKVTransport, adm, span, tp: Optional[str]
+                    ) -> pb.TransferStats:
+        """Pull the prompt's blocks (beyond local prefix-cache hits) into ``adm.block_ids``.  A failed
+        pull raises ``TransferError`` under ``--kv-load-failure-policy fail``; under 'recompute' it
+        returns stats with transport 'recompute' and the request computes its prompt here."""
+        tel, k, m = self.rt.tel, adm.num_cached_blocks, self.rt.metrics
+        xfer = tel.child_span("pdmesh.kv_transfer", span, {"pdmesh.kv.transport": transport.name})
+        xtp = tel.traceparent(xfer, tp)
+        try:
+            res = await transport.pull(desc, list(desc.block_ids)[k:], adm.block_ids[k:], self.rt.llm.pool,
+                                       self.rt.wcfg.kv_transfer_timeout, tracecontext.metadata(xtp))
+        except TransferError as exc:
+            policy = self.rt.wcfg.kv_load_failure_policy
+            xfer.set_attributes({"error.type": "transfer_failed", "pdmesh.kv.failure_policy": policy})
+            xfer.end()
+            m.inc("kv_transfer_failures_total", action=policy)
+            log.warning("request %s: %s (policy: %s)", rid, exc, policy)
+            if policy == "fail":
+                raise
+            return pb.TransferStats(transport="recompute", cached_blocks=k)
+        xfer.set_attributes({"pdmesh.kv.bytes": res.bytes, "pdmesh.kv.blocks": res.blocks, "pdmesh.kv.cached_blocks": k,
+                             "pdmesh.kv.seconds": res.seconds, "pdmesh.kv.gbps": res.gbps})
+        xfer.end()
+        m.inc("kv_transfer_bytes_total", res.bytes, transport=res.transport)
+        m.observe("kv_transfer_seconds", res.seconds, transport=res.transport)
+        log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms",
+                 rid, tracecontext.trace_id(tp), res.blocks, k, res.bytes, res.transport, res.seconds * 1e3)
+        return pb.TransferStats(transport=res.transport, bytes=res.bytes, blocks=res.blocks, cached_blocks=k, seconds=res.seconds)
+
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return pb.AbortResponse(found=await self.rt.engine.abort(request.request_id))
 
 
 async def serve(rt: WorkerRuntime) -> None:
-    channels = ChannelPool()
+    channels = rt.channels
     transports: dict[str, BaseKVTransport] = {}
 
     def add(r: WorkerRuntime) -> list[str]:
@@ -154,7 +174,4 @@ async def serve(rt: WorkerRuntime) -> None:
         dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, transports, channels), r.server)
         return ["pdmesh.v1.Decode"]
 
-    try:
-        await rt.run(add)
-    finally:
-        await channels.close()
+    await rt.run(add)

@@ -9,6 +9,7 @@ on SIGTERM: ``/health`` turns 503, new requests get 503, in-flight streams finis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -29,14 +30,17 @@ async def serve(argv: Optional[list[str]]) -> None:
     from services.gateway.app import Gateway, build_app
     from services.gateway.config import build
 
-    cfg, mcfg, tcfg = build(argv)
+    cfg, mcfg, tcfg, tls = build(argv)
     res = await asyncio.to_thread(resolve, mcfg)
     tok = await asyncio.to_thread(Tokenizer, res.tokenizer_path)
     max_len = mcfg.max_model_len or res.arch.max_position_embeddings
-    gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"))
+    gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"), tls)
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
                                            loop="none", lifespan="on", timeout_graceful_shutdown=30))
+    # Signals are ours (drain first: /health 503 and new requests 503 while in-flight ones finish,
+    # then stop listening); uvicorn would otherwise close the listener at the first SIGTERM.
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

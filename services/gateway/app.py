@@ -27,10 +27,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pdmesh.engine.sequence import SamplingParams
-from pdmesh.metrics import ServiceMetrics
+from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.openai.protocol import APIError, Limits, OpenAIRequest, finalize_max_tokens, parse_request
 from pdmesh.openai.reasoning import ReasoningParser
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.tokenizer import Tokenizer
 from services.gateway.choices import Choice, Delta, logprobs_chat, logprobs_completion, make_choices, run_choice
@@ -46,14 +48,14 @@ def error_response(err: APIError) -> JSONResponse:
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, served_name: str, max_model_len: int,
-                 tel: Optional[Telemetry] = None) -> None:
+                 tel: Optional[Telemetry] = None, tls: TlsConfig = PLAINTEXT) -> None:
         self.cfg = cfg
         self.tel = tel or Telemetry(TracingConfig(tracing="off"), "gateway")
         self.tok = tokenizer
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.api_key = cfg.resolved_api_key()
-        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout)
+        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout, channels=ChannelPool(tls))
         self.limits = Limits(max_model_len, cfg.max_n, cfg.max_stop, vocab_size=tokenizer.vocab_size)
         self.inflight = 0
         self.ready = False
@@ -62,7 +64,7 @@ class Gateway:
         vocab = tokenizer.hf.get_vocab()
         mode = cfg.reasoning_parser
         self.reasoning = mode == "think" or (mode == "auto" and "<think>" in vocab and "</think>" in vocab)
-        self._health_task: Optional[asyncio.Task] = None
+        self._tasks: list[asyncio.Task] = []
         self.metrics = ServiceMetrics(served_name, "gateway", f"{cfg.host}:{cfg.port}")
 
     def on_tokens(self, c: Choice, first_index: int, token_ids: list[int]) -> None:
@@ -115,11 +117,11 @@ class Gateway:
     async def startup(self) -> None:
         if self.cfg.metrics_port >= 0:
             self.metrics.serve(self.cfg.metrics_port, self.cfg.host)
-        self._health_task = asyncio.create_task(self._watch_workers())
+        self._tasks = [asyncio.create_task(self._watch_workers()), asyncio.create_task(watch_event_loop(self.metrics))]
 
     async def shutdown(self) -> None:
-        if self._health_task:
-            self._health_task.cancel()
+        for t in self._tasks:
+            t.cancel()
         await self.mesh.channels.close()
         self.tel.shutdown()
 
@@ -184,6 +186,12 @@ class Gateway:
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, "completion")
 
+    def rejected(self, err: APIError) -> APIError:
+        """Count a request refused before it reached the mesh (the gateway's books:
+        received = rejected + finished{ok, error, aborted})."""
+        self.metrics.inc("requests_rejected_total", status=str(err.status))
+        return err
+
     def admit(self, raw: bytes, kind: str) -> tuple[OpenAIRequest, list[list[int]], list[SamplingParams]]:
         """Validation through backpressure, for HTTP and gRPC alike; raises APIError."""
         req = parse_request(raw, kind, self.limits)
@@ -222,10 +230,11 @@ class Gateway:
         return Launched(req, rid, choices, tasks, queue, span, traceparent)
 
     async def _generate(self, request: Request, kind: str) -> Response:
+        self.metrics.inc("requests_received_total")
         try:
             req, prompts, params = self.admit(await self._body(request), kind)
         except APIError as err:
-            return error_response(err)
+            return error_response(self.rejected(err))
         incoming = request.headers.get("traceparent")
         run = self.launch(req, prompts, params, incoming if tracecontext.valid(incoming) else None)
         rid, choices, tasks, queue, span, traceparent = run.rid, run.choices, run.tasks, run.queue, run.span, run.traceparent
@@ -237,7 +246,7 @@ class Gateway:
                 return error_response(err)
             if req.stream:
                 handed_off = True
-                return StreamingResponse(self._sse(req, rid, choices, tasks, queue, span), media_type="text/event-stream",
+                return _ClosingStream(self._sse(req, rid, choices, tasks, queue, span), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Request-Id": rid, "traceparent": traceparent})
             await self._until_disconnect(request, asyncio.gather(*tasks))
             errors = [d.error for d in self._drain(queue) if d.error is not None]
@@ -254,9 +263,17 @@ class Gateway:
         """Every request ends here once: choices cancelled (aborting them in the mesh) or done."""
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:  # the caller may itself be cancelled (client gone): the books are kept regardless
+            await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        finally:
+            self._close_books(span, req, rid, choices)
+
+    def _close_books(self, span, req: OpenAIRequest, rid: str, choices: list[Choice]) -> None:
         self.inflight -= 1
         self.metrics.set("num_requests_running", self.inflight)
+        outcomes = {c.outcome.split(":")[0] for c in choices}
+        self.metrics.inc("requests_finished_total", outcome="error" if "error" in outcomes else
+                         "aborted" if outcomes - {"ok"} else "ok")  # '' : cancelled before it ran
         self._finish_span(span, req, rid, choices)
 
     @staticmethod
@@ -282,6 +299,7 @@ class Gateway:
             watcher.cancel()
         if work not in done:
             work.cancel()
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nothing to log
             raise _Disconnected()
         return work.result()
 
@@ -367,6 +385,18 @@ class Gateway:
 
 class _Disconnected(Exception):
     pass
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes its generator as soon as the response ends, however it
+    ends (a client that disconnects mid-stream included), so that the request's ``finally`` —
+    aborting its choices in the mesh, freeing KV — runs now, not whenever the GC finalizes it."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
 @dataclass

@@ -4,6 +4,7 @@ reasoning split, logprob shapes; and running all choices of a request concurrent
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pdmesh.openai.reasoning import ReasoningParser
 from pdmesh.tokenizer import StopStringMatcher, Tokenizer
 from services.gateway.errors import mesh_error_to_api
 from services.gateway.mesh_client import MeshClient, MeshError, RequestTrace
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,9 +140,14 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
     except asyncio.CancelledError:
         choice.outcome = "aborted"
         raise
-    except MeshError as exc:
-        choice.outcome = f"error:{exc.code.name.lower()}"
-        err = mesh_error_to_api(exc)
+    except Exception as exc:  # noqa: BLE001 - the stream must end with an error, never hang
+        if isinstance(exc, MeshError):
+            choice.outcome = f"error:{exc.code.name.lower()}"
+            err = mesh_error_to_api(exc)
+        else:
+            log.exception("choice %s failed", choice.request_id)
+            choice.outcome = "error:internal"
+            err = APIError(500, f"internal error: {type(exc).__name__}", "internal_error", code="internal_error")
         if not choice.started.done():
             choice.started.set_exception(err)
         out.put_nowait(Delta(choice.index, error=err))

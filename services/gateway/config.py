@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from pdmesh.config import ModelConfig, _require, add_flags, from_flags
+from pdmesh.rpc.tls import TlsConfig
 from pdmesh.telemetry import TracingConfig
 
 
@@ -67,9 +68,10 @@ def parser() -> argparse.ArgumentParser:
     add_flags(p, GatewayConfig)
     add_flags(p, ModelConfig, skip=("dtype", "seed"))
     add_flags(p, TracingConfig)
+    add_flags(p, TlsConfig)
     return p
 
 
-def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig, TracingConfig]:
+def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig, TracingConfig, TlsConfig]:
     ns = parser().parse_args(argv)
-    return from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns), from_flags(TracingConfig, ns)
+    return from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns), from_flags(TracingConfig, ns), from_flags(TlsConfig, ns)

@@ -98,10 +98,11 @@ class InferenceServicer(igrpc.InferenceServicer):
         if model:
             body["model"] = model
         body.update(sampling_body(sampling, kind))
+        gw.metrics.inc("requests_received_total")
         try:
             req, prompts, params = gw.admit(json.dumps(body).encode(), kind)
         except APIError as err:
-            await context.abort(status_of(err), err.message)
+            await context.abort(status_of(err), gw.rejected(err).message)
         run = gw.launch(req, prompts, params, tracecontext.from_context(context))
         try:
             try:

@@ -22,6 +22,8 @@ from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.release import release_held_kv
 from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
+from pdmesh.rpc.release import REFUSED_KEY
+from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
@@ -31,7 +33,8 @@ from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+"""Prefill failures tried again on another worker (gone, draining, or full)."""
 
 
 class MeshError(Exception):
@@ -80,6 +83,18 @@ class MeshClient:
     async def list_workers(self, timeout: float = 2.0) -> spb.ListWorkersResponse:
         return await self._scheduler().ListWorkers(spb.ListWorkersRequest(), timeout=timeout)
 
+    async def _route(self, rid: str, model: str, prompt_len: int, exclude: list[str], deadline: float,
+                     trace: RequestTrace) -> spb.RouteResponse:
+        try:
+            return await self._scheduler().Route(
+                spb.RouteRequest(request_id=rid, model=model, prompt_tokens=prompt_len, exclude_worker_ids=exclude),
+                timeout=min(self.route_timeout, max(0.01, deadline - time.monotonic())),
+                metadata=tracecontext.metadata(trace.traceparent))
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
+            raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
+
     async def _prefill(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
                        trace: RequestTrace) -> tuple[spb.RouteResponse, ppb.PrefillResponse]:
         exclude: list[str] = []
@@ -87,14 +102,11 @@ class MeshClient:
         for attempt in range(self.max_attempts):
             trace.attempts = attempt + 1
             try:
-                route = await self._scheduler().Route(
-                    spb.RouteRequest(request_id=rid, model=model, prompt_tokens=len(prompt), exclude_worker_ids=exclude),
-                    timeout=min(self.route_timeout, max(0.01, deadline - time.monotonic())),
-                    metadata=tracecontext.metadata(trace.traceparent))
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
-                raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
+                route = await self._route(rid, model, len(prompt), exclude, deadline, trace)
+            except MeshError:
+                if last is not None:  # no other worker left: the earlier refusal says why
+                    raise last
+                raise
             trace.prefill_worker, trace.decode_worker, trace.route_reason = route.prefill.worker_id, route.decode.worker_id, route.reason
             try:
                 resp = await self.channels.stub(route.prefill.address, pgrpc.PrefillStub).Prefill(
@@ -110,6 +122,18 @@ class MeshClient:
         assert last is not None
         raise last
 
+    async def _other_decode(self, rid: str, model: str, prompt_len: int, kv, exclude: list[str], deadline: float,
+                            trace: RequestTrace) -> Optional[pb.WorkerInfo]:
+        """Another decode worker that can pull ``kv`` (same transport; same host for cuda_ipc), or None."""
+        try:
+            route = await self._route(rid, model, prompt_len, exclude, deadline, trace)
+        except MeshError:
+            return None
+        d = route.decode
+        if kv.transport not in d.transports or (kv.transport == "cuda_ipc" and d.host_id != kv.host_id):
+            return None
+        return d
+
     async def stream(self, rid: str, model: str, prompt: list[int], params: SamplingParams, timeout: float,
                      trace: Optional[RequestTrace] = None) -> AsyncIterator[TokenEvent]:
         trace = trace or RequestTrace()
@@ -123,31 +147,49 @@ class MeshClient:
         yield TokenEvent([pre.first_token_id], first_lp, done, pre.finish_reason or None)
         if done:
             return
+        decode, tried = route.decode, []
         call = None
         took_kv = False
         finished = False
         try:
-            call = self.channels.stub(route.decode.address, dgrpc.DecodeStub).Generate(
-                dpb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, first_token_id=pre.first_token_id,
-                                    params=params_to_proto(params), kv=pre.kv),
-                timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
-            async for msg in call:
-                if msg.HasField("transfer"):
-                    took_kv = True
-                    t = msg.transfer
-                    trace.transport, trace.transfer_bytes, trace.transfer_seconds = t.transport, t.bytes, t.seconds
-                if msg.token_ids or msg.finished:
-                    lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
-                    finished = msg.finished
-                    yield TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
-                if msg.finished:
-                    return
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"decode worker {route.decode.worker_id} ended the stream early")
-        except grpc.aio.AioRpcError as exc:
-            took_kv = took_kv or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
-            raise MeshError(exc.code(), f"decode worker {route.decode.worker_id}: {exc.details() or exc.code().name}") from exc
+            while True:
+                call = self.channels.stub(decode.address, dgrpc.DecodeStub).Generate(
+                    dpb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, first_token_id=pre.first_token_id,
+                                        params=params_to_proto(params), kv=pre.kv),
+                    timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
+                try:
+                    async for msg in call:
+                        if msg.HasField("transfer"):
+                            took_kv = True
+                            t = msg.transfer
+                            trace.transport, trace.transfer_bytes, trace.transfer_seconds = t.transport, t.bytes, t.seconds
+                        if msg.token_ids or msg.finished:
+                            lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
+                            finished = msg.finished
+                            yield TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
+                        if msg.finished:
+                            return
+                    raise MeshError(grpc.StatusCode.UNAVAILABLE, f"decode worker {decode.worker_id} ended the stream early")
+                except grpc.aio.AioRpcError as exc:
+                    refused = not took_kv and _refused(exc)
+                    if refused:
+                        tried.append(decode.worker_id)
+                        nxt = await self._other_decode(rid, model, len(prompt), pre.kv, tried, deadline, trace) \
+                            if len(tried) < self.max_attempts else None
+                        if nxt is not None:
+                            log.info("decode %s refused %s (%s); trying %s", decode.worker_id, rid, exc.code().name, nxt.worker_id)
+                            decode, trace.decode_worker = nxt, nxt.worker_id
+                            continue
+                    took_kv = took_kv or not refused
+                    raise MeshError(exc.code(), f"decode worker {decode.worker_id}: {exc.details() or exc.code().name}") from exc
         finally:
             if call is not None and not finished:
                 call.cancel()
             if not took_kv:
                 release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
+
+
+def _refused(exc: grpc.aio.AioRpcError) -> bool:
+    """The decode worker turned the request away before touching its KV (draining, full): the
+    prefill worker still holds the KV, so another decode worker may take it."""
+    return any(k == REFUSED_KEY for k, _ in (exc.trailing_metadata() or ()))

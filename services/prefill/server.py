@@ -21,6 +21,7 @@ import grpc
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc import tracecontext
 from pdmesh.rpc.convert import layout_to_proto, logprob_to_proto, params_from_proto
+from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.grpc_transport import KVTransferServicer
 from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import common_pb2 as pb
@@ -38,7 +39,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
         self.leases = leases
 
     async def Prefill(self, request: ppb.PrefillRequest, context: grpc.aio.ServicerContext) -> ppb.PrefillResponse:
-        await self.rt.refuse_if_draining(context)
+        await self.rt.refuse_if_unable(context)
         rid = request.request_id
         try:
             params = params_from_proto(request.params)
@@ -109,7 +110,10 @@ class PrefillServicer(pgrpc.PrefillServicer):
 
 def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
     pgrpc.add_PrefillServicer_to_server(PrefillServicer(rt, leases), rt.server)
-    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases, rt.incarnation), rt.server)
+    faults = FaultPlan.parse(rt.wcfg.inject_kv_faults)
+    if faults.mode:
+        log.warning("injecting KV transfer faults: %s", rt.wcfg.inject_kv_faults)
+    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases, rt.incarnation, faults, rt.metrics), rt.server)
     return ["pdmesh.v1.Prefill", "pdmesh.v1.KVTransfer"]
 
 

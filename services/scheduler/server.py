@@ -20,7 +20,8 @@ from typing import Optional
 import grpc
 
 from pdmesh.config import _require, add_flags
-from pdmesh.metrics import ServiceMetrics
+from pdmesh.metrics import ServiceMetrics, watch_event_loop
+from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.rpc import tracecontext
 from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.routing import POLICIES, NoRoute, Registry, RegistrationRefused, route
@@ -116,21 +117,22 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
                 log.warning("worker %s missed its heartbeats: removed from routing", w)
 
 
-async def serve(cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = None) -> None:
+async def serve(cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = None, tls: TlsConfig = PLAINTEXT) -> None:
     server = make_server()
     servicer = SchedulerServicer(cfg, tcfg)
     sgrpc.add_SchedulerServicer_to_server(servicer, server)
     health = Health(server, ["pdmesh.v1.Scheduler"])
-    port = bind(server, cfg.host, cfg.port)
+    port = bind(server, cfg.host, cfg.port, tls)
     await server.start()
     await health.set_serving(True)
     if cfg.metrics_port >= 0:
         servicer.metrics.serve(cfg.metrics_port, cfg.host)
-    reaper = asyncio.create_task(servicer.reap_forever())
+    background = [asyncio.create_task(servicer.reap_forever()), asyncio.create_task(watch_event_loop(servicer.metrics))]
     print(f"READY scheduler {cfg.host}:{port}", flush=True)
     log.info("scheduler serving on %s:%d", cfg.host, port)
     await serve_until_signal(server, health, cfg.drain_timeout)
-    reaper.cancel()
+    for t in background:
+        t.cancel()
     servicer.tel.shutdown()
 
 
@@ -138,4 +140,5 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdmesh scheduler", description="pdmesh scheduler: registry and routing")
     add_flags(p, SchedulerServiceConfig)
     add_flags(p, TracingConfig)
+    add_flags(p, TlsConfig)
     return p

@@ -1,0 +1,143 @@
+"""A streaming OpenAI client for fault tests: every request ends in exactly one recorded outcome
+(ok, error, aborted by us) and never hangs; plus the "nothing lost" check."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import httpx
+
+from tests.meshproc import gateway_books, wait_idle
+
+KV_LEASE = 8.0
+"""--kv-lease-seconds of the fault meshes' prefill workers."""
+HEARTBEAT = 1.0
+LOST_WITHIN = KV_LEASE + 2 * HEARTBEAT + 2.0
+"""Seconds after which everything must be back at baseline (lease + 2 heartbeats, + scrape slack)."""
+WORKER_ARGS = ("--kv-lease-seconds", str(KV_LEASE))
+
+
+@dataclass
+class Outcome:
+    kind: str
+    """ok | error | aborted (we disconnected) | truncated (stream ended with neither finish nor error: a bug)."""
+    status: int = 0
+    finish_reason: Optional[str] = None
+    text: str = ""
+    error: Optional[dict] = None
+    chunks: int = 0
+    seconds: float = 0.0
+    retry_after: Optional[str] = None
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def add(self, o: Outcome) -> Outcome:
+        self.outcomes.append(o)
+        return o
+
+    def count(self, kind: str) -> int:
+        return sum(o.kind == kind for o in self.outcomes)
+
+    def statuses(self) -> dict[str, int]:
+        return dict(collections.Counter(f"{o.kind}:{o.status}" for o in self.outcomes))
+
+    def summary(self) -> dict:
+        return {"sent": self.sent, "ok": self.count("ok"), "errors": self.count("error") + self.count("truncated"),
+                "aborted": self.count("aborted"), "by_outcome": self.statuses()}
+
+    def assert_balanced(self) -> None:
+        s = self.summary()
+        assert s["sent"] == s["ok"] + s["errors"] + s["aborted"], s
+        assert self.count("truncated") == 0, "a stream ended without finish_reason or error"
+
+
+def body(prompt, max_tokens: int = 16, **kw) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True, **kw}
+
+
+async def stream(client: httpx.AsyncClient, tally: Tally, payload: dict, cut_after_chunks: Optional[int] = None,
+                 cut_after_seconds: Optional[float] = None, timeout: float = 60.0, path: str = "/v1/completions",
+                 on_chunk: Optional[Callable[[int], None]] = None) -> Outcome:
+    """POST a streaming request; disconnect after ``cut_after_chunks`` content chunks or
+    ``cut_after_seconds`` (an 'aborted' outcome).  A request that outlives ``timeout`` fails the test."""
+    tally.sent += 1
+    t0 = time.monotonic()
+    o = Outcome("truncated")
+
+    async def go() -> None:
+        async with client.stream("POST", path, json=payload) as r:
+            o.status = r.status_code
+            o.retry_after = r.headers.get("retry-after")
+            if r.status_code != 200:
+                raw = await r.aread()
+                o.kind = "error"
+                o.error = json.loads(raw).get("error") if raw.startswith(b"{") else {"raw": raw[:200].decode(errors="replace")}
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    if o.finish_reason is not None and o.kind != "error":
+                        o.kind = "ok"
+                    return
+                obj = json.loads(data)
+                if "error" in obj:
+                    o.kind, o.error = "error", obj["error"]
+                    continue  # the stream must close right after it
+                for ch in obj.get("choices", []):
+                    o.text += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+                    o.finish_reason = ch.get("finish_reason") or o.finish_reason
+                o.chunks += 1
+                if on_chunk is not None:
+                    on_chunk(o.chunks)
+                if cut_after_chunks is not None and o.chunks >= cut_after_chunks:
+                    o.kind = "aborted"
+                    return
+
+    try:
+        if cut_after_seconds is not None:
+            try:
+                await asyncio.wait_for(go(), cut_after_seconds)
+            except asyncio.TimeoutError:
+                o.kind = "aborted"
+        else:
+            await asyncio.wait_for(go(), timeout)
+    except httpx.TransportError as exc:
+        o.kind, o.error = "error", {"transport": repr(exc)}
+    o.seconds = time.monotonic() - t0
+    return tally.add(o)
+
+
+def books_delta(before: dict, after: dict) -> dict:
+    return {k: after[k] - before[k] for k in before}
+
+
+def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, before_books: Optional[dict] = None,
+                 expect_workers: Optional[int] = None) -> int:
+    """Everything back at baseline within ``LOST_WITHIN`` s; the books balance.  Returns blocks leaked (0)."""
+    tally.assert_balanced()
+    ws = wait_idle(scheduler, LOST_WITHIN, expect_workers)
+    leaked = sum(w.load.total_blocks - w.load.free_blocks + w.load.held_blocks for w in ws)
+    if gateway_metrics and before_books is not None:
+        deadline = time.monotonic() + 5
+        while True:
+            d = books_delta(before_books, gateway_books(gateway_metrics))
+            balanced = d["received"] == d["rejected"] + d["ok"] + d["failed"] + d["aborted"]
+            if (balanced and gateway_books(gateway_metrics)["running"] == 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert balanced, d
+        # a client that hangs up within milliseconds may be gone before the gateway read its request
+        unanswered = sum(o.kind == "aborted" and o.status == 0 for o in tally.outcomes)
+        assert tally.sent - unanswered <= d["received"] <= tally.sent, (d, tally.summary())
+    return leaked

@@ -1,0 +1,90 @@
+"""The fault and bad-input suite (issue: reliability).  Every test drives real processes on
+127.0.0.1, injects its faults, then checks that nothing was lost: within lease + 2 heartbeats every
+worker is back at its baseline (all KV blocks free, nothing held for transfer, nothing running,
+waiting or in flight) and the books balance (sent = ok + errors + aborted, on the client and in the
+gateway's own counters).  The figures of the run go to results/cpu/fault-suite.json."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.faults.client import Tally
+
+RESULTS = Path(__file__).resolve().parents[2] / "results" / "cpu" / "fault-suite.json"
+
+
+class Report:
+    def __init__(self) -> None:
+        self.entries: dict[str, dict] = {}
+
+    def add(self, name: str, tally: Tally, faults_injected: int, blocks_leaked: int, **extra) -> None:
+        self.entries[name] = {"faults_injected": faults_injected, **tally.summary(), "blocks_leaked": blocks_leaked, **extra}
+        print(f"\n[fault-suite] {name}: {json.dumps(self.entries[name])}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=RESULTS.parents[2]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+@pytest.fixture(scope="session")
+def report():
+    rep = Report()
+    yield rep
+    if not rep.entries:
+        return
+    totals = {k: sum(e.get(k, 0) for e in rep.entries.values())
+              for k in ("faults_injected", "sent", "ok", "errors", "aborted", "blocks_leaked")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+        "commit": _commit(), "command": "python -m pytest -q tests/faults",
+        "totals": totals, "tests": rep.entries}, indent=1) + "\n")
+
+
+API_KEY = "fault-suite-key"
+
+
+@pytest.fixture(scope="package")
+def shared(tmp_path_factory, embedded_dir):
+    """One mesh for the bad-input, disconnect, backpressure and soak tests: API key on, small
+    queue limits (gateway 16 in flight, prefill 8 pending), KV pulls slowed to 20 ms a chunk so
+    that disconnects land inside transfers too."""
+    from tests.faults.client import WORKER_ARGS
+    from tests.meshproc import Services
+
+    svc = Services(tmp_path_factory.mktemp("shared"), prefill=1, decode=1,
+                   worker_args=WORKER_ARGS, role_args={"prefill": ("--max-pending-requests", "8", "--inject-kv-faults", "delay:0.02")},
+                   gateway_args=("--api-key", API_KEY, "--max-inflight", "16", "--max-stop", "4", "--max-n", "4",
+                                 "--max-request-bytes", "65536"))
+    yield svc
+    rcs = svc.stop_all()
+    assert all(rc == 0 for rc in rcs.values()), rcs
+
+
+def make_client(base: str, api_key: str | None = API_KEY, connections: int = 64):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0),
+                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-seconds", type=float, default=45.0, help="length of the fault suite's soak run")
+
+
+@pytest.fixture
+def soak_seconds(request) -> float:
+    return request.config.getoption("--soak-seconds")
