@@ -124,6 +124,7 @@ class WorkerRuntime:
         """Identifies this process: peers drop cached CUDA IPC handles when it changes."""
         self.draining = False
         self.port = 0
+        self._registration_task: Optional[asyncio.Task] = None
 
     @property
     def worker_id(self) -> str:
@@ -203,7 +204,8 @@ class WorkerRuntime:
         await self.server.start()
         await self.health.set_serving(True)
         self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout, self.tls)
-        tasks = [asyncio.create_task(self.registration.run()), asyncio.create_task(self._refresh_gauges()),
+        self._registration_task = asyncio.create_task(self.registration.run())
+        tasks = [self._registration_task, asyncio.create_task(self._refresh_gauges()),
                  asyncio.create_task(watch_event_loop(self.metrics))]
         tasks += [asyncio.create_task(c) for c in background(self)]
         log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
@@ -249,6 +251,11 @@ class WorkerRuntime:
             self.registration.draining = True
         while self.inflight > 0 or (self.engine.stats and (self.engine.stats.num_running or self.engine.stats.num_waiting)):
             await asyncio.sleep(0.05)
+        # Leave routing before the server stops listening: a route handed out now would otherwise
+        # point at a closed port.
+        if self.registration is not None and self._registration_task is not None:
+            await self.registration.stop()
+            await asyncio.wait([self._registration_task], timeout=self.wcfg.rpc_timeout)
 
 
 def build_configs(role: str, default_port: int, argv: Optional[list[str]]
