@@ -12,8 +12,6 @@ from typing import Optional
 
 from pdmesh.config import ConfigError
 
-MODES = ("fail", "truncate", "delay")
-
 
 @dataclass
 class FaultPlan:
@@ -24,8 +22,7 @@ class FaultPlan:
     delay: float = 0.0
     """delay: seconds before each chunk."""
     pulls: int = field(default=0, init=False)
-    injected: int = field(default=0, init=False)
-    """Pulls corrupted so far."""
+    """Pulls served so far."""
 
     @staticmethod
     def parse(spec: str) -> "FaultPlan":
@@ -51,6 +48,5 @@ class FaultPlan:
         """Called once per pull: 'fail', 'truncate' or None for this one."""
         self.pulls += 1
         if self.mode in ("fail", "truncate") and self.pulls % self.every == 0:
-            self.injected += 1
             return self.mode
         return None

@@ -86,12 +86,14 @@ class DecodeServicer(dgrpc.DecodeServicer):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
             k = adm.num_cached_blocks
             span.add_event("admitted", {"pdmesh.blocks": len(adm.block_ids), "pdmesh.cached_blocks": k})
+            failure: Optional[TransferError] = None
             try:
                 stats = await self._pull(rid, desc, transport, adm, span, tp)
             except TransferError as exc:
-                self._release_prefill(desc, tp)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+                failure = exc
             self._release_prefill(desc, tp)
+            if failure is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {failure}")
             if stats.transport == "recompute":
                 activated = await eng.call(lambda e: e.recompute_remote(rid))
             else:

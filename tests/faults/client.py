@@ -131,9 +131,10 @@ def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, b
     if gateway_metrics and before_books is not None:
         deadline = time.monotonic() + 5
         while True:
-            d = books_delta(before_books, gateway_books(gateway_metrics))
+            now = gateway_books(gateway_metrics)
+            d = books_delta(before_books, now)
             balanced = d["received"] == d["rejected"] + d["ok"] + d["failed"] + d["aborted"]
-            if (balanced and gateway_books(gateway_metrics)["running"] == 0) or time.monotonic() > deadline:
+            if (balanced and now["running"] == 0) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         assert balanced, d
