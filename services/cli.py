@@ -198,9 +198,10 @@ def health(argv: list[str]) -> int:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pdmesh {up,gateway,scheduler,prefill,decode,health} [flags]\n\n"
+        print("usage: pdmesh {up,gateway,scheduler,prefill,decode,health,bench} [flags]\n\n"
               "  up         start a whole mesh on this host (pdmesh up --help)\n"
               "  health     check a service's health (for containers)\n"
+              "  bench      serving benchmark against any OpenAI-compatible server (pdmesh bench --help)\n"
               "  gateway    OpenAI-compatible HTTP gateway\n"
               "  scheduler  worker registry and routing\n"
               "  prefill    prefill worker\n"
@@ -211,6 +212,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(up(rest))
     if cmd == "health":
         sys.exit(health(rest))
+    if cmd == "bench":
+        from pdmesh.bench.cli import main as bench_main
+
+        sys.exit(bench_main(rest))
     if cmd not in ROLES:
         print(f"pdmesh: unknown command {cmd!r}; one of up, {', '.join(ROLES)}", file=sys.stderr)
         sys.exit(2)
