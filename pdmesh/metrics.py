@@ -9,6 +9,8 @@ What each role reports (the dashboard in deploy/grafana reads exactly these):
   finish reason, failures by reason, aborts, KV transfer bytes/seconds by transport, in flight.
 * prefill: queue time, prompt and prefix-cache counters, KV held for transfer, running/waiting.
 * decode: generated tokens, KV transfers by transport, running/waiting, KV usage.
+* both (colocated): what prefill and decode report, without transfers.
+* every worker: engine step time by kind (the stack's own cost is client TPOT / decode step time).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ LABELS = ("model_name", "role", "instance")
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
             20.0, 40.0, 80.0)
+_STEP = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03,
+         0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 
 # name -> (kind, documentation, extra labels, buckets)
@@ -32,6 +36,9 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "inter_token_latency_seconds": ("histogram", "Time between consecutive streamed token chunks.", (), _LATENCY),
     "e2e_request_latency_seconds": ("histogram", "Request latency from arrival to last token.", (), _LATENCY),
     "request_queue_time_seconds": ("histogram", "Time a request waited in a worker's queue.", (), _LATENCY),
+    "request_prefill_time_seconds": ("histogram", "Prefill/colocated: time from a request's first scheduling to its first token.", (), _LATENCY),
+    "engine_step_seconds": ("histogram", "Duration of one engine step that produced tokens, by kind (decode: one token per "
+                            "sequence; prefill; mixed).", ("kind",), _STEP),
     "request_prompt_tokens": ("histogram", "Prompt length per request.", (), _TOKENS),
     "request_generation_tokens": ("histogram", "Generated tokens per request.", (), _TOKENS),
     "kv_transfer_seconds": ("histogram", "Duration of one request's KV transfer.", ("transport",), _LATENCY),

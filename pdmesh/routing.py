@@ -8,6 +8,10 @@ Invariants
   layers): registration of an incompatible worker is refused, so any prefill/decode pair the
   scheduler hands out can exchange KV.
 * A pair is only formed when the two share a transport; ``cuda_ipc`` only within one host.
+* A colocated (ROLE_BOTH) worker serves a whole request alone (transport ``local``) and is never
+  half of a pair.  With both kinds present, prompts shorter than ``colocate_below_tokens`` go to
+  a colocated worker and longer ones are disaggregated (conditional disaggregation); with one
+  kind, it serves every prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Optional, Sequence
 from pdmesh.v1 import common_pb2 as pb
 
 TRANSPORT_PREFERENCE = ("cuda_ipc", "grpc")
+LOCAL = "local"
+"""Transport name of a colocated route: the KV never leaves the worker."""
 
 
 class RegistrationRefused(ValueError):
@@ -110,6 +116,10 @@ class BaseRoutingPolicy(ABC):
     def choose(self, prefills: list[WorkerEntry], decodes: list[WorkerEntry], prompt_tokens: int) -> tuple[WorkerEntry, WorkerEntry, str, str]:
         """Returns (prefill, decode, transport, reason); raises NoRoute."""
 
+    @abstractmethod
+    def choose_colocated(self, workers: list[WorkerEntry], prompt_tokens: int) -> tuple[WorkerEntry, str]:
+        """Returns (worker, reason) among non-empty ``workers`` (ROLE_BOTH)."""
+
 
 def _pairs(prefills: list[WorkerEntry], decodes: list[WorkerEntry]):
     for p in prefills:
@@ -148,6 +158,13 @@ class LeastLoadedPolicy(BaseRoutingPolicy):
                   f"decode {d.worker_id} load={self.decode_score(d)[0]} kv_used={self.decode_score(d)[1]}, transport={t}")
         return p, d, t, reason
 
+    def choose_colocated(self, workers, prompt_tokens):
+        def score(e: WorkerEntry) -> tuple:
+            return (self.prefill_score(e)[0] + e.load.waiting_for_kv, self.decode_score(e)[1])
+
+        w = min(workers, key=score)
+        return w, f"{self.name}: colocated {w.worker_id} load={score(w)[0]} kv_used={score(w)[1]}"
+
 
 class RoundRobinPolicy(BaseRoutingPolicy):
     """Deterministic rotation over compatible pairs (tests and debugging)."""
@@ -165,19 +182,33 @@ class RoundRobinPolicy(BaseRoutingPolicy):
         self.counter += 1
         return p, d, t, f"{self.name}: pair {self.counter - 1} of {len(pairs)}"
 
+    def choose_colocated(self, workers, prompt_tokens):
+        ordered = sorted(workers, key=lambda e: e.worker_id)
+        w = ordered[self.counter % len(ordered)]
+        self.counter += 1
+        return w, f"{self.name}: colocated {self.counter - 1} of {len(ordered)}"
+
 
 POLICIES = {"least_loaded": LeastLoadedPolicy, "round_robin": RoundRobinPolicy}
 
 
 def route(registry: Registry, policy: BaseRoutingPolicy, model: str, prompt_tokens: int,
-          exclude: Sequence[str] = ()) -> tuple[WorkerEntry, WorkerEntry, str, str]:
+          exclude: Sequence[str] = (), colocate_below_tokens: int = 1024) -> tuple[WorkerEntry, WorkerEntry, str, str]:
+    """(prefill, decode, transport, reason) for one request; a colocated route has
+    prefill is decode and transport ``LOCAL``.  Raises NoRoute."""
     prefills = registry.routable(pb.ROLE_PREFILL, model, exclude)
     decodes = registry.routable(pb.ROLE_DECODE, model, exclude)
-    if not prefills or not decodes:
-        raise NoRoute(f"no {'prefill' if not prefills else 'decode'} worker available for model {model!r}")
-    for e in list(prefills) + list(decodes):
+    both = registry.routable(pb.ROLE_BOTH, model, exclude)
+    for e in list(prefills) + list(decodes) + list(both):
         if e.info.max_model_len and prompt_tokens >= e.info.max_model_len:
             raise NoRoute(f"prompt of {prompt_tokens} tokens does not fit max_model_len {e.info.max_model_len}")
+    disaggregated = bool(prefills and decodes) and any(True for _ in _pairs(prefills, decodes))
+    if both and (not disaggregated or prompt_tokens < colocate_below_tokens):
+        w, reason = policy.choose_colocated(both, prompt_tokens)
+        w.pending += 1
+        return w, w, LOCAL, reason
+    if not prefills or not decodes:
+        raise NoRoute(f"no {'prefill' if not prefills else 'decode'} worker available for model {model!r}")
     p, d, t, reason = policy.choose(prefills, decodes, prompt_tokens)
     p.pending += 1
     d.pending += 1

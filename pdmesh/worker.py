@@ -40,10 +40,15 @@ from pdmesh.v1 import common_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+ROLES = {"prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE, "both": pb.ROLE_BOTH}
+"""Worker roles by command name ('both': one engine prefills and decodes, colocated)."""
+ROLE_NAMES = {v: k for k, v in ROLES.items()}
+_METRICS_PORTS = {"prefill": 8081, "decode": 8082, "both": 8084}
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """A prefill or decode worker's place in the mesh."""
+    """A prefill, decode or colocated ('both') worker's place in the mesh."""
 
     host: str = "0.0.0.0"
     """Address the gRPC server binds."""
@@ -95,7 +100,7 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     add_flags(parser, WorkerConfig)
     add_flags(parser, TracingConfig)
     add_flags(parser, TlsConfig)
-    parser.set_defaults(port=default_port, metrics_port=8081 if role == "prefill" else 8082)
+    parser.set_defaults(port=default_port, metrics_port=_METRICS_PORTS[role])
     EngineConfig.add_flags(parser)
     return parser
 
@@ -109,7 +114,7 @@ class WorkerRuntime:
         self.tls = tls
         self.channels = ChannelPool(tls)
         """Channels to peers (prefill workers, for decode), over TLS when configured."""
-        self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), "prefill" if role == pb.ROLE_PREFILL else "decode")
+        self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), ROLE_NAMES[role])
         self.wcfg = wcfg
         self.ecfg = ecfg
         self.engine = AsyncEngine(lambda: LLMEngine(ecfg))
@@ -128,8 +133,7 @@ class WorkerRuntime:
 
     @property
     def worker_id(self) -> str:
-        role = "prefill" if self.role == pb.ROLE_PREFILL else "decode"
-        return self.wcfg.worker_id or f"{role}-{self.advertise_host}-{self.port}"
+        return self.wcfg.worker_id or f"{ROLE_NAMES[self.role]}-{self.advertise_host}-{self.port}"
 
     @functools.cached_property
     def advertise_host(self) -> str:
@@ -148,6 +152,8 @@ class WorkerRuntime:
 
     @property
     def transports(self) -> tuple[str, ...]:
+        if self.role == pb.ROLE_BOTH:
+            return ("local",)  # colocated: KV never leaves this worker
         if self.wcfg.transports:
             return self.wcfg.transports
         return ("cuda_ipc", "grpc") if self.llm.device.type == "cuda" else ("grpc",)
@@ -192,8 +198,7 @@ class WorkerRuntime:
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
                   background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
         await self.engine.start()
-        role = "prefill" if self.role == pb.ROLE_PREFILL else "decode"
-        self.metrics = ServiceMetrics(self.llm.resolved.served_name, role, self.worker_id)
+        self.metrics = ServiceMetrics(self.llm.resolved.served_name, ROLE_NAMES[self.role], self.worker_id)
         if self.wcfg.metrics_port >= 0:
             self.metrics.serve(self.wcfg.metrics_port, self.wcfg.host)
         self.engine.on_step = self._on_step
@@ -219,16 +224,19 @@ class WorkerRuntime:
         await self.channels.close()
         self.tel.shutdown()
 
-    def _on_step(self, outputs, dt: float) -> None:
-        """Per-step metrics (loop thread): tokens, and prefill queue time / prompt tokens."""
+    def _on_step(self, outputs, dt: float, kind: str) -> None:
+        """Per-step metrics (loop thread): step time by kind, tokens, and for requests whose
+        prompt was computed here (their first token): prompt tokens, queue and prefill time."""
         m = self.metrics
         if m is None:
             return
+        m.observe("engine_step_seconds", dt, kind=kind or "decode")
         m.inc("generation_tokens_total", sum(len(o.new_token_ids) for o in outputs))
-        if self.role == pb.ROLE_PREFILL:
-            for o in outputs:
+        for o in outputs:
+            if o.prefill_time is not None:
                 m.inc("prompt_tokens_total", o.num_prompt_tokens)
                 m.observe("request_queue_time_seconds", o.queue_time)
+                m.observe("request_prefill_time_seconds", o.prefill_time)
 
     async def _refresh_gauges(self, interval: float = 0.5) -> None:
         while True:
@@ -273,5 +281,4 @@ def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], A
 
     configure_logging(role)
     wcfg, ecfg, tcfg, tls = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
-    role_enum = pb.ROLE_PREFILL if role == "prefill" else pb.ROLE_DECODE
-    run_async(lambda: serve(WorkerRuntime(role_enum, wcfg, ecfg, tcfg, tls)))
+    run_async(lambda: serve(WorkerRuntime(ROLES[role], wcfg, ecfg, tcfg, tls)))

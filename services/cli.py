@@ -1,7 +1,7 @@
 """``pdmesh``: one command for every service, and ``pdmesh up`` for the whole mesh.
 
 ``pdmesh up`` starts the mesh as separate OS processes on this host — a scheduler, N prefill and
-M decode workers, a gateway — passes the user's flags on, waits until the gateway is ready, and on
+M decode workers and/or K colocated ('both') workers, a gateway — passes the user's flags on, waits until the gateway is ready, and on
 Ctrl-C/SIGTERM stops them all (SIGTERM, then SIGKILL after a grace period).  Children are bound to
 it with PR_SET_PDEATHSIG, so none outlives it even if it is killed.
 """
@@ -19,7 +19,10 @@ from typing import Optional
 
 from pdmesh.config import DEFAULT_MODEL
 
-ROLES = ("gateway", "scheduler", "prefill", "decode")
+MODULES = {"gateway": "services.gateway", "scheduler": "services.scheduler", "prefill": "services.prefill",
+           "decode": "services.decode", "both": "services.decode.both"}
+"""Service commands and the module each runs (``python -m MODULE``)."""
+ROLES = tuple(MODULES)
 
 
 def _pdeathsig() -> None:
@@ -46,6 +49,8 @@ def up_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require this key on every gateway route but /health")
     p.add_argument("--prefill", type=int, default=1, help="number of prefill workers (default: 1)")
     p.add_argument("--decode", type=int, default=1, help="number of decode workers (default: 1)")
+    p.add_argument("--colocated", type=int, default=0, help="number of colocated workers ('pdmesh both': prefill and "
+                   "decode in one engine; default: 0). '--prefill 0 --decode 0 --colocated 1' serves without disaggregation")
     p.add_argument("--worker-args", default="", help="extra flags for every worker, as one string")
     p.add_argument("--gateway-args", default="", help="extra flags for the gateway, as one string")
     p.add_argument("--tracing", default=None, help="auto, otlp, console or off for every service (default: the "
@@ -59,7 +64,7 @@ class Mesh:
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(self, name: str, role: str, args: list[str]) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", f"services.{role}", *args]
+        cmd = [sys.executable, "-m", MODULES[role], *args]
         proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig)
         self.procs.append((name, proc))
         return proc
@@ -72,7 +77,7 @@ class Mesh:
 
     def stop(self, grace: float = 40.0) -> int:
         # Gateway first (stops taking requests), then workers, scheduler last.
-        order = sorted(self.procs, key=lambda np: ("gateway", "prefill", "decode", "scheduler").index(np[0].split("-")[0]))
+        order = sorted(self.procs, key=lambda np: ("gateway", "prefill", "decode", "both", "scheduler").index(np[0].split("-")[0]))
         for _, p in order:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -104,8 +109,9 @@ def _wait_ready(url: str, mesh: Mesh, timeout: float) -> None:
 
 def up(argv: list[str]) -> int:
     a = up_parser().parse_args(argv)
-    if a.prefill < 1 or a.decode < 1:
-        print("pdmesh up: --prefill and --decode must be >= 1", file=sys.stderr)
+    if min(a.prefill, a.decode, a.colocated) < 0 or (a.prefill == 0) != (a.decode == 0) or not (a.prefill or a.colocated):
+        print("pdmesh up: need --prefill >= 1 and --decode >= 1, or --colocated >= 1 (with --prefill 0 --decode 0 "
+              "or with both; counts are >= 0)", file=sys.stderr)
         return 2
     sched = f"127.0.0.1:{a.scheduler_port}"
     model = ["--model", a.model, "--load-format", a.load_format]
@@ -138,6 +144,9 @@ def up(argv: list[str]) -> int:
         for i in range(a.decode):
             mesh.spawn(f"decode-{i}", "decode", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                                                  "--scheduler", sched, *model, *tracing, *extra])
+        for i in range(a.colocated):
+            mesh.spawn(f"both-{i}", "both", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+                                             "--scheduler", sched, *model, *tracing, *extra])
         gw = ["--host", a.host, "--port", str(a.port), "--metrics-port", str(a.metrics_port), "--grpc-port", str(a.grpc_port),
               "--scheduler", sched,
               *model, *tracing, *a.gateway_args.split()]
@@ -146,7 +155,8 @@ def up(argv: list[str]) -> int:
         mesh.spawn("gateway", "gateway", gw)
         url = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '') else a.host}:{a.port}"
         _wait_ready(url + "/health", mesh, a.startup_timeout)
-        print(f"pdmesh is up: {url}/v1 ({a.prefill} prefill, {a.decode} decode). Ctrl-C stops it.", flush=True)
+        print(f"pdmesh is up: {url}/v1 ({a.prefill} prefill, {a.decode} decode, {a.colocated} colocated). Ctrl-C stops it.",
+              flush=True)
         while not stopping["flag"]:
             err = mesh.failed()
             if err:
@@ -198,14 +208,15 @@ def health(argv: list[str]) -> int:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pdmesh {up,gateway,scheduler,prefill,decode,health,bench} [flags]\n\n"
+        print("usage: pdmesh {up,gateway,scheduler,prefill,decode,both,health,bench} [flags]\n\n"
               "  up         start a whole mesh on this host (pdmesh up --help)\n"
               "  health     check a service's health (for containers)\n"
               "  bench      serving benchmark against any OpenAI-compatible server (pdmesh bench --help)\n"
               "  gateway    OpenAI-compatible HTTP gateway\n"
               "  scheduler  worker registry and routing\n"
               "  prefill    prefill worker\n"
-              "  decode     decode worker")
+              "  decode     decode worker\n"
+              "  both       colocated worker: prefill and decode in one engine (no disaggregation)")
         sys.exit(0)
     cmd, rest = argv[0], argv[1:]
     if cmd == "up":
@@ -219,7 +230,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if cmd not in ROLES:
         print(f"pdmesh: unknown command {cmd!r}; one of up, {', '.join(ROLES)}", file=sys.stderr)
         sys.exit(2)
-    mod = __import__(f"services.{cmd}.__main__", fromlist=["main"])
+    module = MODULES[cmd]
+    mod = __import__(module if module.endswith(".both") else f"{module}.__main__", fromlist=["main"])
     mod.main(rest)
 
 

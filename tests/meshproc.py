@@ -16,6 +16,7 @@ import grpc
 import httpx
 
 from pdmesh.v1 import scheduler_pb2 as spb
+from services.cli import MODULES
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 
 
@@ -141,7 +142,9 @@ class Services:
 
     def __init__(self, tmp: Path, prefill: int = 1, decode: int = 1, worker_args: tuple = (),
                  gateway_args: tuple = (), scheduler_args: tuple = (), env: Optional[dict] = None,
-                 role_args: Optional[dict[str, tuple]] = None) -> None:
+                 role_args: Optional[dict[str, tuple]] = None, both: int = 0,
+                 workers: tuple[tuple[str, tuple], ...] = ()) -> None:
+        """``workers``: more (name, extra flags) to start before the gateway, e.g. each on its own GPU."""
         self.tmp, self.env = tmp, env
         self.role_args = {k: list(v) for k, v in (role_args or {}).items()}
         self.worker_args, self.gateway_args, self.scheduler_args = list(worker_args), list(gateway_args), list(scheduler_args)
@@ -157,8 +160,12 @@ class Services:
                 self.start(f"prefill-{i}")
             for i in range(decode):
                 self.start(f"decode-{i}")
+            for i in range(both):
+                self.start(f"both-{i}")
+            for name, extra in workers:
+                self.start(name, extra)
             self.start("gateway")
-            wait_http(self.base + "/health", self.procs["gateway"])
+            wait_http(self.base + "/health", self.procs["gateway"], timeout=420)
         except BaseException:
             self.stop_all()
             raise
@@ -171,7 +178,8 @@ class Services:
         return f"http://127.0.0.1:{self.ports[name][1]}/metrics"
 
     def start(self, name: str, extra: tuple = ()) -> Proc:
-        """Start (or restart, on its old ports) the service ``name``: scheduler, gateway, prefill-i, decode-i."""
+        """Start (or restart, on its old ports) the service ``name``: scheduler, gateway, prefill-i,
+        decode-i, both-i (colocated)."""
         role = name.split("-")[0]
         if name not in self.ports:
             self.ports[name] = (self.sched_port if role == "scheduler" else self.port if role == "gateway" else free_port(),
@@ -185,22 +193,22 @@ class Services:
         else:
             args = common + ["--scheduler", self.scheduler] + self.WORKER_ARGS + self.worker_args + self.role_args.get(role, [])
         self._starts += 1
-        proc = Proc([sys.executable, "-m", f"services.{role}", *args, *extra], self.tmp / f"{name}-{self._starts}.log", self.env)
+        proc = Proc([sys.executable, "-m", MODULES[role], *args, *extra], self.tmp / f"{name}-{self._starts}.log", self.env)
         self.procs[name] = proc
         return proc
 
-    def wait_workers(self, prefill: int, decode: int, timeout: float = 120.0) -> None:
+    def wait_workers(self, prefill: int, decode: int, timeout: float = 120.0, both: int = 0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 ws = list_workers(self.scheduler)
                 roles = [w.info.role for w in ws if not w.draining]
-                if roles.count(1) == prefill and roles.count(2) == decode:
+                if (roles.count(1), roles.count(2), roles.count(3)) == (prefill, decode, both):
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.25)
-        raise TimeoutError(f"expected {prefill} prefill + {decode} decode workers; logs:\n" +
+        raise TimeoutError(f"expected {prefill} prefill + {decode} decode + {both} colocated workers; logs:\n" +
                            "\n".join(f"--- {n}\n{p.tail(15)}" for n, p in self.procs.items()))
 
     def wait_registered(self, name: str, timeout: float = 120.0) -> None:
@@ -225,7 +233,7 @@ class Services:
         return self.procs[name].stop(signal.SIGTERM, timeout)
 
     def stop_all(self) -> dict[str, int]:
-        order = sorted(self.procs, key=lambda n: ("gateway", "prefill", "decode", "scheduler").index(n.split("-")[0]))
+        order = sorted(self.procs, key=lambda n: ("gateway", "prefill", "decode", "both", "scheduler").index(n.split("-")[0]))
         return {n: self.procs[n].stop(signal.SIGTERM, 60) for n in order}
 
 
@@ -233,7 +241,7 @@ class Mesh:
     """``pdmesh up`` as a subprocess (it starts scheduler, workers and gateway as its children)."""
 
     def __init__(self, tmp: Path, prefill: int = 1, decode: int = 1, extra: Optional[list[str]] = None,
-                 worker_args: str = "", env: Optional[dict] = None) -> None:
+                 worker_args: str = "", env: Optional[dict] = None, colocated: int = 0) -> None:
         self.port = free_port()
         self.sched_port = free_port()
         self.metrics_port = free_port()
@@ -243,6 +251,7 @@ class Mesh:
         args = [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--scheduler-port",
                 str(self.sched_port), "--metrics-port", str(self.metrics_port), "--scheduler-metrics-port",
                 str(self.sched_metrics_port), "--grpc-port", str(self.grpc_port), "--prefill", str(prefill), "--decode", str(decode),
+                "--colocated", str(colocated),
                 "--worker-args", f"--cpu-threads 1 --kv-cache-memory 268435456 {worker_args}".strip(), *(extra or [])]
         self.proc = Proc(args, tmp / f"mesh-{self.port}.log", env)
         wait_http(self.base + "/health", self.proc)

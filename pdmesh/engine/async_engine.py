@@ -45,8 +45,9 @@ class AsyncEngine:
         """Snapshot after the latest step (read-only for other threads)."""
         self.step_times: deque[float] = deque(maxlen=256)
         """Durations (s) of recent steps that ran a batch."""
-        self.on_step: Optional[Callable[[list[RequestOutput], float], None]] = None
-        """Called on the loop thread with each step's outputs and its duration (metrics hook)."""
+        self.on_step: Optional[Callable[[list[RequestOutput], float, str], None]] = None
+        """Called on the loop thread with each step's outputs, its duration (s) and its kind
+        (``LLMEngine.last_step_kind``) (metrics hook)."""
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -105,7 +106,7 @@ class AsyncEngine:
                     self.step_times.append(dt)
                 self.stats = eng.stats()
                 if outputs and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._dispatch, outputs, dt)
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs, dt, eng.last_step_kind)
             else:
                 self.stats = eng.stats()
         self._fail_all()
@@ -123,13 +124,13 @@ class AsyncEngine:
                     q.put_nowait(err)
             self._loop.call_soon_threadsafe(close_streams)
 
-    def _dispatch(self, outputs: list[RequestOutput], dt: float) -> None:
+    def _dispatch(self, outputs: list[RequestOutput], dt: float, kind: str) -> None:
         for out in outputs:
             q = self._streams.get(out.request_id)
             if q is not None:
                 q.put_nowait(out)
         if self.on_step is not None:
-            self.on_step(outputs, dt)
+            self.on_step(outputs, dt, kind)
 
     # ------------------------------------------------------------------ API (event loop)
     @property

@@ -104,6 +104,9 @@ class LLMEngine:
         self.held: dict[str, Sequence] = {}
         self.remote: dict[str, Sequence] = {}
         self.num_steps = 0
+        self.last_step_kind = ""
+        """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
+        latest step that ran a batch (step-time metrics by kind)."""
         log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, attention=%s",
                  arch.architecture, self.device, self.dtype, num_blocks, config.cache.block_size, self.backend.name)
 
@@ -222,6 +225,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
+        decoding = sum(1 for seq in batch.seqs if seq.num_computed_tokens >= seq.num_tokens - 1)
+        self.last_step_kind = "decode" if decoding == len(batch.seqs) else "prefill" if decoding == 0 else "mixed"
+        started = time.monotonic()
+        for seq in batch.seqs:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = started
         result = self.runner.run(batch)
         return self.postprocess(batch, result)
 
@@ -241,6 +250,7 @@ class LLMEngine:
                 seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
                 seq.num_prompt_tokens, seq.num_cached_tokens,
                 queue_time=(seq.first_scheduled_time or now) - seq.arrival_time,
+                prefill_time=now - (seq.first_scheduled_time or now) if seq.num_output_tokens == 1 else None,
             )
             if reason is not None:
                 self._finish(seq, reason)

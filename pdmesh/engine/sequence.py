@@ -149,3 +149,6 @@ class RequestOutput:
     """Prefill role: blocks kept for transfer (in token order)."""
     queue_time: float = 0.0
     """Seconds between arrival and first scheduling."""
+    prefill_time: Optional[float] = None
+    """On the output carrying a request's first generated token (prefill and colocated roles):
+    seconds from its first scheduling to that token (vLLM's request_prefill_time); else None."""

@@ -54,6 +54,8 @@ class DecodeServicer:
         """Allocates blocks, pulls the KV named by `kv`, tells prefill to release it, then streams
         tokens (the first token, already sampled by prefill, is not repeated). RESOURCE_EXHAUSTED
         when blocks cannot be had; cancelling the call aborts the request and frees its KV.
+        On a ROLE_BOTH (colocated) worker `kv` is absent: the worker computes the prompt itself and
+        the stream starts with the first token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

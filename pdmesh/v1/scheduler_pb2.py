@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"8\n\x0fRegisterRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"V\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x10\n\x08lease_ms\x18\x03 \x01(\x05\"\\\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"d\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12\x65xclude_worker_ids\x18\x04 \x03(\t\"\x81\x01\n\rRouteResponse\x12&\n\x07prefill\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12%\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x14\n\x12ListWorkersRequest\"\x88\x01\n\x0cWorkerStatus\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.WorkerStatus2\xf1\x02\n\tScheduler\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse(\x01\x30\x01\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12:\n\x05Route\x12\x17.pdmesh.v1.RouteRequest\x1a\x18.pdmesh.v1.RouteResponse\x12L\n\x0bListWorkers\x12\x1d.pdmesh.v1.ListWorkersRequest\x1a\x1e.pdmesh.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"8\n\x0fRegisterRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"V\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x10\n\x08lease_ms\x18\x03 \x01(\x05\"\\\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"d\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12\x65xclude_worker_ids\x18\x04 \x03(\t\"\x94\x01\n\rRouteResponse\x12&\n\x07prefill\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12%\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tcolocated\x18\x05 \x01(\x08\"\x14\n\x12ListWorkersRequest\"\x88\x01\n\x0cWorkerStatus\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.WorkerStatus2\xf1\x02\n\tScheduler\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse(\x01\x30\x01\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12:\n\x05Route\x12\x17.pdmesh.v1.RouteRequest\x1a\x18.pdmesh.v1.RouteResponse\x12L\n\x0bListWorkers\x12\x1d.pdmesh.v1.ListWorkersRequest\x1a\x1e.pdmesh.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,13 +47,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTEREQUEST']._serialized_start=402
   _globals['_ROUTEREQUEST']._serialized_end=502
   _globals['_ROUTERESPONSE']._serialized_start=505
-  _globals['_ROUTERESPONSE']._serialized_end=634
-  _globals['_LISTWORKERSREQUEST']._serialized_start=636
-  _globals['_LISTWORKERSREQUEST']._serialized_end=656
-  _globals['_WORKERSTATUS']._serialized_start=659
-  _globals['_WORKERSTATUS']._serialized_end=795
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=797
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=860
-  _globals['_SCHEDULER']._serialized_start=863
-  _globals['_SCHEDULER']._serialized_end=1232
+  _globals['_ROUTERESPONSE']._serialized_end=653
+  _globals['_LISTWORKERSREQUEST']._serialized_start=655
+  _globals['_LISTWORKERSREQUEST']._serialized_end=675
+  _globals['_WORKERSTATUS']._serialized_start=678
+  _globals['_WORKERSTATUS']._serialized_end=814
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=816
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=879
+  _globals['_SCHEDULER']._serialized_start=882
+  _globals['_SCHEDULER']._serialized_end=1251
 # @@protoc_insertion_point(module_scope)

@@ -13,11 +13,16 @@ Any other failure releases it here.  A failed or timed-out pull frees
 the blocks it was filling and, per ``--kv-load-failure-policy``, either computes the prompt here
 ('recompute': the client sees nothing but a later second token) or fails (UNAVAILABLE); prefill
 is told to release in both cases.
+
+Colocated (``pdmesh both``, ROLE_BOTH): ``Generate`` without a descriptor -> the request joins
+this engine's continuous batch from its prompt (chunked prefill mixed with others' decode steps)
+-> the stream starts with the first token -> same streaming and exit paths, nothing to release.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import grpc
@@ -38,6 +43,13 @@ log = logging.getLogger(__name__)
 REFUSED = ((REFUSED_KEY, "1"),)
 
 
+@dataclass
+class _StreamState:
+    generated: int
+    """Tokens of this request produced so far (the next token's index)."""
+    finished: bool = False
+
+
 class DecodeServicer(dgrpc.DecodeServicer):
     def __init__(self, rt: WorkerRuntime, transports: dict[str, BaseKVTransport], channels: ChannelPool) -> None:
         self.rt = rt
@@ -48,86 +60,116 @@ class DecodeServicer(dgrpc.DecodeServicer):
         release_held_kv(self.channels, desc.address, desc.request_id, tp, self.rt.wcfg.rpc_timeout)
 
     async def Generate(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext):
-        desc = request.kv
-        await self.rt.refuse_if_unable(context, REFUSED)
+        colocated = not request.HasField("kv")
+        if colocated and self.rt.role != pb.ROLE_BOTH:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"decode worker {self.rt.worker_id} needs the prompt's KV descriptor (only 'both' workers compute prompts)")
+        await self.rt.refuse_if_unable(context, () if colocated else REFUSED)
         rid = request.request_id
         tp = tracecontext.from_context(context)
         try:
             params = params_from_proto(request.params)
         except ValueError as exc:
-            self._release_prefill(desc)
+            if not colocated:
+                self._release_prefill(request.kv)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        eng = self.rt.engine
+        self.rt.inflight += 1
+        self.rt.requests_total += 1
+        q = eng.open_stream(rid)
+        state = _StreamState(generated=0 if colocated else 1)  # disaggregated: token 0 came from prefill
+        span = self.rt.tel.start("pdmesh.colocated" if colocated else "pdmesh.decode", tp, attributes={
+            "pdmesh.request_id": rid, "pdmesh.worker_id": self.rt.worker_id,
+            "pdmesh.prefill_worker": self.rt.worker_id if colocated else request.kv.worker_id})
+        try:
+            if colocated:
+                await self._compute_prompt(request, context, rid, params)
+            else:
+                async for msg in self._take_kv(request, context, rid, params, span, tp):
+                    yield msg
+            async for msg in self._token_messages(rid, q, span, state):
+                yield msg
+        finally:
+            span.end()
+            eng.close_stream(rid)
+            if not state.finished:
+                eng.call_nowait(lambda e: e.abort(rid))
+                self.rt.metrics.inc("num_aborted_requests_total")
+            self.rt.inflight -= 1
+
+    async def _compute_prompt(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext, rid: str, params):
+        """Colocated: queue the whole request here; its stream starts with the first token."""
+        prompt = list(request.prompt_token_ids)
+        try:
+            await self.rt.engine.call(lambda e: e.add_request(rid, prompt, params))
+        except RequestRejected as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def _take_kv(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext, rid: str, params, span,
+                       tp: Optional[str]):
+        """Disaggregated: admit the prompt, pull its KV from prefill, release it there, queue the
+        request from its first token; yields the transfer stats message."""
+        desc, eng = request.kv, self.rt.engine
         prompt = list(request.prompt_token_ids)
         transport: Optional[BaseKVTransport] = self.transports.get(desc.transport)
         if transport is None or desc.num_tokens != len(prompt):
             self._release_prefill(desc)
             why = f"transport {desc.transport!r} not offered here" if transport is None else "descriptor does not match the prompt"
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-        eng = self.rt.engine
-        self.rt.inflight += 1
-        self.rt.requests_total += 1
-        q = eng.open_stream(rid)
-        finished = False
-        tel = self.rt.tel
-        span = tel.start("pdmesh.decode", tp, attributes={"pdmesh.request_id": rid, "pdmesh.worker_id": self.rt.worker_id,
-                                                           "pdmesh.prefill_worker": desc.worker_id})
-        generated = 1  # token 0 came from prefill
         try:
-            try:
-                adm = await eng.call(lambda e: e.admit_remote(rid, prompt, request.first_token_id, params))
-            except RequestRejected as exc:
-                self._release_prefill(desc)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            if adm is None:  # the caller may offer the KV to another decode worker, else releases it
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.rt.worker_id} has no free KV blocks",
-                                    REFUSED)
-            if len(adm.block_ids) != len(desc.block_ids):
-                self._release_prefill(desc)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
-            k = adm.num_cached_blocks
-            span.add_event("admitted", {"pdmesh.blocks": len(adm.block_ids), "pdmesh.cached_blocks": k})
-            failure: Optional[TransferError] = None
-            try:
-                stats = await self._pull(rid, desc, transport, adm, span, tp)
-            except TransferError as exc:
-                failure = exc
-            self._release_prefill(desc, tp)
-            if failure is not None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {failure}")
-            if stats.transport == "recompute":
-                activated = await eng.call(lambda e: e.recompute_remote(rid))
-            else:
-                activated = await eng.call(lambda e: e.activate_remote(rid))
-            if not activated:
-                await context.abort(grpc.StatusCode.CANCELLED, "request was aborted during the KV transfer")
-            yield dpb.GenerateResponse(transfer=stats)
-            async for batch in eng.iterate_batches(rid, q):
-                msg = dpb.GenerateResponse()
-                for out in batch:
-                    for t in out.new_token_ids:
-                        if generated == 1:
-                            span.add_event("first_token")
-                        tel.token_event(span, generated, **{"gen_ai.token.id": t})
-                        generated += 1
-                    msg.token_ids.extend(out.new_token_ids)
-                    if out.logprobs:
-                        msg.logprobs.extend(logprob_to_proto(lp) for lp in out.logprobs)
-                    if out.finished:
-                        msg.finished = True
-                        msg.finish_reason = out.finish_reason or ""
-                finished = msg.finished
-                if finished:
-                    span.set_attributes({"gen_ai.response.finish_reasons": [msg.finish_reason or "stop"],
-                                         "gen_ai.usage.output_tokens": generated})
-                    self.rt.metrics.inc("request_success_total", finished_reason=msg.finish_reason or "stop")
-                yield msg
-        finally:
-            span.end()
-            eng.close_stream(rid)
-            if not finished:
-                eng.call_nowait(lambda e: e.abort(rid))
-                self.rt.metrics.inc("num_aborted_requests_total")
-            self.rt.inflight -= 1
+            adm = await eng.call(lambda e: e.admit_remote(rid, prompt, request.first_token_id, params))
+        except RequestRejected as exc:
+            self._release_prefill(desc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if adm is None:  # the caller may offer the KV to another decode worker, else releases it
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.rt.worker_id} has no free KV blocks",
+                                REFUSED)
+        if len(adm.block_ids) != len(desc.block_ids):
+            self._release_prefill(desc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
+        span.add_event("admitted", {"pdmesh.blocks": len(adm.block_ids), "pdmesh.cached_blocks": adm.num_cached_blocks})
+        failure: Optional[TransferError] = None
+        try:
+            stats = await self._pull(rid, desc, transport, adm, span, tp)
+        except TransferError as exc:
+            failure = exc
+        self._release_prefill(desc, tp)
+        if failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {failure}")
+        if stats.transport == "recompute":
+            activated = await eng.call(lambda e: e.recompute_remote(rid))
+        else:
+            activated = await eng.call(lambda e: e.activate_remote(rid))
+        if not activated:
+            await context.abort(grpc.StatusCode.CANCELLED, "request was aborted during the KV transfer")
+        yield dpb.GenerateResponse(transfer=stats)
+
+    async def _token_messages(self, rid: str, q, span, state: "_StreamState"):
+        """One message per batch of engine outputs (steps that finished while the consumer was busy
+        travel together) until the request finishes."""
+        tel = self.rt.tel
+        async for batch in self.rt.engine.iterate_batches(rid, q):
+            msg = dpb.GenerateResponse()
+            for out in batch:
+                if state.generated == 0:
+                    msg.num_cached_tokens = out.num_cached_tokens
+                for t in out.new_token_ids:
+                    if state.generated <= 1:
+                        span.add_event("first_token")
+                    tel.token_event(span, state.generated, **{"gen_ai.token.id": t})
+                    state.generated += 1
+                msg.token_ids.extend(out.new_token_ids)
+                if out.logprobs:
+                    msg.logprobs.extend(logprob_to_proto(lp) for lp in out.logprobs)
+                if out.finished:
+                    msg.finished = True
+                    msg.finish_reason = out.finish_reason or ""
+            state.finished = msg.finished
+            if state.finished:
+                span.set_attributes({"gen_ai.response.finish_reasons": [msg.finish_reason or "stop"],
+                                     "gen_ai.usage.output_tokens": state.generated})
+                self.rt.metrics.inc("request_success_total", finished_reason=msg.finish_reason or "stop")
+            yield msg
 
     async def _pull(self, rid: str, desc: pb.KVDescriptor, transport: BaseKVTransport, adm, span, tp: Optional[str]
                     ) -> pb.TransferStats:
@@ -174,6 +216,16 @@ async def serve(rt: WorkerRuntime) -> None:
 
             transports["cuda_ipc"] = CudaIpcTransport(channels, r.llm.device)
         dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, transports, channels), r.server)
+        return ["pdmesh.v1.Decode"]
+
+    await rt.run(add)
+
+
+async def serve_colocated(rt: WorkerRuntime) -> None:
+    """A ROLE_BOTH worker: Decode.Generate without KV descriptors (the prompt is computed here)."""
+
+    def add(r: WorkerRuntime) -> list[str]:
+        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, {}, r.channels), r.server)
         return ["pdmesh.v1.Decode"]
 
     await rt.run(add)

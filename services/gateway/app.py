@@ -35,6 +35,7 @@ from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.tokenizer import Tokenizer
+from pdmesh.v1 import common_pb2 as pb
 from services.gateway.choices import Choice, Delta, logprobs_chat, logprobs_completion, make_choices, run_choice
 from services.gateway.config import GatewayConfig
 from services.gateway.mesh_client import MeshClient
@@ -130,7 +131,8 @@ class Gateway:
             try:
                 resp = await self.mesh.list_workers()
                 roles = {w.info.role for w in resp.workers if not w.draining and w.info.model == self.served_name}
-                self.ready = {1, 2} <= roles
+                # a prefill/decode pair, or a colocated worker, can serve
+                self.ready = {pb.ROLE_PREFILL, pb.ROLE_DECODE} <= roles or pb.ROLE_BOTH in roles
             except Exception:  # noqa: BLE001 - scheduler down: not ready
                 self.ready = False
             await asyncio.sleep(0.5)

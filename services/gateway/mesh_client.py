@@ -2,7 +2,8 @@
 
 ``stream()`` yields ``TokenEvent``s: the first comes from the prefill worker as soon as it has
 sampled the first token (TTFT never waits for the KV transfer); the rest stream from the decode
-worker, which pulls the KV meanwhile.  Failures before any token is produced are retried on other
+worker, which pulls the KV meanwhile.  A colocated route (a 'both' worker) is one Generate stream
+from that worker, first token included.  Failures before any token is produced are retried on other
 workers; failures after it end the stream with ``MeshError``.  Closing the generator early
 (client gone, stop string) cancels the decode call — which aborts the request there — and, if
 decode never took the KV, releases it on prefill.
@@ -95,8 +96,10 @@ class MeshClient:
             msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
             raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
 
-    async def _prefill(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
-                       trace: RequestTrace) -> tuple[spb.RouteResponse, ppb.PrefillResponse]:
+    async def _start(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
+                     trace: RequestTrace) -> tuple[spb.RouteResponse, "ppb.PrefillResponse | _LocalCall"]:
+        """Route and get the first token: from a prefill worker (disaggregated) or from the first
+        message of a colocated worker's stream.  Refusals before any token are retried elsewhere."""
         exclude: list[str] = []
         last: Optional[MeshError] = None
         for attempt in range(self.max_attempts):
@@ -109,6 +112,8 @@ class MeshClient:
                 raise
             trace.prefill_worker, trace.decode_worker, trace.route_reason = route.prefill.worker_id, route.decode.worker_id, route.reason
             try:
+                if route.colocated:
+                    return route, await self._open_local(route, rid, prompt, params, deadline, trace)
                 resp = await self.channels.stub(route.prefill.address, pgrpc.PrefillStub).Prefill(
                     ppb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params), transport=route.transport),
                     timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
@@ -117,10 +122,28 @@ class MeshClient:
                 last = MeshError(exc.code(), exc.details() or exc.code().name)
                 if exc.code() not in _RETRYABLE:
                     raise last from exc
-                log.info("prefill on %s failed (%s); retrying elsewhere", route.prefill.worker_id, exc.code().name)
+                log.info("%s on %s failed (%s); retrying elsewhere", "colocated request" if route.colocated else "prefill",
+                         route.prefill.worker_id, exc.code().name)
                 exclude.append(route.prefill.worker_id)
         assert last is not None
         raise last
+
+    async def _open_local(self, route: spb.RouteResponse, rid: str, prompt: list[int], params: SamplingParams,
+                          deadline: float, trace: RequestTrace) -> "_LocalCall":
+        """Start a colocated request and wait for its first message (the first token)."""
+        call = self.channels.stub(route.decode.address, dgrpc.DecodeStub).Generate(
+            dpb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params)),
+            timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
+        messages = call.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            call.cancel()
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token")
+        except BaseException:
+            call.cancel()
+            raise
+        return _LocalCall(call, messages, first)
 
     async def _other_decode(self, rid: str, model: str, prompt_len: int, kv, exclude: list[str], deadline: float,
                             trace: RequestTrace) -> Optional[pb.WorkerInfo]:
@@ -139,7 +162,11 @@ class MeshClient:
         trace = trace or RequestTrace()
         trace.traceparent = trace.traceparent or tracecontext.new()
         deadline = time.monotonic() + timeout
-        route, pre = await self._prefill(rid, model, prompt, params, deadline, trace)
+        route, pre = await self._start(rid, model, prompt, params, deadline, trace)
+        if isinstance(pre, _LocalCall):
+            async for ev in self._stream_local(pre, route, trace):
+                yield ev
+            return
         trace.num_cached_tokens = pre.num_cached_tokens
         trace.first_token_time = time.monotonic()
         first_lp = [logprob_from_proto(pre.first_logprob)] if pre.HasField("first_logprob") else None
@@ -187,6 +214,41 @@ class MeshClient:
                 call.cancel()
             if not took_kv:
                 release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
+
+
+    @staticmethod
+    async def _stream_local(local: "_LocalCall", route: spb.RouteResponse, trace: RequestTrace) -> AsyncIterator[TokenEvent]:
+        """The rest of a colocated request: every message of the worker's stream, first included."""
+        trace.num_cached_tokens = local.first.num_cached_tokens
+        trace.first_token_time = time.monotonic()
+        finished = False
+        try:
+            msg = local.first
+            while True:
+                if msg.token_ids or msg.finished:
+                    lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
+                    finished = msg.finished
+                    yield TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
+                if finished:
+                    return
+                try:
+                    msg = await local.messages.__anext__()
+                except StopAsyncIteration:
+                    raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream early") from None
+                except grpc.aio.AioRpcError as exc:
+                    raise MeshError(exc.code(), f"worker {route.decode.worker_id}: {exc.details() or exc.code().name}") from exc
+        finally:
+            if not finished:
+                local.call.cancel()  # aborts the request there and frees its KV
+
+
+@dataclass
+class _LocalCall:
+    """A colocated worker's Generate stream, opened, with its first message read."""
+
+    call: grpc.aio.UnaryStreamCall
+    messages: AsyncIterator[dpb.GenerateResponse]
+    first: dpb.GenerateResponse
 
 
 def _refused(exc: grpc.aio.AioRpcError) -> bool:

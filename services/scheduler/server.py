@@ -26,6 +26,7 @@ from pdmesh.rpc import tracecontext
 from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.routing import POLICIES, NoRoute, Registry, RegistrationRefused, route
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
+from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import scheduler_pb2 as spb
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 
@@ -50,9 +51,14 @@ class SchedulerServiceConfig:
     """Routing policy: least_loaded or round_robin."""
     drain_timeout: float = 5.0
     """Seconds to keep answering after SIGTERM."""
+    colocate_below_tokens: int = 1024
+    """Conditional disaggregation, in a mesh with both colocated ('pdmesh both') workers and
+    prefill/decode pairs: prompts shorter than this go to a colocated worker (a short prefill does
+    not pay for a transfer), longer ones are disaggregated.  With one kind of worker, it serves all."""
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"unknown policy {self.policy!r}")
+        _require(self.colocate_below_tokens >= 0, "colocate_below_tokens", "must be >= 0")
         _require(self.lease > self.heartbeat_interval > 0, "lease", "must exceed --heartbeat-interval > 0")
 
 
@@ -69,7 +75,7 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
             entry = self.registry.register(request.worker)
         except RegistrationRefused as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        log.info("registered %s (%s) at %s", entry.worker_id, "prefill" if entry.info.role == 1 else "decode", entry.info.address)
+        log.info("registered %s (%s) at %s", entry.worker_id, pb.Role.Name(entry.info.role), entry.info.address)
         return spb.RegisterResponse(worker_id=entry.worker_id, heartbeat_interval_ms=int(self.cfg.heartbeat_interval * 1000),
                                     lease_ms=int(self.cfg.lease * 1000))
 
@@ -92,14 +98,14 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
         try:
             try:
                 p, d, t, reason = route(self.registry, self.policy, request.model, request.prompt_tokens,
-                                        list(request.exclude_worker_ids))
+                                        list(request.exclude_worker_ids), self.cfg.colocate_below_tokens)
             except NoRoute as exc:
                 self.metrics.inc("request_failure_total", reason="no_route")
                 span.set_attribute("error.type", "no_route")
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             span.set_attributes({"pdmesh.route.prefill_worker": p.worker_id, "pdmesh.route.decode_worker": d.worker_id,
                                  "pdmesh.route.transport": t, "pdmesh.route.reason": reason})
-            return spb.RouteResponse(prefill=p.info, decode=d.info, transport=t, reason=reason)
+            return spb.RouteResponse(prefill=p.info, decode=d.info, transport=t, reason=reason, colocated=p is d)
         finally:
             span.end()
 

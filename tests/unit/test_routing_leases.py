@@ -106,3 +106,42 @@ def test_lease_release_expiry_and_pins():
     t.unpin("c")
     assert t.reap(now=lease.deadline + 100) == 1 and freed == ["a", "b", "c"]
     assert t.expired_total == 1 and t.held_blocks() == 0
+
+
+def test_colocated_only_mesh_routes_whole_requests_to_one_worker():
+    r = Registry()
+    for w in ("b1", "b2"):
+        r.register(info(w, pb.ROLE_BOTH, transports=("local",)))
+    picks = [route(r, LeastLoadedPolicy(), "m", 10) for _ in range(4)]
+    for p, d, t, reason in picks:
+        assert p is d and t == "local" and "colocated" in reason
+    # pending routes spread a burst over both workers
+    assert [p.worker_id for p, *_ in picks] == ["b1", "b2", "b1", "b2"]
+    rr = RoundRobinPolicy()
+    assert [route(r, rr, "m", 10)[0].worker_id for _ in range(3)] == ["b1", "b2", "b1"]
+    with pytest.raises(NoRoute, match="max_model_len"):
+        route(r, LeastLoadedPolicy(), "m", 100)
+    assert route(r, LeastLoadedPolicy(), "m", 10, exclude=["b1"])[0].worker_id == "b2"
+    with pytest.raises(NoRoute):
+        route(r, LeastLoadedPolicy(), "m", 10, exclude=["b1", "b2"])
+
+
+def test_conditional_disaggregation_by_prompt_length():
+    r = Registry()
+    r.register(info("p1", pb.ROLE_PREFILL))
+    r.register(info("d1", pb.ROLE_DECODE))
+    r.register(info("b1", pb.ROLE_BOTH, transports=("local",)))
+    pol = LeastLoadedPolicy()
+    p, d, t, _ = route(r, pol, "m", 20, colocate_below_tokens=32)
+    assert (p.worker_id, d.worker_id, t) == ("b1", "b1", "local")
+    p, d, t, _ = route(r, pol, "m", 32, colocate_below_tokens=32)
+    assert (p.worker_id, d.worker_id, t) == ("p1", "d1", "grpc")
+    # a colocated worker is never half of a pair, even when it is the least loaded
+    r.heartbeat("p1", pb.WorkerLoad(running=50), False)
+    assert route(r, pol, "m", 90, colocate_below_tokens=0)[:2] == (r.workers["p1"], r.workers["d1"])
+    # no usable pair (the decode worker is excluded): the colocated worker serves long prompts too
+    p, d, t, _ = route(r, pol, "m", 90, exclude=["d1"], colocate_below_tokens=0)
+    assert (p.worker_id, t) == ("b1", "local")
+    r.remove("b1")
+    with pytest.raises(NoRoute, match="decode"):
+        route(r, pol, "m", 10, exclude=["d1"], colocate_below_tokens=32)
