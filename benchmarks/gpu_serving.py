@@ -63,6 +63,14 @@ def worker_window(svc: Services, names: list[str], before: dict[str, dict], afte
         c = sum(d(n, f'pdmesh:engine_step_seconds_count{{kind="{kind}"}}') for n in names)
         out[f"{kind}_steps"] = c
         out[f"mean_{kind}_step_ms"] = 1e3 * s / c if c else None
+        s = sum(d(n, f'pdmesh:engine_step_token_seconds_total{{kind="{kind}"}}') for n in names)
+        c = sum(d(n, f'pdmesh:engine_step_tokens_total{{kind="{kind}"}}') for n in names)
+        out[f"{kind}_step_tokens"] = c
+        out[f"token_weighted_{kind}_step_ms"] = 1e3 * s / c if c else None
+    # the step time an output token waited for, over the steps that decode (decode + mixed)
+    s = sum(d(n, f'pdmesh:engine_step_token_seconds_total{{kind="{k}"}}') for n in names for k in ("decode", "mixed"))
+    c = sum(d(n, f'pdmesh:engine_step_tokens_total{{kind="{k}"}}') for n in names for k in ("decode", "mixed"))
+    out["token_weighted_step_ms"] = 1e3 * s / c if c else None
     s = sum(d(n, "pdmesh:request_prefill_time_seconds_sum") for n in names)
     c = sum(d(n, "pdmesh:request_prefill_time_seconds_count") for n in names)
     out["mean_prefill_time_ms"] = 1e3 * s / c if c else None
@@ -135,7 +143,7 @@ def main() -> int:
                 print(f"[{a.layout}] {in_len}:{out_len} conc={conc:<3} n={n:<4} ok={m['completed']:.0f} fail={m['failed']:.0f} "
                       f"{m['request_throughput']:.2f} req/s {m['output_throughput_per_gpu']:.0f} tok/s/GPU "
                       f"TTFT med {m['median_ttft_ms']:.1f} TPOT med {m['median_tpot_ms']:.2f} ms "
-                      f"decode step {wk['mean_decode_step_ms'] or 0:.2f} ms prefill {wk['mean_prefill_time_ms'] or 0:.1f} ms",
+                      f"decode step {wk['mean_decode_step_ms'] or 0:.2f} ms per token {wk['token_weighted_step_ms'] or 0:.2f} ms prefill {wk['mean_prefill_time_ms'] or 0:.1f} ms",
                       flush=True)
             doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": a.commit,
                    "layout": a.layout, "num_gpus": num_gpus, "gpus": a.gpus, "model": a.model, "dtype": "bfloat16",

@@ -20,6 +20,9 @@ for s in $stages; do
     2gpu) run disagg-2gpu "0 1"; run colocated-2gpu "0 1" ;;
   esac
 done
-rm -f "$OUT"/ficache.tgz.part-*; tar czf - .ficache | split -b 15M - "$OUT/ficache.tgz.part-"
 grep -h "^\[" "$OUT"/*.log | grep -v "mesh up"
 python3 benchmarks/gpu_serving_report.py "$OUT" 2>&1 | tail -30
+# few files come back from the machine: results and logs in one archive, the compile cache apart
+(cd "$OUT" && tar czf serving-results.tgz --remove-files serving-*.json serving_summary.json log-*.txt *.log)
+[ -n "${PACK_FICACHE:-}" ] && tar czf - .ficache | split -b 15M - "$OUT/ficache.tgz.part-"
+ls -la "$OUT"

@@ -47,6 +47,10 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "kv_cache_usage_perc": ("gauge", "Fraction of KV blocks in use (0-1).", (), None),
     "kv_blocks_free": ("gauge", "KV blocks with no owner (cached ones included).", (), None),
     "kv_blocks_held_for_transfer": ("gauge", "Prefill: KV blocks held under a lease for a decode worker.", (), None),
+    "engine_step_tokens_total": ("counter", "Tokens sampled by engine steps, by step kind.", ("kind",), None),
+    "engine_step_token_seconds_total": ("counter", "Sum over engine steps of step time x tokens sampled in it, by kind "
+                                        "(over engine_step_tokens_total: the step time an output token waited for).",
+                                        ("kind",), None),
     "prompt_tokens_total": ("counter", "Prompt tokens processed.", (), None),
     "generation_tokens_total": ("counter", "Tokens generated.", (), None),
     "request_success_total": ("counter", "Requests that finished, by finish reason.", ("finished_reason",), None),

@@ -230,8 +230,12 @@ class WorkerRuntime:
         m = self.metrics
         if m is None:
             return
-        m.observe("engine_step_seconds", dt, kind=kind or "decode")
-        m.inc("generation_tokens_total", sum(len(o.new_token_ids) for o in outputs))
+        kind = kind or "decode"
+        tokens = sum(len(o.new_token_ids) for o in outputs)
+        m.observe("engine_step_seconds", dt, kind=kind)
+        m.inc("engine_step_tokens_total", tokens, kind=kind)
+        m.inc("engine_step_token_seconds_total", dt * tokens, kind=kind)
+        m.inc("generation_tokens_total", tokens)
         for o in outputs:
             if o.prefill_time is not None:
                 m.inc("prompt_tokens_total", o.num_prompt_tokens)
