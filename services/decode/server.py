@@ -48,6 +48,8 @@ class _StreamState:
     generated: int
     """Tokens of this request produced so far (the next token's index)."""
     finished: bool = False
+    streamed_any: bool = False
+    """Whether this worker has streamed a token of the request yet."""
 
 
 class DecodeServicer(dgrpc.DecodeServicer):
@@ -154,8 +156,9 @@ class DecodeServicer(dgrpc.DecodeServicer):
                 if state.generated == 0:
                     msg.num_cached_tokens = out.num_cached_tokens
                 for t in out.new_token_ids:
-                    if state.generated <= 1:
+                    if not state.streamed_any:
                         span.add_event("first_token")
+                        state.streamed_any = True
                     tel.token_event(span, state.generated, **{"gen_ai.token.id": t})
                     state.generated += 1
                 msg.token_ids.extend(out.new_token_ids)
