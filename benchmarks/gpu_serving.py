@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.synthetic_tokenizer import write as write_tokenizer  # noqa: E402
@@ -57,27 +58,29 @@ def worker_window(svc: Services, names: list[str], before: dict[str, dict], afte
     def d(name: str, key: str) -> float:
         return after[name].get(key, 0.0) - before[name].get(key, 0.0)
 
+    def total(keys: list[str]) -> float:
+        return sum(d(n, k) for n in names for k in keys)
+
+    def mean_ms(sums: list[str], counts: list[str]) -> Optional[float]:
+        c = total(counts)
+        return 1e3 * total(sums) / c if c else None
+
+    def of(series: str, *kinds: str) -> list[str]:
+        return [f'pdmesh:{series}{{kind="{k}"}}' for k in kinds]
+
     out: dict = {}
     for kind in ("decode", "mixed", "prefill"):
-        s = sum(d(n, f'pdmesh:engine_step_seconds_sum{{kind="{kind}"}}') for n in names)
-        c = sum(d(n, f'pdmesh:engine_step_seconds_count{{kind="{kind}"}}') for n in names)
-        out[f"{kind}_steps"] = c
-        out[f"mean_{kind}_step_ms"] = 1e3 * s / c if c else None
-        s = sum(d(n, f'pdmesh:engine_step_token_seconds_total{{kind="{kind}"}}') for n in names)
-        c = sum(d(n, f'pdmesh:engine_step_tokens_total{{kind="{kind}"}}') for n in names)
-        out[f"{kind}_step_tokens"] = c
-        out[f"token_weighted_{kind}_step_ms"] = 1e3 * s / c if c else None
+        out[f"{kind}_steps"] = total(of("engine_step_seconds_count", kind))
+        out[f"mean_{kind}_step_ms"] = mean_ms(of("engine_step_seconds_sum", kind), of("engine_step_seconds_count", kind))
+        out[f"{kind}_step_tokens"] = total(of("engine_step_tokens_total", kind))
+        out[f"token_weighted_{kind}_step_ms"] = mean_ms(of("engine_step_token_seconds_total", kind),
+                                                        of("engine_step_tokens_total", kind))
     # the step time an output token waited for, over the steps that decode (decode + mixed)
-    s = sum(d(n, f'pdmesh:engine_step_token_seconds_total{{kind="{k}"}}') for n in names for k in ("decode", "mixed"))
-    c = sum(d(n, f'pdmesh:engine_step_tokens_total{{kind="{k}"}}') for n in names for k in ("decode", "mixed"))
-    out["token_weighted_step_ms"] = 1e3 * s / c if c else None
-    s = sum(d(n, "pdmesh:request_prefill_time_seconds_sum") for n in names)
-    c = sum(d(n, "pdmesh:request_prefill_time_seconds_count") for n in names)
-    out["mean_prefill_time_ms"] = 1e3 * s / c if c else None
-    out["kv_transfer_bytes"] = sum(d(n, "pdmesh:kv_transfer_bytes_total") for n in names)
-    s = sum(d(n, "pdmesh:kv_transfer_seconds_sum") for n in names)
-    c = sum(d(n, "pdmesh:kv_transfer_seconds_count") for n in names)
-    out["mean_kv_transfer_ms"] = 1e3 * s / c if c else None
+    out["token_weighted_step_ms"] = mean_ms(of("engine_step_token_seconds_total", "decode", "mixed"),
+                                            of("engine_step_tokens_total", "decode", "mixed"))
+    out["mean_prefill_time_ms"] = mean_ms(["pdmesh:request_prefill_time_seconds_sum"], ["pdmesh:request_prefill_time_seconds_count"])
+    out["kv_transfer_bytes"] = total(["pdmesh:kv_transfer_bytes_total"])
+    out["mean_kv_transfer_ms"] = mean_ms(["pdmesh:kv_transfer_seconds_sum"], ["pdmesh:kv_transfer_seconds_count"])
     return out
 
 

@@ -202,8 +202,7 @@ def route(registry: Registry, policy: BaseRoutingPolicy, model: str, prompt_toke
     for e in list(prefills) + list(decodes) + list(both):
         if e.info.max_model_len and prompt_tokens >= e.info.max_model_len:
             raise NoRoute(f"prompt of {prompt_tokens} tokens does not fit max_model_len {e.info.max_model_len}")
-    disaggregated = bool(prefills and decodes) and any(True for _ in _pairs(prefills, decodes))
-    if both and (not disaggregated or prompt_tokens < colocate_below_tokens):
+    if both and (not any(_pairs(prefills, decodes)) or prompt_tokens < colocate_below_tokens):
         w, reason = policy.choose_colocated(both, prompt_tokens)
         w.pending += 1
         return w, w, LOCAL, reason

@@ -30,6 +30,7 @@ from pdmesh.engine.engine import LLMEngine
 from pdmesh.env import ENV
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.telemetry import Telemetry, TracingConfig
+from pdmesh.routing import LOCAL
 from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.registration import Registration
@@ -153,7 +154,7 @@ class WorkerRuntime:
     @property
     def transports(self) -> tuple[str, ...]:
         if self.role == pb.ROLE_BOTH:
-            return ("local",)  # colocated: KV never leaves this worker
+            return (LOCAL,)  # colocated: KV never leaves this worker
         if self.wcfg.transports:
             return self.wcfg.transports
         return ("cuda_ipc", "grpc") if self.llm.device.type == "cuda" else ("grpc",)

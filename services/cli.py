@@ -21,8 +21,10 @@ from pdmesh.config import DEFAULT_MODEL
 
 MODULES = {"gateway": "services.gateway", "scheduler": "services.scheduler", "prefill": "services.prefill",
            "decode": "services.decode", "both": "services.decode.both"}
-"""Service commands and the module each runs (``python -m MODULE``)."""
+"""Service commands and the module each runs: ``pdmesh ROLE`` is ``python -m MODULE``."""
 ROLES = tuple(MODULES)
+STOP_ORDER = ("gateway", "prefill", "decode", "both", "scheduler")
+"""Gateway first (stops taking requests), then workers, scheduler last."""
 
 
 def _pdeathsig() -> None:
@@ -76,8 +78,7 @@ class Mesh:
         return None
 
     def stop(self, grace: float = 40.0) -> int:
-        # Gateway first (stops taking requests), then workers, scheduler last.
-        order = sorted(self.procs, key=lambda np: ("gateway", "prefill", "decode", "both", "scheduler").index(np[0].split("-")[0]))
+        order = sorted(self.procs, key=lambda np: STOP_ORDER.index(np[0].split("-")[0]))
         for _, p in order:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -138,15 +139,10 @@ def up(argv: list[str]) -> int:
         mesh.spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(a.scheduler_port),
                                               "--metrics-port", str(a.scheduler_metrics_port), *tracing])
         extra = a.worker_args.split()
-        for i in range(a.prefill):
-            mesh.spawn(f"prefill-{i}", "prefill", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                                                   "--scheduler", sched, *model, *tracing, *extra])
-        for i in range(a.decode):
-            mesh.spawn(f"decode-{i}", "decode", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        for role, count in (("prefill", a.prefill), ("decode", a.decode), ("both", a.colocated)):
+            for i in range(count):
+                mesh.spawn(f"{role}-{i}", role, ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                                                  "--scheduler", sched, *model, *tracing, *extra])
-        for i in range(a.colocated):
-            mesh.spawn(f"both-{i}", "both", ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-                                             "--scheduler", sched, *model, *tracing, *extra])
         gw = ["--host", a.host, "--port", str(a.port), "--metrics-port", str(a.metrics_port), "--grpc-port", str(a.grpc_port),
               "--scheduler", sched,
               *model, *tracing, *a.gateway_args.split()]
@@ -230,9 +226,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if cmd not in ROLES:
         print(f"pdmesh: unknown command {cmd!r}; one of up, {', '.join(ROLES)}", file=sys.stderr)
         sys.exit(2)
-    module = MODULES[cmd]
-    mod = __import__(module if module.endswith(".both") else f"{module}.__main__", fromlist=["main"])
-    mod.main(rest)
+    import runpy
+
+    sys.argv = [MODULES[cmd], *rest]
+    runpy.run_module(MODULES[cmd], run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import grpc
 import httpx
 
 from pdmesh.v1 import scheduler_pb2 as spb
-from services.cli import MODULES
+from services.cli import MODULES, STOP_ORDER
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 
 
@@ -233,7 +233,7 @@ class Services:
         return self.procs[name].stop(signal.SIGTERM, timeout)
 
     def stop_all(self) -> dict[str, int]:
-        order = sorted(self.procs, key=lambda n: ("gateway", "prefill", "decode", "both", "scheduler").index(n.split("-")[0]))
+        order = sorted(self.procs, key=lambda n: STOP_ORDER.index(n.split("-")[0]))
         return {n: self.procs[n].stop(signal.SIGTERM, 60) for n in order}
 
 

@@ -238,8 +238,6 @@ class LLMEngine:
         self.num_steps += 1
         now = time.monotonic()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
             seq.num_computed_tokens += n
             self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
         outputs = []
@@ -249,8 +247,8 @@ class LLMEngine:
             out = RequestOutput(
                 seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
                 seq.num_prompt_tokens, seq.num_cached_tokens,
-                queue_time=(seq.first_scheduled_time or now) - seq.arrival_time,
-                prefill_time=now - (seq.first_scheduled_time or now) if seq.num_output_tokens == 1 else None,
+                queue_time=seq.first_scheduled_time - seq.arrival_time,
+                prefill_time=now - seq.first_scheduled_time if seq.num_output_tokens == 1 else None,
             )
             if reason is not None:
                 self._finish(seq, reason)

@@ -191,9 +191,8 @@ class MeshClient:
                             t = msg.transfer
                             trace.transport, trace.transfer_bytes, trace.transfer_seconds = t.transport, t.bytes, t.seconds
                         if msg.token_ids or msg.finished:
-                            lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
                             finished = msg.finished
-                            yield TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
+                            yield _event(msg)
                         if msg.finished:
                             return
                     raise MeshError(grpc.StatusCode.UNAVAILABLE, f"decode worker {decode.worker_id} ended the stream early")
@@ -215,7 +214,6 @@ class MeshClient:
             if not took_kv:
                 release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
 
-
     @staticmethod
     async def _stream_local(local: "_LocalCall", route: spb.RouteResponse, trace: RequestTrace) -> AsyncIterator[TokenEvent]:
         """The rest of a colocated request: every message of the worker's stream, first included."""
@@ -226,9 +224,8 @@ class MeshClient:
             msg = local.first
             while True:
                 if msg.token_ids or msg.finished:
-                    lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
                     finished = msg.finished
-                    yield TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
+                    yield _event(msg)
                 if finished:
                     return
                 try:
@@ -249,6 +246,12 @@ class _LocalCall:
     call: grpc.aio.UnaryStreamCall
     messages: AsyncIterator[dpb.GenerateResponse]
     first: dpb.GenerateResponse
+
+
+def _event(msg: dpb.GenerateResponse) -> TokenEvent:
+    """The tokens (and logprobs, finish) of one Generate message."""
+    lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
+    return TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
 
 
 def _refused(exc: grpc.aio.AioRpcError) -> bool:
