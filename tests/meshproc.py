@@ -49,6 +49,17 @@ class Proc:
         self._log.close()
         return self.p.returncode
 
+    def wait_log(self, text: str, timeout: float = 120.0) -> None:
+        """Until ``text`` appears in this process's log (it exits or times out: an error with the tail)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log_path.read_text(errors="replace"):
+                return
+            if not self.alive():
+                raise RuntimeError(f"process exited before logging {text!r}:\n{self.tail()}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{text!r} not logged in {timeout}s:\n{self.tail()}")
+
     def tail(self, n: int = 60) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -213,15 +224,7 @@ class Services:
 
     def wait_registered(self, name: str, timeout: float = 120.0) -> None:
         """Until the (re)started worker ``name`` has registered with the scheduler (its log says so)."""
-        proc = self.procs[name]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise RuntimeError(f"{name} exited:\n{proc.tail()}")
-            if "registered with scheduler" in proc.log_path.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} did not register:\n{proc.tail()}")
+        self.procs[name].wait_log("registered with scheduler", timeout)
 
     def pid(self, name: str) -> int:
         return self.procs[name].p.pid

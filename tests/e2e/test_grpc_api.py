@@ -110,14 +110,7 @@ def gateway_proc(tmp_path, scheduler: str, *extra: str) -> tuple[Proc, str, int]
     port, gport = free_port(), free_port()
     p = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(gport),
               "--metrics-port", "-1", "--scheduler", scheduler, *extra], tmp_path / f"gw-{port}.log")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert p.alive(), p.tail()
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    p.wait_log("READY gateway")  # printed once both the HTTP and the gRPC listener are up
     return p, f"http://127.0.0.1:{port}", gport
 
 
