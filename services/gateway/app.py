@@ -22,7 +22,7 @@ import time
 from typing import Any, AsyncIterator, Optional
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -151,11 +151,15 @@ class Gateway:
         if declared and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body exceeds {limit} bytes", code="request_too_large")
+                chunks.append(chunk)
+        except ClientDisconnect:  # gone before its body arrived: a refusal in the books, never a lost request
+            raise APIError(499, "the client closed the request before sending its body", "cancelled",
+                           code="client_closed") from None
         return b"".join(chunks)
 
     def _prompt_ids(self, req: OpenAIRequest) -> list[list[int]]:

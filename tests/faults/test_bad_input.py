@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tests.faults.client import Tally, nothing_lost
 from tests.faults.conftest import API_KEY
-from tests.meshproc import gateway_books
+from tests.meshproc import gateway_books, scrape
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 OK_BODY = {"prompt": "The sky is", "max_tokens": 3, "temperature": 0}
@@ -154,3 +154,30 @@ def test_fuzzed_request_bodies_never_get_a_5xx(shared, report):
     leaked = nothing_lost(shared.scheduler, shared.metrics_url("gateway"), tally, before, expect_workers=2)
     report.add("fuzzed_requests", tally, faults_injected=sum(v for k, v in statuses.items() if k >= 400),
                blocks_leaked=leaked, statuses={str(k): v for k, v in sorted(statuses.items())})
+
+
+def test_client_gone_before_its_body_arrives_is_counted(shared):
+    """A client that sends the headers and part of the body, then hangs up: the gateway counts it
+    received and refused (499), never left out of the books."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    before = gateway_books(shared.metrics_url("gateway"))
+    u = urlsplit(shared.base)
+    body = json.dumps(OK_BODY).encode()
+    for _ in range(3):
+        with socket.create_connection((u.hostname, u.port), timeout=5) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                      + f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n".encode()
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            time.sleep(0.3)  # the gateway is now waiting on the rest of the body
+    deadline = time.monotonic() + 5
+    while True:
+        d = {k: v - before[k] for k, v in gateway_books(shared.metrics_url("gateway")).items()}
+        if d["received"] == 3 and d["rejected"] == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert d["received"] == 3 and d["rejected"] == 3 and d["ok"] + d["failed"] + d["aborted"] == 0, d
+    m = scrape(shared.metrics_url("gateway"))
+    assert m.get('pdmesh:requests_rejected_total{status="499"}', 0) >= 3, {k: v for k, v in m.items() if "rejected" in k}
