@@ -64,10 +64,22 @@ def wall_step(eng: LLMEngine) -> float:
     return time.perf_counter() - t0
 
 
-def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hbm: float) -> list[dict]:
+def steady_step(eng: LLMEngine, steps: int = 20) -> float:
+    """Seconds per step over ``steps`` consecutive steps (as a serving loop runs them: with async
+    scheduling, step N+1's host work overlaps step N on the GPU)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hbm: float,
+                      async_scheduling: str = "auto") -> list[dict]:
     out = []
     eng = LLMEngine(engine_config(preset, eager=eager, max_num_seqs=max(batches), max_model_len=ctx + 512,
-                                  max_tokens_step=8192))
+                                  max_tokens_step=8192, async_scheduling=async_scheduling))
     arch = eng.arch
     param_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     kv_tok = arch.kv_bytes_per_token(2)
@@ -79,12 +91,14 @@ def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hb
             eng.step()
         for _ in range(5):
             eng.step()
-        times = sorted(wall_step(eng) for _ in range(30))
-        step = statistics.median(times)
-        bytes_read = param_bytes + b * (ctx + 20) * kv_tok
+        start_len = statistics.mean(s.num_tokens for s in eng.scheduler.running)
+        step = statistics.median(steady_step(eng) for _ in range(7))
+        mean_ctx = (start_len + statistics.mean(s.num_tokens for s in eng.scheduler.running)) / 2
+        bytes_read = param_bytes + b * mean_ctx * kv_tok
         floor = bytes_read / hbm
         out.append({"model": preset, "batch": b, "context": ctx, "cuda_graphs": not eager and eng.runner.graphs is not None,
-                    "step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor})
+                    "async_scheduling": eng.async_scheduling, "launched_behind": eng.num_steps_launched_behind,
+                    "mean_context": mean_ctx, "step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor})
         for s in list(eng.scheduler.running):
             eng.abort(s.request_id)
     del eng
@@ -243,8 +257,10 @@ def main() -> None:
         ("kv_pull", lambda: [kv_pull("llama-3.1-8b", 3500, "cuda:0", "cuda:0")]
          + ([kv_pull("llama-3.1-8b", 3500, "cuda:0", "cuda:1")] if torch.cuda.device_count() > 1 else [])),
         ("decode_llama", lambda: decode_step_times("llama-3.1-8b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
+        ("decode_llama_sync", lambda: decode_step_times("llama-3.1-8b", [1, 64], 2048, False, res["hbm_bytes_per_s"], "off")),
         ("prefill_llama", lambda: [prefill_time("llama-3.1-8b", 3500, res["bf16_flops"])]),
         ("decode_qwen_graphs", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
+        ("decode_qwen_sync", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"], "off")),
         ("profile_qwen", lambda: [profile_decode("qwen2.5-0.5b", 1)]),
         ("kernels", lambda: [kernel_profile("qwen2.5-0.5b", 1, True), kernel_profile("qwen2.5-0.5b", 1, False)]),
         ("decode_qwen_eager", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, True, res["hbm_bytes_per_s"])),

@@ -9,9 +9,12 @@ def main(path: str) -> None:
     print(f"\n{r['gpu']} x{r['gpus']} | commit {r['commit']} | {r['date']}")
     print(f"floors: HBM copy {r['hbm_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul {r['bf16_flops'] / 1e12:.0f} TFLOP/s")
     print(f"{'what':44s} {'measured':>10s} {'floor':>10s} {'ratio':>7s}  goal")
-    for key, goal in (("decode_llama", "<= 1.25x"), ("decode_qwen_graphs", "<= 2.5x"), ("decode_qwen_eager", "(eager, for comparison)")):
+    for key, goal in (("decode_llama", "<= 1.25x"), ("decode_llama_sync", "(async scheduling off)"),
+                      ("decode_qwen_graphs", "<= 2.5x"), ("decode_qwen_sync", "(async scheduling off)"),
+                      ("decode_qwen_eager", "(eager, for comparison)")):
         for row in r.get(key, []) if isinstance(r.get(key), list) else []:
-            name = f"decode {row['model']} b={row['batch']} ctx={row['context']}{' graphs' if row['cuda_graphs'] else ' eager'}"
+            name = (f"decode {row['model']} b={row['batch']} ctx={row['context']}{' graphs' if row['cuda_graphs'] else ' eager'}"
+                    f"{' async' if row.get('async_scheduling') else ''}")
             print(f"{name:44s} {row['step_ms']:9.2f}ms {row['floor_ms']:9.2f}ms {row['ratio']:6.2f}x  {goal}")
     for row in r.get("prefill_llama", []) if isinstance(r.get("prefill_llama"), list) else []:
         print(f"{'prefill ' + row['model'] + ' ' + str(row['tokens']) + ' tok':44s} {row['prefill_ms']:9.2f}ms "

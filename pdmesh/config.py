@@ -161,8 +161,13 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens plus prefill chunk tokens)."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps so that decodes keep flowing."""
+    async_scheduling: str = "auto"
+    """Schedule and launch decode step N+1 while step N runs on the GPU, instead of waiting for
+    N's tokens first: 'auto' (on CUDA), 'on' or 'off'. Steps with prompt tokens, and sequences
+    with penalties or logprobs, run one at a time."""
 
     def __post_init__(self) -> None:
+        _require(self.async_scheduling in ("auto", "on", "off"), "async_scheduling", "must be 'auto', 'on' or 'off'")
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -89,8 +89,10 @@ class DecodeGraphs:
         return (layout.is_decode_only and len(layout.query_lens) <= self.buckets[-1]
                 and max(layout.context_lens) <= self.max_pages * self.block_size)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        """input_ids/positions [B] on device -> hidden [B, hidden] (a view of static output)."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
+            on_loaded: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """input_ids/positions [B] on device -> hidden [B, hidden] (a view of static output).
+        ``on_loaded`` runs once the step's inputs and plan are queued, before the replay."""
         n = len(layout.query_lens)
         b = self.buckets[bisect.bisect_left(self.buckets, n)]
         graph, wrapper, out = self.graphs[b]
@@ -105,6 +107,8 @@ class DecodeGraphs:
             self.slot_block[n:b].fill_(self.null_block)
             self.slot_offset[n:b].zero_()
         self.backend.plan_decode(wrapper, self._padded_layout(layout, b))
+        if on_loaded is not None:
+            on_loaded()
         with torch.cuda.device(self.device):
             graph.replay()
         return out[:n]

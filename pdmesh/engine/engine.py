@@ -12,7 +12,18 @@ it.  Roles in the mesh:
   ``activate_remote`` queues the request to generate from its first token on.
 
 KV ownership: every allocated block belongs to exactly the request ids in the block manager;
-``abort``/``release``/finishing free them at once.
+``abort``/``release``/finishing free them at once — except that blocks of a request that a
+launched, not yet collected step still writes are freed when that step is collected (a block
+must never change hands while a kernel may write it: the next owner's KV may arrive on another
+stream).
+
+Async scheduling (``--async-scheduling``): in steady decoding, ``step()`` schedules and launches
+step N+1 before it collects step N, so the host's work for N+1 (schedule, inputs, attention
+plan) overlaps N on the GPU and each call returns step N's outputs (one step behind).  Step N's
+tokens are placeholders in ``Sequence.token_ids`` until collected (see ``runner``).  Whenever the
+next step could not be launched that way (prompt tokens to run, waiting requests, too few free
+blocks to grow every sequence without preempting, a sequence that ends by length at step N, or
+one with penalties or logprobs), ``step()`` first collects N and goes on synchronously.
 """
 
 from __future__ import annotations
@@ -26,9 +37,9 @@ import torch
 
 from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
-from pdmesh.engine.runner import ModelRunner
+from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
-from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus
+from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
 from pdmesh.models.loader import ResolvedModel, load_model, resolve
@@ -48,6 +59,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def _launchable(seq: Sequence) -> bool:
+    """A sequence whose next token can be sampled without the host seeing the previous one."""
+    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None
 
 
 class RequestRejected(ValueError):
@@ -101,6 +117,14 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
         if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
+        mode = config.scheduler.async_scheduling
+        self.async_scheduling = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        self._inflight: Optional[LaunchedStep] = None
+        """The launched step not yet collected (async scheduling)."""
+        self.num_steps_launched_behind = 0
+        """Steps launched before the previous step was collected (counter)."""
+        self._deferred_frees: list[tuple[LaunchedStep, str]] = []
+        """Requests whose blocks are freed once that step is collected."""
         self.held: dict[str, Sequence] = {}
         self.remote: dict[str, Sequence] = {}
         self.num_steps = 0
@@ -187,11 +211,19 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Drop the request wherever it is and free its blocks at once."""
         seq = self.scheduler.remove(request_id) or self.remote.pop(request_id, None) or self.held.pop(request_id, None)
-        freed = self.blocks.free(request_id)
+        had_blocks = self.blocks.has_request(request_id)
+        self._free(request_id)
         if seq is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
-        return seq is not None or freed > 0
+        return seq is not None or had_blocks
+
+    def _free(self, request_id: str) -> None:
+        """Free a request's blocks now, or when the step in flight (which may write them) is collected."""
+        if self._inflight is not None:
+            self._deferred_frees.append((self._inflight, request_id))
+        else:
+            self.blocks.free(request_id)
 
     def release(self, request_id: str) -> bool:
         """Prefill side: the decode worker has the KV (or gave up): free the held blocks."""
@@ -218,10 +250,24 @@ class LLMEngine:
             self.blocks.free(rid)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        """schedule -> run -> postprocess; with async scheduling, in steady decoding: schedule
+        and launch step N+1, then collect step N and return its outputs."""
+        prev = self._inflight
+        if prev is not None:
+            if not self._can_launch_behind(prev):
+                return self._collect(prev)
+            batch = self.scheduler.schedule()
+            nxt = self.runner.launch(batch, prev) if batch.seqs else None
+            self.num_steps_launched_behind += nxt is not None
+            self._inflight = nxt  # frees that collecting prev asks for wait for nxt too
+            outputs = self._collect(prev)
+            if nxt is not None:
+                self._launched(nxt)
+            return outputs
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -231,8 +277,55 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
+        if self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs)):
+            self._inflight = self.runner.launch(batch)
+            self._launched(self._inflight)
+            return []
         result = self.runner.run(batch)
         return self.postprocess(batch, result)
+
+    def _can_launch_behind(self, prev: LaunchedStep) -> bool:
+        """Whether the next step may be scheduled and launched before ``prev`` is collected: it
+        would be decode-only, preempt no one, and every sequence outlives ``prev``'s token."""
+        running = self.scheduler.running
+        if self.scheduler.waiting or not running or len(running) > self.blocks.num_free_blocks:
+            return False
+        cfg = self.config.scheduler
+        if len(running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens):
+            return False
+        return all(s.num_tokens - s.num_computed_tokens == 1 and _launchable(s) and s.num_tokens < self.max_model_len
+                   and s.num_output_tokens < s.params.max_tokens for s in running)
+
+    def _launched(self, step: LaunchedStep) -> None:
+        """The step's tokens count as computed; its sampled tokens are placeholders until collected."""
+        for seq in step.batch.seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                seq.num_computed_tokens += 1
+        for row, seq in enumerate(step.sample_seqs):
+            if seq.status is SequenceStatus.RUNNING:
+                seq.token_ids.append(placeholder(row))
+
+    def _collect(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens, put them in place of its placeholders, emit them;
+        free the blocks that waited for this step."""
+        if self._inflight is step:
+            self._inflight = None
+        result = self.runner.collect(step)
+        self.num_steps += 1
+        self.last_step_kind = "decode"
+        now = time.monotonic()
+        outputs = []
+        for seq, tok in zip(result.sampled_seqs, result.token_ids):
+            if seq.status is not SequenceStatus.RUNNING:  # aborted or finished meanwhile: dropped
+                continue
+            seq.token_ids[-1] = tok
+            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+            outputs.append(self._emit(seq, tok, None, now))
+        due = [rid for s, rid in self._deferred_frees if s is step]
+        self._deferred_frees = [(s, rid) for s, rid in self._deferred_frees if s is not step]
+        for rid in due:
+            self.blocks.free(rid)
+        return outputs
 
     def postprocess(self, batch, result) -> list[RequestOutput]:
         self.num_steps += 1
@@ -243,23 +336,27 @@ class LLMEngine:
         outputs = []
         for seq, tok, lp in zip(result.sampled_seqs, result.token_ids, result.logprobs):
             seq.token_ids.append(tok)
-            reason = self._finish_reason(seq, tok)
-            out = RequestOutput(
-                seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
-                seq.num_prompt_tokens, seq.num_cached_tokens,
-                queue_time=seq.first_scheduled_time - seq.arrival_time,
-                prefill_time=now - seq.first_scheduled_time if seq.num_output_tokens == 1 else None,
-            )
-            if reason is not None:
-                self._finish(seq, reason)
-            elif seq.prefill_only:
-                out.finished = True
-                out.held_block_ids = list(self.blocks.block_table(seq.request_id))
-                self.scheduler.remove(seq.request_id)
-                seq.status = SequenceStatus.HELD
-                self.held[seq.request_id] = seq
-            outputs.append(out)
+            outputs.append(self._emit(seq, tok, lp, now))
         return outputs
+
+    def _emit(self, seq: Sequence, tok: int, lp: Optional[TokenLogprob], now: float) -> RequestOutput:
+        """The output for ``seq``'s newest token ``tok``; finishes or holds the sequence as due."""
+        reason = self._finish_reason(seq, tok)
+        out = RequestOutput(
+            seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
+            seq.num_prompt_tokens, seq.num_cached_tokens,
+            queue_time=seq.first_scheduled_time - seq.arrival_time,
+            prefill_time=now - seq.first_scheduled_time if seq.num_output_tokens == 1 else None,
+        )
+        if reason is not None:
+            self._finish(seq, reason)
+        elif seq.prefill_only:
+            out.finished = True
+            out.held_block_ids = list(self.blocks.block_table(seq.request_id))
+            self.scheduler.remove(seq.request_id)
+            seq.status = SequenceStatus.HELD
+            self.held[seq.request_id] = seq
+        return out
 
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params
@@ -272,7 +369,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.remove(seq.request_id)
-        self.blocks.free(seq.request_id)
+        self._free(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

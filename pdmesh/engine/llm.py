@@ -39,7 +39,8 @@ class LLM:
                  num_kv_blocks: Optional[int] = None, kv_cache_memory: int = 512 << 20,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: str = "auto",
-                 enforce_eager: bool = False, engine_config: Optional[EngineConfig] = None) -> None:
+                 enforce_eager: bool = False, async_scheduling: str = "auto",
+                 engine_config: Optional[EngineConfig] = None) -> None:
         if engine_config is None:
             mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
                              **({"model": model} if model else {}))
@@ -48,7 +49,7 @@ class LLM:
                 cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                          enable_chunked_prefill=enable_chunked_prefill),
+                                          enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling),
                 device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager),
             )
         self.engine = LLMEngine(engine_config)
@@ -94,7 +95,7 @@ class LLM:
                     "detok": self.tokenizer.detokenizer(prompt, params.skip_special_tokens) if detokenize else None,
                     "stop": StopStringMatcher(params.stop, params.include_stop_str_in_output),
                 }
-        while live:
+        while live or eng.has_work():  # then collect a step still in flight (async scheduling)
             for out in eng.step():
                 st = live.get(out.request_id)
                 if st is None:

@@ -2,6 +2,18 @@
 
 ``prepare`` builds flat ``input_ids``/``positions``/``slot_mapping`` with one numpy op per
 sequence (never per token), ``plan`` is called once, and the model runs once over all tokens.
+
+Two ways to run a step:
+
+* ``run(batch)``: launch and wait for the sampled tokens (every kind of step).
+* ``launch(batch, prev)`` then ``collect(step)`` (async scheduling, decode steps): the kernels
+  are queued and the sampled ids stay on the device; the host gets them in ``collect`` from a
+  pinned buffer, so the engine can schedule and launch step N+1 before it waits for step N.
+  A token of step N that step N+1 takes as input is written into ``Sequence.token_ids`` as the
+  placeholder ``-(row + 1)`` (its row in step N's sampled ids) and resolved on the device.
+
+Host buffers that the device reads asynchronously (the packed inputs, FlashInfer's pinned plan
+buffers) are written only after the previous step's inputs were consumed (``_InputFence``).
 """
 
 from __future__ import annotations
@@ -19,6 +31,45 @@ from pdmesh.engine.sequence import Sequence, TokenLogprob
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.models.transformer import CausalLM
+
+
+def placeholder(row: int) -> int:
+    """The token id standing for row ``row`` of the in-flight step's sampled ids."""
+    return -(row + 1)
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose kernels are queued; its sampled ids reach the host in ``collect``."""
+
+    batch: ScheduledBatch
+    sample_seqs: list[Sequence]
+    """Sequences that get a token from this step, in row order."""
+    ids: torch.Tensor
+    """[S] int64 on the model's device: sampled token ids (the next step's inputs)."""
+    host_ids: torch.Tensor
+    """[S] int64 on the host (pinned on CUDA): filled once ``ready`` has completed."""
+    ready: Optional[torch.cuda.Event]
+    """Recorded after the device-to-host copy (None on CPU, where ``host_ids`` is ready at once)."""
+
+
+class _InputFence:
+    """CUDA: an event recorded once a step's host-to-device input copies (ours and the attention
+    plan's) are queued; the next step waits on it before it rewrites those host buffers."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.event: Optional[torch.cuda.Event] = None
+
+    def mark(self) -> None:
+        if self.cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
 
 
 @dataclass
@@ -41,6 +92,10 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.block_size = pool.block_size
         self._pinned: Optional[torch.Tensor] = None
+        self._host_ids: list[torch.Tensor] = []
+        """Two pinned [max_num_seqs] int64 buffers, used in turn by launched steps (CUDA)."""
+        self._turn = 0
+        self._fence = _InputFence(device)
         self.graphs = None
         """``DecodeGraphs`` when CUDA graphs are captured (``capture_decode_graphs``)."""
 
@@ -61,7 +116,10 @@ class ModelRunner:
         self._pinned[:, :t].copy_(host)
         return self._pinned[:, :t].to(self.device, non_blocking=True)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, list[int], list[Sequence]]:
+    def prepare(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, list[int], list[Sequence]]:
+        """Inputs of ``batch``; ``prev_ids`` ([S] int64, device) resolves placeholder tokens."""
+        self._fence.wait()
         ids, pos, slots = [], [], []
         ctx_lens, tables, logits_idx, sample_seqs = [], [], [], []
         offset = 0
@@ -82,23 +140,60 @@ class ModelRunner:
                 sample_seqs.append(seq)
         packed = np.stack([np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)])
         dev = self._to_device(packed)
+        input_ids = dev[0]
+        if packed[0].min() < 0:  # tokens still on the device, sampled by the in-flight step
+            if prev_ids is None:
+                raise RuntimeError("a placeholder token without the step that samples it")
+            input_ids = torch.where(input_ids < 0, prev_ids[(-input_ids - 1).clamp(min=0)], input_ids)
         layout = BatchLayout(list(batch.num_new_tokens), ctx_lens, tables, dev[2], bs)
-        return dev[0], dev[1], layout, logits_idx, sample_seqs
+        return input_ids, dev[1], layout, logits_idx, sample_seqs
 
-    def forward(self, batch: ScheduledBatch) -> tuple[Optional[torch.Tensor], list[Sequence]]:
+    def forward(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
+                ) -> tuple[Optional[torch.Tensor], list[Sequence]]:
         """Run the model over the batch; logits [N, vocab] (float32) of the sequences whose pending
         tokens are all computed by this step, and those sequences."""
-        input_ids, positions, layout, logits_idx, sample_seqs = self.prepare(batch)
+        input_ids, positions, layout, logits_idx, sample_seqs = self.prepare(batch, prev_ids)
         if self.graphs is not None and self.graphs.can_run(layout):
-            hidden = self.graphs.run(input_ids, positions, layout)
+            hidden = self.graphs.run(input_ids, positions, layout, on_loaded=self._fence.mark)
         else:
             plan = self.backend.plan(layout)
+            self._fence.mark()
             hidden = self.model(input_ids, positions, StepAttention(self.backend, plan, self.pool.kv))
         if not sample_seqs:
             return None, []
         if len(logits_idx) != hidden.shape[0]:  # some sequences were mid-prefill: pick last tokens
             hidden = hidden[torch.tensor(logits_idx, device=self.device)]
         return self.model.compute_logits(hidden), sample_seqs
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: Optional[LaunchedStep] = None) -> LaunchedStep:
+        """Queue a step that samples every sequence of ``batch`` without logprobs or penalties
+        (async scheduling); ``prev`` is the in-flight step whose placeholders it takes as input."""
+        logits, sample_seqs = self.forward(batch, prev.ids if prev is not None else None)
+        if logits is None or len(sample_seqs) != len(batch.seqs):
+            raise RuntimeError("launch() takes decode batches only")
+        if all(plain_greedy(s) for s in sample_seqs):
+            ids = logits.argmax(dim=-1)
+        else:
+            ids = self.sampler.sample(logits, build_sampling_batch(sample_seqs, logits.shape[-1], self.device))
+        if self.device.type != "cuda":
+            return LaunchedStep(batch, sample_seqs, ids, ids, None)
+        n = ids.shape[0]
+        if not self._host_ids or self._host_ids[0].shape[0] < n:
+            self._host_ids = [torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._turn ^= 1
+        host = self._host_ids[self._turn][:n]
+        host.copy_(ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(batch, sample_seqs, ids, host, ready)
+
+    @staticmethod
+    def collect(step: LaunchedStep) -> StepResult:
+        """Wait for a launched step's sampled ids (and nothing queued after them)."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        return StepResult(step.sample_seqs, step.host_ids.tolist(), [None] * len(step.sample_seqs))
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:

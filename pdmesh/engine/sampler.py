@@ -97,14 +97,18 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, seqs: list[Sequence]) -> tuple[list[int], list[Optional[TokenLogprob]]]:
         """logits: [B, V] float32 -> sampled ids and per-row logprobs (None where not asked)."""
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_logprobs >= 0 else None
+        ids = self.sample(logits, batch)
+        id_list = ids.tolist()
+        return id_list, self._logprobs(raw_logprobs, ids, batch, seqs)
+
+    @torch.no_grad()
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits: [B, V] float32 -> sampled ids [B] int64, on the device (no host sync)."""
         logits = self._apply_penalties(logits, batch)
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
-            ids = greedy_ids
-        else:
-            ids = torch.where(batch.temperature == 0, greedy_ids, self._sample(logits, batch))
-        id_list = ids.tolist()
-        return id_list, self._logprobs(raw_logprobs, ids, batch, seqs)
+            return greedy_ids
+        return torch.where(batch.temperature == 0, greedy_ids, self._sample(logits, batch))
 
     def _apply_penalties(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         if b.suppress:

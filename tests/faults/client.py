@@ -19,7 +19,7 @@ KV_LEASE = 8.0
 HEARTBEAT = 1.0
 LOST_WITHIN = KV_LEASE + 2 * HEARTBEAT + 2.0
 """Seconds after which everything must be back at baseline (lease + 2 heartbeats, + scrape slack)."""
-WORKER_ARGS = ("--kv-lease-seconds", str(KV_LEASE))
+WORKER_ARGS = ("--kv-lease-seconds", str(KV_LEASE), "--async-scheduling", "on")  # the fault meshes decode async
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
 
 from pdmesh.engine import LLM, LLMEngine, RequestRejected, SamplingParams
 from pdmesh.transport.loopback import LoopbackTransport
@@ -15,19 +14,6 @@ from pdmesh.v1 import common_pb2 as pb
 
 PROMPTS = [[5, 17, 42, 7, 99, 3], [1, 2, 3], list(range(10, 80)), [200, 201, 5, 5, 5, 9, 250, 31, 8, 8, 8]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    return str(path)
 
 
 def make(model_dir, **kw):
