@@ -10,9 +10,10 @@ so no copies happen between the cache and the kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import flashinfer
+import numpy as np
 import torch
 
 from pdmesh.attention.base import BaseAttentionBackend, BatchLayout
@@ -48,12 +49,25 @@ class FlashInferBackend(BaseAttentionBackend):
         self.use_tensor_cores = num_heads // num_kv_heads >= 4
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
+        self._staging: Optional[torch.Tensor] = None
 
     def plan_decode(self, wrapper: Any, batch: BatchLayout) -> None:
-        """Plan a decode wrapper (this backend's, or a CUDA-graph one) for a decode-only batch."""
+        """Plan a decode wrapper (this backend's, or a CUDA-graph one) for a decode-only batch.
+        The page indices go to the device through a pinned buffer: a CUDA-graph wrapper copies
+        host indices with a blocking copy, which would wait for the step still on the GPU."""
         m = paged_metadata(batch)
-        wrapper.plan(torch.from_numpy(m.kv_indptr), torch.from_numpy(m.kv_indices), torch.from_numpy(m.kv_last_page_len),
-                     self.hq, self.hkv, self.d, batch.block_size, q_data_type=self.dtype, kv_data_type=self.dtype)
+        wrapper.plan(torch.from_numpy(m.kv_indptr), self._indices_on_device(m.kv_indices),
+                     torch.from_numpy(m.kv_last_page_len), self.hq, self.hkv, self.d, batch.block_size,
+                     q_data_type=self.dtype, kv_data_type=self.dtype)
+
+    def _indices_on_device(self, indices: np.ndarray) -> torch.Tensor:
+        """[P] int32 host -> device without a stream sync.  The pinned staging buffer is rewritten
+        only once the previous step's input copies ran (the model runner's input fence)."""
+        n = indices.shape[0]
+        if self._staging is None or self._staging.shape[0] < n:
+            self._staging = torch.empty(max(n, 1 << 16), dtype=torch.int32, pin_memory=True)
+        self._staging[:n].copy_(torch.from_numpy(indices))
+        return self._staging[:n].to(self.device, non_blocking=True)
 
     def plan(self, batch: BatchLayout) -> FlashInferPlan:
         # Host tensors: plan() reads indptr on the host anyway and copies what the kernels need.

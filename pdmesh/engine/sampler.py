@@ -52,9 +52,15 @@ def plain_greedy(seq: Sequence) -> bool:
             and (p.min_tokens == 0 or seq.num_output_tokens >= p.min_tokens))
 
 
+def _vec(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list -> device tensor without waiting for the stream (torch.tensor(...,
+    device=cuda) would block until the step in flight is done)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device) -> SamplingBatch:
     ps = [s.params for s in seqs]
-    temps = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=device)
+    temps = _vec([p.temperature for p in ps], torch.float32, device)
     any_topp = any(p.top_p < 1.0 for p in ps)
     any_topk = any(p.top_k > 0 for p in ps)
     any_minp = any(p.min_p > 0 for p in ps)
@@ -72,9 +78,9 @@ def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device)
     ]
     return SamplingBatch(
         temperature=temps,
-        top_p=torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device) if any_topp else None,
-        top_k=torch.tensor([p.top_k if p.top_k > 0 else vocab for p in ps], dtype=torch.int64, device=device) if any_topk else None,
-        min_p=torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=device) if any_minp else None,
+        top_p=_vec([p.top_p for p in ps], torch.float32, device) if any_topp else None,
+        top_k=_vec([p.top_k if p.top_k > 0 else vocab for p in ps], torch.int64, device) if any_topk else None,
+        min_p=_vec([p.min_p for p in ps], torch.float32, device) if any_minp else None,
         presence=torch.tensor([[p.presence_penalty] for p in ps], dtype=torch.float32, device=device) if any_pen else None,
         frequency=torch.tensor([[p.frequency_penalty] for p in ps], dtype=torch.float32, device=device) if any_pen else None,
         repetition=torch.tensor([[p.repetition_penalty] for p in ps], dtype=torch.float32, device=device) if any_rep else None,
