@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pdmesh.attention.base import BaseAttentionBackend, BatchLayout
-from pdmesh.attention.paged import paged_metadata
+from pdmesh.attention.paged import paged_metadata, store_kv
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -30,13 +30,6 @@ class FlashInferPlan:
     """[T] int64: block of each new token's slot."""
     slot_offset: torch.Tensor
     """[T] int64: offset inside that block."""
-
-
-def store_kv(kv_layer: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor,
-             k: torch.Tensor, v: torch.Tensor) -> None:
-    """kv_layer [N, 2, bs, Hkv, D]; k, v [T, Hkv, D]: write new tokens into their slots."""
-    kv_layer[:, 0][slot_block, slot_offset] = k
-    kv_layer[:, 1][slot_block, slot_offset] = v
 
 
 class FlashInferBackend(BaseAttentionBackend):

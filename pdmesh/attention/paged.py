@@ -1,10 +1,13 @@
-"""Host-side page-table metadata in the CSR form FlashInfer's wrappers take (pure, CPU)."""
+"""Host-side page-table metadata in the CSR form FlashInfer's wrappers take (pure, CPU), and the
+KV store into paged slots."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+import torch
 
 from pdmesh.attention.base import BatchLayout
 
@@ -32,3 +35,25 @@ def paged_metadata(batch: BatchLayout) -> PagedMetadata:
     indices = np.concatenate([np.asarray(t[:p], dtype=np.int32) for t, p in zip(batch.block_tables, pages)])
     last = (ctx - (pages - 1) * bs).astype(np.int32)
     return PagedMetadata(qo, kv, indices, last)
+
+
+def store_kv(kv_layer: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """kv_layer [N, 2, bs, Hkv, D]; k, v [T, Hkv, D]: write new tokens into their slots (one
+    kernel when v follows k in each row, as the qkv projection's views do)."""
+    kv = _kv_rows(k, v)
+    if kv is not None:
+        kv_layer[slot_block, :, slot_offset] = kv
+    else:
+        kv_layer[:, 0][slot_block, slot_offset] = k
+        kv_layer[:, 1][slot_block, slot_offset] = v
+
+
+def _kv_rows(k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """k, v [T, Hkv, D] -> the [T, 2, Hkv, D] view covering both, if v directly follows k in
+    every row of one buffer; else None."""
+    t, h, d = k.shape
+    if (k.stride() != v.stride() or k.stride(2) != 1 or k.stride(1) != d or k.dtype != v.dtype
+            or v.data_ptr() - k.data_ptr() != h * d * k.element_size()):
+        return None
+    return k.as_strided((t, 2, h, d), (k.stride(0), h * d, d, 1))

@@ -146,7 +146,9 @@ class BoundRotary:
         if self.cos_sin_cache is not None:
             from flashinfer.rope import apply_rope_with_cos_sin_cache_inplace
 
-            q, k = q.contiguous(), k.contiguous()
+            # In place on the projection's output where heads sit packed in each row (the qkv
+            # split): no copies, and k stays next to v for a single KV-store kernel.
+            q, k = (x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous() for x in (q, k))
             t, d = q.shape[0], q.shape[-1]
             apply_rope_with_cos_sin_cache_inplace(self.positions, q.view(t, -1), k.view(t, -1), d, self.cos_sin_cache, True)
             return q, k

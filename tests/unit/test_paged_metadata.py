@@ -27,3 +27,26 @@ def test_cuda_graph_padding_plans_real_rows_then_null_block_rows():
     assert m.kv_indices.tolist() == [7, 9, 1, 2, 3, 4, 99, 99]
     assert m.kv_last_page_len.tolist() == [1, 1, 1, 1]
     assert paged_metadata(g._padded_layout(None, 2)).kv_indices.tolist() == [99, 99]
+
+
+def test_store_kv_one_kernel_path_equals_two_writes():
+    """k and v as views of one qkv row (v right after k) are stored with one index_put; anything
+    else with two; both put exactly k and v into their slots."""
+    import torch
+
+    from pdmesh.attention.paged import _kv_rows, store_kv
+
+    t, hq, h, d, n, bs = 5, 4, 2, 8, 6, 4
+    qkv = torch.randn(t, (hq + 2 * h) * d)
+    _, k, v = qkv.split([hq * d, h * d, h * d], -1)
+    k, v = k.view(t, h, d), v.view(t, h, d)
+    assert _kv_rows(k, v) is not None and _kv_rows(k.contiguous(), v.contiguous()) is None
+    assert _kv_rows(v, k) is None  # v before k: not the [k, v] layout
+    slot_block, slot_offset = torch.tensor([0, 3, 3, 5, 1]), torch.tensor([0, 1, 2, 3, 0])
+    want = torch.zeros(n, 2, bs, h, d)
+    want[:, 0][slot_block, slot_offset] = k
+    want[:, 1][slot_block, slot_offset] = v
+    for kk, vv in ((k, v), (k.contiguous(), v.contiguous())):
+        got = torch.zeros(n, 2, bs, h, d)
+        store_kv(got, slot_block, slot_offset, kk, vv)
+        assert torch.equal(got, want)
