@@ -258,7 +258,7 @@ class LLMEngine:
         and launch step N+1, then collect step N and return its outputs."""
         prev = self._inflight
         if prev is not None:
-            if not self._can_launch_behind(prev):
+            if not self._can_launch_behind():
                 return self._collect(prev)
             batch = self.scheduler.schedule()
             nxt = self.runner.launch(batch, prev) if batch.seqs else None
@@ -284,9 +284,10 @@ class LLMEngine:
         result = self.runner.run(batch)
         return self.postprocess(batch, result)
 
-    def _can_launch_behind(self, prev: LaunchedStep) -> bool:
-        """Whether the next step may be scheduled and launched before ``prev`` is collected: it
-        would be decode-only, preempt no one, and every sequence outlives ``prev``'s token."""
+    def _can_launch_behind(self) -> bool:
+        """Whether the next step may be scheduled and launched before the step in flight is
+        collected: it would be decode-only, preempt no one, and every sequence outlives the
+        in-flight step's token."""
         running = self.scheduler.running
         if self.scheduler.waiting or not running or len(running) > self.blocks.num_free_blocks:
             return False

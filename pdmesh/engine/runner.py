@@ -93,7 +93,7 @@ class ModelRunner:
         self.block_size = pool.block_size
         self._pinned: Optional[torch.Tensor] = None
         self._host_ids: list[torch.Tensor] = []
-        """Two pinned [max_num_seqs] int64 buffers, used in turn by launched steps (CUDA)."""
+        """Two pinned int64 buffers (at least 256 ids, grown to the batch), used in turn by launched steps (CUDA)."""
         self._turn = 0
         self._fence = _InputFence(device)
         self.graphs = None
