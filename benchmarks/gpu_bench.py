@@ -116,6 +116,8 @@ def profile_decode(preset: str, batch: int, steps: int = 200) -> dict:
     for i in range(batch):
         eng.add_request(f"prof{i}", [(i * 7 + j) % 30000 + 10 for j in range(2048)],
                         SamplingParams(temperature=0, max_tokens=steps + 50, ignore_eos=True))
+    while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
+        eng.step()
     for _ in range(10):
         eng.step()
     prof = cProfile.Profile()
@@ -135,27 +137,68 @@ def profile_decode(preset: str, batch: int, steps: int = 200) -> dict:
     return {"model": preset, "batch": batch, "profiled_step_ms": per_step * 1e3}
 
 
-def kernel_profile(preset: str, batch: int, eager: bool, steps: int = 20) -> dict:
-    """torch.profiler of decode steps: the GPU kernels that take the time, largest first."""
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    busy, cur_s, cur_e = 0.0, None, None
+    for a, b in sorted(intervals):
+        if cur_e is None or a > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    return busy + (cur_e - cur_s if cur_e is not None else 0.0)
+
+
+def decode_breakdown(preset: str, batch: int, steps: int = 20) -> dict:
+    """Where a steady decode step's time goes (CUDA graphs, async as configured): step wall time;
+    the graph replay, the logits and the argmax alone on the GPU (CUDA events); and the kernels of
+    ``steps`` steps (torch.profiler): per kernel calls and microseconds per step, the GPU's busy
+    time (union of kernels) and the span, so idle gaps show."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    eng = LLMEngine(engine_config(preset, eager=eager, max_num_seqs=max(batch, 2), max_model_len=2560, max_tokens_step=8192))
+    eng = LLMEngine(engine_config(preset, max_num_seqs=max(batch, 2), max_model_len=2560, max_tokens_step=8192))
     for i in range(batch):
         eng.add_request(f"kp{i}", [(i * 7 + j) % 30000 + 10 for j in range(2048)],
-                        SamplingParams(temperature=0, max_tokens=steps + 50, ignore_eos=True))
+                        SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    while eng.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running):
+        eng.step()
     for _ in range(10):
         eng.step()
+    step = statistics.median(steady_step(eng) for _ in range(5))
+    out = {"model": preset, "batch": batch, "step_ms": step * 1e3}
+    graphs = eng.runner.graphs
+    if graphs is not None:
+        b = min(x for x in graphs.buckets if x >= batch)
+        graph, _, hidden = graphs.graphs[b]
+        out["graph_replay_ms"] = cuda_time(graph.replay, iters=30) * 1e3
+        with torch.inference_mode():
+            out["logits_ms"] = cuda_time(lambda: eng.model.compute_logits(hidden[:batch]), iters=30) * 1e3
+            logits = eng.model.compute_logits(hidden[:batch])
+            out["argmax_ms"] = cuda_time(lambda: logits.argmax(dim=-1), iters=30) * 1e3
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             eng.step()
         torch.cuda.synchronize()
-    print(f"--- kernels: {preset} batch {batch} {'eager' if eager else 'graphs'} ({steps} steps)", flush=True)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60), flush=True)
-    total_gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    iv = [(e.time_range.start, e.time_range.end) for e in kernels]
+    if iv:
+        out["gpu_busy_ms_per_step"] = _busy_us(iv) / steps / 1e3
+        out["gpu_span_ms_per_step"] = (max(b for _, b in iv) - min(a for a, _ in iv)) / steps / 1e3
+    out["kernels_per_step"] = len(kernels) / steps
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
+    print(f"--- {preset} batch {batch}: {json.dumps(out)}", flush=True)
+    print(f"{'us/step':>8} {'calls/step':>10} {'us/call':>8}  kernel", flush=True)
+    for name, ts in rows[:28]:
+        print(f"{sum(ts) / steps:8.1f} {len(ts) / steps:10.1f} {statistics.mean(ts):8.2f}  {name[:110]}", flush=True)
     del eng
     torch.cuda.empty_cache()
-    return {"model": preset, "batch": batch, "eager": eager, "gpu_ms_per_step": total_gpu_us / steps / 1e3}
+    return out
 
 
 def prefill_time(preset: str, tokens: int, flops_peak: float) -> dict:
@@ -262,7 +305,9 @@ def main() -> None:
         ("decode_qwen_graphs", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
         ("decode_qwen_sync", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"], "off")),
         ("profile_qwen", lambda: [profile_decode("qwen2.5-0.5b", 1)]),
-        ("kernels", lambda: [kernel_profile("qwen2.5-0.5b", 1, True), kernel_profile("qwen2.5-0.5b", 1, False)]),
+        ("profile_qwen64", lambda: [profile_decode("qwen2.5-0.5b", 64)]),
+        ("breakdown_qwen", lambda: [decode_breakdown("qwen2.5-0.5b", 1), decode_breakdown("qwen2.5-0.5b", 64)]),
+        ("breakdown_llama", lambda: [decode_breakdown("llama-3.1-8b", 1), decode_breakdown("llama-3.1-8b", 64)]),
         ("decode_qwen_eager", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, True, res["hbm_bytes_per_s"])),
     ]
     for name, fn in steps:
