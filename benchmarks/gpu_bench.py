@@ -10,6 +10,7 @@ same run (see results/README.md). Usage: python benchmarks/gpu_bench.py --out re
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing as mp
 import statistics
@@ -54,6 +55,12 @@ def matmul_flops() -> float:
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t = cuda_time(lambda: a @ b, iters=20)
     return 2 * 8192**3 / t
+
+
+def _release() -> None:
+    """Give a finished engine's GPU memory back before the next one (engines hold reference cycles)."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def wall_step(eng: LLMEngine) -> float:
@@ -102,7 +109,7 @@ def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hb
         for s in list(eng.scheduler.running):
             eng.abort(s.request_id)
     del eng
-    torch.cuda.empty_cache()
+    _release()
     return out
 
 
@@ -133,7 +140,7 @@ def profile_decode(preset: str, batch: int, steps: int = 200) -> dict:
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
     print(buf.getvalue(), flush=True)
     del eng
-    torch.cuda.empty_cache()
+    _release()
     return {"model": preset, "batch": batch, "profiled_step_ms": per_step * 1e3}
 
 
@@ -197,7 +204,7 @@ def decode_breakdown(preset: str, batch: int, steps: int = 20) -> dict:
     for name, ts in rows[:28]:
         print(f"{sum(ts) / steps:8.1f} {len(ts) / steps:10.1f} {statistics.mean(ts):8.2f}  {name[:110]}", flush=True)
     del eng
-    torch.cuda.empty_cache()
+    _release()
     return out
 
 
@@ -219,7 +226,7 @@ def prefill_time(preset: str, tokens: int, flops_peak: float) -> dict:
     t = statistics.median(times[1:])
     floor = flops / flops_peak
     del eng
-    torch.cuda.empty_cache()
+    _release()
     return {"model": preset, "tokens": tokens, "prefill_ms": t * 1e3, "floor_ms": floor * 1e3, "ratio": t / floor,
             "achieved_tflops": flops / t / 1e12}
 

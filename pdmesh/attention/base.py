@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -30,8 +30,8 @@ class BatchLayout:
     """New tokens per sequence this step (1 for a decode)."""
     context_lens: list[int]
     """Tokens in the cache per sequence after this step."""
-    block_tables: list[list[int]]
-    """KV block ids per sequence, covering context_lens."""
+    block_tables: Sequence[Sequence[int]]
+    """KV block ids per sequence, covering context_lens (int32 arrays from the runner)."""
     slot_mapping: torch.Tensor
     """[T] int64 on the model's device: cache slot of each new token (block * block_size + offset)."""
     block_size: int

@@ -32,7 +32,7 @@ def paged_metadata(batch: BatchLayout) -> PagedMetadata:
     qo[1:] = np.cumsum(batch.query_lens)
     kv = np.zeros(len(ctx) + 1, dtype=np.int32)
     kv[1:] = np.cumsum(pages)
-    indices = np.concatenate([np.asarray(t[:p], dtype=np.int32) for t, p in zip(batch.block_tables, pages)])
+    indices = np.concatenate([t[:p] for t, p in zip(batch.block_tables, pages.tolist())]).astype(np.int32, copy=False)
     last = (ctx - (pages - 1) * bs).astype(np.int32)
     return PagedMetadata(qo, kv, indices, last)
 

@@ -294,8 +294,12 @@ class LLMEngine:
         cfg = self.config.scheduler
         if len(running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens):
             return False
-        return all(s.num_tokens - s.num_computed_tokens == 1 and _launchable(s) and s.num_tokens < self.max_model_len
-                   and s.num_output_tokens < s.params.max_tokens for s in running)
+        limit = self.max_model_len
+        for s in running:
+            n = len(s.token_ids)
+            if n - s.num_computed_tokens != 1 or n >= limit or n - s.num_prompt_tokens >= s.params.max_tokens or not _launchable(s):
+                return False
+        return True
 
     def _launched(self, step: LaunchedStep) -> None:
         """The step's tokens count as computed; its sampled tokens are placeholders until collected."""
@@ -361,10 +365,12 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params
-        if seq.num_output_tokens > p.min_tokens:  # EOS/stop ids are masked before that
+        n = len(seq.token_ids)
+        generated = n - seq.num_prompt_tokens
+        if generated > p.min_tokens:  # EOS/stop ids are masked before that
             if (not p.ignore_eos and tok in seq.eos_token_ids) or tok in p.stop_token_ids:
                 return "stop"
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if generated >= p.max_tokens or n >= self.max_model_len:
             return "length"
         return None
 

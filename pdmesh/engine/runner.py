@@ -120,33 +120,56 @@ class ModelRunner:
                 ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, list[int], list[Sequence]]:
         """Inputs of ``batch``; ``prev_ids`` ([S] int64, device) resolves placeholder tokens."""
         self._fence.wait()
-        ids, pos, slots = [], [], []
-        ctx_lens, tables, logits_idx, sample_seqs = [], [], [], []
-        offset = 0
-        bs = self.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            end = start + n
-            table = self.blocks.block_table(seq.request_id)
-            p = np.arange(start, end, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
-            pos.append(p)
-            slots.append(np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs)
-            ctx_lens.append(end)
-            tables.append(table)
-            offset += n
-            if end == seq.num_tokens:
-                logits_idx.append(offset - 1)
-                sample_seqs.append(seq)
-        packed = np.stack([np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)])
+        if all(n == 1 for n in batch.num_new_tokens):
+            packed, ctx_lens, logits_idx, sample_seqs = self._one_token_each(batch)
+        else:
+            packed, ctx_lens, logits_idx, sample_seqs = self._token_ranges(batch)
         dev = self._to_device(packed)
         input_ids = dev[0]
         if packed[0].min() < 0:  # tokens still on the device, sampled by the in-flight step
             if prev_ids is None:
                 raise RuntimeError("a placeholder token without the step that samples it")
             input_ids = torch.where(input_ids < 0, prev_ids[(-input_ids - 1).clamp(min=0)], input_ids)
-        layout = BatchLayout(list(batch.num_new_tokens), ctx_lens, tables, dev[2], bs)
+        tables = [self.blocks.block_table_array(seq.request_id) for seq in batch.seqs]
+        layout = BatchLayout(list(batch.num_new_tokens), ctx_lens, tables, dev[2], self.block_size)
         return input_ids, dev[1], layout, logits_idx, sample_seqs
+
+    def _one_token_each(self, batch: ScheduledBatch) -> tuple[np.ndarray, list[int], list[int], list[Sequence]]:
+        """Decode steps (one new token per sequence), in plain ints: ([3, B] int64 ids, positions,
+        slots), context lengths, rows to sample, sequences sampled."""
+        bs = self.block_size
+        ids, pos, slots, ctx_lens, logits_idx, sample_seqs = [], [], [], [], [], []
+        for row, seq in enumerate(batch.seqs):
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(self.blocks.block_table(seq.request_id)[p // bs] * bs + p % bs)
+            ctx_lens.append(p + 1)
+            if p + 1 == len(seq.token_ids):
+                logits_idx.append(row)
+                sample_seqs.append(seq)
+        return np.array((ids, pos, slots), dtype=np.int64), ctx_lens, logits_idx, sample_seqs
+
+    def _token_ranges(self, batch: ScheduledBatch) -> tuple[np.ndarray, list[int], list[int], list[Sequence]]:
+        """Any step (prompt chunks): one numpy op per sequence, never per token."""
+        ids, pos, slots = [], [], []
+        ctx_lens, logits_idx, sample_seqs = [], [], []
+        offset = 0
+        bs = self.block_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            p = np.arange(start, end, dtype=np.int64)
+            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            pos.append(p)
+            slots.append(self.blocks.block_table_array(seq.request_id)[p // bs].astype(np.int64) * bs + p % bs)
+            ctx_lens.append(end)
+            offset += n
+            if end == seq.num_tokens:
+                logits_idx.append(offset - 1)
+                sample_seqs.append(seq)
+        packed = np.stack([np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)])
+        return packed, ctx_lens, logits_idx, sample_seqs
 
     def forward(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
                 ) -> tuple[Optional[torch.Tensor], list[Sequence]]:

@@ -133,7 +133,7 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one engine step produced for one request."""
 

@@ -1,6 +1,7 @@
 """Paged KV block manager with reference counts and automatic prefix caching.
 
-Pure Python (no tensors): it hands out block ids; ``pdmesh.kv.pool`` holds the tensors.
+Pure Python (no tensors): it hands out block ids; ``pdmesh.kv.pool`` holds the tensors.  A
+request's table is also kept as a numpy array for the model runner (rebuilt when it grows).
 
 Algorithm
 ---------
@@ -32,6 +33,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
+
 
 def hash_block(parent: Optional[bytes], tokens: Sequence[int]) -> bytes:
     """Content hash of one full block, chained from its parent block's hash."""
@@ -46,6 +49,8 @@ class _Request:
     blocks: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)
     """Hashes of this request's leading full blocks that have been cached (len <= len(blocks))."""
+    array: Optional[np.ndarray] = None
+    """``blocks`` as int32, as of its length then (blocks are only ever appended)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,14 @@ class PrefixCachingBlockManager:
 
     def block_table(self, request_id: str) -> list[int]:
         return self.requests[request_id].blocks
+
+    def block_table_array(self, request_id: str) -> np.ndarray:
+        """[len(block_table)] int32: the request's block table as an array (cached; the runner
+        builds attention page tables from it without converting lists every step)."""
+        req = self.requests[request_id]
+        if req.array is None or len(req.array) != len(req.blocks):
+            req.array = np.asarray(req.blocks, dtype=np.int32)
+        return req.array
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self.requests
@@ -136,9 +149,11 @@ class PrefixCachingBlockManager:
         Returns the new block ids appended (fresh ones only), or None, changing nothing, when
         there are not enough free blocks.
         """
+        req = self.requests.get(request_id)
+        if req is not None and len(req.blocks) * self.block_size >= num_total_tokens:
+            return []  # the common decode case: its blocks already cover it
         if not self.can_allocate(request_id, num_total_tokens, hit):
             return None
-        req = self.requests.get(request_id)
         if req is None:
             req = self.requests[request_id] = _Request()
             if hit is not None:
@@ -161,6 +176,8 @@ class PrefixCachingBlockManager:
         req = self.requests[request_id]
         bs = self.block_size
         full = min(num_computed_tokens // bs, len(req.blocks))
+        if full <= len(req.hashes):
+            return
         parent = req.hashes[-1] if req.hashes else None
         for i in range(len(req.hashes), full):
             h = hash_block(parent, token_ids[i * bs:(i + 1) * bs])
