@@ -313,8 +313,11 @@ def main() -> None:
         ("decode_qwen_sync", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"], "off")),
         ("profile_qwen", lambda: [profile_decode("qwen2.5-0.5b", 1)]),
         ("profile_qwen64", lambda: [profile_decode("qwen2.5-0.5b", 64)]),
-        ("breakdown_qwen", lambda: [decode_breakdown("qwen2.5-0.5b", 1), decode_breakdown("qwen2.5-0.5b", 64)]),
-        ("breakdown_llama", lambda: [decode_breakdown("llama-3.1-8b", 1), decode_breakdown("llama-3.1-8b", 64)]),
+        # One engine per process for these (the profiler keeps an engine's memory alive).
+        ("breakdown_qwen1", lambda: [decode_breakdown("qwen2.5-0.5b", 1)]),
+        ("breakdown_qwen64", lambda: [decode_breakdown("qwen2.5-0.5b", 64)]),
+        ("breakdown_llama1", lambda: [decode_breakdown("llama-3.1-8b", 1)]),
+        ("breakdown_llama64", lambda: [decode_breakdown("llama-3.1-8b", 64)]),
         ("decode_qwen_eager", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, True, res["hbm_bytes_per_s"])),
     ]
     for name, fn in steps:

@@ -43,7 +43,6 @@ class DecodeGraphs:
         self.positions = torch.zeros(top, dtype=torch.int64, device=device)
         self.slot_block = torch.full((top,), null_block, dtype=torch.int64, device=device)
         self.slot_offset = torch.zeros(top, dtype=torch.int64, device=device)
-        self._null_table = np.array([null_block], dtype=np.int32)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
         with torch.cuda.device(device):  # capture streams belong to the engine's device, not device 0
             self._capture_all()
@@ -85,7 +84,8 @@ class DecodeGraphs:
         ctx = list(layout.context_lens) if layout else []
         tables = list(layout.block_tables) if layout else []
         pad = b - len(ctx)
-        return BatchLayout([1] * b, ctx + [1] * pad, tables + [self._null_table] * pad, self.slot_block[:0], self.block_size)
+        null_table = np.array([self.null_block], dtype=np.int32)
+        return BatchLayout([1] * b, ctx + [1] * pad, tables + [null_table] * pad, self.slot_block[:0], self.block_size)
 
     def can_run(self, layout: BatchLayout) -> bool:
         return (layout.is_decode_only and len(layout.query_lens) <= self.buckets[-1]

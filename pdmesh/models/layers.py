@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdmesh.models.arch import ModelArch
+from pdmesh.models.gemv import gemv, gemv_applies
 
 
 class AttentionContext(Protocol):
@@ -163,7 +164,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul; ``fused`` (CUDA):
+    FlashInfer's SiLU*mul kernel, and at one row Triton GEMVs with SiLU*mul inside the down one."""
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
         super().__init__()
@@ -173,6 +175,9 @@ class GatedMLP(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and gemv_applies(x):  # one row: GEMVs, the activation inside the down one
+            gu = gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+            return gemv(gu, self.down_proj.weight, self.down_proj.bias, silu_mul=True)
         gu = self.gate_up_proj(x)
         if self.fused:
             from flashinfer.activation import silu_and_mul
@@ -196,11 +201,16 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
+        self.fused = False
+        """CUDA: one-row projections run as Triton GEMVs (``pdmesh.models.gemv``)."""
+
+    def _project(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        return gemv(x, lin.weight, lin.bias) if self.fused and gemv_applies(x) else lin(x)
 
     def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q, k, v = self._project(x, self.qkv_proj).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = q.view(t, self.hq, self.d)
         k = k.view(t, self.hkv, self.d)
         v = v.view(t, self.hkv, self.d)
@@ -208,4 +218,4 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, k)
         out = ctx.attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(t, self.hq * self.d))
+        return self._project(out.reshape(t, self.hq * self.d), self.o_proj)

@@ -87,7 +87,8 @@ class CausalLM(nn.Module):
         return self.model.norm.add_forward(x, residual)[0]
 
     def enable_fused_kernels(self) -> None:
-        """Use FlashInfer's fused RMSNorm (+residual add), rope and SiLU*mul kernels (CUDA)."""
+        """Use FlashInfer's fused RMSNorm (+residual add), rope and SiLU*mul kernels, and Triton GEMVs for
+        one-row projections (CUDA)."""
         assert self.rotary is not None and self.rotary.cos.is_cuda, "fused kernels need the model on CUDA"
         for m in self.modules():
             if hasattr(m, "fused"):

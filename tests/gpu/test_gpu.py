@@ -188,3 +188,25 @@ def test_triton_block_copy_equals_reference():
     ref = torch.zeros_like(dst)
     ref[:, d] = src[:, s]
     assert torch.equal(dst, ref)
+
+
+@pytest.mark.parametrize("n,k,bias,silu_mul", [(1152, 896, True, False), (896, 896, False, False), (9728, 896, False, False),
+                                               (896, 4864, False, True), (4096, 14336, False, True), (37, 100, True, True)])
+def test_triton_gemv_equals_linear(n, k, bias, silu_mul):
+    """One-row projections (every shape the config rule picks from, odd sizes too) match F.linear
+    on the same bf16 input within bf16 rounding; a mis-shaped input is refused."""
+    import torch.nn.functional as F
+
+    from pdmesh.models.gemv import gemv
+
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    x = torch.randn(1, 2 * k if silu_mul else k, device="cuda", dtype=torch.bfloat16)
+    xin = (F.silu(x[:, :k].float()) * x[:, k:].float()).to(x.dtype) if silu_mul else x
+    ref = F.linear(xin.float(), w.float(), None if b is None else b.float())
+    got = gemv(x, w, b, silu_mul=silu_mul)
+    assert got.shape == (1, n) and got.dtype == torch.bfloat16
+    assert rel(got, ref) < 1e-2
+    with pytest.raises(ValueError):
+        gemv(torch.randn(2, k, device="cuda", dtype=torch.bfloat16), w)
