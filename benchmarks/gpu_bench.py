@@ -321,8 +321,8 @@ def main() -> None:
         ("decode_qwen_eager", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, True, res["hbm_bytes_per_s"])),
     ]
     for name, fn in steps:
-        if name in a.skip or (a.only and name not in a.only):
-            continue
+        if name in a.skip or (a.only and name not in a.only) or (not a.only and name.startswith(("breakdown", "profile"))):
+            continue  # diagnostics (breakdown_*, profile_*) run only when named, one per process
         t0 = time.perf_counter()
         try:
             res[name] = fn()

@@ -183,7 +183,8 @@ class DeviceConfig:
     enforce_eager: bool = False
     """Disable CUDA graphs for decode."""
     fused_kernels: bool = True
-    """On CUDA with FlashInfer: fused RMSNorm(+residual add), rope and SiLU*mul kernels."""
+    """On CUDA with FlashInfer: fused RMSNorm(+residual add), rope and SiLU*mul kernels, and Triton
+    GEMVs for one-row projections (decode at batch 1)."""
     cpu_threads: int = 0
     """torch intra-op threads on CPU (0 keeps torch's default)."""
 

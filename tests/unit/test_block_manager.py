@@ -1,5 +1,6 @@
 """Allocator tests with exact block ids (the algorithm is documented in block_manager.py)."""
 
+import numpy as np
 import pytest
 
 from pdmesh.kv.block_manager import PrefixCachingBlockManager, hash_block
@@ -139,3 +140,19 @@ def test_chained_hash_depends_on_parent():
 def test_bad_sizes():
     with pytest.raises(ValueError):
         PrefixCachingBlockManager(0, 4)
+
+
+def test_table_array_follows_the_table_and_covered_allocations_change_nothing():
+    bm = PrefixCachingBlockManager(num_blocks=8, block_size=4)
+    assert bm.allocate("a", 5) == [0, 1]
+    arr = bm.block_table_array("a")
+    assert arr.dtype == np.int32 and arr.tolist() == [0, 1]
+    assert bm.block_table_array("a") is arr  # unchanged table: the same array, not rebuilt
+    assert bm.allocate("a", 8) == [] and bm.num_free_blocks == 6  # still covered by two blocks
+    assert bm.allocate("b", 4) == [2]
+    assert bm.allocate("a", 9) == [3]
+    assert bm.block_table_array("a").tolist() == [0, 1, 3]
+    bm.free("a")
+    assert bm.allocate("a", 1) == [0]  # a new request under the old id: its own table
+    assert bm.block_table_array("a").tolist() == [0]
+    bm.check_invariants()
