@@ -20,10 +20,19 @@ from services.cli import MODULES, STOP_ORDER
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now on 127.0.0.1 and never handed out before by this process: the kernel may give
+    a just-closed port again, and two servers told the same port would clash."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 class Proc:

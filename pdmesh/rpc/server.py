@@ -24,7 +24,10 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+# grpc turns SO_REUSEPORT on by default: a second server on a port already taken would then bind
+# "successfully" and the kernel would split connections between the two (clients reaching the wrong
+# service get UNIMPLEMENTED).  Off, a port clash is an error at start-up.
+SERVER_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.min_ping_interval_without_data_ms", 5_000), ("grpc.so_reuseport", 0)]
 
 
 def make_server() -> grpc.aio.Server:

@@ -54,3 +54,26 @@ def test_heartbeats_renew_and_survive_a_scheduler_restart():
         await server.stop(0)
 
     asyncio.run(main())
+
+
+def test_a_second_server_on_a_taken_port_is_an_error_not_a_shared_listener():
+    """grpc sets SO_REUSEPORT by default; ours turn it off, so a port clash fails at start-up instead
+    of splitting connections between two services (clients would get UNIMPLEMENTED at random)."""
+    from pdmesh.rpc.server import bind, make_server
+
+    async def main():
+        first = make_server()
+        port = bind(first, "127.0.0.1", 0)
+        await first.start()
+        try:
+            second = make_server()
+            try:
+                bind(second, "127.0.0.1", port)
+            except (OSError, RuntimeError) as e:
+                return str(e)
+            return None
+        finally:
+            await first.stop(None)
+
+    err = asyncio.run(main())
+    assert err is not None and str(err), "a second server bound a port already in use"
