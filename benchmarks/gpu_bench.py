@@ -83,10 +83,11 @@ def steady_step(eng: LLMEngine, steps: int = 20) -> float:
 
 
 def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hbm: float,
-                      async_scheduling: str = "auto") -> list[dict]:
+                      async_scheduling: str = "auto", decode_attention: str = "auto") -> list[dict]:
     out = []
     eng = LLMEngine(engine_config(preset, eager=eager, max_num_seqs=max(batches), max_model_len=ctx + 512,
-                                  max_tokens_step=8192, async_scheduling=async_scheduling))
+                                  max_tokens_step=8192, async_scheduling=async_scheduling,
+                                  decode_attention=decode_attention))
     arch = eng.arch
     param_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     kv_tok = arch.kv_bytes_per_token(2)
@@ -104,7 +105,9 @@ def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hb
         bytes_read = param_bytes + b * mean_ctx * kv_tok
         floor = bytes_read / hbm
         out.append({"model": preset, "batch": b, "context": ctx, "cuda_graphs": not eager and eng.runner.graphs is not None,
-                    "async_scheduling": eng.async_scheduling, "launched_behind": eng.num_steps_launched_behind,
+                    "async_scheduling": eng.async_scheduling,
+                    "decode_attention": "triton" if getattr(eng.backend, "triton_decode", False) else eng.backend.name,
+                    "launched_behind": eng.num_steps_launched_behind,
                     "mean_context": mean_ctx, "step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor})
         for s in list(eng.scheduler.running):
             eng.abort(s.request_id)
@@ -307,9 +310,13 @@ def main() -> None:
         ("kv_pull", lambda: [kv_pull("llama-3.1-8b", 3500, "cuda:0", "cuda:0")]
          + ([kv_pull("llama-3.1-8b", 3500, "cuda:0", "cuda:1")] if torch.cuda.device_count() > 1 else [])),
         ("decode_llama", lambda: decode_step_times("llama-3.1-8b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
+        ("decode_llama_fi_decode", lambda: decode_step_times("llama-3.1-8b", [1, 64], 2048, False, res["hbm_bytes_per_s"],
+                                                             decode_attention="flashinfer")),
         ("decode_llama_sync", lambda: decode_step_times("llama-3.1-8b", [1, 64], 2048, False, res["hbm_bytes_per_s"], "off")),
         ("prefill_llama", lambda: [prefill_time("llama-3.1-8b", 3500, res["bf16_flops"])]),
         ("decode_qwen_graphs", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"])),
+        ("decode_qwen_fi_decode", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"],
+                                                            decode_attention="flashinfer")),
         ("decode_qwen_sync", lambda: decode_step_times("qwen2.5-0.5b", [1, 64], 2048, False, res["hbm_bytes_per_s"], "off")),
         ("profile_qwen", lambda: [profile_decode("qwen2.5-0.5b", 1)]),
         ("profile_qwen64", lambda: [profile_decode("qwen2.5-0.5b", 64)]),

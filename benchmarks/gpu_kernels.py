@@ -2,7 +2,8 @@
 one call per layer (distinct weights / KV per layer, so nothing is served from L2), replayed and
 timed with CUDA events; microseconds per layer and achieved bandwidth.  It picks between options
 the engine offers (FlashInfer tensor-core or CUDA-core decode, split-KV or not; GEMM forms for
-one-row inputs).  Usage: python benchmarks/gpu_kernels.py [--out kernels.json]
+one-row inputs; our Triton split-KV decode attention, configs swept).
+Usage: python benchmarks/gpu_kernels.py [--out kernels.json] [--only attention gemm gemv]
 """
 
 from __future__ import annotations
@@ -46,33 +47,66 @@ def graph_time_us(fn, calls: int) -> float:
     return statistics.median(ts)
 
 
-def attention(model: str, batch: int, ctx: int, tensor_cores: bool, split: bool) -> dict:
-    import flashinfer
-
+def _paged_setup(model: str, batch: int, ctx: int):
+    """Per-layer KV pools (pages shuffled), the CSR page table and a query, as a decode step sees them."""
     hq, hkv, d, layers, _, _ = SHAPES[model]
     bs = 32
     pages = -(-ctx // bs)
     n = batch * pages + 1
     kv = [torch.randn(n, 2, bs, hkv, d, dtype=torch.bfloat16, device="cuda") for _ in range(layers)]
+    indices = (torch.randperm(n - 1, dtype=torch.int32) + 1)[: batch * pages]
+    indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32)
+    last = torch.full((batch,), ctx - (pages - 1) * bs, dtype=torch.int32)
+    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
+    return kv, indptr, indices, last, q, bs
+
+
+def _flashinfer_decode(model: str, batch: int, setup, tensor_cores: bool, split: bool):
+    import flashinfer
+
+    hq, hkv, d = SHAPES[model][:3]
+    kv, indptr, indices, last, q, bs = setup
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         ws, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
         paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device="cuda"),
-        paged_kv_indices_buffer=torch.zeros(batch * pages, dtype=torch.int32, device="cuda"),
+        paged_kv_indices_buffer=torch.zeros(indices.shape[0], dtype=torch.int32, device="cuda"),
         paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device="cuda"))
-    indices = (torch.randperm(n - 1, dtype=torch.int32) + 1)[: batch * pages]
-    indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32)
-    last = torch.full((batch,), ctx - (pages - 1) * bs, dtype=torch.int32)
     w.plan(indptr, indices, last, hq, hkv, d, bs, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16,
            disable_split_kv=not split)
-    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device="cuda")
     out = torch.empty_like(q)
-    us = graph_time_us(lambda i: w.run(q, kv[i], out=out), layers)
+    return lambda i: w.run(q, kv[i], out=out)
+
+
+def attention(model: str, batch: int, ctx: int, kernel: str, tensor_cores: bool = True, split: bool = True,
+              config=None) -> dict:
+    """kernel 'flashinfer' (tensor cores or not, split-KV or not) or 'triton' (config: block_n, stages;
+    None: the engine's own pick)."""
+    from pdmesh.attention.paged import PagedMetadata
+    from pdmesh.attention.triton_decode import DecodeAttention
+
+    hq, hkv, d, layers = SHAPES[model][:4]
+    setup = _paged_setup(model, batch, ctx)
+    kv, indptr, indices, last, q, bs = setup
+    reference = _flashinfer_decode(model, batch, setup, True, True)
+    ref = reference(0).float().clone()
+    if kernel == "flashinfer":
+        fn = _flashinfer_decode(model, batch, setup, tensor_cores, split)
+    else:
+        da = DecodeAttention(torch.device("cuda"), hq, hkv, d, bs, graph_batch=batch, max_pages=indices.shape[0] // batch,
+                             tiles=config)
+        da.plan(PagedMetadata(None, indptr.numpy(), indices.numpy(), last.numpy()))
+        fn = lambda i: da.run(q, kv[i])  # noqa: E731
+    err = ((fn(0).float() - ref).norm() / ref.norm()).item()
+    us = graph_time_us(fn, layers)
     nbytes = batch * ctx * 2 * hkv * d * 2
-    del kv
+    del kv, setup
     torch.cuda.empty_cache()
-    return {"what": "attention", "model": model, "batch": batch, "ctx": ctx, "tensor_cores": tensor_cores,
-            "split_kv": split, "us_per_layer": us, "tb_per_s": nbytes / us / 1e6}
+    return {"what": "attention", "model": model, "batch": batch, "ctx": ctx, "kernel": kernel,
+            "tensor_cores": tensor_cores if kernel == "flashinfer" else None,
+            "split_kv": split if kernel == "flashinfer" else None,
+            "config": list(config) if config else (None if kernel == "flashinfer" else ["auto", da.block_n, da.num_stages]),
+            "us_per_layer": us, "tb_per_s": nbytes / us / 1e6, "rel_err_vs_flashinfer_tc": err}
 
 
 def gemm(model: str, name: str, n_out: int, k: int, m: int, form: str) -> dict:
@@ -120,6 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels.json")
     ap.add_argument("--only", nargs="*", default=["attention", "gemm", "gemv"])
+    ap.add_argument("--sweep", action="store_true", help="also sweep the Triton decode's tile configs")
     a = ap.parse_args()
     rows = []
 
@@ -129,13 +164,18 @@ def main() -> None:
 
     for model in SHAPES if "attention" in a.only else ():
         for b in (1, 64):
-            for tc, split in ((True, True), (True, False), (False, True)):
+            for tc, split in ((True, True), (False, True)):
                 if not tc and SHAPES[model][0] // SHAPES[model][1] not in (1, 2, 3, 4, 8):
                     continue
+                add(attention(model, b, 2131, "flashinfer", tc, split))
+            add(attention(model, b, 2131, "triton"))  # the engine's pick
+            for config in [(bn, st) for bn in (32, 64, 128) for st in (1, 2, 3)] if a.sweep else ():
                 try:
-                    add(attention(model, b, 2131, tc, split))
-                except Exception as exc:  # noqa: BLE001 - an unsupported variant is a result too
-                    add({"what": "attention", "model": model, "batch": b, "tensor_cores": tc, "split_kv": split, "error": repr(exc)[:200]})
+                    r = attention(model, b, 2131, "triton", config=config)
+                except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result too
+                    print(f"  {model} b={b} triton {config}: {repr(exc)[:120]}", flush=True)
+                    continue
+                print(f"  {model} b={b} triton {config} {r['us_per_layer']:.2f} us err {r['rel_err_vs_flashinfer_tc']:.2e}", flush=True)
     for model, (hq, hkv, d, _, hid, inter) in SHAPES.items():
         shapes = {"qkv": ((hq + 2 * hkv) * d, hid), "o": (hid, hq * d), "gate_up": (2 * inter, hid), "down": (hid, inter)}
         for name, (n_out, k) in shapes.items() if "gemm" in a.only else ():

@@ -180,6 +180,9 @@ class DeviceConfig:
     """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     attention_backend: str = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
+    decode_attention: str = "auto"
+    """Decode kernel of the flashinfer backend: 'flashinfer', 'triton' (our split-KV kernel) or 'auto'
+    (Triton for GQA groups FlashInfer's CUDA-core decode lacks, e.g. qwen2.5's 7; FlashInfer else)."""
     enforce_eager: bool = False
     """Disable CUDA graphs for decode."""
     fused_kernels: bool = True
@@ -193,6 +196,8 @@ class DeviceConfig:
                  "device", f"unknown device {self.device!r}")
         _require(self.attention_backend in ("auto", "torch", "flashinfer"), "attention_backend",
                  f"unknown attention backend {self.attention_backend!r}")
+        _require(self.decode_attention in ("auto", "flashinfer", "triton"), "decode_attention",
+                 f"unknown decode attention kernel {self.decode_attention!r}")
         _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
 
 

@@ -12,13 +12,14 @@ from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, 
 def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", backend: str = "auto", eager: bool = False,
                   num_kv_blocks: Optional[int] = None, max_num_seqs: int = 16, max_tokens_step: int = 4096,
                   max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9,
-                  fused: bool = True, async_scheduling: str = "auto") -> EngineConfig:
+                  fused: bool = True, async_scheduling: str = "auto", decode_attention: str = "auto") -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len),
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_step,
                                   async_scheduling=async_scheduling),
-        device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=eager, fused_kernels=fused),
+        device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=eager, fused_kernels=fused,
+                            decode_attention=decode_attention),
     )
 
 

@@ -54,6 +54,7 @@ def _kv_rows(k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
     every row of one buffer; else None."""
     t, h, d = k.shape
     if (k.stride() != v.stride() or k.stride(2) != 1 or k.stride(1) != d or k.dtype != v.dtype
-            or v.data_ptr() - k.data_ptr() != h * d * k.element_size()):
-        return None
+            or v.data_ptr() - k.data_ptr() != h * d * k.element_size()
+            or k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr()):
+        return None  # (two tensors can sit back to back in memory without sharing a storage)
     return k.as_strided((t, 2, h, d), (k.stride(0), h * d, d, 1))

@@ -1,8 +1,8 @@
 """Decode steps replayed from CUDA graphs, one per batch-size bucket (CUDA + FlashInfer only).
 
 Capture (at start-up, largest bucket first, one shared memory pool): for each bucket ``b`` a
-FlashInfer decode wrapper in CUDA-graph mode with its own preallocated indptr/indices/last-page
-buffers, static ``input_ids``/``positions``/slot tensors, two warm-up runs on a side stream, then
+decode wrapper in CUDA-graph mode (FlashInfer's or the Triton one) with its own preallocated
+page-table buffers, static ``input_ids``/``positions``/slot tensors, two warm-up runs on a side stream, then
 the capture of the model's forward.  Replay: copy the step's inputs into the static tensors
 (padding rows decode one token into the reserved *null block*, which no request ever owns),
 ``plan()`` the bucket's wrapper (host work + buffer copies, outside the graph), ``replay()``.
@@ -49,8 +49,6 @@ class DecodeGraphs:
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def _capture_all(self) -> None:
-        import flashinfer
-
         from pdmesh.attention.flashinfer_backend import FlashInferPlan
 
         model, backend, kv, device = self.model, self.backend, self.kv, self.device
@@ -59,12 +57,7 @@ class DecodeGraphs:
         # created once per process on whichever device captured first.
         capture_stream = torch.cuda.Stream(device)
         for b in reversed(self.buckets):
-            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                backend.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=backend.use_tensor_cores,
-                paged_kv_indptr_buffer=torch.zeros(b + 1, dtype=torch.int32, device=device),
-                paged_kv_indices_buffer=torch.zeros(b * self.max_pages, dtype=torch.int32, device=device),
-                paged_kv_last_page_len_buffer=torch.zeros(b, dtype=torch.int32, device=device),
-            )
+            wrapper = backend.new_decode_wrapper(b, self.max_pages)
             backend.plan_decode(wrapper, self._padded_layout(None, b))
             ctx = StepAttention(backend, FlashInferPlan(wrapper, self.slot_block[:b], self.slot_offset[:b]), kv)
             side = torch.cuda.Stream(device)

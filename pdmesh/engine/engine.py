@@ -110,7 +110,7 @@ class LLMEngine:
         self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
-                                      arch.head_dim, self.dtype)
+                                      arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         if self.device.type == "cuda" and config.device.fused_kernels and self.backend.name == "flashinfer":
             self.model.enable_fused_kernels()

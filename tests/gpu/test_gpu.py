@@ -18,20 +18,22 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("decode_kernel", ["flashinfer", "triton"])
 @pytest.mark.parametrize("hq,hkv,d", [(8, 8, 64), (14, 2, 64), (32, 8, 128), (16, 2, 128), (8, 4, 128)])
-def test_flashinfer_matches_torch_backend(hq, hkv, d):
+def test_flashinfer_matches_torch_backend(hq, hkv, d, decode_kernel):
     from pdmesh.attention.base import BatchLayout
     from pdmesh.attention.flashinfer_backend import FlashInferBackend
     from pdmesh.attention.torch_backend import TorchAttentionBackend
 
     dev, dt, bs = torch.device("cuda"), torch.bfloat16, 16
     torch.manual_seed(0)
-    fi = FlashInferBackend(dev, hq, hkv, d, dt)
+    fi = FlashInferBackend(dev, hq, hkv, d, dt, bs, decode_kernel)
     tb = TorchAttentionBackend(dev)
     cases = {
         # prefill: fresh prompt, prompt after a prefix-cache hit (context > query), chunk in the middle
         "prefill": ([37, 5, 64], [37, 50, 100]),
         "decode": ([1, 1, 1, 1], [1, 17, 64, 300]),
+        "decode, one long sequence (many KV splits)": ([1], [2131]),
     }
     for name, (qlens, ctx) in cases.items():
         tables, nxt = [], 0

@@ -50,3 +50,23 @@ def test_store_kv_one_kernel_path_equals_two_writes():
         got = torch.zeros(n, 2, bs, h, d)
         store_kv(got, slot_block, slot_offset, kk, vv)
         assert torch.equal(got, want)
+
+
+def test_store_kv_back_to_back_tensors_of_separate_storages_take_two_writes():
+    """One token's k and v allocated separately can sit back to back in memory (the GPU allocator
+    does this); they are not one buffer, so the one-kernel view must not be taken (it would reach
+    past k's storage)."""
+    import torch
+
+    from pdmesh.attention.paged import _kv_rows, store_kv
+
+    h, d = 2, 8
+    buf = bytearray(2 * h * d * 4)
+    k = torch.frombuffer(buf, dtype=torch.float32, count=h * d, offset=0).view(1, h, d)
+    v = torch.frombuffer(buf, dtype=torch.float32, count=h * d, offset=h * d * 4).view(1, h, d)
+    k.copy_(torch.arange(h * d, dtype=torch.float32).view(1, h, d))
+    v.copy_(-torch.arange(h * d, dtype=torch.float32).view(1, h, d))
+    assert v.data_ptr() - k.data_ptr() == h * d * 4 and _kv_rows(k, v) is None
+    got = torch.zeros(3, 2, 4, h, d)
+    store_kv(got, torch.tensor([2]), torch.tensor([1]), k, v)
+    assert torch.equal(got[2, 0, 1], k[0]) and torch.equal(got[2, 1, 1], v[0]) and got.abs().sum() == 2 * k.abs().sum()
