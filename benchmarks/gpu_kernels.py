@@ -79,7 +79,7 @@ def _flashinfer_decode(model: str, batch: int, setup, tensor_cores: bool, split:
 
 
 def attention(model: str, batch: int, ctx: int, kernel: str, tensor_cores: bool = True, split: bool = True,
-              config=None) -> dict:
+              config=None, splits=None) -> dict:
     """kernel 'flashinfer' (tensor cores or not, split-KV or not) or 'triton' (config: block_n, stages;
     None: the engine's own pick)."""
     from pdmesh.attention.paged import PagedMetadata
@@ -94,7 +94,7 @@ def attention(model: str, batch: int, ctx: int, kernel: str, tensor_cores: bool 
         fn = _flashinfer_decode(model, batch, setup, tensor_cores, split)
     else:
         da = DecodeAttention(torch.device("cuda"), hq, hkv, d, bs, graph_batch=batch, max_pages=indices.shape[0] // batch,
-                             tiles=config)
+                             tiles=config, splits=splits)
         da.plan(PagedMetadata(None, indptr.numpy(), indices.numpy(), last.numpy()))
         fn = lambda i: da.run(q, kv[i])  # noqa: E731
     err = ((fn(0).float() - ref).norm() / ref.norm()).item()
@@ -106,6 +106,7 @@ def attention(model: str, batch: int, ctx: int, kernel: str, tensor_cores: bool 
             "tensor_cores": tensor_cores if kernel == "flashinfer" else None,
             "split_kv": split if kernel == "flashinfer" else None,
             "config": list(config) if config else (None if kernel == "flashinfer" else ["auto", da.block_n, da.num_stages]),
+            "splits": None if kernel == "flashinfer" else da.splits,
             "us_per_layer": us, "tb_per_s": nbytes / us / 1e6, "rel_err_vs_flashinfer_tc": err}
 
 
@@ -155,6 +156,7 @@ def main() -> None:
     ap.add_argument("--out", default="kernels.json")
     ap.add_argument("--only", nargs="*", default=["attention", "gemm", "gemv"])
     ap.add_argument("--sweep", action="store_true", help="also sweep the Triton decode's tile configs")
+    ap.add_argument("--sweep-splits", action="store_true", help="also sweep the Triton decode's KV splits")
     a = ap.parse_args()
     rows = []
 
@@ -169,13 +171,16 @@ def main() -> None:
                     continue
                 add(attention(model, b, 2131, "flashinfer", tc, split))
             add(attention(model, b, 2131, "triton"))  # the engine's pick
-            for config in [(bn, st) for bn in (32, 64, 128) for st in (1, 2, 3)] if a.sweep else ():
+            sweep = [((bn, st), None) for bn in (32, 64, 128) for st in (1, 2, 3)] if a.sweep else []
+            sweep += [(None, n) for n in ((1, 2, 3, 4, 6, 8) if b > 8 else (8, 16, 32, 64))] if a.sweep_splits else []
+            for config, splits in sweep:
                 try:
-                    r = attention(model, b, 2131, "triton", config=config)
+                    r = attention(model, b, 2131, "triton", config=config, splits=splits)
                 except Exception as exc:  # noqa: BLE001 - a config that does not fit is a result too
-                    print(f"  {model} b={b} triton {config}: {repr(exc)[:120]}", flush=True)
+                    print(f"  {model} b={b} triton {config} splits {splits}: {repr(exc)[:120]}", flush=True)
                     continue
-                print(f"  {model} b={b} triton {config} {r['us_per_layer']:.2f} us err {r['rel_err_vs_flashinfer_tc']:.2e}", flush=True)
+                print(f"  {model} b={b} triton {r['config']} splits {r['splits']} {r['us_per_layer']:.2f} us "
+                      f"err {r['rel_err_vs_flashinfer_tc']:.2e}", flush=True)
     for model, (hq, hkv, d, _, hid, inter) in SHAPES.items():
         shapes = {"qkv": ((hq + 2 * hkv) * d, hid), "o": (hid, hq * d), "gate_up": (2 * inter, hid), "down": (hid, inter)}
         for name, (n_out, k) in shapes.items() if "gemm" in a.only else ():

@@ -144,7 +144,7 @@ class DecodeAttention:
 
     def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                  graph_batch: Optional[int] = None, max_pages: int = 0, tiles: Optional[tuple[int, int]] = None,
-                 kv_dtype: torch.dtype = torch.bfloat16) -> None:
+                 kv_dtype: torch.dtype = torch.bfloat16, splits: Optional[int] = None) -> None:
         if triton is None:
             raise RuntimeError("Triton decode attention needs triton")
         if num_heads % num_kv_heads or head_dim & (head_dim - 1):
@@ -153,8 +153,10 @@ class DecodeAttention:
         self.group = num_heads // num_kv_heads
         self.group_pad = max(16, triton.next_power_of_2(self.group))
         self.tiles = tiles
-        self.elem_bytes = torch.empty(0, dtype=kv_dtype).element_size()
         """(block_n, stages) to force (the kernel sweep); None: ``pick_tiles`` per batch size."""
+        self.forced_splits = splits
+        """Splits to force (the kernel sweep); None: ``pick_splits`` per batch size."""
+        self.elem_bytes = torch.empty(0, dtype=kv_dtype).element_size()
         self.block_n, self.num_stages = 64, 2
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.graph_batch = graph_batch
@@ -170,7 +172,7 @@ class DecodeAttention:
 
     def _size(self, num_seqs: int) -> None:
         self.num_seqs = num_seqs
-        self.splits = pick_splits(num_seqs, self.hkv, self.num_sms)
+        self.splits = self.forced_splits or pick_splits(num_seqs, self.hkv, self.num_sms)
         self.block_n, self.num_stages = self.tiles or pick_tiles(self.splits, self.d, self.elem_bytes)
         if self.splits > 1:
             need = num_seqs * self.hq * self.splits
