@@ -44,7 +44,7 @@ class FlashInferBackend(BaseAttentionBackend):
         self.hq, self.hkv, self.d, self.dtype, self.block_size = num_heads, num_kv_heads, head_dim, dtype, block_size
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.use_tensor_cores = num_heads // num_kv_heads >= 4
-        self.triton_decode = pick_decode_kernel(decode_kernel, device, num_heads, num_kv_heads) == "triton"
+        self.triton_decode = pick_decode_kernel(decode_kernel, device, num_heads, num_kv_heads, head_dim) == "triton"
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = self.new_decode_wrapper()
         self._staging: Optional[torch.Tensor] = None

@@ -105,18 +105,21 @@ def triton_decode_available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
-def pick_decode_kernel(choice: str, device: torch.device, num_heads: int, num_kv_heads: int) -> str:
+def pick_decode_kernel(choice: str, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int) -> str:
     """'flashinfer' or 'triton' for decode-only steps.  'auto' takes Triton for GQA groups of 4 and
     more, where FlashInfer would use its tensor-core decode: ours was faster for every shape and batch
     measured (qwen2.5-0.5b's group 7 at head dim 64: 5.3 vs 10.1 us per layer at batch 1, 24 vs 33 at
     64; llama's group 4 at head dim 128: 10.4 vs 12.5 and 136 vs 141; results/gpu/2026-11-22-h200-
     triton-decode).  Groups 1-3 keep FlashInfer's CUDA-core kernel (not measured against ours)."""
+    fits = head_dim >= 16 and head_dim & (head_dim - 1) == 0
     if choice == "triton" and not triton_decode_available(device):
         raise RuntimeError("--decode-attention triton needs Triton on a CUDA device")
+    if choice == "triton" and not fits:
+        raise RuntimeError(f"--decode-attention triton needs a power-of-two head dim >= 16, not {head_dim}")
     if choice != "auto":
         return choice
     group = num_heads // num_kv_heads
-    return "triton" if group >= 4 and triton_decode_available(device) else "flashinfer"
+    return "triton" if group >= 4 and fits and triton_decode_available(device) else "flashinfer"
 
 
 def pick_tiles(num_splits: int, head_dim: int, elem_bytes: int) -> tuple[int, int]:
@@ -147,7 +150,7 @@ class DecodeAttention:
                  kv_dtype: torch.dtype = torch.bfloat16, splits: Optional[int] = None) -> None:
         if triton is None:
             raise RuntimeError("Triton decode attention needs triton")
-        if num_heads % num_kv_heads or head_dim & (head_dim - 1):
+        if num_heads % num_kv_heads or head_dim < 16 or head_dim & (head_dim - 1):
             raise ValueError(f"unsupported shape: {num_heads} heads over {num_kv_heads} KV heads, head dim {head_dim}")
         self.device, self.hq, self.hkv, self.d, self.page = device, num_heads, num_kv_heads, head_dim, page_size
         self.group = num_heads // num_kv_heads

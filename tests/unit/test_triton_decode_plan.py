@@ -33,10 +33,25 @@ def test_context_lens_from_the_page_table():
 
 def test_auto_takes_flashinfer_without_triton_on_cuda_and_triton_needs_cuda():
     cpu = torch.device("cpu")
-    assert pick_decode_kernel("auto", cpu, 14, 2) == "flashinfer"  # no Triton kernels off CUDA
-    assert pick_decode_kernel("flashinfer", cpu, 14, 2) == "flashinfer"
+    assert pick_decode_kernel("auto", cpu, 14, 2, 64) == "flashinfer"  # no Triton kernels off CUDA
+    assert pick_decode_kernel("flashinfer", cpu, 14, 2, 64) == "flashinfer"
     with pytest.raises(RuntimeError, match="needs Triton on a CUDA device"):
-        pick_decode_kernel("triton", cpu, 14, 2)
+        pick_decode_kernel("triton", cpu, 14, 2, 64)
+
+
+def test_auto_rule_on_cuda_groups_and_head_dims(monkeypatch):
+    """Groups of 4+ with a power-of-two head dim take Triton; groups 1-3 and head dims like 80 or 96
+    keep FlashInfer, and forcing Triton there is a clear error."""
+    import pdmesh.attention.triton_decode as td
+
+    monkeypatch.setattr(td, "triton_decode_available", lambda device: True)
+    cuda = torch.device("cuda")
+    assert td.pick_decode_kernel("auto", cuda, 14, 2, 64) == "triton"
+    assert td.pick_decode_kernel("auto", cuda, 32, 8, 128) == "triton"
+    assert td.pick_decode_kernel("auto", cuda, 16, 8, 128) == "flashinfer"
+    assert td.pick_decode_kernel("auto", cuda, 32, 8, 80) == "flashinfer"
+    with pytest.raises(RuntimeError, match="power-of-two head dim >= 16, not 96"):
+        td.pick_decode_kernel("triton", cuda, 32, 8, 96)
 
 
 def test_decode_attention_flag_is_validated():
