@@ -182,7 +182,8 @@ class DeviceConfig:
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
     decode_attention: str = "auto"
     """Decode kernel of the flashinfer backend: 'flashinfer', 'triton' (our split-KV kernel) or 'auto'
-    (Triton for GQA groups FlashInfer's CUDA-core decode lacks, e.g. qwen2.5's 7; FlashInfer else)."""
+    (Triton for GQA groups of 4 or more with a power-of-two head dim, where it measured faster than
+    FlashInfer's tensor-core decode; FlashInfer else)."""
     enforce_eager: bool = False
     """Disable CUDA graphs for decode."""
     fused_kernels: bool = True

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pdmesh.attention.base import BaseAttentionBackend, BatchLayout
-from pdmesh.attention.paged import paged_metadata, store_kv
+from pdmesh.attention.paged import PinnedStaging, paged_metadata, store_kv
 from pdmesh.attention.triton_decode import DecodeAttention, pick_decode_kernel
 
 WORKSPACE_BYTES = 256 << 20
@@ -47,7 +47,7 @@ class FlashInferBackend(BaseAttentionBackend):
         self.triton_decode = pick_decode_kernel(decode_kernel, device, num_heads, num_kv_heads, head_dim) == "triton"
         self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
         self.decode = self.new_decode_wrapper()
-        self._staging: Optional[torch.Tensor] = None
+        self._staging = PinnedStaging()
 
     def new_decode_wrapper(self, graph_batch: Optional[int] = None, max_pages: int = 0) -> Any:
         """A decode wrapper (FlashInfer's or the Triton one); with ``graph_batch`` in CUDA-graph mode,
@@ -77,13 +77,10 @@ class FlashInferBackend(BaseAttentionBackend):
                      q_data_type=self.dtype, kv_data_type=self.dtype)
 
     def _indices_on_device(self, indices: np.ndarray) -> torch.Tensor:
-        """[P] int32 host -> device without a stream sync.  The pinned staging buffer is rewritten
-        only once the previous step's input copies ran (the model runner's input fence)."""
-        n = indices.shape[0]
-        if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty(max(n, 1 << 16), dtype=torch.int32, pin_memory=True)
-        self._staging[:n].copy_(torch.from_numpy(indices))
-        return self._staging[:n].to(self.device, non_blocking=True)
+        """[P] int32 host -> device without a stream sync (through the pinned staging buffer)."""
+        host = self._staging.host(indices.shape[0])
+        host.copy_(torch.from_numpy(indices))
+        return host.to(self.device, non_blocking=True)
 
     def plan(self, batch: BatchLayout) -> FlashInferPlan:
         # Host tensors: plan() reads indptr on the host anyway and copies what the kernels need.
@@ -104,4 +101,3 @@ class FlashInferBackend(BaseAttentionBackend):
     def run(self, plan: FlashInferPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
         store_kv(kv_layer, plan.slot_block, plan.slot_offset, k, v)
         return plan.wrapper.run(q, kv_layer)
-

@@ -37,6 +37,22 @@ def paged_metadata(batch: BatchLayout) -> PagedMetadata:
     return PagedMetadata(qo, kv, indices, last)
 
 
+class PinnedStaging:
+    """A pinned host int32 buffer that grows as needed, for host-to-device copies that do not sync
+    the stream.  Its owner rewrites it only once the previous step's copies ran (the model runner's
+    input fence)."""
+
+    def __init__(self, pinned: bool = True) -> None:
+        self.pinned = pinned
+        self._buf: Optional[torch.Tensor] = None
+
+    def host(self, n: int) -> torch.Tensor:
+        """[n] int32 pinned host tensor (a view of the buffer, valid until the next call)."""
+        if self._buf is None or self._buf.shape[0] < n:
+            self._buf = torch.empty(max(n, 1 << 16), dtype=torch.int32, pin_memory=self.pinned)
+        return self._buf[:n]
+
+
 def store_kv(kv_layer: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor) -> None:
     """kv_layer [N, 2, bs, Hkv, D]; k, v [T, Hkv, D]: write new tokens into their slots (one

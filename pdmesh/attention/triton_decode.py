@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pdmesh.attention.paged import PagedMetadata
+from pdmesh.attention.paged import PagedMetadata, PinnedStaging
 
 try:
     import triton
@@ -163,7 +163,7 @@ class DecodeAttention:
         self.block_n, self.num_stages = 64, 2
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         self.graph_batch = graph_batch
-        self._staging: Optional[torch.Tensor] = None
+        self._staging = PinnedStaging(pinned=device.type == "cuda")
         self.num_seqs = 0
         self.splits = 1
         self.meta: Optional[torch.Tensor] = None
@@ -190,9 +190,8 @@ class DecodeAttention:
         if self.graph_batch is not None and b != self.graph_batch:
             raise ValueError(f"graph-mode plan for {b} sequences, captured for {self.graph_batch}")
         n = 2 * b + 1 + m.kv_indices.shape[0]
-        if self._staging is None or self._staging.shape[0] < n:
-            self._staging = torch.empty(max(n, 1 << 16), dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        host = self._staging.numpy()
+        staged = self._staging.host(n)
+        host = staged.numpy()
         host[:b + 1] = m.kv_indptr
         host[b + 1:2 * b + 1] = context_lens(m, self.page)
         host[2 * b + 1:n] = m.kv_indices
@@ -201,7 +200,7 @@ class DecodeAttention:
             self._size(b)
         elif n > self.meta.shape[0]:
             raise ValueError(f"{m.kv_indices.shape[0]} pages exceed the captured buffer")
-        self.meta[:n].copy_(self._staging[:n], non_blocking=True)
+        self.meta[:n].copy_(staged, non_blocking=True)
 
     def run(self, q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
         """q [B, Hq, D] (any row/head strides, unit stride in D); kv_layer [N, 2, page, Hkv, D]
