@@ -3,6 +3,9 @@
 Lifecycle
 ---------
 1. ``start()`` builds the engine on the engine thread (model load never blocks the event loop).
+   On CUDA the thread's current device is the engine's device first: a new thread starts on
+   ``cuda:0``, and anything that takes the current device (event records, Triton launches, pinned
+   copies' streams) would otherwise run on GPU 0 for a worker on GPU 1.
 2. The thread loops: run queued commands (add, abort, admit, release, ...) in order, then one
    ``step()`` if there is work, then hand that step's outputs to the loop with a single
    ``call_soon_threadsafe``; it sleeps on a condition variable while idle.
@@ -20,6 +23,8 @@ import time
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Optional
 
+import torch
+
 from pdmesh.engine.engine import EngineStats, LLMEngine
 from pdmesh.engine.sequence import RequestOutput, SamplingParams
 
@@ -31,8 +36,10 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, factory: Callable[[], LLMEngine]) -> None:
+    def __init__(self, factory: Callable[[], LLMEngine], device: Optional[torch.device] = None) -> None:
         self._factory = factory
+        self._device = device
+        """The engine's device: the engine thread's current CUDA device (None or CPU: untouched)."""
         self._cmds: deque[tuple[Callable[[LLMEngine], Any], Optional[asyncio.Future]]] = deque()
         self._cv = threading.Condition()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -72,6 +79,8 @@ class AsyncEngine:
 
     def _main(self, ready: asyncio.Future) -> None:
         try:
+            if self._device is not None and self._device.type == "cuda":
+                torch.cuda.set_device(self._device)
             self.engine = self._factory()
             self.stats = self.engine.stats()
         except BaseException as exc:  # noqa: BLE001 - reported to the starter

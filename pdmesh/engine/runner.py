@@ -59,12 +59,13 @@ class _InputFence:
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.event: Optional[torch.cuda.Event] = None
 
     def mark(self) -> None:
         if self.cuda:
             self.event = torch.cuda.Event()
-            self.event.record()
+            self.event.record(torch.cuda.current_stream(self.device))
 
     def wait(self) -> None:
         if self.event is not None:
@@ -208,7 +209,7 @@ class ModelRunner:
         host = self._host_ids[self._turn][:n]
         host.copy_(ids, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.device))  # the stream of the copy above, on this device
         return LaunchedStep(batch, sample_seqs, ids, host, ready)
 
     @staticmethod
