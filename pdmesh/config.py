@@ -191,6 +191,10 @@ class DeviceConfig:
     GEMVs for one-row projections (decode at batch 1)."""
     cpu_threads: int = 0
     """torch intra-op threads on CPU (0 keeps torch's default)."""
+    warmup: str = "auto"
+    """Before a worker reports ready, run dummy requests through every kind of step it serves
+    (prompts, prefix hits, chunked prefill, sampling, held and pulled KV, decode batches) so that
+    kernels compile then, not on the first user request: 'auto' (on CUDA), 'on' or 'off'."""
 
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -200,6 +204,7 @@ class DeviceConfig:
         _require(self.decode_attention in ("auto", "flashinfer", "triton"), "decode_attention",
                  f"unknown decode attention kernel {self.decode_attention!r}")
         _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
+        _require(self.warmup in ("auto", "on", "off"), "warmup", "must be 'auto', 'on' or 'off'")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ class _Registry:
         Path.home() / ".cache" / "pdmesh",
         "Where dequantized GGUF weights and tokenizer files are cached (safetensors).",
     )
+    API_KEY = EnvVar("PDMESH_API_KEY", str, "", "The gateway's API key for 'pdmesh up' (instead of --api-key, which "
+                     "shows in 'ps'); 'pdmesh up' hands it to the gateway in a file readable only by its user.")
     LOG_LEVEL = EnvVar("PDMESH_LOG_LEVEL", str, "INFO", "Python logging level of every service.")
     EMBEDDED_GGUF = EnvVar(
         "PDMESH_EMBEDDED_GGUF",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Iterable, Optional
 
+from pdmesh.log import StartupError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 PREFIX = "pdmesh:"
@@ -127,9 +128,13 @@ class ServiceMetrics:
         for v in values:
             h.observe(v)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve /metrics on ``port`` (0: any free port); returns the bound port."""
-        httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
+        """Serve /metrics on ``port`` (0: any free port); returns the bound port. A port in use
+        raises ``StartupError`` naming ``flag``."""
+        try:
+            httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise StartupError(f"cannot serve /metrics on {host}:{port} ({flag}): {exc.strerror or exc}") from None
         self.port = httpd.server_port
         return self.port
 

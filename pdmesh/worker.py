@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import os
+import shlex
 import socket
 import uuid
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import grpc
 
 from pdmesh.config import EngineConfig, _require, add_flags, from_flags
 from pdmesh.engine.async_engine import AsyncEngine
-from pdmesh.engine.engine import LLMEngine
+from pdmesh.engine.engine import LLMEngine, pick_device
+from pdmesh.engine.warmup import warm_up
 from pdmesh.env import ENV
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.telemetry import Telemetry, TracingConfig
@@ -118,7 +120,7 @@ class WorkerRuntime:
         self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), ROLE_NAMES[role])
         self.wcfg = wcfg
         self.ecfg = ecfg
-        self.engine = AsyncEngine(lambda: LLMEngine(ecfg))
+        self.engine = AsyncEngine(lambda: LLMEngine(ecfg), device=pick_device(ecfg.device.device))
         self.server: Optional[grpc.aio.Server] = None
         self.health: Optional[Health] = None
         self.registration: Optional[Registration] = None
@@ -199,14 +201,18 @@ class WorkerRuntime:
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
                   background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
         await self.engine.start()
+        warm = self.ecfg.device.warmup
+        if warm == "on" or (warm == "auto" and self.llm.device.type == "cuda"):
+            log.info("warming up: compiling the kernels of every step kind before registering")
+            await self.engine.call(warm_up)
+        self.server = make_server()  # grpc.aio objects belong to the running loop
+        self.port = bind(self.server, self.wcfg.host, self.wcfg.port, self.tls)  # the worker id carries the bound port
         self.metrics = ServiceMetrics(self.llm.resolved.served_name, ROLE_NAMES[self.role], self.worker_id)
         if self.wcfg.metrics_port >= 0:
             self.metrics.serve(self.wcfg.metrics_port, self.wcfg.host)
         self.engine.on_step = self._on_step
-        self.server = make_server()  # grpc.aio objects belong to the running loop
         names = add_servicers(self)
         self.health = Health(self.server, names)
-        self.port = bind(self.server, self.wcfg.host, self.wcfg.port, self.tls)
         await self.server.start()
         await self.health.set_serving(True)
         self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout, self.tls)
@@ -215,7 +221,8 @@ class WorkerRuntime:
                  asyncio.create_task(watch_event_loop(self.metrics))]
         tasks += [asyncio.create_task(c) for c in background(self)]
         log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
-        print(f"READY {self.worker_id} {self.address}", flush=True)
+        metrics = self.metrics.port if self.wcfg.metrics_port >= 0 else -1
+        print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}", flush=True)
         await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain)
         await self.registration.stop()
         for t in tasks:

@@ -266,7 +266,7 @@ class Mesh:
                 "--colocated", str(colocated),
                 "--worker-args", f"--cpu-threads 1 --kv-cache-memory 268435456 {worker_args}".strip(), *(extra or [])]
         self.proc = Proc(args, tmp / f"mesh-{self.port}.log", env)
-        wait_http(self.base + "/health", self.proc)
+        self.proc.wait_log("pdmesh is up", timeout=420)  # every child READY and the gateway healthy
 
     @property
     def scheduler(self) -> str:

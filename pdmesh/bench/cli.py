@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, nargs="+", default=None, help="requests in flight at most (several sweep)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival gaps (1: Poisson)")
     p.add_argument("--num-warmups", type=int, default=2, help="requests sent (and discarded) before each run")
-    p.add_argument("--goodput", nargs="*", default=[], help="SLOs in ms: ttft:MS tpot:MS e2el:MS")
+    p.add_argument("--goodput", nargs="*", default=[], help="SLOs in ms: ttft:MS tpot:MS e2el:MS itl:MS (each "
+                   "request's P99 inter-token latency); every request's figures are in the result file's 'requests'")
     p.add_argument("--percentiles", default="50,90,99", help="comma-separated percentiles to report")
     p.add_argument("--num-gpus", type=int, default=0, help="GPUs behind the endpoint (for per-GPU throughput)")
     p.add_argument("--seed", type=int, default=0)
@@ -138,7 +139,8 @@ def bench(a: argparse.Namespace) -> list[dict]:
             m = summarize(results, duration, percentiles, slo, a.num_gpus)
             point = {"label": a.label, "request_rate": rate if rate != float("inf") else "inf", "max_concurrency": conc,
                      "burstiness": a.burstiness, "goodput_slo_ms": slo, "metrics": m,
-                     "errors": sorted({r.error for r in results if not r.success})[:5]}
+                     "errors": sorted({r.error for r in results if not r.success})[:5],
+                     "requests": [r.record() for r in results]}
             print_table(point, m, percentiles)
             points.append(point)
     if a.result_file:

@@ -5,7 +5,9 @@ TPOT = (E2EL - TTFT) / (output tokens - 1), only for requests with more than one
 (the first token is excluded); ITL = every gap between consecutive streamed chunks.  Aggregates
 over successful requests: mean, median, standard deviation and percentiles (linear interpolation,
 as numpy); throughputs divide by the benchmark's wall-clock duration; goodput counts requests that
-meet every SLO given (TTFT, TPOT, E2EL, in ms).
+meet every SLO given (TTFT, TPOT, E2EL, and ITL: the request's own P99 inter-token latency; in ms).
+``request_records`` keeps every request's figures in the result file, so that goodput can be
+recomputed later at any SLO.
 """
 
 from __future__ import annotations
@@ -32,6 +34,19 @@ class RequestResult:
     def tpot(self) -> Optional[float]:
         return (self.latency - self.ttft) / (self.output_len - 1) if self.success and self.output_len > 1 else None
 
+    @property
+    def p99_itl(self) -> float:
+        """This request's 99th-percentile gap between streamed chunks (0 with fewer than two chunks)."""
+        return percentile(self.itl, 99)
+
+    def record(self) -> dict:
+        """The request's figures for the result file (ms; tpot None with one output token)."""
+        tpot = self.tpot
+        return {"ok": self.success, "input_tokens": self.prompt_len, "output_tokens": self.output_len,
+                "ttft_ms": self.ttft * 1e3, "tpot_ms": tpot * 1e3 if tpot is not None else None,
+                "p99_itl_ms": self.p99_itl * 1e3, "max_itl_ms": max(self.itl, default=0.0) * 1e3,
+                "e2el_ms": self.latency * 1e3, "error": self.error}
+
 
 def percentile(values: Sequence[float], p: float) -> float:
     """numpy.percentile(values, p) with linear interpolation (0 for no values)."""
@@ -54,12 +69,13 @@ def _stats(name: str, values: Sequence[float], percentiles: Sequence[float]) -> 
 
 
 def parse_goodput(specs: Sequence[str]) -> dict[str, float]:
-    """'ttft:200', 'tpot:35', 'e2el:5000' -> {'ttft': 200.0, ...} (milliseconds)."""
+    """'ttft:200', 'tpot:35', 'e2el:5000', 'itl:40' -> {'ttft': 200.0, ...} (milliseconds; itl: each
+    request's own P99 inter-token latency)."""
     out = {}
     for spec in specs:
         key, _, val = spec.partition(":")
-        if key not in ("ttft", "tpot", "e2el") or not val:
-            raise ValueError(f"--goodput takes ttft:MS, tpot:MS or e2el:MS; got {spec!r}")
+        if key not in SLO_KEYS or not val:
+            raise ValueError(f"--goodput takes ttft:MS, tpot:MS, itl:MS (per-request P99) or e2el:MS; got {spec!r}")
         ms = float(val)
         if ms <= 0:
             raise ValueError(f"--goodput {spec!r}: the limit must be > 0")
@@ -67,11 +83,14 @@ def parse_goodput(specs: Sequence[str]) -> dict[str, float]:
     return out
 
 
+SLO_KEYS = ("ttft", "tpot", "itl", "e2el")
+
+
 def meets_slo(r: RequestResult, slo: dict[str, float]) -> bool:
     if not r.success:
         return False
     tpot = r.tpot if r.tpot is not None else 0.0
-    got = {"ttft": r.ttft * 1000.0, "tpot": tpot * 1000.0, "e2el": r.latency * 1000.0}
+    got = {"ttft": r.ttft * 1000.0, "tpot": tpot * 1000.0, "itl": r.p99_itl * 1000.0, "e2el": r.latency * 1000.0}
     return all(got[k] <= v for k, v in slo.items())
 
 

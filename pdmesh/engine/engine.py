@@ -28,6 +28,7 @@ one with penalties or logprobs), ``step()`` first collects N and goes on synchro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -53,6 +54,13 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def on_device(device: torch.device):
+    """A context making ``device`` the calling thread's current CUDA device (a no-op on CPU).
+    Work that takes the current device implicitly (event records, Triton launches, library
+    wrappers) then runs on the engine's GPU whichever thread calls the engine."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -97,6 +105,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, resolved: Optional[ResolvedModel] = None) -> None:
         self.config = config
         self.device = pick_device(config.device.device)
+        with on_device(self.device):
+            self._build(config, resolved)
+
+    def _build(self, config: EngineConfig, resolved: Optional[ResolvedModel]) -> None:
         if self.device.type == "cpu" and config.device.cpu_threads:
             torch.set_num_threads(config.device.cpu_threads)
         self.dtype = pick_dtype(config.model.dtype, self.device)
@@ -104,7 +116,11 @@ class LLMEngine:
         arch = self.resolved.arch
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
+        t0 = time.perf_counter()
+        log.info("loading %s (%s weights, %.1f B parameters) on %s", self.resolved.served_name, self.resolved.load_format,
+                 arch.num_parameters() / 1e9, self.device)
         self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed)
+        log.info("weights loaded in %.1f s", time.perf_counter() - t0)
         self.eos_token_ids = frozenset(arch.eos_token_ids)
         num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
         self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
@@ -116,6 +132,7 @@ class LLMEngine:
             self.model.enable_fused_kernels()
         self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
         if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
+            log.info("capturing decode CUDA graphs (first use compiles the decode kernels)")
             self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         mode = config.scheduler.async_scheduling
         self.async_scheduling = mode == "on" or (mode == "auto" and self.device.type == "cuda")
@@ -237,6 +254,10 @@ class LLMEngine:
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [vocab] (float32) after ``token_ids``, computed in one pass through the paged
         cache (blocks borrowed and returned at once; the prefix cache is neither read nor fed)."""
+        with on_device(self.device):
+            return self._score(token_ids)
+
+    def _score(self, token_ids: list[int]) -> torch.Tensor:
         from pdmesh.engine.scheduler import ScheduledBatch
 
         rid = f"__score-{self.num_steps}-{id(token_ids)}"
@@ -256,6 +277,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """schedule -> run -> postprocess; with async scheduling, in steady decoding: schedule
         and launch step N+1, then collect step N and return its outputs."""
+        with on_device(self.device):
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         prev = self._inflight
         if prev is not None:
             if not self._can_launch_behind():

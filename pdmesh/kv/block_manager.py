@@ -202,6 +202,17 @@ class PrefixCachingBlockManager:
                     self.free_queue.move_to_end(b, last=False)
         return len(req.blocks)
 
+    def reset(self) -> None:
+        """Forget every cached block and the counters, as a new manager (block ids are handed out
+        from 0 again); only while no request holds blocks (after a warm-up)."""
+        if self.requests:
+            raise RuntimeError(f"cannot reset: {len(self.requests)} requests hold blocks")
+        self.ref_count = [0] * self.num_blocks
+        self.block_hash = [None] * self.num_blocks
+        self.free_queue = OrderedDict((b, None) for b in range(self.num_blocks))
+        self.cached = {}
+        self.prefix_queries = self.prefix_hits = 0
+
     # ---------------------------------------------------------------- internals
     def _incref(self, b: int) -> None:
         if self.ref_count[b] == 0:

@@ -57,6 +57,16 @@ class ModelArch:
     def rope_scaling_dict(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
 
+    def num_parameters(self) -> int:
+        """Weights of the model: embedding, LM head (unless tied), each layer's projections,
+        biases and norms, and the final norm."""
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
+        mlp = 3 * h * self.intermediate_size + (2 * self.intermediate_size + h) * self.mlp_bias
+        norms = 2 * h + 2 * self.head_dim * self.qk_norm
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return embed + self.num_layers * (attn + mlp + norms) + h
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Bytes of K and V for one token over all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -21,6 +21,9 @@ REFUSED_KEY = "pdmesh-refused"
 """Trailing metadata of a decode worker's refusal that left the request's KV untouched on the
 prefill worker (draining, too many requests, no free blocks): the caller may offer the same KV
 to another decode worker, and releases it if none takes it."""
+FINISHED_BY_CALLER = "finished"
+"""``AbortRequest.reason`` when the caller ended a request that is done by the caller's own rule (a
+stop string found in the text): the worker counts it as finished with reason 'stop', not aborted."""
 _pending: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
 
 

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from pdmesh.log import StartupError
+
 if TYPE_CHECKING:
     from pdmesh.rpc.tls import TlsConfig
 
@@ -50,12 +52,17 @@ class Health:
                 await res
 
 
-def bind(server: grpc.aio.Server, host: str, port: int, tls: Optional["TlsConfig"] = None) -> int:
-    """Listen on host:port (0: a free port), over TLS when ``tls`` is enabled; the bound port."""
+def bind(server: grpc.aio.Server, host: str, port: int, tls: Optional["TlsConfig"] = None, flag: str = "--port") -> int:
+    """Listen on host:port (0: a free port), over TLS when ``tls`` is enabled; the bound port.
+    A port that cannot be bound (in use) raises ``StartupError`` naming ``flag``."""
     addr = f"{host}:{port}"
-    bound = server.add_secure_port(addr, tls.server_credentials()) if tls is not None and tls.enabled else server.add_insecure_port(addr)
+    try:
+        bound = (server.add_secure_port(addr, tls.server_credentials()) if tls is not None and tls.enabled
+                 else server.add_insecure_port(addr))
+    except RuntimeError:  # grpcio raises on a failed bind (older versions return 0)
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+        raise StartupError(f"cannot listen on {addr} ({flag}): the port is in use or the address is not this host's")
     return bound
 
 

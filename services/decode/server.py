@@ -30,7 +30,7 @@ import grpc
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc import tracecontext
-from pdmesh.rpc.release import REFUSED_KEY, release_held_kv
+from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport, TransferError
 from pdmesh.transport.grpc_transport import GrpcKVTransport
@@ -55,6 +55,9 @@ class _StreamState:
 class DecodeServicer(dgrpc.DecodeServicer):
     def __init__(self, rt: WorkerRuntime, transports: dict[str, BaseKVTransport], channels: ChannelPool) -> None:
         self.rt = rt
+        self._finished_by_caller: set[str] = set()
+        """Live requests whose caller said they are done (a stop string): their cancelled streams
+        count as finished, not aborted."""
         self.transports = transports
         self.channels = channels
 
@@ -96,7 +99,11 @@ class DecodeServicer(dgrpc.DecodeServicer):
             eng.close_stream(rid)
             if not state.finished:
                 eng.call_nowait(lambda e: e.abort(rid))
-                self.rt.metrics.inc("num_aborted_requests_total")
+                if rid in self._finished_by_caller:
+                    self.rt.metrics.inc("request_success_total", finished_reason="stop")
+                else:
+                    self.rt.metrics.inc("num_aborted_requests_total")
+            self._finished_by_caller.discard(rid)
             self.rt.inflight -= 1
 
     async def _compute_prompt(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext, rid: str, params):
@@ -204,7 +211,10 @@ class DecodeServicer(dgrpc.DecodeServicer):
         return pb.TransferStats(transport=res.transport, bytes=res.bytes, blocks=res.blocks, cached_blocks=k, seconds=res.seconds)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        return pb.AbortResponse(found=await self.rt.engine.abort(request.request_id))
+        found = await self.rt.engine.abort(request.request_id)
+        if found and request.reason == FINISHED_BY_CALLER:
+            self._finished_by_caller.add(request.request_id)
+        return pb.AbortResponse(found=found)
 
 
 async def serve(rt: WorkerRuntime) -> None:

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Optional
 
-from pdmesh.log import configure_logging, run_async
+from pdmesh.log import StartupError, configure_logging, run_async
 from pdmesh.models.loader import resolve
 from pdmesh.rpc.server import ignore_further_signals
 from pdmesh.telemetry import Telemetry
@@ -50,7 +50,7 @@ async def serve(argv: Optional[list[str]]) -> None:
         await asyncio.sleep(0.02)
     if task.done():
         await task
-        raise SystemExit(f"gateway failed to start on {cfg.host}:{cfg.port}")
+        raise StartupError(f"cannot listen on {cfg.host}:{cfg.port} (--port): the port is in use or the address is not this host's")
     grpc_server = grpc_health = None
     if cfg.grpc_port >= 0:
         from services.gateway.grpc_api import start_grpc_api
@@ -63,7 +63,9 @@ async def serve(argv: Optional[list[str]]) -> None:
                 await asyncio.sleep(0.5)
 
         readiness = asyncio.create_task(follow_readiness())
-    print(f"READY gateway http://{cfg.host}:{cfg.port}", flush=True)
+    listeners = [f"grpc={cfg.host}:{cfg.grpc_port}" if cfg.grpc_port >= 0 else "",
+                 f"metrics={gw.metrics.port}" if cfg.metrics_port >= 0 else ""]
+    print(" ".join(["READY gateway", f"http://{cfg.host}:{cfg.port}", *filter(None, listeners)]), flush=True)
     await stop.wait()
     ignore_further_signals()
     log.info("draining: refusing new requests, %d in flight", gw.inflight)

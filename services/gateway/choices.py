@@ -134,6 +134,7 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
             if r or c or ev.logprobs or finish or ev.token_ids:
                 out.put_nowait(Delta(choice.index, r, c, ev.logprobs, ev.token_ids, finish))
             if finish is not None:
+                choice.trace.stopped_by_text = stopped
                 choice.finish_reason = finish
                 choice.outcome = "ok"
                 return

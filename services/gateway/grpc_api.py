@@ -143,6 +143,6 @@ async def start_grpc_api(gw, host: str, port: int):
     reflection.enable_server_reflection((ipb.DESCRIPTOR.services_by_name["Inference"].full_name,
                                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME), server)
-    bind(server, host, port)
+    bind(server, host, port, flag="--grpc-port")
     await server.start()
     return server, health

@@ -23,7 +23,7 @@ from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.release import release_held_kv
 from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
-from pdmesh.rpc.release import REFUSED_KEY
+from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -68,6 +68,9 @@ class RequestTrace:
     first_token_time: float = 0.0
     traceparent: str = ""
     """W3C trace context of this request (sent as gRPC metadata on every internal call)."""
+    stopped_by_text: bool = False
+    """The gateway ended the request itself: a stop string appeared in the text. The worker is told
+    so before its stream is cancelled, and counts a finished request, not an aborted one."""
 
 
 @dataclass
@@ -143,7 +146,7 @@ class MeshClient:
         except BaseException:
             call.cancel()
             raise
-        return _LocalCall(call, messages, first)
+        return _LocalCall(rid, call, messages, first)
 
     async def _other_decode(self, rid: str, model: str, prompt_len: int, kv, exclude: list[str], deadline: float,
                             trace: RequestTrace) -> Optional[pb.WorkerInfo]:
@@ -210,12 +213,24 @@ class MeshClient:
                     raise MeshError(exc.code(), f"decode worker {decode.worker_id}: {exc.details() or exc.code().name}") from exc
         finally:
             if call is not None and not finished:
+                await self._end_early(decode, rid, trace)
                 call.cancel()
             if not took_kv:
                 release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
 
-    @staticmethod
-    async def _stream_local(local: "_LocalCall", route: spb.RouteResponse, trace: RequestTrace) -> AsyncIterator[TokenEvent]:
+    async def _end_early(self, worker: pb.WorkerInfo, rid: str, trace: RequestTrace) -> None:
+        """Before cancelling a stream the gateway ends by a stop string, say so (the worker then counts
+        the request as finished); a client gone needs no word: the cancellation is the abort."""
+        if not trace.stopped_by_text:
+            return
+        try:
+            await self.channels.stub(worker.address, dgrpc.DecodeStub).Abort(
+                pb.AbortRequest(request_id=rid, reason=FINISHED_BY_CALLER), timeout=self.rpc_timeout,
+                metadata=tracecontext.metadata(trace.traceparent))
+        except grpc.aio.AioRpcError as exc:
+            log.info("telling %s that %s ended by a stop string failed (%s)", worker.worker_id, rid, exc.code().name)
+
+    async def _stream_local(self, local: "_LocalCall", route: spb.RouteResponse, trace: RequestTrace) -> AsyncIterator[TokenEvent]:
         """The rest of a colocated request: every message of the worker's stream, first included."""
         trace.num_cached_tokens = local.first.num_cached_tokens
         trace.first_token_time = time.monotonic()
@@ -236,6 +251,7 @@ class MeshClient:
                     raise MeshError(exc.code(), f"worker {route.decode.worker_id}: {exc.details() or exc.code().name}") from exc
         finally:
             if not finished:
+                await self._end_early(route.decode, local.rid, trace)
                 local.call.cancel()  # aborts the request there and frees its KV
 
 
@@ -243,6 +259,7 @@ class MeshClient:
 class _LocalCall:
     """A colocated worker's Generate stream, opened, with its first message read."""
 
+    rid: str
     call: grpc.aio.UnaryStreamCall
     messages: AsyncIterator[dpb.GenerateResponse]
     first: dpb.GenerateResponse

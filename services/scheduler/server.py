@@ -134,7 +134,8 @@ async def serve(cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = Non
     if cfg.metrics_port >= 0:
         servicer.metrics.serve(cfg.metrics_port, cfg.host)
     background = [asyncio.create_task(servicer.reap_forever()), asyncio.create_task(watch_event_loop(servicer.metrics))]
-    print(f"READY scheduler {cfg.host}:{port}", flush=True)
+    metrics = f" metrics={servicer.metrics.port}" if cfg.metrics_port >= 0 else ""
+    print(f"READY scheduler {cfg.host}:{port}{metrics}", flush=True)
     log.info("scheduler serving on %s:%d", cfg.host, port)
     await serve_until_signal(server, health, cfg.drain_timeout)
     for t in background:

@@ -24,6 +24,9 @@ def test_bench_sweep_against_the_mesh_and_plot(mesh, tmp_path):
         assert m["total_input_tokens"] == 240 and m["total_output_tokens"] == 48  # exact: token ids + ignore_eos
         assert 0 < m["median_ttft_ms"] <= m["median_e2el_ms"] and m["median_tpot_ms"] > 0 and m["median_itl_ms"] > 0
         assert m["request_goodput"] == m["request_throughput"]  # a 60 s TPOT SLO: every request meets it
+        reqs = pt["requests"]  # one record per request: goodput can be recomputed at any SLO later
+        assert len(reqs) == 6 and all(r["ok"] and r["input_tokens"] == 40 and r["output_tokens"] == 8 for r in reqs)
+        assert all(0 < r["ttft_ms"] <= r["e2el_ms"] and 0 < r["p99_itl_ms"] <= r["max_itl_ms"] for r in reqs)
     assert "Time per Output Token" in stdout and "Successful requests" in stdout
     png = tmp_path / "plot.png"
     p = subprocess.run([sys.executable, "-m", "services.cli", "bench", "plot", str(tmp_path / "result.json"),

@@ -151,3 +151,20 @@ def test_prefill_only_that_ends_at_first_token_holds_nothing(model_dir):
     out = pre.step()[0]
     assert out.finished and out.finish_reason == "length" and out.held_block_ids is None
     assert pre.blocks.num_free_blocks == free0 and not pre.held
+
+
+def test_warm_up_leaves_the_engine_as_new(model_dir, reference):
+    from pdmesh.engine.warmup import warm_up
+
+    llm = make(model_dir, max_num_batched_tokens=32, num_kv_blocks=64)
+    eng = llm.engine
+    fresh_free = list(eng.blocks.free_queue)
+    assert warm_up(eng) >= 0
+    assert eng.num_steps == 0 and not eng.has_work() and not eng.blocks.requests and not eng.held and not eng.remote
+    assert list(eng.blocks.free_queue) == fresh_free == list(range(64)) and eng.blocks.cached == {}
+    assert eng.blocks.prefix_queries == 0 and eng.blocks.prefix_hits == 0
+    eng.blocks.check_invariants()
+    assert tokens(llm, PROMPTS) == reference  # the same tokens as an engine that never warmed up
+    eng.add_request("busy", PROMPTS[0], GREEDY)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        warm_up(eng)

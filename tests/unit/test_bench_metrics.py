@@ -42,11 +42,29 @@ def test_summary_of_three_requests():
 
 def test_goodput_parsing_and_slo():
     assert parse_goodput(["ttft:200", "tpot:35"]) == {"ttft": 200.0, "tpot": 35.0}
-    for bad in (["ttft"], ["itl:3"], ["tpot:0"], ["tpot:-1"]):
+    assert parse_goodput(["itl:40"]) == {"itl": 40.0}
+    for bad in (["ttft"], ["p99:3"], ["tpot:0"], ["tpot:-1"], ["itl:"]):
         with pytest.raises(ValueError):
             parse_goodput(bad)
     r = RequestResult(True, 1, output_len=11, ttft=0.1, latency=0.45)  # tpot 35 ms
     assert meets_slo(r, {"tpot": 35.0}) and not meets_slo(r, {"tpot": 34.9})
+
+
+def test_itl_slo_is_each_requests_p99_and_records_keep_every_request():
+    # 99 gaps of 10 ms and one stall of 210 ms: P99 = 10 + 0.01 * 200 = 12 ms; the mean TPOT stays low
+    stall = RequestResult(True, 8, output_len=101, ttft=0.05, latency=0.05 + 99 * 0.01 + 0.21, itl=[0.01] * 99 + [0.21])
+    smooth = RequestResult(True, 8, output_len=101, ttft=0.05, latency=0.05 + 100 * 0.011, itl=[0.011] * 100)
+    assert stall.p99_itl == pytest.approx(0.012) and smooth.p99_itl == pytest.approx(0.011)
+    assert meets_slo(smooth, {"itl": 11.5}) and not meets_slo(stall, {"itl": 11.5}) and meets_slo(stall, {"itl": 12.5})
+    assert meets_slo(stall, {"tpot": 12.0}) and not meets_slo(stall, {"tpot": 12.0, "itl": 11.5})
+    m = summarize([stall, smooth], 1.0, goodput={"itl": 11.5})
+    assert m["request_goodput"] == 1.0
+    rec = stall.record()
+    assert rec["ok"] and rec["input_tokens"] == 8 and rec["output_tokens"] == 101
+    assert rec["max_itl_ms"] == pytest.approx(210.0) and rec["p99_itl_ms"] == pytest.approx(12.0)
+    assert rec["tpot_ms"] == pytest.approx(12.0) and rec["ttft_ms"] == pytest.approx(50.0)
+    failed = RequestResult(False, 8, error="HTTP 429").record()
+    assert not failed["ok"] and failed["error"] == "HTTP 429" and failed["tpot_ms"] is None
 
 
 def test_datasets_are_token_exact_and_share_prefixes():
