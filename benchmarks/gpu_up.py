@@ -48,15 +48,17 @@ def ids_of(text: str) -> list[int]:
     return [int(x) for x in re.findall(r"t(\d+)", text)]
 
 
-def reference(model: str, prompts: list[list[int]], out: int, max_len: int, tok) -> list[list[int]]:
-    """Greedy tokens of one engine on cuda:0 (run in a child with its own compile caches)."""
+def reference(model: str, prompts: list[list[int]], out: int, max_len: int, tok, own_caches: bool = True,
+              device: str = "cuda:0") -> list[list[int]]:
+    """Greedy tokens of one engine on cuda:0, in a child process (with compile caches of its own
+    when ``own_caches``, so that a mesh started later still starts from empty ones)."""
     code = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pdmesh.engine import SamplingParams
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.testing import engine_config
-eng = LLMEngine(engine_config({model!r}, device="cuda:0", num_kv_blocks=1024, max_model_len={max_len}, max_num_seqs=128,
+eng = LLMEngine(engine_config({model!r}, device={device!r}, dtype={"float32" if device == "cpu" else "bfloat16"!r}, num_kv_blocks=1024, max_model_len={max_len}, max_num_seqs=128,
                               max_tokens_step=2048))
 res = []
 for i, p in enumerate(json.loads(sys.stdin.read())):
@@ -69,7 +71,8 @@ for i, p in enumerate(json.loads(sys.stdin.read())):
 print("REF " + json.dumps(res))
 """
     scratch = Path(tempfile.mkdtemp())
-    env = dict(os.environ, FLASHINFER_WORKSPACE_BASE=str(scratch / "fi"), TRITON_CACHE_DIR=str(scratch / "triton"))
+    env = dict(os.environ, FLASHINFER_WORKSPACE_BASE=str(scratch / "fi"), TRITON_CACHE_DIR=str(scratch / "triton")) \
+        if own_caches else None
     p = subprocess.run([sys.executable, "-c", code], input=json.dumps(prompts), capture_output=True, text=True, env=env,
                        timeout=900)
     line = next((x for x in p.stdout.splitlines() if x.startswith("REF ")), None)

@@ -1,0 +1,141 @@
+"""Disaggregated against colocated serving on two GPUs, as users start it (``pdmesh up``), at the
+source deployments' shape (3,500:1,500 by default). Run on the 2-GPU machine:
+
+    python3 benchmarks/gpu_pd_vs_colocated.py --out $OUT [--shape 3500:1500] [--concurrency 32 64 128]
+
+Layouts (llama-3.1-8b dummy, bf16, synthetic tokenizer, random token-id prompts, ``ignore_eos``):
+  disagg          ``pdmesh up`` default placement: 1 prefill on GPU 0, 1 decode on GPU 1 (cuda_ipc)
+  colocated-C     ``pdmesh up --prefill 0 --decode 0 --colocated 2``: one 'both' replica per GPU,
+                  chunked prefill of C tokens per step (``--max-num-batched-tokens C``)
+
+For every mesh, before any load, its tokens are checked: greedy continuations of two prompts,
+sent one at a time, must equal one engine on cuda:0. Then per load point ``pdmesh bench`` writes
+``OUT/pd-IN_OUT-LAYOUT-cN.json`` (per-request records: goodput can be recomputed at any SLO;
+``benchmarks/gpu_pd_report.py`` does). The colocated chunk size is swept at ``--sweep-concurrency``
+and the best (output throughput) runs the other concurrencies. The disaggregated mesh also gives
+the KV pull time of each request (decode worker's log): alone (concurrency 1) and under load.
+Points are written as they finish, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_up import PULL, Up, bench, complete, prompt, reference  # noqa: E402
+from benchmarks.synthetic_tokenizer import write as write_tokenizer  # noqa: E402
+from pdmesh.bench.metrics import percentile  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def check_tokens(up: Up, prompts: list[list[int]], ref: list[list[int]]) -> list[bool]:
+    return [complete(up.base, p, len(r))[2] == r for p, r in zip(prompts, ref)]
+
+
+def run_points(up: Up, name: str, tok_dir: Path, inp: int, out: int, concs: list[int], args, summary: dict) -> None:
+    for c in concs:
+        n = max(c, int(c * args.prompts_per_concurrency))
+        mark = len(up.text())
+        t0 = time.monotonic()
+        path = Path(args.out) / f"pd-{inp}_{out}-{name}-c{c}.json"
+        m = bench(up.base, tok_dir, c, n, inp, out, path)
+        doc = json.loads(path.read_text())
+        doc.update({"layout": name, "concurrency": c, "commit": args.commit, "machine": "2 x NVIDIA H200"})
+        got = [float(x.group(5)) for x in PULL.finditer(up.text()[mark:])]
+        if got:
+            doc["pull_ms"] = {"n": len(got), "median": statistics.median(got), "p99": percentile(got, 99), "max": max(got)}
+        path.write_text(json.dumps(doc, indent=1) + "\n")
+        summary["points"].append({"layout": name, "concurrency": c, "prompts": n, "wall_s": round(time.monotonic() - t0, 1),
+                                  "output_throughput": m["output_throughput"], "median_tpot_ms": m["median_tpot_ms"],
+                                  "median_ttft_ms": m["median_ttft_ms"], "failed": m["failed"], "pull_ms": doc.get("pull_ms")})
+        log(f"{name} c={c}: {m['output_throughput']:.0f} tok/s, TPOT {m['median_tpot_ms']:.1f} ms, "
+            f"TTFT {m['median_ttft_ms']:.0f} ms, failed {m['failed']}, pulls {doc.get('pull_ms')}")
+        Path(args.out, "pd-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--shape", default="3500:1500")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[2048, 1024, 512], help="colocated chunked-prefill sizes")
+    ap.add_argument("--sweep-concurrency", type=int, default=64)
+    ap.add_argument("--prompts-per-concurrency", type=float, default=1.5)
+    ap.add_argument("--commit", default=os.environ.get("PDMESH_COMMIT", ""))
+    ap.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU host: tiny model and shapes")
+    args = ap.parse_args()
+    if args.cpu_smoke:
+        args.model, args.shape, args.concurrency, args.chunks, args.sweep_concurrency = "smollm2-135m", "48:6", [2, 3], [64, 32], 2
+    from pdmesh.models.arch import arch_from_hf_config
+    from pdmesh.models.presets import PRESETS
+    from pdmesh.tokenizer import Tokenizer
+
+    inp, out = (int(x) for x in args.shape.split(":"))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    work = Path(args.out) / "work"
+    vocab = arch_from_hf_config(PRESETS[args.model]).vocab_size
+    tok_dir = write_tokenizer(vocab, work / "tok")
+    tok = Tokenizer(str(tok_dir))
+    prompts = [prompt(inp, s, vocab) for s in (11, 12)]
+    log("reference tokens on cuda:0")
+    ref = reference(args.model, prompts, 48, 8192, tok, own_caches=False, device="cpu" if args.cpu_smoke else "cuda:0")
+    model = ["--model", args.model, "--load-format", "dummy", "--tokenizer", str(tok_dir), "--max-model-len", "8192"]
+    if args.cpu_smoke:
+        model += ["--dtype", "float32", "--worker-args", "--cpu-threads 1 --kv-cache-memory 268435456"]
+    summary: dict = {"shape": args.shape, "commit": args.commit, "points": [], "tokens_checked": {}}
+
+    def mesh(name: str, extra: list[str]) -> Up:
+        log(f"starting {name}")
+        up = Up(work / f"{name}.log", model + extra)
+        up.wait_up(600)
+        summary["tokens_checked"][name] = ok = check_tokens(up, prompts, ref)
+        log(f"{name} up; tokens equal to one engine on cuda:0: {ok}")
+        if not all(ok):
+            raise SystemExit(f"{name}: wrong tokens; not measuring")
+        return up
+
+    up = mesh("disagg", [])
+    try:
+        run_points(up, "disagg", tok_dir, inp, 32, [1], args, summary)  # pulls alone
+        run_points(up, "disagg", tok_dir, inp, out, args.concurrency, args, summary)
+    finally:
+        up.stop()
+    best = (0.0, args.chunks[0])
+    rest = [c for c in args.concurrency if c != args.sweep_concurrency]
+    for chunk in args.chunks:
+        up = mesh(f"colocated-{chunk}", ["--prefill", "0", "--decode", "0", "--colocated", "2",
+                                         "--colocated-args", f"--max-num-batched-tokens {chunk}"])
+        try:
+            run_points(up, f"colocated-{chunk}", tok_dir, inp, out, [args.sweep_concurrency], args, summary)
+            thr = summary["points"][-1]["output_throughput"]
+            best = max(best, (thr, chunk))
+            if chunk == args.chunks[0]:  # the default chunk runs every concurrency at once (a cut-short run keeps it)
+                run_points(up, f"colocated-{chunk}", tok_dir, inp, out, rest, args, summary)
+        finally:
+            up.stop()
+    if best[1] != args.chunks[0]:
+        up = mesh(f"colocated-{best[1]}", ["--prefill", "0", "--decode", "0", "--colocated", "2",
+                                           "--colocated-args", f"--max-num-batched-tokens {best[1]}"])
+        try:
+            run_points(up, f"colocated-{best[1]}", tok_dir, inp, out, rest, args, summary)
+        finally:
+            up.stop()
+    summary["best_colocated_chunk"] = best[1]
+    Path(args.out, "pd-summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
