@@ -199,14 +199,15 @@ class WorkerRuntime:
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
                   background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
         await self.engine.start()
+        self.server = make_server()  # grpc.aio objects belong to the running loop
+        # Bind first: the worker id, the metrics' instance label, names the bound port.
+        self.port = bind(self.server, self.wcfg.host, self.wcfg.port, self.tls)
         self.metrics = ServiceMetrics(self.llm.resolved.served_name, ROLE_NAMES[self.role], self.worker_id)
         if self.wcfg.metrics_port >= 0:
             self.metrics.serve(self.wcfg.metrics_port, self.wcfg.host)
         self.engine.on_step = self._on_step
-        self.server = make_server()  # grpc.aio objects belong to the running loop
         names = add_servicers(self)
         self.health = Health(self.server, names)
-        self.port = bind(self.server, self.wcfg.host, self.wcfg.port, self.tls)
         await self.server.start()
         await self.health.set_serving(True)
         self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout, self.tls)
