@@ -35,5 +35,7 @@ rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb "$root"/
 tar -C "$root" --numeric-owner -c . | "$ENGINE" import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
-    --change 'CMD ["python3"]' - "$TAG" >/dev/null
-echo "local-base.sh: made $TAG ($("$ENGINE" run --rm --network host "$TAG" python3 --version))"
+    --change 'CMD ["python3"]' - "$TAG" >/dev/null 2>&1
+version=$("$ENGINE" run --rm --network none "$TAG" python3 -c 'import venv, ssl, sys; print(sys.version.split()[0])') \
+    || die "$TAG was made but does not run python3 (podman here: export CONTAINERS_CONF=deploy/podman/containers.conf)"
+echo "local-base.sh: made $TAG (Python $version)"

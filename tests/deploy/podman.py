@@ -65,8 +65,10 @@ def build_image(log: Path, timeout: float = 1200.0) -> float:
     return time.monotonic() - t0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Container:
+    """One container of the stack, as `podman ps` saw it."""
+
     name: str
     id: str
     service: str

@@ -173,7 +173,7 @@ def k8s_args(container: dict, config: dict) -> list[str]:
     return [re.sub(r"\$\(([A-Z_]+)\)", lambda m: config.get(m.group(1), m.group(0)), a) for a in container["args"]]
 
 
-@pytest.mark.parametrize("overlay,profile", [("cpu-demo", "cpu"), ("gpu", "gpu")])
+@pytest.mark.parametrize("overlay,profile", [("cpu-demo", "cpu"), ("gpu", "gpu"), ("gpu-pd-pair", "gpu")])
 def test_k8s_manifests_agree_with_compose(overlay, profile):
     """Images, commands (every flag but ONLY_IN_ONE), ports and probes of each role are the same in
     the rendered overlay and in the compose profile run with the overlay's model settings."""
