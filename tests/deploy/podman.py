@@ -165,7 +165,8 @@ class Stack:
 
     def leftovers(self) -> list[str]:
         """Anything of this project still on the host: containers, pods, networks, the processes
-        that ran them (conmon, keyed by container id), a listener on the gateway's host ports."""
+        that ran them (conmon by container id; the network's dnsmasq and podman-compose by project
+        name), a listener on the gateway's host ports."""
         left = []
         label = f"label=io.podman.compose.project={self.project}"
         for kind, args in (("container", ["ps", "-a", "--filter", label, "--format", "{{.Names}}"]),
@@ -177,7 +178,7 @@ class Stack:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if any(cid in cmdline for cid in self.ids):
+            if self.project in cmdline or any(cid in cmdline for cid in self.ids):
                 left.append(f"process {pid}: {cmdline[:120]}")
         for port in (self.http_port, self.grpc_port, self.metrics_port):
             try:
