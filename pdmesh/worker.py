@@ -81,8 +81,10 @@ class WorkerConfig:
     """Decode: what a failed or timed-out KV pull does to its request: 'recompute' (compute the prompt
     here; the client sees nothing) or 'fail' (end the request with an error)."""
     inject_kv_faults: str = ""
-    """Prefill, for fault testing only: corrupt KV pulls served here. 'fail:N' (every Nth pull
-    aborts), 'truncate:N' (every Nth pull loses its last chunk), 'delay:S' (S seconds before each chunk)."""
+    """For fault testing only. Prefill: corrupt KV pulls served here: 'fail:N' (every Nth pull
+    aborts), 'truncate:N' (every Nth pull loses its last chunk), 'delay:S' (S seconds before each
+    chunk). Decode: 'delay:S[:N]' (every Nth pull, every pull without N, lands in the pool one piece every
+    S seconds)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
@@ -126,6 +128,7 @@ class WorkerRuntime:
         self.requests_total = 0
         self.metrics: Optional[ServiceMetrics] = None
         self._last_prefix = (0, 0)
+        self._last_audit = 0
         self.incarnation = uuid.uuid4().hex
         """Identifies this process: peers drop cached CUDA IPC handles when it changes."""
         self.draining = False
@@ -256,6 +259,8 @@ class WorkerRuntime:
                 m.inc("prefix_cache_queries_total", s.prefix_queries - q)
                 m.inc("prefix_cache_hits_total", s.prefix_hits - h)
                 self._last_prefix = (s.prefix_queries, s.prefix_hits)
+                m.inc("kv_audit_mismatches_total", s.audit_mismatches - self._last_audit)
+                self._last_audit = s.audit_mismatches
             await asyncio.sleep(interval)
 
     async def _drain(self) -> None:

@@ -40,6 +40,7 @@ from pdmesh.config import EngineConfig
 from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
+from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
 from pdmesh.models.loader import ResolvedModel, load_model, resolve
@@ -91,6 +92,7 @@ class EngineStats:
     held_blocks: int
     prefix_queries: int
     prefix_hits: int
+    audit_mismatches: int = 0
 
 
 class LLMEngine:
@@ -109,6 +111,8 @@ class LLMEngine:
         num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
         self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.audit: Optional[KVAudit] = KVAudit(self.pool) if config.cache.kv_audit else None
+        """Checksums of prompt KV (``--kv-audit``), verified when blocks are freed."""
         self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
                                       arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
@@ -192,6 +196,8 @@ class LLMEngine:
             return False
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.cache_full_blocks(request_id, seq.token_ids, seq.num_computed_tokens)
+        if self.audit is not None:
+            self.audit.record(request_id, self.blocks.block_table(request_id), seq.num_prompt_tokens)
         self.scheduler.add(seq)
         return True
 
@@ -202,6 +208,8 @@ class LLMEngine:
         seq = self.remote.pop(request_id, None)
         if seq is None:
             return False
+        if self.audit is not None:
+            self.audit.forget(request_id)
         self.blocks.free(request_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -223,14 +231,19 @@ class LLMEngine:
         if self._inflight is not None:
             self._deferred_frees.append((self._inflight, request_id))
         else:
-            self.blocks.free(request_id)
+            self._free_now(request_id)
+
+    def _free_now(self, request_id: str) -> None:
+        if self.audit is not None:
+            self.audit.verify(request_id)
+        self.blocks.free(request_id)
 
     def release(self, request_id: str) -> bool:
         """Prefill side: the decode worker has the KV (or gave up): free the held blocks."""
         seq = self.held.pop(request_id, None)
         if seq is None:
             return False
-        self.blocks.free(request_id)
+        self._free_now(request_id)
         return True
 
     @torch.inference_mode()
@@ -329,7 +342,7 @@ class LLMEngine:
         due = [rid for s, rid in self._deferred_frees if s is step]
         self._deferred_frees = [(s, rid) for s, rid in self._deferred_frees if s is not step]
         for rid in due:
-            self.blocks.free(rid)
+            self._free_now(rid)
         return outputs
 
     def postprocess(self, batch, result) -> list[RequestOutput]:
@@ -338,6 +351,8 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+            if self.audit is not None and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self.audit.record(seq.request_id, self.blocks.block_table(seq.request_id), seq.num_prompt_tokens)
         outputs = []
         for seq, tok, lp in zip(result.sampled_seqs, result.token_ids, result.logprobs):
             seq.token_ids.append(tok)
@@ -393,4 +408,5 @@ class LLMEngine:
             held_blocks=held,
             prefix_queries=self.blocks.prefix_queries,
             prefix_hits=self.blocks.prefix_hits,
+            audit_mismatches=self.audit.mismatches if self.audit is not None else 0,
         )

@@ -53,7 +53,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             if not set(ids) <= held:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requested blocks are not held for this request")
             mode = self.faults.next_pull()
-            if mode and self.metrics is not None:
+            if mode and mode != "delay" and self.metrics is not None:
                 self.metrics.inc("kv_transfer_faults_injected_total", mode=mode)
             if mode == "fail":
                 await context.abort(grpc.StatusCode.INTERNAL, "injected transfer failure")
@@ -61,7 +61,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             if mode == "truncate" and starts:
                 starts = starts[:-1]
             for start in starts:
-                if self.faults.delay:
+                if mode == "delay":
                     await asyncio.sleep(self.faults.delay)
                 chunk = ids[start:start + self.per_chunk]
                 data = await asyncio.to_thread(self._read, chunk)
@@ -85,8 +85,10 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
 class GrpcKVTransport(BaseKVTransport):
     name = "grpc"
 
-    def __init__(self, channels: Optional[ChannelPool] = None) -> None:
+    def __init__(self, channels: Optional[ChannelPool] = None, faults: Optional[FaultPlan] = None) -> None:
         self.channels = channels or ChannelPool()
+        self.faults = faults or FaultPlan()
+        """Decode side, tests only: 'delay' makes each chunk land that much later."""
 
     async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
                    pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
@@ -100,6 +102,12 @@ class GrpcKVTransport(BaseKVTransport):
         block_bytes = lay.block_bytes
         filled = [False] * len(dst_block_ids)
         total = 0
+        delay = self.faults.delay if self.faults.next_pull() == "delay" else 0.0
+
+        def write(dst: torch.Tensor, data: torch.Tensor) -> None:
+            time.sleep(delay)
+            pool.scatter_blocks(dst, data)
+
         try:
             call = stub.Pull(kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids)), timeout=timeout,
                             metadata=metadata)
@@ -109,7 +117,7 @@ class GrpcKVTransport(BaseKVTransport):
                     raise TransferError(f"malformed KV chunk (first={first}, blocks={n}, bytes={len(chunk.data)})")
                 data = torch.frombuffer(bytearray(chunk.data), dtype=dtype).view(lay.num_layers, n, *shape_tail)
                 dst = torch.tensor(dst_block_ids[first:first + n], dtype=torch.int64)
-                await asyncio.to_thread(pool.scatter_blocks, dst, data)
+                await asyncio.to_thread(write, dst, data)
                 for i in range(first, first + n):
                     filled[i] = True
                 total += len(chunk.data)

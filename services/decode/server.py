@@ -33,6 +33,7 @@ from pdmesh.rpc import tracecontext
 from pdmesh.rpc.release import REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport, TransferError
+from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.grpc_transport import GrpcKVTransport
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
@@ -213,7 +214,7 @@ async def serve(rt: WorkerRuntime) -> None:
 
     def add(r: WorkerRuntime) -> list[str]:
         if "grpc" in r.transports:
-            transports["grpc"] = GrpcKVTransport(channels)
+            transports["grpc"] = GrpcKVTransport(channels, FaultPlan.parse(r.wcfg.inject_kv_faults))
         if "cuda_ipc" in r.transports:
             from pdmesh.transport.cuda_ipc import CudaIpcTransport
 

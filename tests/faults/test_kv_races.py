@@ -1,0 +1,81 @@
+"""Races between a KV transfer still writing and the blocks it writes changing hands.
+
+A pull is slowed by fault injection so that its copy is still in flight when the client goes
+away; other requests then take the freed blocks.  With ``--kv-audit`` every worker checksums each
+request's prompt KV when it is complete and again when its blocks are freed, so a late write into
+blocks that another request owns shows up as a mismatch; the other requests' tokens must equal an
+undisturbed run, and every block must be free at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.faults.client import WORKER_ARGS, Outcome, Tally, body, nothing_lost, stream
+from tests.faults.conftest import make_client
+from tests.meshproc import Services, gateway_books, scrape
+
+PROMPT_LEN = 300  # 10 blocks of 32 tokens: 5 chunks of the grpc transport
+PIECE_DELAY = 1.5
+"""Seconds between the pieces of the slowed pull landing (5 pieces: a 7.5 s copy)."""
+CANCEL_AFTER = 1.9
+"""Seconds after the first token at which the client of the slowed request hangs up: one piece
+has landed, the next lands about a second later, after the other requests took the blocks."""
+
+
+def _prompt(i: int) -> list[int]:
+    return [5000 + 17 * i + k % 700 for k in range(PROMPT_LEN)]
+
+
+def _greedy(svc: Services, prompt: list[int], max_tokens: int) -> str:
+    r = httpx.post(svc.base + "/v1/completions", headers={"Authorization": "Bearer fault-suite-key"}, timeout=60,
+                   json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def slowed(tmp_path_factory, embedded_dir):
+    """Decode without a prefix cache (freed blocks go straight to the next request) whose 4th pull
+    lands one piece every PIECE_DELAY s; both workers audit KV contents."""
+    svc = Services(tmp_path_factory.mktemp("races"), prefill=1, decode=1, worker_args=WORKER_ARGS + ("--kv-audit",),
+                   role_args={"decode": ("--no-enable-prefix-caching", "--inject-kv-faults", f"delay:{PIECE_DELAY}:4")},
+                   gateway_args=("--api-key", "fault-suite-key"))
+    yield svc
+    rcs = svc.stop_all()
+    assert all(rc == 0 for rc in rcs.values()), rcs
+
+
+def test_cancel_mid_pull_never_lets_the_copy_write_into_reused_blocks(slowed, report):
+    svc = slowed
+    others = [_prompt(i) for i in (1, 2, 3)]
+    refs = [_greedy(svc, p, 48) for p in others]  # pulls 1-3, undisturbed
+    before = gateway_books(svc.metrics_url("gateway"))
+    tally = Tally()
+
+    async def main():
+        async with make_client(svc.base) as c:
+            first = asyncio.Event()
+            slow = asyncio.create_task(stream(c, Tally(), body(_prompt(0), 48), on_chunk=lambda n: first.set()))
+            await asyncio.wait_for(first.wait(), 30)  # token 0 is out: the slowed pull (the 4th) runs
+            await asyncio.sleep(CANCEL_AFTER)
+            slow.cancel()  # the client hangs up mid-pull
+            tally.sent += 1
+            tally.add(Outcome("aborted", 200))
+            return await asyncio.gather(*(stream(c, tally, body(p, 48)) for p in others))
+
+    t0 = time.monotonic()
+    outs = asyncio.run(main())
+    assert [o.kind for o in outs] == ["ok"] * 3, tally.summary()
+    time.sleep(max(0.0, 5 * PIECE_DELAY + 1.0 - (time.monotonic() - t0)))  # past the slowed copy's end
+    time.sleep(1.0)  # the audit counters reach /metrics within 0.5 s
+    for name in ("decode-0", "prefill-0"):
+        m = scrape(svc.metrics_url(name))
+        assert m.get("pdmesh:kv_audit_mismatches_total", 0) == 0, f"{name}: KV changed under its owner"
+    assert [o.text for o in outs] == refs, "another request's tokens changed: its KV was overwritten"
+    leaked = nothing_lost(svc.scheduler, svc.metrics_url("gateway"), tally, before, expect_workers=2)
+    report.add("cancel_mid_pull_block_reuse", tally, faults_injected=1, blocks_leaked=leaked)
