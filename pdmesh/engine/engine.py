@@ -8,14 +8,17 @@ it.  Roles in the mesh:
   the request goes on, its blocks are kept (status HELD) and reported in the output, until
   ``release(request_id)``.
 * decode: ``admit_remote`` allocates blocks for a prompt computed elsewhere (reusing local prefix
-  cache hits) and returns which of them must be filled; once the caller has written the KV,
-  ``activate_remote`` queues the request to generate from its first token on.
+  cache hits) and returns which of them must be filled; ``start_pull`` hands the transfer to the
+  KV connector (``pdmesh.engine.connector``), which polls it between steps and, when it ends,
+  queues the request to generate from its first token (pulled), to compute its prompt here
+  (recomputed) or drops it (failed).  ``pdmesh.transport.handoff`` drives this from asyncio.
 
 KV ownership: every allocated block belongs to exactly the request ids in the block manager;
 ``abort``/``release``/finishing free them at once — except that blocks of a request that a
-launched, not yet collected step still writes are freed when that step is collected (a block
-must never change hands while a kernel may write it: the next owner's KV may arrive on another
-stream).
+launched, not yet collected step still writes are freed when that step is collected, and blocks
+that a stopped KV transfer may still write wait in the connector's quarantine until it reports
+stopped (a block must never change hands while anything may write it: the next owner's KV may
+arrive on another stream).
 
 Async scheduling (``--async-scheduling``): in steady decoding, ``step()`` schedules and launches
 step N+1 before it collects step N, so the host's work for N+1 (schedule, inputs, attention
@@ -37,6 +40,7 @@ import torch
 
 from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
+from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
 from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
@@ -44,6 +48,7 @@ from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
 from pdmesh.models.loader import ResolvedModel, load_model, resolve
+from pdmesh.transport.base import TransferError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +98,9 @@ class EngineStats:
     prefix_queries: int
     prefix_hits: int
     audit_mismatches: int = 0
+    transfers_stopping: int = 0
+    """Stopped KV transfers whose blocks wait until they certainly write no more."""
+    quarantined_blocks: int = 0
 
 
 class LLMEngine:
@@ -131,6 +139,9 @@ class LLMEngine:
         """Requests whose blocks are freed once that step is collected."""
         self.held: dict[str, Sequence] = {}
         self.remote: dict[str, Sequence] = {}
+        """Requests waiting for (or receiving) their prompt's KV from another worker."""
+        self.connector = KVConnector(self.blocks)
+        """Pulls in flight, polled between steps."""
         self.num_steps = 0
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
@@ -189,7 +200,53 @@ class LLMEngine:
         self.remote[request_id] = seq
         return RemoteAdmission(list(self.blocks.block_table(request_id)), len(hit.block_ids))
 
-    def activate_remote(self, request_id: str) -> bool:
+    def start_pull(self, job: PullJob) -> None:
+        """Start the transfer of an admitted request's KV (``job.prepared`` None: preparing it
+        failed, so it fails at the next poll).  Its outcome reaches ``job.on_outcome``."""
+        rid = job.request_id
+        if rid not in self.remote or self.connector.has(rid):  # aborted meanwhile (or started twice)
+            job.on_outcome(PullReport(PullOutcome.FAILED, job.transport.name, error="aborted", aborted=True))
+            job.on_stopped()
+            return
+        dst = self.blocks.block_table(rid)[job.first_block:]
+        transfer = None
+        started = time.monotonic()
+        if job.prepared is not None:
+            try:
+                transfer = job.transport.start(job.prepared, dst, self.pool)
+            except TransferError as exc:
+                job.error = str(exc)
+                if job.prepared.close is not None:
+                    job.prepared.close()
+        self.connector.add(job, transfer, len(dst), started)
+
+    def poll_transfers(self) -> bool:
+        """Advance the KV pulls in flight and settle the requests whose pull ended; True while
+        any transfer (or a stopped one still quiescing) remains."""
+        if not self.connector.pending:
+            return False
+        now = time.monotonic()
+        for a, err in self.connector.poll(now):
+            job, rid = a.job, a.job.request_id
+            name, secs = job.transport.name, now - a.started
+            if err is None:
+                seq = self.remote.get(rid)
+                if self.audit is not None and seq is not None:
+                    self.audit.expect(rid, self.blocks.block_table(rid), seq.num_prompt_tokens, job.first_block,
+                                      job.expect_checksums)
+                self._activate_remote(rid)
+                report = PullReport(PullOutcome.PULLED, name, a.transfer.nbytes if a.transfer else 0, a.blocks, secs)
+            else:
+                log.warning("KV pull of %s via %s failed: %s (policy: %s)", rid, name, err, job.policy)
+                if job.policy == "recompute" and self._recompute_remote(rid):
+                    report = PullReport(PullOutcome.RECOMPUTED, name, seconds=secs, error=err)
+                else:
+                    self.abort(rid)
+                    report = PullReport(PullOutcome.FAILED, name, seconds=secs, error=err)
+            job.on_outcome(report)
+        return self.connector.pending
+
+    def _activate_remote(self, request_id: str) -> bool:
         """The remote KV has landed: queue the request for decoding. False if it was aborted."""
         seq = self.remote.pop(request_id, None)
         if seq is None:
@@ -201,7 +258,7 @@ class LLMEngine:
         self.scheduler.add(seq)
         return True
 
-    def recompute_remote(self, request_id: str) -> bool:
+    def _recompute_remote(self, request_id: str) -> bool:
         """The remote KV could not be had (failed pull): free what was allocated for it and queue the
         request to compute its prompt here — like a preempted request, it re-prefills prompt + token 0
         and goes on from token 1.  False if it was aborted meanwhile."""
@@ -217,7 +274,11 @@ class LLMEngine:
         return True
 
     def abort(self, request_id: str) -> bool:
-        """Drop the request wherever it is and free its blocks at once."""
+        """Drop the request wherever it is and free its blocks at once (blocks that its stopped
+        KV transfer may still write go to the connector's quarantine instead)."""
+        pulling = self.connector.abort(request_id)
+        if pulling is not None:
+            pulling.job.on_outcome(PullReport(PullOutcome.FAILED, pulling.job.transport.name, error="aborted", aborted=True))
         seq = self.scheduler.remove(request_id) or self.remote.pop(request_id, None) or self.held.pop(request_id, None)
         had_blocks = self.blocks.has_request(request_id)
         self._free(request_id)
@@ -267,8 +328,9 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """schedule -> run -> postprocess; with async scheduling, in steady decoding: schedule
-        and launch step N+1, then collect step N and return its outputs."""
+        """(poll KV pulls) schedule -> run -> postprocess; with async scheduling, in steady
+        decoding: schedule and launch step N+1, then collect step N and return its outputs."""
+        self.poll_transfers()
         prev = self._inflight
         if prev is not None:
             if not self._can_launch_behind():
@@ -373,6 +435,8 @@ class LLMEngine:
         elif seq.prefill_only:
             out.finished = True
             out.held_block_ids = list(self.blocks.block_table(seq.request_id))
+            if self.audit is not None:
+                out.held_block_checksums = self.audit.record(seq.request_id, out.held_block_ids, seq.num_prompt_tokens)
             self.scheduler.remove(seq.request_id)
             seq.status = SequenceStatus.HELD
             self.held[seq.request_id] = seq
@@ -409,4 +473,6 @@ class LLMEngine:
             prefix_queries=self.blocks.prefix_queries,
             prefix_hits=self.blocks.prefix_hits,
             audit_mismatches=self.audit.mismatches if self.audit is not None else 0,
+            transfers_stopping=len(self.connector.stopping),
+            quarantined_blocks=self.connector.quarantined_blocks(),
         )

@@ -38,11 +38,13 @@ def _greedy(svc: Services, prompt: list[int], max_tokens: int) -> str:
     return r.json()["choices"][0]["text"]
 
 
-@pytest.fixture(scope="module")
-def slowed(tmp_path_factory, embedded_dir):
+@pytest.fixture(scope="module", params=["grpc", "nixl"])
+def slowed(request, tmp_path_factory, embedded_dir):
     """Decode without a prefix cache (freed blocks go straight to the next request) whose 4th pull
-    lands one piece every PIECE_DELAY s; both workers audit KV contents."""
-    svc = Services(tmp_path_factory.mktemp("races"), prefill=1, decode=1, worker_args=WORKER_ARGS + ("--kv-audit",),
+    lands one piece every PIECE_DELAY s, over the two-sided (grpc) and a one-sided (nixl)
+    transport; both workers audit KV contents."""
+    svc = Services(tmp_path_factory.mktemp("races"), prefill=1, decode=1,
+                   worker_args=WORKER_ARGS + ("--kv-audit", "--kv-transports", request.param),
                    role_args={"decode": ("--no-enable-prefix-caching", "--inject-kv-faults", f"delay:{PIECE_DELAY}:4")},
                    gateway_args=("--api-key", "fault-suite-key"))
     yield svc
@@ -78,4 +80,7 @@ def test_cancel_mid_pull_never_lets_the_copy_write_into_reused_blocks(slowed, re
         assert m.get("pdmesh:kv_audit_mismatches_total", 0) == 0, f"{name}: KV changed under its owner"
     assert [o.text for o in outs] == refs, "another request's tokens changed: its KV was overwritten"
     leaked = nothing_lost(svc.scheduler, svc.metrics_url("gateway"), tally, before, expect_workers=2)
-    report.add("cancel_mid_pull_block_reuse", tally, faults_injected=1, blocks_leaked=leaked)
+    m = scrape(svc.metrics_url("decode-0"))
+    transport = svc.worker_args[svc.worker_args.index("--kv-transports") + 1]
+    assert m.get(f'pdmesh:kv_transfer_bytes_total{{transport="{transport}"}}', 0) > 0, "the pulls did not use " + transport
+    report.add(f"cancel_mid_pull_block_reuse_{transport}", tally, faults_injected=1, blocks_leaked=leaked)
