@@ -84,3 +84,54 @@ def test_cancel_mid_pull_never_lets_the_copy_write_into_reused_blocks(slowed, re
     transport = svc.worker_args[svc.worker_args.index("--kv-transports") + 1]
     assert m.get(f'pdmesh:kv_transfer_bytes_total{{transport="{transport}"}}', 0) > 0, "the pulls did not use " + transport
     report.add(f"cancel_mid_pull_block_reuse_{transport}", tally, faults_injected=1, blocks_leaked=leaked)
+
+
+READ_PIECE_DELAY = 1.0
+"""Seconds between the pieces of the slowed one-sided read (5 pieces: a 5 s read)."""
+
+
+@pytest.fixture(scope="module")
+def short_lease(tmp_path_factory, embedded_dir):
+    """A one-sided transport (nixl) whose 4th read takes ~5 s, from a prefill worker whose leases
+    expire after 1 s and whose freed blocks go straight to the next prompt (no prefix cache)."""
+    svc = Services(tmp_path_factory.mktemp("source-race"), prefill=1, decode=1,
+                   worker_args=WORKER_ARGS + ("--kv-audit", "--kv-transports", "nixl", "--no-enable-prefix-caching"),
+                   role_args={"prefill": ("--kv-lease-seconds", "1"),
+                              "decode": ("--inject-kv-faults", f"delay:{READ_PIECE_DELAY}:4")},
+                   gateway_args=("--api-key", "fault-suite-key"))
+    yield svc
+    rcs = svc.stop_all()
+    assert all(rc == 0 for rc in rcs.values()), rcs
+
+
+def test_source_blocks_stay_put_under_a_one_sided_read(short_lease, report):
+    """The read outlives the lease's soft deadline while other prompts are computed on prefill:
+    the read pin keeps the source blocks until the read ends, so the slowed request's KV arrives
+    as it was (the decode worker compares it with the descriptor's checksums) and its tokens and
+    the others' equal an undisturbed run."""
+    svc = short_lease
+    slow_prompt, others = _prompt(10), [_prompt(i) for i in (11, 12, 13)]
+    ref_slow = _greedy(svc, slow_prompt, 24)  # pull 1
+    refs = [_greedy(svc, p, 24) for p in others[:2]]  # pulls 2, 3
+    before = gateway_books(svc.metrics_url("gateway"))
+    tally = Tally()
+
+    async def main():
+        async with make_client(svc.base) as c:
+            first = asyncio.Event()
+            slow = asyncio.create_task(stream(c, tally, body(slow_prompt, 24), on_chunk=lambda n: first.set()))
+            await asyncio.wait_for(first.wait(), 30)  # the slowed read (the 4th pull) runs
+            await asyncio.sleep(1.5)  # past the lease's soft deadline
+            rest = await asyncio.gather(*(stream(c, tally, body(p, 24)) for p in others[:2]))
+            return await slow, rest
+
+    slow_out, outs = asyncio.run(main())
+    assert slow_out.kind == "ok" and all(o.kind == "ok" for o in outs), tally.summary()
+    time.sleep(1.0)  # the audit counters reach /metrics within 0.5 s
+    for name in ("decode-0", "prefill-0"):
+        m = scrape(svc.metrics_url(name))
+        assert m.get("pdmesh:kv_audit_mismatches_total", 0) == 0, f"{name}: KV changed under a reader"
+    assert slow_out.text == ref_slow, "the slowed request's tokens changed: its source KV was reused mid-read"
+    assert [o.text for o in outs] == refs
+    leaked = nothing_lost(svc.scheduler, svc.metrics_url("gateway"), tally, before, expect_workers=2)
+    report.add("one_sided_read_outlives_soft_lease", tally, faults_injected=1, blocks_leaked=leaked)
