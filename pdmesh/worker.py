@@ -141,7 +141,7 @@ class WorkerRuntime:
         self._last_prefix = (0, 0)
         self._last_audit = 0
         self.incarnation = uuid.uuid4().hex
-        """Identifies this process: peers drop cached CUDA IPC handles when it changes."""
+        """Identifies this process: peers drop cached CUDA IPC handles and NIXL metadata when it changes."""
         self.draining = False
         self.port = 0
         self._registration_task: Optional[asyncio.Task] = None

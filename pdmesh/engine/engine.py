@@ -205,6 +205,8 @@ class LLMEngine:
         failed, so it fails at the next poll).  Its outcome reaches ``job.on_outcome``."""
         rid = job.request_id
         if rid not in self.remote or self.connector.has(rid):  # aborted meanwhile (or started twice)
+            if job.prepared is not None and job.prepared.close is not None:
+                job.prepared.close()
             job.on_outcome(PullReport(PullOutcome.FAILED, job.transport.name, error="aborted", aborted=True))
             job.on_stopped()
             return

@@ -52,6 +52,9 @@ class HandoffRefused(Exception):
     """No room for the prompt's blocks now; the source still holds the KV."""
 
 
+OUTCOME_SLACK_S = 30.0
+"""How much longer than the pull's timeout the hand-off waits for the engine to settle it."""
+
 OUTCOME_PROTO = {PullOutcome.PULLED: pb.TRANSFER_PULLED, PullOutcome.RECOMPUTED: pb.TRANSFER_RECOMPUTED,
                  PullOutcome.FAILED: pb.TRANSFER_FAILED}
 
@@ -129,7 +132,8 @@ class KVHandoff:
                           on_stopped=lambda: loop.call_soon_threadsafe(self.release, desc, read_id, xtp))
             started = True
             await self.engine.call(lambda e: e.start_pull(job))
-            report: PullReport = await outcome
+            # The connector settles every pull by its deadline; a longer wait means the engine died.
+            report: PullReport = await asyncio.wait_for(outcome, self.timeout + OUTCOME_SLACK_S)
         except BaseException:
             if not started:  # nothing reached the engine: stop what prepare opened, free the source now
                 if prepared is not None and prepared.close is not None:

@@ -44,7 +44,7 @@ def slowed(request, tmp_path_factory, embedded_dir):
     lands one piece every PIECE_DELAY s, over the two-sided (grpc) and a one-sided (nixl)
     transport; both workers audit KV contents."""
     svc = Services(tmp_path_factory.mktemp("races"), prefill=1, decode=1,
-                   worker_args=WORKER_ARGS + ("--kv-audit", "--kv-transports", request.param),
+                   worker_args=WORKER_ARGS + ("--kv-transports", request.param),
                    role_args={"decode": ("--no-enable-prefix-caching", "--inject-kv-faults", f"delay:{PIECE_DELAY}:4")},
                    gateway_args=("--api-key", "fault-suite-key"))
     yield svc
@@ -95,7 +95,7 @@ def short_lease(tmp_path_factory, embedded_dir):
     """A one-sided transport (nixl) whose 4th read takes ~5 s, from a prefill worker whose leases
     expire after 1 s and whose freed blocks go straight to the next prompt (no prefix cache)."""
     svc = Services(tmp_path_factory.mktemp("source-race"), prefill=1, decode=1,
-                   worker_args=WORKER_ARGS + ("--kv-audit", "--kv-transports", "nixl", "--no-enable-prefix-caching"),
+                   worker_args=WORKER_ARGS + ("--kv-transports", "nixl", "--no-enable-prefix-caching"),
                    role_args={"prefill": ("--kv-lease-seconds", "1"),
                               "decode": ("--inject-kv-faults", f"delay:{READ_PIECE_DELAY}:4")},
                    gateway_args=("--api-key", "fault-suite-key"))

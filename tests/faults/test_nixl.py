@@ -22,7 +22,7 @@ PROMPTS = [PROMPT, PROMPT[:40], [7] + PROMPT[1:200]]
 
 @pytest.fixture(scope="module")
 def nixl_pair(tmp_path_factory, embedded_dir):
-    svc = Services(tmp_path_factory.mktemp("nixl"), prefill=1, decode=1, worker_args=WORKER_ARGS + ("--kv-audit",),
+    svc = Services(tmp_path_factory.mktemp("nixl"), prefill=1, decode=1, worker_args=WORKER_ARGS,
                    role_args={"prefill": ("--kv-transports", "nixl", "grpc"), "decode": ("--kv-transports", "nixl")},
                    gateway_args=("--api-key", "fault-suite-key"), env={"UCX_TLS": "tcp"})
     yield svc
