@@ -2,17 +2,29 @@
 
 Every held request has exactly one entry here from the moment its first token is sampled until
 its KV is freed, and the entry ends in exactly one call of ``free_fn`` — on ``release`` (decode
-pulled it or gave up), ``abort``, or lease expiry, whichever comes first.  A pull in progress pins
-the entry: a release or expiry that arrives meanwhile is carried out when the pull ends, so
-blocks are never reused under a reader.
+pulled it or gave up), ``abort``, or expiry, whichever comes first.
+
+Reads pin the entry, so that blocks are never reused under a reader: a release or expiry that
+arrives meanwhile is carried out when the last pin goes.
+
+* A *stream pin* (``pin``/``unpin``) is taken by this process's own ``KVTransfer.Pull`` while it
+  serves chunks; the server checks the hard limit before each chunk and stops there.
+* A *read pin* (``begin_read``/``end_read``) is taken for a one-sided reader (cuda_ipc, nixl) that
+  this process cannot stop; it runs out at its own deadline, which never passes the lease's hard
+  limit, and the reader trusts its copy only if it completed before then.
+
+Deadlines: a lease expires ``ttl`` seconds after it was made or last pinned (soft), and in any case
+``max_ttl`` seconds after it was made (hard: ``--kv-lease-max-seconds``); no pin is granted or
+extended past the hard limit, so no read of the KV can outlive it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
@@ -24,21 +36,36 @@ class Lease:
     block_ids: list[int]
     num_tokens: int
     deadline: float
-    """time.monotonic() deadline."""
+    """time.monotonic() soft deadline (extended by pins, never past ``hard_deadline``)."""
+    hard_deadline: float
+    """time.monotonic() after which the lease grants nothing and ends as soon as it is unpinned."""
     pins: int = 0
+    """Stream pins (this process's own Pull calls in progress)."""
+    reads: dict[int, float] = field(default_factory=dict)
+    """Read pins: read id -> time.monotonic() when the pin runs out."""
     release_pending: bool = False
+    checksums: list[int] = field(default_factory=list)
+    """Per-block checksums of the held KV (``--kv-audit``), sent in the descriptor."""
+
+    def pinned(self, now: float) -> bool:
+        return self.pins > 0 or any(d > now for d in self.reads.values())
 
 
 class LeaseTable:
-    def __init__(self, free_fn: Callable[[str], None], ttl: float) -> None:
+    def __init__(self, free_fn: Callable[[str], None], ttl: float, max_ttl: Optional[float] = None) -> None:
         self.free_fn = free_fn
         self.ttl = ttl
+        self.max_ttl = max(ttl, max_ttl if max_ttl is not None else 4 * ttl)
         self.leases: dict[str, Lease] = {}
         self.expired_total = 0
-        """Leases that ended by expiry (a decode worker never pulled)."""
+        """Leases that ended by expiry (a decode worker never pulled, or the hard limit)."""
+        self.deferred_releases_total = 0
+        """Releases that arrived during a read and took effect when it ended (counter)."""
+        self._read_ids = itertools.count(1)
 
-    def add(self, request_id: str, block_ids: list[int], num_tokens: int) -> Lease:
-        lease = Lease(request_id, block_ids, num_tokens, time.monotonic() + self.ttl)
+    def add(self, request_id: str, block_ids: list[int], num_tokens: int, checksums: Optional[list[int]] = None) -> Lease:
+        now = time.monotonic()
+        lease = Lease(request_id, block_ids, num_tokens, now + self.ttl, now + self.max_ttl, checksums=list(checksums or ()))
         self.leases[request_id] = lease
         return lease
 
@@ -48,12 +75,20 @@ class LeaseTable:
     def held_blocks(self) -> int:
         return sum(len(lease.block_ids) for lease in self.leases.values())
 
-    def pin(self, request_id: str) -> Optional[Lease]:
+    def _pinnable(self, request_id: str, now: float) -> Optional[Lease]:
         lease = self.leases.get(request_id)
-        if lease is None or lease.release_pending:
+        if lease is None or lease.release_pending or now >= lease.hard_deadline:
+            return None
+        return lease
+
+    def pin(self, request_id: str) -> Optional[Lease]:
+        """A stream pin (this process's Pull); None when the KV is gone, released or past its limit."""
+        now = time.monotonic()
+        lease = self._pinnable(request_id, now)
+        if lease is None:
             return None
         lease.pins += 1
-        lease.deadline = max(lease.deadline, time.monotonic() + self.ttl)
+        lease.deadline = min(lease.hard_deadline, max(lease.deadline, now + self.ttl))
         return lease
 
     def unpin(self, request_id: str) -> None:
@@ -61,32 +96,68 @@ class LeaseTable:
         if lease is None:
             return
         lease.pins -= 1
-        if lease.pins == 0 and lease.release_pending:
-            self._end(lease)
+        self._maybe_end(lease, time.monotonic())
 
-    def release(self, request_id: str) -> bool:
-        """Free the request's held KV (now, or when the pull in progress ends)."""
+    def begin_read(self, request_id: str, seconds: float) -> Optional[tuple[int, float]]:
+        """A read pin for at most ``seconds`` (capped at the hard limit): (read id, granted seconds),
+        or None when the KV is gone, released or past its limit."""
+        now = time.monotonic()
+        lease = self._pinnable(request_id, now)
+        if lease is None:
+            return None
+        granted = max(0.0, min(seconds, lease.hard_deadline - now))
+        read_id = next(self._read_ids)
+        lease.reads[read_id] = now + granted
+        lease.deadline = min(lease.hard_deadline, max(lease.deadline, now + granted + self.ttl))
+        return read_id, granted
+
+    def end_read(self, request_id: str, read_id: int) -> bool:
+        """The reader is done: drop its pin and release the KV (now, or when other reads end)."""
         lease = self.leases.get(request_id)
         if lease is None:
             return False
-        if lease.pins:
+        lease.reads.pop(read_id, None)
+        return self.release(request_id)
+
+    def release(self, request_id: str) -> bool:
+        """Free the request's held KV (now, or when the reads in progress end)."""
+        lease = self.leases.get(request_id)
+        if lease is None:
+            return False
+        now = time.monotonic()
+        if lease.pinned(now):
+            if not lease.release_pending:
+                self.deferred_releases_total += 1
             lease.release_pending = True
         else:
             self._end(lease)
         return True
+
+    def _maybe_end(self, lease: Lease, now: float) -> None:
+        if lease.release_pending and not lease.pinned(now):
+            self._end(lease)
 
     def _end(self, lease: Lease) -> None:
         if self.leases.pop(lease.request_id, None) is not None:
             self.free_fn(lease.request_id)
 
     def reap(self, now: Optional[float] = None) -> int:
+        """End leases that are released or expired and no longer pinned (read pins run out by
+        themselves).  Returns how many ended by expiry."""
         now = time.monotonic() if now is None else now
-        expired = [lease for lease in self.leases.values() if lease.deadline <= now and not lease.pins]
-        for lease in expired:
-            log.warning("KV lease of %s expired: freeing %d blocks", lease.request_id, len(lease.block_ids))
-            self.expired_total += 1
-            self._end(lease)
-        return len(expired)
+        expired = 0
+        for lease in list(self.leases.values()):
+            lease.reads = {r: d for r, d in lease.reads.items() if d > now}
+            if lease.pinned(now):
+                continue
+            if lease.release_pending:
+                self._end(lease)
+            elif lease.deadline <= now or lease.hard_deadline <= now:
+                log.warning("KV lease of %s expired: freeing %d blocks", lease.request_id, len(lease.block_ids))
+                self.expired_total += 1
+                expired += 1
+                self._end(lease)
+        return expired
 
     async def reap_forever(self, interval: float = 0.25) -> None:
         while True:

@@ -162,7 +162,7 @@ def test_compose_roles_serve_one_model(profile, env):
 
 ONLY_IN_ONE = {
     "--advertise-host": "compose: 'auto' (the container IP); k8s: $(POD_IP)",
-    "--transports": "k8s split workers: pods may land on different nodes, so grpc only; compose is one host",
+    "--kv-transports": "k8s split workers: pods may land on different nodes, so grpc only; compose is one host",
     "--gpu-memory-utilization": "compose: both GPU workers see every GPU; k8s: a GPU per pod",
 }
 """Flags whose values may differ between the compose file and the Kubernetes manifests, and why."""
