@@ -57,6 +57,10 @@ class PullReport:
     bytes: int = 0
     blocks: int = 0
     seconds: float = 0.0
+    """From the transfer's start in the engine until the engine saw it end (between steps)."""
+    device_seconds: Optional[float] = None
+    """The copy's own duration on the GPU (CUDA events), for transports that know it: what the
+    transfer took, without the wait for the engine's next step boundary."""
     error: str = ""
     aborted: bool = False
     """The request was aborted (client gone, Abort) before its KV arrived."""

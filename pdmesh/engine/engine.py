@@ -254,7 +254,8 @@ class LLMEngine:
                     self.audit.expect(rid, self.blocks.block_table(rid), seq.num_prompt_tokens, job.first_block,
                                       job.expect_checksums)
                 self._activate_remote(rid)
-                report = PullReport(PullOutcome.PULLED, name, a.transfer.nbytes if a.transfer else 0, a.blocks, secs)
+                report = PullReport(PullOutcome.PULLED, name, a.transfer.nbytes if a.transfer else 0, a.blocks, secs,
+                                    a.transfer.device_seconds() if a.transfer else None)
             else:
                 log.warning("KV pull of %s via %s failed: %s (policy: %s)", rid, name, err, job.policy)
                 if job.policy == "recompute" and self._recompute_remote(rid):

@@ -87,6 +87,10 @@ class BaseTransfer(ABC):
         """Stop the transfer; True when it is certainly stopped (see module docstring).  Idempotent:
         called again on later polls until it returns True."""
 
+    def device_seconds(self) -> Optional[float]:
+        """Once DONE: how long the copy ran on the device (None when the transport cannot tell)."""
+        return None
+
 
 class DoneTransfer(BaseTransfer):
     """A pull that finished inside ``start`` (nothing to move, or a synchronous copy)."""

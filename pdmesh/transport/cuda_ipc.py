@@ -16,7 +16,7 @@ thread's current device need not be the worker's.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -54,6 +54,14 @@ def open_handle(h: kpb.CudaIpcHandle) -> torch.Tensor:
     return t
 
 
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream of the highest priority on ``device``: the GPU's block scheduler dispatches its
+    kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode step's), so a
+    pull under load is not queued behind them."""
+    high, _ = torch.cuda.Stream.priority_range()  # (greatest, least): lower numbers are higher priority
+    return torch.cuda.Stream(device, priority=high)
+
+
 def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
     """Block ids on ``device`` through pinned memory, on the current stream (no host sync)."""
     return torch.tensor(list(ids), dtype=torch.int64).pin_memory().to(device, non_blocking=True)
@@ -61,12 +69,19 @@ def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
 
 class CudaCopy(BaseTransfer):
     """A launched copy: done when its event has fired.  A kernel cannot be recalled, so ``cancel``
-    reports stopped only once it has run."""
+    reports stopped only once it has run.  ``begin`` (recorded before the copy on the stream that
+    runs first) and ``event`` time it on the GPU."""
 
-    def __init__(self, event: torch.cuda.Event, nbytes: int, keep: tuple) -> None:
+    def __init__(self, event: torch.cuda.Event, nbytes: int, keep: tuple, begin: Optional[torch.cuda.Event] = None) -> None:
         self.event = event
+        self.begin = begin
         self.nbytes = nbytes
         self._keep = keep  # tensors the queued work uses, alive until it ran
+
+    def device_seconds(self) -> Optional[float]:
+        if self.begin is None or not self.event.query():
+            return None
+        return self.begin.elapsed_time(self.event) / 1e3
 
     def poll(self) -> TransferState:
         if self.event.query():
@@ -84,8 +99,9 @@ class CudaIpcTransport(OneSidedTransport):
     def __init__(self, channels: ChannelPool, device: torch.device, faults: FaultPlan | None = None) -> None:
         super().__init__(channels, faults)
         self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device)
-        """Side stream of this worker's device: every pull's copy runs on it."""
+        self.stream = _copy_stream(self.device)
+        """High-priority side stream of this worker's device: every pull's copy runs on it, ahead of
+        the decode steps' queued kernels (a pull is short; the request waits for it)."""
         self._src_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     async def _fetch_peer(self, address: str, timeout: float, metadata: tuple) -> tuple[str, kpb.CudaIpcHandle]:
@@ -107,22 +123,25 @@ class CudaIpcTransport(OneSidedTransport):
         local = pool.kv
         dev = local.device
         nbytes = n * local[:, :1].numel() * local.element_size()
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=True)
+        begin = torch.cuda.Event(enable_timing=True)
         if n == 0:
             event.record(self.stream)
             return CudaCopy(event, 0, ())
         if remote.device == dev:
             with torch.cuda.device(dev), torch.cuda.stream(self.stream):
                 s_idx, d_idx = _ids(src, dev), _ids(dst, dev)
+                begin.record(self.stream)
                 copy_blocks(remote, s_idx, local, d_idx)
                 event.record(self.stream)
-            return CudaCopy(event, nbytes, (s_idx, d_idx))
+            return CudaCopy(event, nbytes, (s_idx, d_idx), begin)
         src_stream = self._src_streams.get(remote.device)
         if src_stream is None:
-            src_stream = self._src_streams[remote.device] = torch.cuda.Stream(remote.device)
+            src_stream = self._src_streams[remote.device] = _copy_stream(remote.device)
         shape = (remote.shape[0], n) + tuple(remote.shape[2:])
         with torch.cuda.device(remote.device), torch.cuda.stream(src_stream):
             s_idx = _ids(src, remote.device)
+            begin.record(src_stream)
             staged = torch.empty(shape, dtype=remote.dtype, device=remote.device)
             copy_blocks(remote, s_idx, staged, torch.arange(n, device=remote.device))
             with torch.cuda.stream(self.stream):  # the peer copy orders both streams itself
@@ -131,4 +150,4 @@ class CudaIpcTransport(OneSidedTransport):
             d_idx = _ids(dst, dev)
             copy_blocks(moved, torch.arange(n, device=dev), local, d_idx)
             event.record(self.stream)
-        return CudaCopy(event, nbytes, (s_idx, staged, moved, d_idx))
+        return CudaCopy(event, nbytes, (s_idx, staged, moved, d_idx), begin)

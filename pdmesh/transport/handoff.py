@@ -153,11 +153,14 @@ class KVHandoff:
             if xfer is not None:
                 xfer.set_attributes({"pdmesh.kv.bytes": r.bytes, "pdmesh.kv.blocks": r.blocks, "pdmesh.kv.cached_blocks": k,
                                      "pdmesh.kv.seconds": r.seconds, "pdmesh.kv.gbps": r.gbps, "pdmesh.kv.outcome": r.outcome.value})
+                if r.device_seconds is not None:
+                    xfer.set_attribute("pdmesh.kv.device_seconds", r.device_seconds)
             if m is not None:
                 m.inc("kv_transfer_bytes_total", r.bytes, transport=r.transport)
                 m.observe("kv_transfer_seconds", r.seconds, transport=r.transport)
-            log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms",
-                     rid, tracecontext.trace_id(tp), r.blocks, k, r.bytes, r.transport, r.seconds * 1e3)
+            dev = f" (copy {r.device_seconds * 1e3:.2f}ms on the GPU)" if r.device_seconds is not None else ""
+            log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms%s",
+                     rid, tracecontext.trace_id(tp), r.blocks, k, r.bytes, r.transport, r.seconds * 1e3, dev)
         else:
             if xfer is not None:
                 xfer.set_attributes({"error.type": "aborted" if r.aborted else "transfer_failed",
