@@ -118,8 +118,13 @@ class ModelConfig:
     """Longest prompt + completion in tokens; defaults to the model's max_position_embeddings."""
     seed: int = 0
     """Seed for dummy weights and for requests without their own seed."""
+    generation_config: str = "auto"
+    """Where the model's generation defaults come from: 'auto' (the model directory's
+    generation_config.json: its EOS ids end requests, its sampling fields are request defaults),
+    'vllm' (none), or a directory holding a generation_config.json."""
 
     def __post_init__(self) -> None:
+        _require(bool(self.generation_config), "generation_config", "must not be empty")
         _require(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
                  f"unknown load format {self.load_format!r}")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",

@@ -11,10 +11,22 @@ from typing import Any, Optional, Sequence
 log = logging.getLogger(__name__)
 
 
-class Tokenizer:
-    """A thin wrapper over a transformers fast tokenizer."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-    def __init__(self, path: str) -> None:
+
+def has_tokenizer(path: str) -> bool:
+    """Whether ``path`` (a directory or .gguf file) holds a tokenizer."""
+    p = Path(path) if path else None
+    if p is None:
+        return False
+    return p.is_file() and p.suffix == ".gguf" or p.is_dir() and any((p / f).is_file() for f in _TOKENIZER_FILES)
+
+
+class Tokenizer:
+    """A thin wrapper over a transformers fast tokenizer; ``chat_template`` (Jinja text) replaces
+    the tokenizer's own template."""
+
+    def __init__(self, path: str, chat_template: Optional[str] = None) -> None:
         from transformers import AutoTokenizer
 
         if not path:
@@ -26,6 +38,8 @@ class Tokenizer:
 
             p = gguf_to_hf_dir(p)
         self.hf = AutoTokenizer.from_pretrained(str(p))
+        if chat_template is not None:
+            self.hf.chat_template = chat_template
         self.path = str(p)
 
     @cached_property

@@ -103,6 +103,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
         """Colocated: queue the whole request here; its stream starts with the first token."""
         prompt = list(request.prompt_token_ids)
         try:
+            await self.rt.engine.prepare(params)
             await self.rt.engine.call(lambda e: e.add_request(rid, prompt, params))
         except RequestRejected as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -119,6 +120,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
             why = f"transport {desc.transport!r} not offered here" if transport is None else "descriptor does not match the prompt"
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
         try:
+            await eng.prepare(params)
             adm = await eng.call(lambda e: e.admit_remote(rid, prompt, request.first_token_id, params))
         except RequestRejected as exc:
             self._release_prefill(desc)
@@ -155,6 +157,8 @@ class DecodeServicer(dgrpc.DecodeServicer):
             for out in batch:
                 if state.generated == 0:
                     msg.num_cached_tokens = out.num_cached_tokens
+                if out.prompt_logprobs:
+                    msg.prompt_logprobs.extend(logprob_to_proto(lp) for lp in out.prompt_logprobs)
                 for t in out.new_token_ids:
                     if not state.streamed_any:
                         span.add_event("first_token")
