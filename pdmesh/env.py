@@ -65,6 +65,8 @@ class _Registry:
         "Host identity advertised to the scheduler (defaults to the machine's hostname); workers "
         "with equal host ids may use same-host transports such as cuda_ipc.",
     )
+    API_KEY = EnvVar("PDMESH_API_KEY", str, "",
+                     "API keys the gateway accepts (comma-separated), in addition to --api-key and --api-key-file.")
     OTEL_SDK_DISABLED = EnvVar("OTEL_SDK_DISABLED", _bool, False, "Standard OpenTelemetry switch.")
     OTEL_TRACES_EXPORTER = EnvVar("OTEL_TRACES_EXPORTER", str, "none",
                                   "Standard: otlp, console or none (read when --tracing is 'auto').")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from pdmesh.v1 import common_pb2 as pb
 
@@ -189,7 +189,8 @@ class RoundRobinPolicy(BaseRoutingPolicy):
         return w, f"{self.name}: colocated {self.counter - 1} of {len(ordered)}"
 
 
-POLICIES = {"least_loaded": LeastLoadedPolicy, "round_robin": RoundRobinPolicy}
+PolicyName = Literal["least_loaded", "round_robin"]
+POLICIES: dict[PolicyName, type[BaseRoutingPolicy]] = {"least_loaded": LeastLoadedPolicy, "round_robin": RoundRobinPolicy}
 
 
 def route(registry: Registry, policy: BaseRoutingPolicy, model: str, prompt_tokens: int,

@@ -60,13 +60,15 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **template_kwargs: Any) -> list[int]:
-        """Token ids of the rendered chat (the template adds BOS/specials itself)."""
+                            tools: Optional[list[dict[str, Any]]] = None, continue_final_message: bool = False,
+                            add_special_tokens: bool = False, **template_kwargs: Any) -> list[int]:
+        """Token ids of the rendered chat (the template adds BOS/specials itself unless
+        ``add_special_tokens``); ``tools`` and ``continue_final_message`` as in transformers."""
         if not self.hf.chat_template:
-            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           **template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions or --chat-template")
+        text = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **template_kwargs)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)

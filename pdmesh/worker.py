@@ -20,11 +20,11 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Literal, Optional
 
 import grpc
 
-from pdmesh.config import EngineConfig, _require, add_flags, from_flags
+from pdmesh.config import EngineConfig, _require, add_flags, check_choices, from_flags
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.env import ENV
@@ -72,12 +72,12 @@ class WorkerConfig:
     """Deadline of short control RPCs (release, abort, register)."""
     metrics_port: int = -1
     """Port of this worker's /metrics (0: any free port, registered with the scheduler; -1: off)."""
-    transports: tuple[str, ...] = ()
+    transports: tuple[Literal["grpc", "cuda_ipc"], ...] = ()
     """KV transports this worker offers (empty: cuda_ipc and grpc on CUDA, grpc on CPU)."""
     max_pending_requests: int = 1024
     """Requests this worker takes at once (queued and running); beyond it new ones are refused with
     RESOURCE_EXHAUSTED, which the gateway answers with 429 (or retries elsewhere)."""
-    kv_load_failure_policy: str = "recompute"
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
     """Decode: what a failed or timed-out KV pull does to its request: 'recompute' (compute the prompt
     here; the client sees nothing) or 'fail' (end the request with an error)."""
     inject_kv_faults: str = ""
@@ -90,10 +90,8 @@ class WorkerConfig:
         _require(self.kv_lease_seconds > 0, "kv_lease_seconds", "must be > 0")
         _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
         _require(self.max_pending_requests >= 1, "max_pending_requests", "must be >= 1")
-        _require(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy", "recompute or fail")
+        check_choices(self)
         FaultPlan.parse(self.inject_kv_faults)
-        for t in self.transports:
-            _require(t in ("grpc", "cuda_ipc"), "transports", f"unknown transport {t!r}")
 
 
 def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:

@@ -48,7 +48,8 @@ def up_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model name clients send")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens")
-    p.add_argument("--api-key", default=None, help="require this key on every gateway route but /health")
+    p.add_argument("--api-key", action="append", default=[], help="an API key the gateway requires on every route but "
+                   "/health and /version (repeat for several)")
     p.add_argument("--prefill", type=int, default=1, help="number of prefill workers (default: 1)")
     p.add_argument("--decode", type=int, default=1, help="number of decode workers (default: 1)")
     p.add_argument("--colocated", type=int, default=0, help="number of colocated workers ('pdmesh both': prefill and "
@@ -146,8 +147,8 @@ def up(argv: list[str]) -> int:
         gw = ["--host", a.host, "--port", str(a.port), "--metrics-port", str(a.metrics_port), "--grpc-port", str(a.grpc_port),
               "--scheduler", sched,
               *model, *tracing, *a.gateway_args.split()]
-        if a.api_key:
-            gw += ["--api-key", a.api_key]
+        for key in a.api_key:
+            gw += ["--api-key", key]
         mesh.spawn("gateway", "gateway", gw)
         url = f"http://{'127.0.0.1' if a.host in ('0.0.0.0', '') else a.host}:{a.port}"
         _wait_ready(url + "/health", mesh, a.startup_timeout)
@@ -204,7 +205,7 @@ def health(argv: list[str]) -> int:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pdmesh {up,gateway,scheduler,prefill,decode,both,health,bench} [flags]\n\n"
+        print("usage: pdmesh [--version] {up,gateway,scheduler,prefill,decode,both,health,bench} [flags]\n\n"
               "  up         start a whole mesh on this host (pdmesh up --help)\n"
               "  health     check a service's health (for containers)\n"
               "  bench      serving benchmark against any OpenAI-compatible server (pdmesh bench --help)\n"
@@ -215,6 +216,11 @@ def main(argv: Optional[list[str]] = None) -> None:
               "  both       colocated worker: prefill and decode in one engine (no disaggregation)")
         sys.exit(0)
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-V", "--version"):
+        from pdmesh import __version__
+
+        print(f"pdmesh {__version__}")
+        sys.exit(0)
     if cmd == "up":
         sys.exit(up(rest))
     if cmd == "health":

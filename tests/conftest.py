@@ -6,6 +6,13 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_addoption(parser):
+    """Options of the fault suite (tests/faults), declared here so that any run accepts them."""
+    parser.addoption("--soak-seconds", type=float, default=45.0, help="length of the fault suite's soak run")
+    parser.addoption("--fault-report", default=None,
+                     help="where the fault suite writes its figures (default: the run's temporary directory)")
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     from pdmesh.models.loader import embedded_gguf_path, gguf_to_hf_dir

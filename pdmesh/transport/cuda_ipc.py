@@ -60,8 +60,6 @@ class CudaIpcTransport(BaseKVTransport):
         self.stream = torch.cuda.Stream(device)
         self._src_stream = None
         self.peers: dict[tuple[str, str], torch.Tensor] = {}
-        self.opened_total = 0
-        """Handles opened so far (counter): one per peer process, never per request."""
         self._lock = asyncio.Lock()
 
     async def _peer(self, desc: pb.KVDescriptor, timeout: float, metadata: tuple = ()) -> torch.Tensor:
@@ -83,7 +81,6 @@ class CudaIpcTransport(BaseKVTransport):
                 del self.peers[old]  # that process is gone
             t0 = time.perf_counter()
             remote = await asyncio.to_thread(open_handle, h)
-            self.opened_total += 1
             log.info("opened CUDA IPC handle of %s (%s) in %.1f ms", desc.address, desc.incarnation, (time.perf_counter() - t0) * 1e3)
             self.peers[key] = remote
             return remote

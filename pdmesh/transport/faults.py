@@ -45,8 +45,9 @@ class FaultPlan:
         raise ConfigError(f"--inject-kv-faults: expected fail:N, truncate:N or delay:SECONDS (N >= 1), got {spec!r}")
 
     def next_pull(self) -> Optional[str]:
-        """Called once per pull: 'fail', 'truncate' or None for this one."""
+        """Called once per pull: the fault this one gets ('fail', 'truncate', 'delay': every pull
+        when delaying) or None."""
         self.pulls += 1
-        if self.mode in ("fail", "truncate") and self.pulls % self.every == 0:
+        if self.mode == "delay" or (self.mode in ("fail", "truncate") and self.pulls % self.every == 0):
             return self.mode
         return None
