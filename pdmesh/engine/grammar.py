@@ -77,9 +77,9 @@ def _grammar(spec: GrammarSpec) -> "xgrammar.Grammar":
 
     try:
         if spec.kind == "json_schema":
-            return xgr.Grammar.from_json_schema(spec.value, any_whitespace=False, strict_mode=True)
+            return _strict_json(xgr.Grammar.from_json_schema(spec.value, any_whitespace=False, strict_mode=True))
         if spec.kind == "json_object":
-            return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+            return _strict_json(xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False))
         if spec.kind == "regex":
             return xgr.Grammar.from_regex(spec.value)
         if spec.kind == "choice":
@@ -89,6 +89,20 @@ def _grammar(spec: GrammarSpec) -> "xgrammar.Grammar":
         raise
     except (RuntimeError, ValueError, TypeError) as exc:
         raise GrammarError(f"invalid {spec.kind.replace('_', ' ')}: {_short(exc)}") from None
+
+
+_LOOSE_CHAR = r'[^\"\\\r\n]'
+_STRICT_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def _strict_json(grammar: "xgrammar.Grammar") -> "xgrammar.Grammar":
+    """xgrammar (0.2.9) lets strings with a length bound (maxLength, minLength) hold raw control
+    characters, which JSON forbids (json.loads rejects them): its grammar, with those strings'
+    character class narrowed to JSON's."""
+    import xgrammar as xgr
+
+    text = str(grammar)
+    return xgr.Grammar.from_ebnf(text.replace(_LOOSE_CHAR, _STRICT_CHAR), root_rule_name="root") if _LOOSE_CHAR in text else grammar
 
 
 def _short(exc: BaseException) -> str:
