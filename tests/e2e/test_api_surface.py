@@ -178,8 +178,12 @@ def test_several_api_keys(features):
 def test_tls_on_http_and_grpc(tmp_path, features):
     certs = make_certs(tmp_path)
     port, gport = free_port(), free_port()
+    template = tmp_path / "template.jinja"  # --chat-template replaces the tokenizer's
+    template.write_text("{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}<<assistant>>{% endif %}")
     proc = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port),
                  "--grpc-port", str(gport), "--metrics-port", "-1", "--scheduler", features.scheduler,
+                 "--chat-template", str(template),
                  "--ssl-certfile", certs["cert.pem"], "--ssl-keyfile", certs["key.pem"]], tmp_path / "tls-gateway.log")
     try:
         proc.wait_log("READY gateway https://")
@@ -192,6 +196,9 @@ def test_tls_on_http_and_grpc(tmp_path, features):
         tls = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, http_client=http)
         r = tls.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert r.usage.completion_tokens == 3
+        ids = http.post(base + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+        assert http.post(base + "/detokenize", json={"tokens": ids}).json()["prompt"] == "<<user>> hi\n<<assistant>>"
+        assert r.usage.prompt_tokens == len(ids)
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # plaintext is not served
         with InferenceClient(f"localhost:{gport}", timeout=60, root_certificates=open(certs["ca.pem"], "rb").read()) as g:
@@ -209,5 +216,13 @@ def test_access_log_has_a_line_per_request_and_no_text(client, features):
     log.wait_log(f"id={rid}", timeout=10)
     line = next(ln for ln in log.log_path.read_text().splitlines() if f"id={rid}" in ln)
     assert "pdmesh.access" in line and "POST /v1/chat/completions 200" in line
+    with InferenceClient(f"127.0.0.1:{features.grpc_port}", api_key=KEYS[0], timeout=60) as g:
+        grpc_rid = collect_rid(g.generate(secret, model=MODEL, max_tokens=2))
+    log.wait_log("gRPC /pdmesh.v1.Inference/Generate OK", timeout=10)
+    assert f"id={grpc_rid}" in log.log_path.read_text()
     assert secret not in log.log_path.read_text()
     wait_http(features.base + "/health", log)
+
+
+def collect_rid(messages) -> str:
+    return [m.request_id for m in messages][-1]
