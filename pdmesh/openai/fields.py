@@ -160,6 +160,6 @@ def markdown_table() -> str:
     rows = ["| field | endpoints | from | status | notes |", "| --- | --- | --- | --- | --- |"]
     where = {BOTH: "chat, completions", CHAT: "chat", COMP: "completions"}
     for f in FIELDS:
-        note = f.note + (f" ({f.hint})" if f.hint else "")
+        note = f"{f.note} ({f.hint})" if f.note and f.hint else f.note or f.hint
         rows.append(f"| `{f.name}` | {where[f.kinds]} | {f.origin} | {f.status} | {note} |")
     return "\n".join(rows)

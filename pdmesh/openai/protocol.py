@@ -191,7 +191,7 @@ def parse_request(body: dict[str, Any], kind: Literal["chat", "completion"], pol
         max_tokens = integer(body, "max_completion_tokens", None, 1, hi)
     else:
         max_tokens = integer(body, "max_tokens", None, 1, hi)
-    n = integer(body, "n", 1, 1, policy.max_n)
+    n = integer(body, "n", 1, 1, policy.max_n) or 1
     if chat:
         logprobs = boolean(body, "logprobs")
         top = integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS) or 0

@@ -118,7 +118,7 @@ def _completion_choice(req: OpenAIRequest, tok: Tokenizer, c: ChoiceOutput) -> d
         lps: list[Optional[TokenLogprob]] = list(c.logprobs)
         first = None
         if req.echo and c.prompt_logprobs is not None:
-            lps = list(c.prompt_logprobs) + lps
+            lps = [*c.prompt_logprobs, *lps]
             first = c.prompt_ids[0]
         out["logprobs"] = logprobs_completion(tok, lps, first_token=first)
     if req.prompt_logprobs_field and c.prompt_logprobs is not None:
@@ -178,7 +178,7 @@ class ChunkWriter:
                 lps: list[Optional[TokenLogprob]] = list(d.logprobs or [])
                 first = None
                 if d.first and req.echo_logprobs and c.prompt_logprobs is not None:
-                    lps, first = list(c.prompt_logprobs) + lps, c.prompt_ids[0]
+                    lps, first = [*c.prompt_logprobs, *lps], c.prompt_ids[0]
                 lp = logprobs_completion(self.tok, lps, first_token=first)
             return self._chunk([{"index": d.index, "text": lead + d.content, "logprobs": lp, "finish_reason": finish}],
                                usage_now)

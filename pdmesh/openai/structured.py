@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from pdmesh.engine.grammar import GrammarError, GrammarSpec, validate
+from pdmesh.engine.grammar import GrammarError, GrammarKind, GrammarSpec, validate
 from pdmesh.openai.errors import bad, not_supported
 
-_STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "ebnf", "json_object": "json_object"}
+_STRUCTURED_KEYS: dict[str, GrammarKind] = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "ebnf",
+                                              "json_object": "json_object"}
 
 
 def _schema_text(value: Any, param: str) -> str:
@@ -80,7 +81,7 @@ def _structured_outputs(so: Any) -> Optional[GrammarSpec]:
         if value is not True:
             raise bad("'structured_outputs.json_object' must be true", "structured_outputs")
         return GrammarSpec(kind)
-    return GrammarSpec(kind, _text(value, "structured_outputs"))  # type: ignore[arg-type]
+    return GrammarSpec(kind, _text(value, "structured_outputs"))
 
 
 def structured_output(body: dict[str, Any]) -> tuple[Optional[GrammarSpec], Optional[str]]:

@@ -189,7 +189,7 @@ class HermesParser:
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         self._buf += text
-        content, out = "", []
+        content, out = "", list[ToolCallDelta]()
         while True:
             if self._inside:
                 end = self._buf.find(self.END)
@@ -257,7 +257,8 @@ class Llama3JsonParser:
         if self._mode != "json":
             return text, []
         body = text.strip().removeprefix(self.TAG)
-        calls, pos, dec = [], 0, json.JSONDecoder()
+        calls: list[ToolCall] = []
+        pos, dec = 0, json.JSONDecoder()
         while pos < len(body):
             while pos < len(body) and body[pos] in " \t\r\n;":
                 pos += 1

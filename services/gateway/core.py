@@ -67,7 +67,8 @@ class Launched:
 class Gateway:
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, served_name: str, max_model_len: int,
                  tel: Optional[Telemetry] = None, tls: TlsConfig = PLAINTEXT,
-                 generation: GenerationDefaults = GenerationDefaults()) -> None:
+                 generation: Optional[GenerationDefaults] = None) -> None:
+        generation = generation or GenerationDefaults()
         self.cfg = cfg
         self.tel = tel or Telemetry(TracingConfig(tracing="off"), "gateway")
         self.tok = tokenizer
