@@ -48,6 +48,8 @@ def up_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model name clients send")
     p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens")
+    p.add_argument("--generation-config", default=None, help="auto (the model's generation_config.json), vllm (none) "
+                   "or a directory, for every service (default: auto)")
     p.add_argument("--api-key", action="append", default=[], help="an API key the gateway requires on every route but "
                    "/health and /version (repeat for several)")
     p.add_argument("--prefill", type=int, default=1, help="number of prefill workers (default: 1)")
@@ -118,7 +120,7 @@ def up(argv: list[str]) -> int:
     sched = f"127.0.0.1:{a.scheduler_port}"
     model = ["--model", a.model, "--load-format", a.load_format]
     for flag, val in (("--tokenizer", a.tokenizer), ("--served-model-name", a.served_model_name),
-                      ("--max-model-len", a.max_model_len)):
+                      ("--max-model-len", a.max_model_len), ("--generation-config", a.generation_config)):
         if val is not None:
             model += [flag, str(val)]
     if a.model == DEFAULT_MODEL or a.model.endswith(".gguf"):

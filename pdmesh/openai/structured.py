@@ -8,6 +8,7 @@ naming the field (checked here, before any worker sees the request).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Optional
 
@@ -110,9 +111,13 @@ def structured_output(body: dict[str, Any]) -> tuple[Optional[GrammarSpec], Opti
     return spec, param
 
 
+_validate_cached = functools.lru_cache(maxsize=512)(validate)
+"""Specs seen valid before are not parsed again (a front end sees the same schemas over and over)."""
+
+
 def check_grammar(spec: GrammarSpec, param: str) -> None:
     """400 naming ``param`` if ``spec`` cannot be compiled."""
     try:
-        validate(spec)
+        _validate_cached(spec)
     except GrammarError as exc:
         raise bad(f"'{param}': {exc}", param, "invalid_grammar") from None
