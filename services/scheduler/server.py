@@ -19,12 +19,12 @@ from typing import Optional
 
 import grpc
 
-from pdmesh.config import _require, add_flags
+from pdmesh.config import _require, add_flags, check_choices
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.rpc import tracecontext
 from pdmesh.telemetry import Telemetry, TracingConfig
-from pdmesh.routing import POLICIES, NoRoute, Registry, RegistrationRefused, route
+from pdmesh.routing import POLICIES, NoRoute, PolicyName, Registry, RegistrationRefused, route
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import scheduler_pb2 as spb
@@ -47,8 +47,8 @@ class SchedulerServiceConfig:
     """Seconds between worker heartbeats (sent to workers at registration)."""
     lease: float = 3.0
     """Seconds without a heartbeat after which a worker leaves routing."""
-    policy: str = "least_loaded"
-    """Routing policy: least_loaded or round_robin."""
+    policy: PolicyName = "least_loaded"
+    """Routing policy (the policies of pdmesh.routing)."""
     drain_timeout: float = 5.0
     """Seconds to keep answering after SIGTERM."""
     colocate_below_tokens: int = 1024
@@ -57,7 +57,7 @@ class SchedulerServiceConfig:
     not pay for a transfer), longer ones are disaggregated.  With one kind of worker, it serves all."""
 
     def __post_init__(self) -> None:
-        _require(self.policy in POLICIES, "policy", f"unknown policy {self.policy!r}")
+        check_choices(self)
         _require(self.colocate_below_tokens >= 0, "colocate_below_tokens", "must be >= 0")
         _require(self.lease > self.heartbeat_interval > 0, "lease", "must exceed --heartbeat-interval > 0")
 

@@ -149,3 +149,13 @@ def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, b
         unanswered = sum(o.kind == "aborted" and o.status == 0 for o in tally.outcomes)
         assert tally.sent - unanswered <= d["received"] <= tally.sent, (d, tally.summary())
     return leaked
+
+
+API_KEY = "fault-suite-key"
+"""The key of the shared fault mesh's gateway."""
+
+
+def make_client(base: str, api_key: str | None = API_KEY, connections: int = 64):
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0),
+                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))

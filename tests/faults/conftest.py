@@ -1,8 +1,10 @@
-"""The fault and bad-input suite (issue: reliability).  Every test drives real processes on
+"""The fault and bad-input suite.  Every test drives real processes on
 127.0.0.1, injects its faults, then checks that nothing was lost: within lease + 2 heartbeats every
 worker is back at its baseline (all KV blocks free, nothing held for transfer, nothing running,
 waiting or in flight) and the books balance (sent = ok + errors + aborted, on the client and in the
-gateway's own counters).  The figures of the run go to results/cpu/fault-suite.json."""
+gateway's own counters).  The figures of the run go to ``--fault-report PATH`` (the committed
+results/cpu/fault-suite.json is refreshed only when asked: ``--fault-report results/cpu/fault-suite.json``),
+else to the run's temporary directory (the path is printed)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.client import Tally
+from tests.faults.client import API_KEY, Tally
 
-RESULTS = Path(__file__).resolve().parents[2] / "results" / "cpu" / "fault-suite.json"
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Report:
@@ -32,28 +34,28 @@ class Report:
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=RESULTS.parents[2]).stdout.strip()
+                              cwd=REPO).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
 @pytest.fixture(scope="session")
-def report():
+def report(request, tmp_path_factory):
     rep = Report()
     yield rep
     if not rep.entries:
         return
+    option = request.config.getoption("--fault-report")
+    path = Path(option) if option else tmp_path_factory.getbasetemp() / "fault-suite.json"
     totals = {k: sum(e.get(k, 0) for e in rep.entries.values())
               for k in ("faults_injected", "sent", "ok", "errors", "aborted", "blocks_leaked")}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-        "commit": _commit(), "command": "python -m pytest -q tests/faults",
+        "commit": _commit(), "command": "python -m pytest -q tests/faults --fault-report results/cpu/fault-suite.json",
         "totals": totals, "tests": rep.entries}, indent=1) + "\n")
-
-
-API_KEY = "fault-suite-key"
+    print(f"\n[fault-suite] figures written to {path}")
 
 
 @pytest.fixture(scope="package")
@@ -71,18 +73,6 @@ def shared(tmp_path_factory, embedded_dir):
     yield svc
     rcs = svc.stop_all()
     assert all(rc == 0 for rc in rcs.values()), rcs
-
-
-def make_client(base: str, api_key: str | None = API_KEY, connections: int = 64):
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0),
-                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
-
-
-def pytest_addoption(parser):
-    parser.addoption("--soak-seconds", type=float, default=45.0, help="length of the fault suite's soak run")
 
 
 @pytest.fixture

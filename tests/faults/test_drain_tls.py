@@ -4,8 +4,6 @@ go elsewhere or get 503, exit 0, no orphans); internal gRPC behind mutual TLS.""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import threading
 import time
 
@@ -13,8 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Tally, body, nothing_lost, stream
-from tests.faults.conftest import make_client
+from tests.certs import make_certs
+from tests.faults.client import WORKER_ARGS, Tally, body, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, list_workers, wait_http
 from pdmesh.v1 import scheduler_pb2 as spb
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
@@ -114,40 +112,8 @@ def test_sigterm_of_each_service_under_load_drains_and_exits_zero(tmp_path, embe
                exit_codes={**rcs, **{f"{k} (final)": v for k, v in final.items()}})
 
 
-def _certs(tmp):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def make(name, issuer=None, issuer_key=None, ca=False):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        return key, b.sign(issuer_key or key, hashes.SHA256())
-
-    ca_key, ca = make("pdmesh-test-ca", ca=True)
-    key, cert = make("pdmesh-service", ca.subject, ca_key)
-    paths = {}
-    for name, data in (("ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
-                       ("cert.pem", cert.public_bytes(serialization.Encoding.PEM)),
-                       ("key.pem", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))):
-        (tmp / name).write_bytes(data)
-        paths[name] = str(tmp / name)
-    return paths
-
-
 def test_internal_grpc_behind_mutual_tls(tmp_path, embedded_dir, report):
-    p = _certs(tmp_path)
+    p = make_certs(tmp_path)
     tls = ("--tls-cert", p["cert.pem"], "--tls-key", p["key.pem"], "--tls-ca", p["ca.pem"])
     svc = Services(tmp_path, prefill=1, decode=1, worker_args=(*WORKER_ARGS, *tls), gateway_args=tls, scheduler_args=tls)
     tally = Tally()
