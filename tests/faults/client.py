@@ -159,3 +159,11 @@ def make_client(base: str, api_key: str | None = API_KEY, connections: int = 64)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0),
                              limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
+def greedy(svc, prompt: list[int], max_tokens: int) -> str:
+    """One greedy completion of token ids through ``svc``'s gateway (a ``Services`` mesh); its text."""
+    r = httpx.post(svc.base + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                   json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]

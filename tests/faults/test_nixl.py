@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Tally, body, nothing_lost, stream
-from tests.faults.conftest import make_client
-from tests.faults.test_worker_faults import greedy
+from tests.faults.client import WORKER_ARGS, Tally, body, greedy, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, scrape, wait_http
 
 PROMPT = list(range(2000, 2300))  # 300 tokens: 10 KV blocks, 5 pieces when slowed

@@ -8,10 +8,9 @@ import asyncio
 import signal
 import time
 
-import httpx
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Tally, body, make_client, nothing_lost, stream
+from tests.faults.client import WORKER_ARGS, Tally, body, greedy, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, scrape, wait_http, wait_until
 
 PROMPT = list(range(2000, 2300))  # 300 tokens: 19 KV blocks, 4 transfer chunks
@@ -37,13 +36,6 @@ def restart(svc: Services, name: str, *extra: str, kill: bool = False) -> None:
     svc.wait_registered(name)
     svc.wait_workers(1, 1)
     wait_http(svc.base + "/health", svc.procs["gateway"])
-
-
-def greedy(svc: Services, prompt: list[int], max_tokens: int) -> str:
-    r = httpx.post(svc.base + "/v1/completions", headers={"Authorization": "Bearer fault-suite-key"}, timeout=60,
-                   json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
 
 
 def run(coro):
