@@ -28,6 +28,7 @@ import grpc
 from pdmesh.config import EngineConfig, _require, add_flags, check_choices, from_flags
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.engine import LLMEngine, pick_device
+from pdmesh.engine.spec_decode import SpecStats
 from pdmesh.engine.warmup import warm_up
 from pdmesh.env import ENV
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
@@ -140,6 +141,7 @@ class WorkerRuntime:
         self.metrics: Optional[ServiceMetrics] = None
         self._last_prefix = (0, 0)
         self._last_audit = 0
+        self._last_spec: Optional[SpecStats] = None
         self.incarnation = uuid.uuid4().hex
         """Identifies this process: peers drop cached CUDA IPC handles and NIXL metadata when it changes."""
         self.draining = False
@@ -291,7 +293,19 @@ class WorkerRuntime:
                 self._last_prefix = (s.prefix_queries, s.prefix_hits)
                 m.inc("kv_audit_mismatches_total", s.audit_mismatches - self._last_audit)
                 self._last_audit = s.audit_mismatches
+                if s.spec is not None:
+                    self._spec_counters(m, s.spec)
             await asyncio.sleep(interval)
+
+    def _spec_counters(self, m: ServiceMetrics, now: "SpecStats") -> None:
+        """Advance the spec_decode counters by what the engine counted since the last refresh."""
+        last = self._last_spec or SpecStats(accepted_per_pos=[0] * len(now.accepted_per_pos))
+        m.inc("spec_decode_num_drafts_total", now.num_drafts - last.num_drafts)
+        m.inc("spec_decode_num_draft_tokens_total", now.num_draft_tokens - last.num_draft_tokens)
+        m.inc("spec_decode_num_accepted_tokens_total", now.num_accepted_tokens - last.num_accepted_tokens)
+        for pos, (a, b) in enumerate(zip(now.accepted_per_pos, last.accepted_per_pos)):
+            m.inc("spec_decode_num_accepted_tokens_per_pos_total", a - b, position=str(pos))
+        self._last_spec = now
 
     async def _drain(self) -> None:
         self.draining = True

@@ -35,7 +35,6 @@ are masked before sampling and every emitted token advances the state (see ``gra
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -46,11 +45,13 @@ import torch
 
 from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
+from pdmesh.engine.device import on_device, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
 from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
+from pdmesh.engine.spec_decode import SpecDecoder, SpecStats, speculable
 from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
@@ -59,28 +60,6 @@ from pdmesh.transport.base import TransferError
 from pdmesh.tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def on_device(device: torch.device):
-    """A context making ``device`` the calling thread's current CUDA device (a no-op on CPU).
-    Work that takes the current device implicitly (event records, Triton launches, library
-    wrappers) then runs on the engine's GPU whichever thread calls the engine."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
 
 def _launchable(seq: Sequence) -> bool:
     """A sequence whose next token can be sampled without the host seeing the previous one (a
@@ -117,6 +96,8 @@ class EngineStats:
     transfers_stopping: int = 0
     """Stopped KV transfers whose blocks wait until they certainly write no more."""
     quarantined_blocks: int = 0
+    spec: Optional[SpecStats] = None
+    """Speculative decoding counters (a copy), when it is on."""
 
 
 class LLMEngine:
@@ -174,6 +155,8 @@ class LLMEngine:
         """Requests waiting for (or receiving) their prompt's KV from another worker."""
         self.connector = KVConnector(self.blocks)
         """Pulls in flight, polled between steps."""
+        self.spec: Optional[SpecDecoder] = SpecDecoder(config.speculative, self.max_model_len) if config.speculative else None
+        """Speculative decoding (n-gram proposals, verify steps); None when off."""
         self.num_steps = 0
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
@@ -415,6 +398,8 @@ class LLMEngine:
             if nxt is not None:
                 self._launched(nxt)
             return outputs
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -424,7 +409,8 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
-        if self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs)):
+        if (self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs))
+                and not any(s.spec_token_ids for s in batch.seqs)):
             self._inflight = self.runner.launch(batch)
             self._launched(self._inflight)
             return []
@@ -437,6 +423,8 @@ class LLMEngine:
         in-flight step's token."""
         running = self.scheduler.running
         if self.scheduler.waiting or not running or len(running) > self.blocks.num_free_blocks:
+            return False
+        if self.spec is not None and any(map(speculable, running)):  # a proposal needs the last token
             return False
         cfg = self.config.scheduler
         if len(running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens):
@@ -484,15 +472,47 @@ class LLMEngine:
         now = time.monotonic()
         for seq, lps in result.prompt_logprobs:
             seq.prompt_logprobs.extend(lps)
+        if result.targets is not None:
+            return self._postprocess_verify(batch, result, now)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
-            if self.audit is not None and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                self.audit.record(seq.request_id, self.blocks.block_table(seq.request_id), seq.num_prompt_tokens)
+            self._computed(seq, seq.num_computed_tokens + n)
         outputs = []
         for seq, tok, lp in zip(result.sampled_seqs, result.token_ids, result.logprobs):
             seq.token_ids.append(tok)
             outputs.append(self._emit(seq, tok, lp, now))
+        return outputs
+
+    def _computed(self, seq: Sequence, num_computed: int) -> None:
+        """The sequence's KV now covers ``num_computed`` tokens: cache its full blocks (and audit)."""
+        seq.num_computed_tokens = num_computed
+        self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, num_computed)
+        if self.audit is not None and num_computed >= seq.num_prompt_tokens:
+            self.audit.record(seq.request_id, self.blocks.block_table(seq.request_id), seq.num_prompt_tokens)
+
+    def _postprocess_verify(self, batch, result, now: float) -> list[RequestOutput]:
+        """A verify step (``spec_decode``): each sampled sequence gets its accepted drafts plus one
+        token (fewer if one of them ends it); its KV counts as computed through the last accepted
+        draft, and blocks holding only rejected drafts' KV are freed at once."""
+        assert self.spec is not None
+        got = {id(s): (t, lp) for s, t, lp in zip(result.sampled_seqs, result.targets, result.target_logprobs)}
+        outputs = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if id(seq) not in got:  # a prompt chunk that samples nothing yet
+                self._computed(seq, seq.num_computed_tokens + n)
+                continue
+            targets, lps = got[id(seq)]
+            emit = self.spec.accept(seq, targets)
+            computed = seq.num_computed_tokens + n - len(targets) + emit
+            for i, tok in enumerate(targets[:emit]):
+                seq.token_ids.append(tok)
+                if self._finish_reason(seq, tok) is not None:
+                    break
+            self._computed(seq, min(computed, seq.num_tokens))
+            self.blocks.trim(seq.request_id, seq.num_computed_tokens)
+            out = self._emit(seq, tok, lps[i], now)
+            out.new_token_ids = targets[:i + 1]
+            out.logprobs = lps[:i + 1] if lps[i] is not None else None
+            outputs.append(out)
         return outputs
 
     def _emit(self, seq: Sequence, tok: int, lp: Optional[TokenLogprob], now: float) -> RequestOutput:
@@ -557,4 +577,5 @@ class LLMEngine:
             audit_mismatches=self.audit.mismatches if self.audit is not None else 0,
             transfers_stopping=len(self.connector.stopping),
             quarantined_blocks=self.connector.quarantined_blocks(),
+            spec=self.spec.stats.copy() if self.spec is not None else None,
         )

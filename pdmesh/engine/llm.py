@@ -6,7 +6,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+import json
+
+from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_speculative_config
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
 from pdmesh.tokenizer import StopStringMatcher, Tokenizer
@@ -42,7 +44,10 @@ class LLM:
                  enable_prefix_caching: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: str = "auto",
                  enforce_eager: bool = False, async_scheduling: str = "auto",
+                 speculative_config: Optional[Union[dict[str, Any], str]] = None,
                  engine_config: Optional[EngineConfig] = None) -> None:
+        """``speculative_config``: vLLM's dict (or its JSON), e.g. ``{"method": "ngram",
+        "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}``."""
         if engine_config is None:
             mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
                              **({"model": model} if model else {}))
@@ -53,6 +58,8 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                           enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling),
                 device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager),
+                speculative=parse_speculative_config(json.dumps(speculative_config) if isinstance(speculative_config, dict)
+                                                     else speculative_config),
             )
         self.engine = LLMEngine(engine_config)
         self._ids = itertools.count()

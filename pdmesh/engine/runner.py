@@ -82,6 +82,11 @@ class StepResult:
     logprobs: list[Optional[TokenLogprob]]
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
     """Logprobs of the prompt tokens this step computed, for sequences that asked (in order)."""
+    targets: Optional[list[list[int]]] = None
+    """Verify steps only: per sampled sequence, the tokens sampled at its 1 + K rows (K: its
+    draft tokens; ``token_ids`` then holds each list's first)."""
+    target_logprobs: Optional[list[list[Optional[TokenLogprob]]]] = None
+    """Verify steps only: the logprobs of ``targets`` (None where not asked)."""
 
 
 LogitsMask = Callable[[torch.Tensor, list[Sequence]], None]
@@ -168,12 +173,12 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + n
             p = np.arange(start, end, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            ids.append(np.asarray(seq.token_ids[start:end] + seq.spec_token_ids, dtype=np.int64))
             pos.append(p)
             slots.append(self.blocks.block_table_array(seq.request_id)[p // bs].astype(np.int64) * bs + p % bs)
             ctx_lens.append(end)
             offset += n
-            if end == seq.num_tokens:
+            if end == seq.num_tokens + len(seq.spec_token_ids):  # (a verify step: its last 1 + K rows)
                 logits_idx.append(offset - 1)
                 sample_seqs.append(seq)
         packed = np.stack([np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)])
@@ -264,6 +269,8 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(hidden, batch) if any(s.wants_prompt_logprobs for s in batch.seqs) else []
         if not sample_seqs:
             return StepResult([], [], [], prompt_lps)
+        if any(s.spec_token_ids for s in sample_seqs):
+            return self._verify(hidden, logits_idx, sample_seqs, prompt_lps, mask)
         logits = self._logits(hidden, logits_idx)
         if mask is not None:
             mask(logits, sample_seqs)
@@ -272,3 +279,32 @@ class ModelRunner:
         sb = build_sampling_batch(sample_seqs, logits.shape[-1], self.device)
         tokens, logprobs = self.sampler(logits, sb, sample_seqs)
         return StepResult(sample_seqs, tokens, logprobs, prompt_lps)
+
+    def _verify(self, hidden: torch.Tensor, logits_idx: list[int], seqs: list[Sequence],
+                prompt_lps: list[tuple[Sequence, list[TokenLogprob]]], mask: Optional[LogitsMask]) -> StepResult:
+        """A verify step (speculative decoding): sample a target token from each of the 1 + K rows
+        of every sequence with K draft tokens (1 row for the others), row ``j`` as the sequence's
+        output token ``num_output_tokens + j`` (``pdmesh.engine.spec_decode`` decides what is
+        accepted).  Sequences with drafts have no grammar or penalties; ``mask`` constrains the one
+        row of each sequence with a grammar."""
+        counts = [1 + len(s.spec_token_ids) for s in seqs]
+        rows = [last - c + 1 + j for last, c in zip(logits_idx, counts) for j in range(c)]
+        row_seqs = [s for s, c in zip(seqs, counts) for _ in range(c)]
+        offsets = [j for c in counts for j in range(c)]
+        logits = self._logits(hidden, rows)
+        if mask is not None:
+            constrained = [r for r, s in enumerate(row_seqs) if s.grammar is not None]
+            sub = logits[constrained]
+            mask(sub, [row_seqs[r] for r in constrained])
+            logits[constrained] = sub
+        if all(plain_greedy(s) for s in seqs):
+            flat, lps = logits.argmax(dim=-1).tolist(), [None] * len(rows)
+        else:
+            sb = build_sampling_batch(row_seqs, logits.shape[-1], self.device, offsets)
+            flat, lps = self.sampler(logits, sb, row_seqs)
+        targets, target_lps, i = [], [], 0
+        for c in counts:
+            targets.append(flat[i:i + c])
+            target_lps.append(lps[i:i + c])
+            i += c
+        return StepResult(seqs, [t[0] for t in targets], [lp[0] for lp in target_lps], prompt_lps, targets, target_lps)

@@ -11,6 +11,7 @@ from pdmesh.engine.grammar import GrammarSpec
 
 if TYPE_CHECKING:
     from pdmesh.engine.grammar import GrammarState
+    from pdmesh.engine.ngram import TokenHistory
 
 MAX_LOGPROBS = 20
 """Most alternatives per token that logprobs and prompt_logprobs may ask for."""
@@ -145,6 +146,11 @@ class Sequence:
     """Structured output: the grammar's state after this sequence's output tokens (engine-owned)."""
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """Logprobs of prompt tokens 1.. computed so far (``params.prompt_logprobs`` requests)."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Speculative decoding: draft tokens to verify after the last token this step (engine-owned;
+    the scheduler gives the sequence 1 + len(drafts) new tokens; cleared when the step is done)."""
+    spec_history: Optional["TokenHistory"] = None
+    """Speculative decoding: the proposer's numpy copy of ``token_ids`` (appended to, never rebuilt)."""
 
     @property
     def wants_prompt_logprobs(self) -> bool:

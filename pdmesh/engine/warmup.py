@@ -99,6 +99,8 @@ def warm_up(eng: LLMEngine) -> float:
     eng.blocks.reset()
     eng.num_steps = 0
     eng.num_steps_launched_behind = 0
+    if eng.spec is not None:  # verify steps run the prompt kernels compiled above
+        eng.spec.reset()
     dt = time.perf_counter() - t0
     log.info("warm-up done in %.1f s (kernels compiled, first request will not wait for them)", dt)
     return dt
