@@ -38,7 +38,10 @@ def main() -> None:
     plain = LLM(device="cpu", num_kv_blocks=256, block_size=16)
     fast = LLM(device="cpu", num_kv_blocks=256, block_size=16, speculative_config=spec)
     report = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "device": "cpu", "host": platform.node(),
-              "speculative_config": spec, "max_tokens": args.max_tokens, "sets": {}}
+              "speculative_config": spec, "max_tokens": args.max_tokens,
+              "note": "steps and acceptance are the figures; seconds are wall time on whatever CPU ran it (a shared, "
+                      "loaded 2-core machine for the committed file), not a speed measurement",
+              "sets": {}}
     for name, chats in (("copy_heavy", copy_heavy_chats()), ("open", open_chats())):
         before = fast.engine.spec.stats.copy()
         rows, steps_plain, steps_spec, toks, identical = [], 0, 0, 0, True
