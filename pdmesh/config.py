@@ -148,6 +148,10 @@ class ModelConfig:
     """Longest prompt + completion in tokens; defaults to the model's max_position_embeddings."""
     seed: int = 0
     """Seed for dummy weights and for requests without their own seed."""
+    quantization: Optional[Literal["fp8", "int8"]] = None
+    """Quantize the linear layers at load (online, from the bf16/fp32 checkpoint): 'fp8' (e4m3) or
+    'int8', weights per output channel, activations per token at run time (W8A8; a one-row decode
+    reads the 1-byte weights in a GEMV). Embeddings, norms and the LM head keep --dtype."""
     generation_config: str = "auto"
     """Where the model's generation defaults come from: 'auto' (the model directory's
     generation_config.json: its EOS ids end requests, its sampling fields are request defaults),
@@ -175,6 +179,10 @@ class CacheConfig:
     """Exact number of KV blocks (overrides the memory-based sizing; for tests and benchmarks)."""
     enable_prefix_caching: bool = True
     """Reuse KV of full blocks whose token prefix was computed before (content-hash chained)."""
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """KV cache element type: 'auto' (--dtype) or 'fp8' (e4m3, values clamped to +-448, unscaled as
+    vLLM's default): half the memory and transfer bytes of bf16; attention reads it directly
+    (FlashInfer, our Triton decode) or dequantizes it (the torch backend). Peers must agree."""
     kv_audit: bool = False
     """For tests: checksum each request's prompt KV when it is complete and again when its blocks
     are freed, counting any difference (pdmesh:kv_audit_mismatches_total); costs a hash of the
@@ -185,6 +193,7 @@ class CacheConfig:
         _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "must be >= 2")
+        check_choices(self)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         log.info("loading %s (%s weights, %.1f B parameters) on %s", self.resolved.served_name, self.resolved.load_format,
                  arch.num_parameters() / 1e9, self.device)
-        self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed)
+        self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed,
+                                config.model.quantization)
         log.info("weights loaded in %.1f s", time.perf_counter() - t0)
         path = self.resolved.tokenizer_path
         self.tokenizer: Optional[Tokenizer] = Tokenizer(path) if has_tokenizer(path) else None
@@ -128,13 +129,16 @@ class LLMEngine:
         """Ids that end a request: the model config's, the tokenizer's and generation_config.json's."""
         self._grammars: Optional[GrammarEngine] = None
         self._grammars_lock = threading.Lock()
+        self.kv_dtype = torch.float8_e4m3fn if config.cache.kv_cache_dtype == "fp8" else self.dtype
+        """Element type of the KV pool (``--kv-cache-dtype``)."""
         num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
-        self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
+        self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.kv_dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.audit: Optional[KVAudit] = KVAudit(self.pool) if config.cache.kv_audit else None
         """Checksums of prompt KV (``--kv-audit``), verified when blocks are freed."""
         self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
-                                      arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention)
+                                      arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention,
+                                      self.kv_dtype)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
         if self.device.type == "cuda" and config.device.fused_kernels and self.backend.name == "flashinfer":
             self.model.enable_fused_kernels()
@@ -173,8 +177,8 @@ class LLMEngine:
             budget = min(int(total * config.cache.gpu_memory_utilization) - mine, free) - (2 << 30)
             if budget <= 0:
                 raise RuntimeError("no GPU memory left for the KV cache; raise --gpu-memory-utilization")
-            return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, budget)
-        return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, config.cache.kv_cache_memory)
+            return num_blocks_for_memory(self.arch, config.cache.block_size, self.kv_dtype, budget)
+        return num_blocks_for_memory(self.arch, config.cache.block_size, self.kv_dtype, config.cache.kv_cache_memory)
 
     # ------------------------------------------------------------------ grammars
     @property

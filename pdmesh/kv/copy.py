@@ -45,6 +45,8 @@ def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst
     n = src_ids.numel()
     if n == 0:
         return
+    if src.dtype == torch.float8_e4m3fn:  # bytes are bytes (and index_copy_ has no fp8 CPU kernel)
+        src, dst = src.view(torch.uint8), dst.view(torch.uint8)
     s3 = src.view(L, src.shape[1], -1)
     d3 = dst.view(L, dst.shape[1], -1)
     x = s3.shape[2]

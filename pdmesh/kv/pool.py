@@ -24,7 +24,7 @@ class KVLayout:
     head_dim: int
     block_size: int
     dtype: str
-    """torch dtype name, e.g. 'float32', 'bfloat16'."""
+    """torch dtype name, e.g. 'float32', 'bfloat16', 'float8_e4m3fn' (--kv-cache-dtype fp8)."""
     layout: str = "LNKBHD"
     """Axis order: layers, blocks, K/V, block slots, kv heads, head dim."""
 
@@ -55,7 +55,10 @@ class KVCachePool:
     @torch.no_grad()
     def scatter_blocks(self, block_ids: torch.Tensor, data: torch.Tensor) -> None:
         """Write ``data`` [L, n, 2, bs, Hkv, D] into blocks ``block_ids`` [n]."""
-        self.kv.index_copy_(1, block_ids.to(self.kv.device), data.to(self.kv.device, self.kv.dtype))
+        dst, src = self.kv, data.to(self.kv.device, self.kv.dtype)
+        if dst.dtype == torch.float8_e4m3fn:  # (index_copy_ has no fp8 kernel on CPU: move the bytes)
+            dst, src = dst.view(torch.uint8), src.view(torch.uint8)
+        dst.index_copy_(1, block_ids.to(self.kv.device), src)
 
 
 def num_blocks_for_memory(arch: ModelArch, block_size: int, dtype: torch.dtype, memory_bytes: int) -> int:

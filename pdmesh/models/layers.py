@@ -163,6 +163,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rot * sin
 
 
+def project(x: torch.Tensor, lin: nn.Module, fused: bool, silu_mul: bool = False) -> torch.Tensor:
+    """``lin(x)`` for x [T, K] (``lin``: nn.Linear or a quantized ``QuantLinear``); ``fused`` and one
+    row on CUDA: a Triton GEMV (weight-only for a quantized layer), which can also take x as
+    [1, 2K] gate|up and apply SiLU*mul first (``silu_mul``)."""
+    if fused and gemv_applies(x):
+        return gemv(x, lin.weight, lin.bias, silu_mul=silu_mul, scale=getattr(lin, "weight_scale", None))
+    assert not silu_mul, "silu_mul is the one-row GEMV's prologue"
+    return lin(x)
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul; ``fused`` (CUDA):
     FlashInfer's SiLU*mul kernel, and at one row Triton GEMVs with SiLU*mul inside the down one."""
@@ -176,8 +186,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and gemv_applies(x):  # one row: GEMVs, the activation inside the down one
-            gu = gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-            return gemv(gu, self.down_proj.weight, self.down_proj.bias, silu_mul=True)
+            gu = project(x, self.gate_up_proj, True)
+            return project(gu, self.down_proj, True, silu_mul=True)
         gu = self.gate_up_proj(x)
         if self.fused:
             from flashinfer.activation import silu_and_mul
@@ -204,8 +214,8 @@ class Attention(nn.Module):
         self.fused = False
         """CUDA: one-row projections run as Triton GEMVs (``pdmesh.models.gemv``)."""
 
-    def _project(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        return gemv(x, lin.weight, lin.bias) if self.fused and gemv_applies(x) else lin(x)
+    def _project(self, x: torch.Tensor, lin: nn.Module) -> torch.Tensor:
+        return project(x, lin, self.fused)
 
     def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""

@@ -186,7 +186,10 @@ def fill_dummy(model: CausalLM, seed: int) -> None:
         param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).uniform_(-bound, bound, generator=gen))
 
 
-def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0) -> CausalLM:
+def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0,
+               quantization: Optional[str] = None) -> CausalLM:
+    """Build the model on ``device`` and fill it (checkpoint or dummy weights); ``quantization``
+    ('fp8', 'int8'): then replace its projections by quantized ones (``pdmesh.models.quant``)."""
     model = build_model(res.arch, dtype)
     model.materialize(device, max_len)
     if res.weights_dir is None:
@@ -196,5 +199,12 @@ def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max
         missing = model.expected_weight_names() - loaded
         if missing:
             raise ValueError(f"checkpoint {res.weights_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    if quantization:
+        from pdmesh.models.quant import quantize_model
+
+        n = quantize_model(model, quantization)  # type: ignore[arg-type]
+        log.info("quantized %d linear layers to %s (weights per channel, activations per token)", n, quantization)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the full-precision weights' memory goes back for the KV cache
     model.eval()
     return model

@@ -1,7 +1,12 @@
-"""N-gram speculative decoding in a real mesh: a prefill worker and a decode worker started with
---speculative-config (decode speculates, prefill is unchanged) behind the gateway.  The text of
-greedy and seeded requests, streamed or not, equals one engine without speculation; the decode
-worker's spec_decode counters show the drafts it verified; every block is free afterwards."""
+"""N-gram speculative decoding and online quantization in a real mesh: a prefill worker and a
+decode worker, both with --quantization int8, the decode worker also with --speculative-config
+(decode speculates, prefill is unchanged), behind the gateway.  The text of greedy and seeded
+requests, streamed or not, equals one engine with the same quantization and no speculation; the
+decode worker's spec_decode counters show the drafts it verified; every block is free afterwards.
+
+(Not fp8 here: W8A8 fp8 and the fp8 KV cache make this small model's logits move by up to ~0.3
+with float-level differences between computation orders (batched vs single, prefix-cache hit or
+not), so fp8 output is not comparable token for token across paths; int8 is.)"""
 
 from __future__ import annotations
 
@@ -17,12 +22,13 @@ MODEL = "SmolLM2-135M-Instruct"
 SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
 PASSAGE = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
            "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889.")
+QUANT = ("--quantization", "int8")
 COPY = [{"role": "user", "content": "Repeat the following passage exactly, word for word:\n\n" + PASSAGE}]
 
 
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory, embedded_dir):
-    s = Services(tmp_path_factory.mktemp("speculative"), prefill=1, decode=1,
+    s = Services(tmp_path_factory.mktemp("speculative"), prefill=1, decode=1, worker_args=QUANT,
                  role_args={"decode": ("--speculative-config", json.dumps(SPEC))})
     s.wait_workers(1, 1)
     yield s
@@ -32,7 +38,10 @@ def svc(tmp_path_factory, embedded_dir):
 
 @pytest.fixture(scope="module")
 def plain():
-    return LLM(device="cpu", block_size=32, num_kv_blocks=64)
+    from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig
+
+    return LLM(engine_config=EngineConfig(ModelConfig(quantization="int8"), CacheConfig(num_kv_blocks=64),
+                                          device=DeviceConfig(device="cpu")))
 
 
 @pytest.fixture(scope="module")
