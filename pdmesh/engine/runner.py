@@ -111,6 +111,9 @@ class ModelRunner:
         self._fence = _InputFence(device)
         self.graphs = None
         """``DecodeGraphs`` when CUDA graphs are captured (``capture_decode_graphs``)."""
+        self.verify_as_decode: Optional[bool] = None
+        """Run verify steps (speculative decoding) as decode rows (``BatchLayout.as_decode_rows``):
+        None: when the rows fit a captured CUDA graph; True/False: always/never (tests)."""
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from pdmesh.engine.cuda_graphs import DecodeGraphs
@@ -189,6 +192,11 @@ class ModelRunner:
         """Run the model over the batch: hidden states [T, hidden] of every token, the rows of the
         sequences whose pending tokens are all computed by this step, and those sequences."""
         input_ids, positions, layout, logits_idx, sample_seqs = self.prepare(batch, prev_ids)
+        if not layout.is_decode_only and self.verify_as_decode is not False and all(
+                n == 1 + len(s.spec_token_ids) for s, n in zip(batch.seqs, batch.num_new_tokens)):
+            rows = layout.as_decode_rows()  # a verify step: as decode rows, graphs included where they fit
+            if self.verify_as_decode or (self.graphs is not None and self.graphs.can_run(rows)):
+                layout = rows
         if self.graphs is not None and self.graphs.can_run(layout):
             hidden = self.graphs.run(input_ids, positions, layout, on_loaded=self._fence.mark)
         else:

@@ -104,6 +104,16 @@ def test_async_scheduling_and_small_budgets(model_dir):
     assert run(make(model_dir, SPEC, max_num_batched_tokens=6), PROMPTS, params) == ref
 
 
+def test_verify_as_decode_rows(model_dir):
+    """The verify step as one-query rows (what CUDA graphs replay on GPU) gives the same tokens."""
+    params = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)] * len(PROMPTS)
+    ref = run(make(model_dir), PROMPTS, params)
+    llm = make(model_dir, SPEC)
+    llm.engine.runner.verify_as_decode = True
+    assert run(llm, PROMPTS, params) == ref
+    assert llm.engine.spec.stats.num_drafts > 0
+
+
 def test_preemption_under_block_pressure(model_dir):
     params = [SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)] * len(PROMPTS)
     ref = run(make(model_dir), PROMPTS, params)
