@@ -51,7 +51,7 @@ from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
 from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
-from pdmesh.engine.spec_decode import SpecDecoder, SpecStats, speculable
+from pdmesh.engine.spec_decode import SpecDecoder, SpecStats, may_propose
 from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
@@ -428,7 +428,7 @@ class LLMEngine:
         running = self.scheduler.running
         if self.scheduler.waiting or not running or len(running) > self.blocks.num_free_blocks:
             return False
-        if self.spec is not None and any(map(speculable, running)):  # a proposal needs the last token
+        if self.spec is not None and any(map(may_propose, running)):  # a proposal needs the last token
             return False
         cfg = self.config.scheduler
         if len(running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens):

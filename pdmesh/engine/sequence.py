@@ -11,7 +11,7 @@ from pdmesh.engine.grammar import GrammarSpec
 
 if TYPE_CHECKING:
     from pdmesh.engine.grammar import GrammarState
-    from pdmesh.engine.ngram import TokenHistory
+    from pdmesh.engine.spec_decode import SpecState
 
 MAX_LOGPROBS = 20
 """Most alternatives per token that logprobs and prompt_logprobs may ask for."""
@@ -149,8 +149,8 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     """Speculative decoding: draft tokens to verify after the last token this step (engine-owned;
     the scheduler gives the sequence 1 + len(drafts) new tokens; cleared when the step is done)."""
-    spec_history: Optional["TokenHistory"] = None
-    """Speculative decoding: the proposer's numpy copy of ``token_ids`` (appended to, never rebuilt)."""
+    spec_state: Optional["SpecState"] = None
+    """Speculative decoding: the proposer's per-sequence state (token history, back-off)."""
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -29,22 +29,62 @@ blocks holding nothing but them are returned at once (``PrefixCachingBlockManage
 verify step a sequence holds exactly the blocks of its computed tokens, as without speculation.
 
 Sequences that never speculate: prompt steps, prefill-only (prefill role), penalties (they depend
-on every earlier output token), grammars (a mask per step), and with async scheduling they go one
-step at a time (a proposal needs the last token on the host).
+on every earlier output token), grammars (a mask per step).  A sequence that may speculate goes one
+step at a time under async scheduling (a proposal needs its last token on the host), so where
+proposals keep failing it backs off: after ``MISSES_BEFORE_BACKOFF`` steps in a row without an
+accepted draft (no match, or every draft rejected) it proposes nothing for the next
+``BACKOFF_TOKENS`` output tokens, doubling each time up to ``MAX_BACKOFF_TOKENS`` and reset by an
+accepted draft; meanwhile it decodes like any other sequence, steps launched behind included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from pdmesh.config import SpeculativeConfig
 from pdmesh.engine.ngram import TokenHistory, propose_ngram
 from pdmesh.engine.sequence import Sequence
 
 
+MISSES_BEFORE_BACKOFF = 4
+BACKOFF_TOKENS = 16
+MAX_BACKOFF_TOKENS = 256
+
+
+@dataclass
+class SpecState:
+    """One sequence's proposer state (on its ``Sequence``; engine thread only)."""
+
+    history: TokenHistory = field(default_factory=TokenHistory)
+    """The sequence's tokens as a numpy buffer (appended to, never rebuilt)."""
+    misses: int = 0
+    """Verify opportunities in a row without an accepted draft."""
+    backoff: int = 0
+    """Output tokens of the current back-off (0: none yet)."""
+    cold_until: int = 0
+    """No proposals while the sequence has fewer output tokens than this."""
+
+    def missed(self, num_output_tokens: int) -> None:
+        self.misses += 1
+        if self.misses >= MISSES_BEFORE_BACKOFF:
+            self.backoff = min(MAX_BACKOFF_TOKENS, 2 * self.backoff if self.backoff else BACKOFF_TOKENS)
+            self.cold_until = num_output_tokens + self.backoff
+            self.misses = 0
+
+    def hit(self) -> None:
+        self.misses = self.backoff = 0
+
+
 def speculable(seq: Sequence) -> bool:
     """Whether this sequence may get draft tokens (its sampling depends only on its position)."""
     return not seq.prefill_only and seq.grammar is None and not seq.params.has_penalties
+
+
+def may_propose(seq: Sequence) -> bool:
+    """Whether the next step may propose drafts for ``seq`` (speculable and not backing off)."""
+    st: Optional[SpecState] = seq.spec_state
+    return speculable(seq) and (st is None or seq.num_output_tokens >= st.cold_until)
 
 
 @dataclass
@@ -92,16 +132,18 @@ class SpecDecoder:
         cfg = self.cfg
         for seq in running:
             seq.spec_token_ids = []
-            if seq.num_tokens - seq.num_computed_tokens != 1 or not speculable(seq):
+            if seq.num_tokens - seq.num_computed_tokens != 1 or not may_propose(seq):
                 continue
             room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
             k = min(cfg.num_speculative_tokens, room)
             if k < 1:
                 continue
-            if seq.spec_history is None:
-                seq.spec_history = TokenHistory()
-            tokens = seq.spec_history.sync(seq.token_ids)
+            if seq.spec_state is None:
+                seq.spec_state = SpecState()
+            tokens = seq.spec_state.history.sync(seq.token_ids)
             seq.spec_token_ids = propose_ngram(tokens, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+            if not seq.spec_token_ids:
+                seq.spec_state.missed(seq.num_output_tokens)
 
     def accept(self, seq: Sequence, targets: list[int]) -> int:
         """``targets`` [1 + K]: the tokens sampled at the verify step's rows of ``seq`` (its drafts
@@ -118,6 +160,10 @@ class SpecDecoder:
             s.num_accepted_tokens += a
             for i in range(a):
                 s.accepted_per_pos[i] += 1
+            if seq.spec_state is not None and a:
+                seq.spec_state.hit()
+            elif seq.spec_state is not None:
+                seq.spec_state.missed(seq.num_output_tokens + 1)  # (+1: the token this step emits)
         seq.spec_token_ids = []
         return a + 1
 

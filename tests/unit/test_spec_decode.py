@@ -13,7 +13,7 @@ from pdmesh.engine.ngram import TokenHistory, propose_ngram
 from pdmesh.engine.sampler import Sampler, build_sampling_batch
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import SamplingParams, Sequence, SequenceStatus
-from pdmesh.engine.spec_decode import SpecDecoder
+from pdmesh.engine.spec_decode import BACKOFF_TOKENS, MISSES_BEFORE_BACKOFF, SpecDecoder, may_propose
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 
 
@@ -112,6 +112,29 @@ def test_proposals_respect_max_tokens_and_skip_what_cannot_speculate():
     assert a.spec_token_ids == [3, 4, 5, 6]
     assert b.spec_token_ids == [3]  # 2 generated of 4: the verify step may emit 2 (1 draft + 1)
     assert c.spec_token_ids == [] and d.spec_token_ids == []
+
+
+def test_back_off_where_proposals_keep_failing():
+    bm = PrefixCachingBlockManager(num_blocks=16, block_size=4)
+    spec = SpecDecoder(SpeculativeConfig(2, 2, 2), max_model_len=256)
+    a = running_seq("a", [1, 2, 3, 4, 5, 6], [7], bm, SamplingParams(temperature=0, max_tokens=200))
+    for _ in range(MISSES_BEFORE_BACKOFF):  # no 2-gram of the history repeats: nothing to propose
+        assert may_propose(a)
+        spec.propose([a])
+        assert a.spec_token_ids == []
+    assert not may_propose(a) and a.spec_state.cold_until == 1 + BACKOFF_TOKENS
+    a.token_ids += [8] * BACKOFF_TOKENS  # cold: proposals wait until the back-off has passed
+    assert may_propose(a)
+    a.token_ids += [1, 2]  # "1 2" occurred: drafts, then all rejected: misses again
+    a.num_computed_tokens = a.num_tokens - 1
+    for _ in range(MISSES_BEFORE_BACKOFF):
+        spec.propose([a])
+        assert a.spec_token_ids == [3, 4]
+        assert spec.accept(a, [9, 9, 9]) == 1
+    assert a.spec_state.backoff == 2 * BACKOFF_TOKENS and not may_propose(a)
+    a.spec_state.cold_until = 0
+    spec.propose([a])
+    assert spec.accept(a, [3, 9, 9]) == 2 and a.spec_state.backoff == 0 and a.spec_state.misses == 0
 
 
 def test_scheduler_cuts_drafts_to_the_budget_and_drops_them_before_preempting():
