@@ -209,6 +209,11 @@ def main() -> None:
         res["pulls"] += json.loads(lines[-1]) if lines else [{"transport": "nixl", "ucx_tls": a.tcp_tls, "error": r.stderr[-2000:]}]
     if "mesh" in a.stages:
         try:
+            if not Path(a.tok).exists():  # a synthetic byte-level tokenizer of the model's vocabulary
+                from benchmarks.synthetic_tokenizer import write as write_tokenizer
+                from pdmesh.models.arch import arch_from_hf_config
+                from pdmesh.models.presets import PRESETS
+                write_tokenizer(arch_from_hf_config(PRESETS["qwen2.5-0.5b"]).vocab_size, Path(a.tok))
             res["mesh"] = mesh(a.tok)
         except Exception as exc:  # noqa: BLE001 - report, keep the pull figures
             res["mesh"] = {"error": repr(exc)}
