@@ -69,7 +69,7 @@ def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(ts) * 1e3
 
 
-def pulls(src_dev: str, dst_dev: str, which: list[str]) -> list[dict]:
+def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0) -> list[dict]:
     import torch
 
     from pdmesh.transport.base import TransferState
@@ -110,7 +110,7 @@ def pulls(src_dev: str, dst_dev: str, which: list[str]) -> list[dict]:
                         "fraction_of_copy_bw": ref_ms / ms, "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
         if "nixl" in which:
             t0 = time.perf_counter()
-            agent = NixlAgent("bench-dst", dst, "dst")
+            agent = NixlAgent("bench-dst", dst, "dst", num_threads=nixl_threads)
             tr = NixlKVTransport(None, agent)  # type: ignore[arg-type]
             peer = tr._open_peer(kpb.NixlMetadata.FromString(md_bytes))
             setup_ms = (time.perf_counter() - t0) * 1e3
@@ -123,7 +123,7 @@ def pulls(src_dev: str, dst_dev: str, which: list[str]) -> list[dict]:
 
             dst.kv.zero_()
             ms = _median_ms(read)
-            out.append({**base, "transport": "nixl", "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
+            out.append({**base, "transport": "nixl", "nixl_threads": nixl_threads, "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
                         "fraction_of_copy_bw": ref_ms / ms, "agent_and_peer_setup_ms": setup_ms,
                         "descriptors_per_pull": n * dst.kv.shape[0],
                         "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
@@ -152,7 +152,7 @@ def mesh(tok: str) -> dict:
     grpc_port = free_port()
     svc = Services(Path(tempfile.mkdtemp()), prefill=0, decode=0, worker_args=common,
                    workers=(("prefill-0", ("--device", "cuda:0")), ("decode-0", ("--device", "cuda:1"))),
-                   gateway_args=("--grpc-port", str(grpc_port)))
+                   gateway_args=("--grpc-port", str(grpc_port), *common[:8]))  # the gateway's model and tokenizer
     out: dict = {"model": model, "placement": "prefill cuda:0, decode cuda:1", "transport": "nixl"}
     got = []
     try:
@@ -192,21 +192,40 @@ def main() -> None:
     ap.add_argument("--tok", default=".gpu_tok")
     ap.add_argument("--tcp-tls", default="tcp,cuda_copy", help="UCX_TLS of the NIXL-over-TCP measurement")
     ap.add_argument("--devices", nargs=2, default=["cuda:0", "cuda:1"], help="source and destination (cpu cpu: a CPU check of the nixl path)")
+    ap.add_argument("--nixl-threads", type=int, nargs="+", default=[0, 8],
+                    help="NIXL UCX backend worker threads to measure (each a child process with the default UCX_TLS)")
+    ap.add_argument("--nixl-tls", nargs="*", default=["cuda_ipc,cuda_copy,tcp,self"],
+                    help="further UCX_TLS settings to measure NIXL's GPU-to-GPU pull under (with the most threads)")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # child run: 'nixl' pulls alone, as JSON
     a = ap.parse_args()
     if a.only:
-        print(json.dumps(pulls(*a.devices, [a.only])))
+        print(json.dumps(pulls(*a.devices, [a.only], a.nixl_threads[0])))
         return
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     if "pulls" in a.stages:
         cpu = a.devices[0] == "cpu"
-        res["pulls"] = pulls(*a.devices, ["nixl"] if cpu else ["cuda_ipc", "nixl"])
-        env = dict(os.environ, UCX_TLS="tcp" if cpu else a.tcp_tls)
-        r = subprocess.run([sys.executable, __file__, "--only", "nixl", "--devices", *a.devices], env=env, capture_output=True, text=True, timeout=300)
-        print(r.stdout[-4000:] + r.stderr[-4000:], flush=True)
-        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
-        res["pulls"] += json.loads(lines[-1]) if lines else [{"transport": "nixl", "ucx_tls": a.tcp_tls, "error": r.stderr[-2000:]}]
+        res["pulls"] = pulls(*a.devices, ["cuda_ipc"]) if not cpu else []
+        most = max(a.nixl_threads)
+        variants = [(t, None) for t in a.nixl_threads] + [(most, tls) for tls in ([] if cpu else a.nixl_tls)]
+        variants.append((most, "tcp" if cpu else a.tcp_tls))  # the stand-in for a link between hosts
+        for threads, tls in variants:  # each in a child: UCX reads UCX_TLS once per process
+            env = dict(os.environ, UCX_PROTO_INFO="y")
+            if tls is not None:
+                env["UCX_TLS"] = tls
+            r = subprocess.run([sys.executable, __file__, "--only", "nixl", "--devices", *a.devices, "--nixl-threads", str(threads)],
+                               env=env, capture_output=True, text=True, timeout=300)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
+            # UCX_PROTO_INFO: the protocol table UCX chose for the remote reads (which link moved the bytes)
+            text = (r.stdout + r.stderr).splitlines()
+            proto = [ln.split("]", 1)[-1].strip() for i, ln in enumerate(text)
+                     if any("remote memory read" in x for x in text[max(0, i - 4):i + 1])][:12]
+            got = json.loads(lines[-1]) if lines else [{"transport": "nixl", "ucx_tls": tls or "", "nixl_threads": threads,
+                                                       "error": r.stderr[-2000:]}]
+            for g in got:
+                g["ucx_protocols"] = proto
+            res["pulls"] += got
+            print(json.dumps(got)[:1500], flush=True)
     if "mesh" in a.stages:
         try:
             if not Path(a.tok).exists():  # a synthetic byte-level tokenizer of the model's vocabulary
@@ -221,7 +240,7 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     for r in res.get("pulls", []):
         if "pull_ms" in r:
-            print(f"{r['transport']:9s} UCX_TLS={r['ucx_tls'] or '-':14s} {r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
+            print(f"{r['transport']:9s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} {r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
                   f"= {r['fraction_of_copy_bw']:.2f} of the contiguous copy ({r['contiguous_gbps']:.0f} GB/s) data_equal={r['data_equal']}")
 
 

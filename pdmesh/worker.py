@@ -81,6 +81,9 @@ class WorkerConfig:
     """KV transports this worker offers, in order of preference: cuda_ipc (same host), nixl
     (needs NIXL installed), grpc. Empty: cuda_ipc, nixl (when installed), grpc on CUDA; grpc on CPU.
     The scheduler pairs workers over a transport both offer and can use (cuda_ipc only on one host)."""
+    nixl_threads: int = 0
+    """Worker threads of NIXL's UCX backend that post one transfer's descriptors in parallel
+    (0: the backend's single progress thread). A pull is one descriptor per (layer, block)."""
     max_pending_requests: int = 1024
     """Requests this worker takes at once (queued and running); beyond it new ones are refused with
     RESOURCE_EXHAUSTED, which the gateway answers with 429 (or retries elsewhere)."""
@@ -100,6 +103,7 @@ class WorkerConfig:
         _require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds", "must be >= --kv-lease-seconds")
         _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
         _require(self.max_pending_requests >= 1, "max_pending_requests", "must be >= 1")
+        _require(0 <= self.nixl_threads <= 64, "nixl_threads", "must be in 0..64")
         check_choices(self)
         FaultPlan.parse(self.inject_kv_faults)
         _require(len(set(self.kv_transports)) == len(self.kv_transports), "kv_transports", "lists a transport twice")
@@ -185,7 +189,8 @@ class WorkerRuntime:
             return None
         from pdmesh.transport.nixl import NixlAgent
 
-        return NixlAgent(f"pdmesh-{ROLE_NAMES[self.role]}-{self.incarnation}", self.llm.pool, self.incarnation)
+        return NixlAgent(f"pdmesh-{ROLE_NAMES[self.role]}-{self.incarnation}", self.llm.pool, self.incarnation,
+                         num_threads=self.wcfg.nixl_threads)
 
     @property
     def llm(self) -> LLMEngine:

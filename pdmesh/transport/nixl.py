@@ -66,16 +66,18 @@ def region_index(num_layers: int, per_layer: int, block_ids: Sequence[int]) -> n
 class NixlAgent:
     """This worker's NIXL agent, with its KV pool registered once."""
 
-    def __init__(self, name: str, pool: KVCachePool, incarnation: str) -> None:
+    def __init__(self, name: str, pool: KVCachePool, incarnation: str, num_threads: int = 0) -> None:
         api = import_nixl()
         self.api = api
+        self.pool = pool
+        self.use_device()
         cfg = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"],
-                                    sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+                                    num_threads=num_threads, sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.agent = api.nixl_agent(name, cfg)
         if "UCX" not in self.agent.backends:
             raise TransferError("NIXL has no UCX backend here")
         self.name = name
-        self.pool = pool
+        self.num_threads = num_threads
         self.incarnation = incarnation
         kv = pool.kv
         self.mem_type = "VRAM" if kv.device.type == "cuda" else "DRAM"
@@ -88,6 +90,15 @@ class NixlAgent:
         self.local = self.agent.prep_xfer_dlist("", self.descs(self.base), self.mem_type)
         log.info("NIXL agent %s: registered a %.1f MB KV pool (%s, %d regions) in %.1f ms", name, kv.numel() * kv.element_size() / 1e6,
                  self.mem_type, self.num_layers * self.per_layer, (time.perf_counter() - t0) * 1e3)
+
+    def use_device(self) -> None:
+        """Make the pool's GPU current on the calling thread before any NIXL call: UCX picks its
+        links (cuda_ipc over NVLink) from the thread's CUDA context, and a thread without one, or
+        with another GPU's, falls back to staged copies."""
+        if self.pool.kv.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.pool.kv.device)
 
     def descs(self, base: int, per_layer: Optional[int] = None, num_layers: Optional[int] = None,
               block_bytes: Optional[int] = None, device_id: Optional[int] = None) -> np.ndarray:
@@ -185,6 +196,7 @@ class NixlKVTransport(OneSidedTransport):
     def _open_peer(self, md: kpb.NixlMetadata) -> NixlPeer:
         """Load the peer's agent and prepare its pool's descriptor list (once per incarnation)."""
         a = self.agent
+        a.use_device()
         if (md.num_layers, md.block_bytes) != (a.num_layers, a.block_bytes):
             raise TransferError(f"NIXL peer pool differs: {md.num_layers} layers x {md.block_bytes} B blocks")
         name = a.agent.add_remote_agent(md.agent_metadata)
@@ -212,6 +224,7 @@ class NixlKVTransport(OneSidedTransport):
     def read(self, peer: NixlPeer, src: Sequence[int], dst: Sequence[int]) -> NixlRead:
         """Post one READ of blocks ``src`` of the peer into local blocks ``dst`` (all layers)."""
         a = self.agent
+        a.use_device()
         local_idx = region_index(a.num_layers, a.per_layer, dst)
         remote_idx = region_index(a.num_layers, peer.per_layer, src)
         nbytes = len(local_idx) * a.block_bytes
