@@ -203,6 +203,8 @@ class KVTiers:
         self._reads: dict[bytes, tuple[Future, int, float]] = {}
         """Disk -> host reads in flight: hash -> (future, host slot, start)."""
         self._holds = 0
+        self._deferred: list[tuple[int, bytes]] = []
+        """Released blocks waiting for a host slot that a disk write in flight will free."""
         self.spare_slots = max(1, self.host.num_slots // 8) if self.disk is not None else 0
         """With a disk tier, host slots kept free (or being written to disk) ahead of need."""
         blocks.released = []
@@ -213,7 +215,7 @@ class KVTiers:
     @property
     def busy(self) -> bool:
         """Disk I/O in flight (copies to and from the pool are connector entries)."""
-        return bool(self._writes or self._reads)
+        return bool(self._writes or self._reads or self._deferred)
 
     def step(self) -> None:
         """Between steps: settle finished disk I/O, copy newly released cached blocks down, and keep
@@ -229,9 +231,10 @@ class KVTiers:
                 self._spill(*victim)
 
     def _offload_released(self) -> None:
-        released, self.blocks.released = self.blocks.released, []
+        released = self._deferred + (self.blocks.released or [])
+        self.blocks.released, self._deferred = [], []
         ids, slots, hashes = [], [], []
-        for b, h in released or ():
+        for b, h in released:
             if self.blocks.block_hash[b] != h:  # evicted and reused since
                 continue
             if self.host.known(h):
@@ -240,7 +243,10 @@ class KVTiers:
                 continue
             slot = self._host_slot(h)
             if slot is None:
-                self.counters["host"].dropped_blocks += 1
+                if self._writes and len(self._deferred) < self.host.num_slots:
+                    self._deferred.append((b, h))  # a slot frees when a disk write ends: next step
+                else:
+                    self.counters["host"].dropped_blocks += 1
                 continue
             ids.append(b)
             slots.append(slot)
@@ -265,13 +271,26 @@ class KVTiers:
         else:
             log.warning("offloading %d KV blocks to host memory failed: %s", len(hashes), copy.error)
 
-    def _host_slot(self, h: bytes) -> Optional[int]:
+    def _host_slot(self, h: bytes, for_load: bool = False) -> Optional[int]:
         """A host slot for ``h``: a free one, else one evicted from the LRU end that frees at once
-        (no disk tier, or the block is on disk already); None when there is none (the background
-        eviction in ``step`` writes LRU blocks to disk to free slots ahead of need)."""
+        (no disk tier, or the block is on disk already).  Else, for a load (a block wanted now),
+        the least recently used block is dropped; for an offload it is written to disk and None
+        returned (the slot frees when the write is done: the caller retries then)."""
         slot = self.host.take(h)
         while slot is None:
             victim = self.host.evict_lru(lambda k: self.disk is None or k in self.disk)
+            if victim is None and (for_load or self.disk is None):
+                victim = self.host.evict_lru()
+                if victim is not None and self.disk is not None:
+                    self.counters["disk"].dropped_blocks += 1
+                    self.host.drop_detached(victim[1])
+                    slot = self.host.take(h)
+                    continue
+            elif victim is None:
+                victim = self.host.evict_lru() if len(self._writes) < MAX_DISK_WRITES else None
+                if victim is not None:
+                    self._spill(*victim)
+                return None
             if victim is None:
                 return None
             self._spill(*victim)
@@ -363,7 +382,7 @@ class KVTiers:
                 slot = self.host.index[h]
                 reads.append(None)
             else:
-                slot = self._host_slot(h)
+                slot = self._host_slot(h, for_load=True)
                 if slot is None:  # host memory full of blocks in use: load what comes before
                     for h2, t2 in plan[i:]:
                         if t2 == "host":
