@@ -39,7 +39,6 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,6 +50,7 @@ from pdmesh.engine.offload import LOAD_TIMEOUT_S, KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
 from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
+from pdmesh.engine.stats import EngineStats, RemoteAdmission  # noqa: F401 (re-exported)
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager, PrefixHit
@@ -92,35 +92,6 @@ def _launchable(seq: Sequence) -> bool:
 
 class RequestRejected(ValueError):
     """A request can never run here (too long, or larger than the whole KV pool)."""
-
-
-@dataclass(frozen=True)
-class RemoteAdmission:
-    """Decode side: where a remote prompt's KV must land."""
-
-    block_ids: list[int]
-    """All local blocks of the prompt, in token order."""
-    num_cached_blocks: int
-    """Leading blocks already present from the local prefix cache (not to be pulled)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_for_kv: int
-    num_held: int
-    free_blocks: int
-    total_blocks: int
-    held_blocks: int
-    prefix_queries: int
-    prefix_hits: int
-    audit_mismatches: int = 0
-    transfers_stopping: int = 0
-    """Stopped KV transfers whose blocks wait until they certainly write no more."""
-    quarantined_blocks: int = 0
-    tiers: Optional[dict] = None
-    """Lower KV tiers: {'host' | 'disk': TierCounters} (None without tiers)."""
 
 
 class LLMEngine:
