@@ -190,6 +190,10 @@ class CacheConfig:
     """Size limit of the disk KV tier in GiB (least recently used blocks deleted first)."""
     kv_offload_io_threads: int = 4
     """Threads reading and writing disk KV blocks."""
+    kv_offload_flush_seconds: float = 10.0
+    """On a graceful shutdown, seconds at most spent writing the host tier's blocks that the disk
+    tier lacks to disk (least recently used first), so that a restarted worker finds its hottest
+    blocks too. 0: none (only blocks already evicted to disk survive a restart)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
@@ -199,6 +203,7 @@ class CacheConfig:
         _require(self.kv_offload_cpu_gb >= 0, "kv_offload_cpu_gb", "must be >= 0")
         _require(self.kv_offload_disk_gb >= 0, "kv_offload_disk_gb", "must be >= 0")
         _require(self.kv_offload_io_threads >= 1, "kv_offload_io_threads", "must be >= 1")
+        _require(self.kv_offload_flush_seconds >= 0, "kv_offload_flush_seconds", "must be >= 0")
         _require(self.kv_offload_cpu_gb == 0 or self.enable_prefix_caching, "kv_offload_cpu_gb",
                  "lower KV tiers hold prefix-cached blocks: not with --no-enable-prefix-caching")
         _require(bool(self.kv_offload_disk_path) == (self.kv_offload_disk_gb > 0), "kv_offload_disk_gb",

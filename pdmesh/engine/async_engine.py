@@ -101,6 +101,11 @@ class AsyncEngine:
                         break
                     self._cv.wait()
                 if self._stop:
+                    if eng.tiers is not None:  # a graceful stop: the host tier's blocks go to disk
+                        try:
+                            eng.tiers.flush(eng.poll_transfers, eng.config.cache.kv_offload_flush_seconds)
+                        except Exception:  # noqa: BLE001 - a flush is best effort
+                            log.exception("writing the host KV tier to disk at shutdown failed")
                     break
                 cmds = list(self._cmds)
                 self._cmds.clear()

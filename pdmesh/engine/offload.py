@@ -412,6 +412,36 @@ class KVTiers:
             c.load_seconds += load.copy.device_seconds() or (time.monotonic() - job.started)
         return n
 
+    def flush(self, poll: Callable[[], bool], seconds: float) -> int:
+        """A graceful shutdown (engine thread, nothing left to run): let the copies and disk I/O in
+        flight finish (``poll``: the engine's ``poll_transfers``), then write every host block the
+        disk tier lacks to disk, least recently used first (so a restart's scan, oldest first,
+        keeps the hottest longest), within ``seconds`` in all.  Returns the blocks written."""
+        if self.disk is None or seconds <= 0:
+            return 0
+        deadline = time.monotonic() + seconds
+        while poll() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        writes = []
+        for h, slot in list(self.host.index.items()):
+            if h in self.disk or (doomed := self.disk.begin_write(h)) is None:
+                continue
+            self.host.add_reader(slot)
+            writes.append((h, slot, self.io.submit(write_block_file, self.disk.path(h), h, self.host.slot_bytes(slot), doomed)))
+        written = 0
+        for h, slot, fut in writes:
+            try:
+                self.counters["disk"].offload_bytes += fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                ok = True
+            except Exception as exc:  # noqa: BLE001 - a block not written is only a later miss
+                ok = False
+                log.warning("writing KV block %s to disk at shutdown failed or ran out of time: %r", h.hex(), exc)
+            self.disk.end_write(h, ok)
+            self.host.done_reading(slot)
+            written += ok
+        log.info("KV tiers: wrote %d of %d host blocks to disk at shutdown", written, len(writes))
+        return written
+
     def snapshot(self) -> dict[str, TierCounters]:
         """The counters with occupancy filled in (a copy: safe to hand to another thread)."""
         out = {}

@@ -1,7 +1,9 @@
 """Routing by cached prefix with two prefill workers (real processes, the embedded model): the
 scheduler (--routing kv-aware) sends prompts sharing a prefix to the worker whose KV tiers hold it,
 from the hashes workers publish in their heartbeats; after a scheduler restart (every hint lost)
-workers send them again and routing goes on; lower-tier hits count as cached tokens."""
+workers send them again and routing goes on; a prefill worker stopped and started again (SIGTERM:
+its host tier goes to disk) serves the prefix from its disk tier, counted as cached tokens, with the
+same tokens."""
 
 from __future__ import annotations
 
@@ -33,17 +35,24 @@ def holder(svc: Services, min_hashes: int = 6) -> str:
     return wait_until(find, 15, "a prefill worker's prefix hashes reach the scheduler")
 
 
+def tiers(tmp, i: int) -> tuple[str, ...]:
+    return ("--kv-offload-cpu-gb", "0.05", "--kv-offload-disk-path", str(tmp / f"kv-{i}"), "--kv-offload-disk-gb", "0.1")
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kvroute")
-    tiers = lambda i: ("--kv-offload-cpu-gb", "0.05", "--kv-offload-disk-path", str(tmp / f"kv-{i}"),  # noqa: E731
-                       "--kv-offload-disk-gb", "0.1")
     svc = Services(tmp, prefill=0, decode=1, scheduler_args=("--routing", "kv-aware"),
-                   workers=(("prefill-0", tiers(0)), ("prefill-1", tiers(1))))
+                   workers=(("prefill-0", tiers(tmp, 0)), ("prefill-1", tiers(tmp, 1))))
+    svc.kv_tmp = tmp
     svc.wait_workers(2, 1)
     yield svc
     rcs = svc.stop_all()
     assert all(rc == 0 for rc in rcs.values()), rcs
+
+
+def name_of(svc: Services, worker_id: str) -> str:
+    return next(n for n in ("prefill-0", "prefill-1") if worker_id.endswith(f"-{svc.ports[n][0]}"))
 
 
 def prefix_hits(svc: Services, name: str) -> float:
@@ -54,8 +63,7 @@ def prefix_hits(svc: Services, name: str) -> float:
 def test_kv_aware_sends_a_shared_prefix_where_it_is_cached(mesh):
     first, cached = ask(mesh.base, [7, 8, 9])
     assert cached == 0
-    owner = holder(mesh)
-    other = "prefill-1" if owner.endswith(str(mesh.ports["prefill-0"][0])) else "prefill-0"
+    other = "prefill-1" if name_of(mesh, holder(mesh)) == "prefill-0" else "prefill-0"
     before = prefix_hits(mesh, other)
     for i in range(4):  # same prefix, other suffixes: each goes where the prefix is
         _, cached = ask(mesh.base, [20 + i, 30 + i])
@@ -85,3 +93,19 @@ def test_routing_by_prefix_survives_a_scheduler_restart(mesh):
     for i in range(3):
         _, cached = ask(mesh.base, [40 + i])
         assert cached >= 6 * BLOCK, i
+
+
+def test_a_restarted_prefill_worker_serves_the_prefix_from_its_disk_tier(mesh):
+    text, _ = ask(mesh.base, [7, 8, 9])
+    name = name_of(mesh, holder(mesh))
+    i = int(name[-1])
+    assert mesh.stop(name) == 0  # SIGTERM: what its host tier holds is written to disk
+    mesh.start(name, tiers(mesh.kv_tmp, i))
+    mesh.wait_registered(name)
+    mesh.wait_workers(2, 1)
+    assert name_of(mesh, holder(mesh)) == name  # its disk blocks, published on registration
+    again, cached = ask(mesh.base, [7, 8, 9])
+    assert again == text and cached == 6 * BLOCK  # nothing on its device or in host memory: all from disk
+    m = wait_until(lambda: (lambda m: m if m.get('pdmesh:kv_tier_hits_total{tier="disk"}') else None)(
+        scrape(mesh.metrics_url(name))), 5, "the worker's tier counters are refreshed")
+    assert m['pdmesh:kv_tier_hits_total{tier="disk"}'] == 6 * BLOCK and m.get("pdmesh:prefix_cache_hits_total", 0) == 0

@@ -160,3 +160,30 @@ def test_abort_during_a_load_frees_every_block_and_slot(model_dir, reference, tm
     toks, cached, _ = run(eng, "A2", A2)  # the tiers still serve it afterwards
     assert toks == reference["A2"] and cached == 72
     idle(eng)
+
+
+def test_disk_tier_stays_within_its_size(model_dir, tmp_path):
+    eng = engine(model_dir, host_blocks=4, disk=tmp_path / "kv", disk_blocks=6)
+    for name, p in (("A", A), ("B", B), ("C", C)):
+        run(eng, name, p)
+    idle(eng)
+    d = eng.tiers.disk
+    files = sorted(d.dir.glob("*/*"))
+    assert len(d.index) == 6 and {p.stem for p in files} == {h.hex() for h in d.index}  # nothing else on disk
+    assert sum(p.stat().st_size for p in files) == 6 * (BLOCK_BYTES + 36) <= d.capacity
+    c = eng.stats().tiers["disk"]
+    assert c.used_bytes == 6 * (BLOCK_BYTES + 36) and c.offload_bytes > c.used_bytes  # more went down than stayed
+
+
+def test_a_graceful_stop_writes_host_blocks_to_disk_for_the_next_start(model_dir, reference, tmp_path):
+    eng = engine(model_dir, host_blocks=64, disk=tmp_path / "kv")
+    run(eng, "A", A)
+    idle(eng)
+    assert all(h in eng.tiers.host and h not in eng.tiers.disk for h in a_chain())  # A is in host memory only
+    assert eng.tiers.flush(eng.poll_transfers, 10.0) >= 9
+    assert all(h in eng.tiers.disk for h in a_chain())
+    del eng
+    again = engine(model_dir, host_blocks=64, disk=tmp_path / "kv")
+    toks, cached, _ = run(again, "A2", A2)
+    assert toks == reference["A2"] and cached == 72 and again.stats().tiers["disk"].hits == 72
+    idle(again)

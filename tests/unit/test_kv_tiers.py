@@ -182,7 +182,7 @@ def test_kv_events_gap_drops_hints_until_a_reset():
 
 @pytest.mark.parametrize("bad", [dict(kv_offload_cpu_gb=-1), dict(kv_offload_disk_path="/x"),
                                  dict(kv_offload_disk_gb=1.0), dict(kv_offload_disk_path="/x", kv_offload_disk_gb=1.0),
-                                 dict(kv_offload_cpu_gb=1.0, enable_prefix_caching=False)])
+                                 dict(kv_offload_cpu_gb=1.0, enable_prefix_caching=False), dict(kv_offload_flush_seconds=-1)])
 def test_tier_flags_are_validated(bad):
     from pdmesh.config import CacheConfig, ConfigError
 
