@@ -42,11 +42,13 @@ def _pool(device: str, blocks: int):
     return KVCachePool(arch, blocks, BLOCK, torch.bfloat16, torch.device(device))
 
 
-def _ids(n: int) -> tuple[list[int], list[int]]:
+def _ids(n: int, contiguous: bool = False) -> tuple[list[int], list[int]]:
+    if contiguous:  # as in a fresh pool: NIXL merges adjacent descriptors into one region per layer
+        return list(range(n)), list(range(2 * n, 3 * n))
     return list(range(0, 2 * n, 2)), list(range(3 * n, 2 * n, -1))[:n]  # scattered pages, as after real traffic
 
 
-def _owner(device: str, blocks: int, conn) -> None:
+def _owner(device: str, blocks: int, conn, contiguous: bool = False) -> None:
     """Child: a source pool with random KV, offered by CUDA IPC handle and NIXL metadata."""
     from pdmesh.transport.cuda_ipc import export_handle
     from pdmesh.transport.nixl import NixlAgent
@@ -55,7 +57,7 @@ def _owner(device: str, blocks: int, conn) -> None:
     pool.kv.normal_()
     agent = NixlAgent("bench-src", pool, "src")
     handle = export_handle(pool, "src").SerializeToString() if pool.kv.is_cuda else b""
-    conn.send((handle, agent.metadata().SerializeToString(), None if pool.kv.is_cuda else pool.kv[:, _ids(blocks // 4)[0]]))
+    conn.send((handle, agent.metadata().SerializeToString(), None if pool.kv.is_cuda else pool.kv[:, _ids(blocks // 4, contiguous)[0]]))
     conn.recv()
 
 
@@ -69,7 +71,7 @@ def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(ts) * 1e3
 
 
-def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0) -> list[dict]:
+def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, contiguous: bool = False) -> list[dict]:
     import torch
 
     from pdmesh.transport.base import TransferState
@@ -80,13 +82,13 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0) -
     n = -(-TOKENS // BLOCK)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=_owner, args=(src_dev, 4 * n, child))
+    p = ctx.Process(target=_owner, args=(src_dev, 4 * n, child, contiguous))
     p.start()
     out = []
     try:
         h_bytes, md_bytes, cpu_want = parent.recv()
         dst = _pool(dst_dev, 4 * n)
-        src_ids, dst_ids = _ids(n)
+        src_ids, dst_ids = _ids(n, contiguous)
         nbytes = n * dst.layout.block_bytes
         remote = open_handle(kpb.CudaIpcHandle.FromString(h_bytes)) if h_bytes else None
         want = remote[:, src_ids].cpu() if remote is not None else cpu_want
@@ -101,7 +103,8 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0) -
         ref_ms = _median_ms(contiguous)
         base = {"model": PRESET, "tokens": TOKENS, "bytes": nbytes, "src": src_dev, "dst": dst_dev,
                 "contiguous_copy_ms": ref_ms, "contiguous_gbps": nbytes / ref_ms / 1e6,
-                "ucx_tls": os.environ.get("UCX_TLS", "")}
+                "ucx_tls": os.environ.get("UCX_TLS", ""),
+                "blocks": "contiguous" if contiguous else "scattered"}
         if "cuda_ipc" in which:
             tr = CudaIpcTransport(None, torch.device(dst_dev))  # type: ignore[arg-type]
             dst.kv.zero_()
@@ -196,10 +199,11 @@ def main() -> None:
                     help="NIXL UCX backend worker threads to measure (each a child process with the default UCX_TLS)")
     ap.add_argument("--nixl-tls", nargs="*", default=["cuda_ipc,cuda_copy,tcp,self"],
                     help="further UCX_TLS settings to measure NIXL's GPU-to-GPU pull under (with the most threads)")
+    ap.add_argument("--contiguous", action="store_true", help=argparse.SUPPRESS)  # child run: consecutive block ids
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # child run: 'nixl' pulls alone, as JSON
     a = ap.parse_args()
     if a.only:
-        print(json.dumps(pulls(*a.devices, [a.only], a.nixl_threads[0])))
+        print(json.dumps(pulls(*a.devices, [a.only], a.nixl_threads[0], a.contiguous)))
         return
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
@@ -207,13 +211,15 @@ def main() -> None:
         cpu = a.devices[0] == "cpu"
         res["pulls"] = pulls(*a.devices, ["cuda_ipc"]) if not cpu else []
         most = max(a.nixl_threads)
-        variants = [(t, None) for t in a.nixl_threads] + [(most, tls) for tls in ([] if cpu else a.nixl_tls)]
-        variants.append((most, "tcp" if cpu else a.tcp_tls))  # the stand-in for a link between hosts
-        for threads, tls in variants:  # each in a child: UCX reads UCX_TLS once per process
+        variants = [(t, None, False) for t in a.nixl_threads] + [(most, tls, False) for tls in ([] if cpu else a.nixl_tls)]
+        variants.append((most, "tcp" if cpu else a.tcp_tls, False))  # the stand-in for a link between hosts
+        variants.append((most, None, True))  # consecutive blocks on both sides (merged descriptors)
+        for threads, tls, contiguous in variants:  # each in a child: UCX reads UCX_TLS once per process
             env = dict(os.environ, UCX_PROTO_INFO="y")
             if tls is not None:
                 env["UCX_TLS"] = tls
-            r = subprocess.run([sys.executable, __file__, "--only", "nixl", "--devices", *a.devices, "--nixl-threads", str(threads)],
+            r = subprocess.run([sys.executable, __file__, "--only", "nixl", "--devices", *a.devices, "--nixl-threads", str(threads)]
+                               + (["--contiguous"] if contiguous else []),
                                env=env, capture_output=True, text=True, timeout=300)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
             # UCX_PROTO_INFO: the protocol table UCX chose for the remote reads (which link moved the bytes)
@@ -240,7 +246,7 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     for r in res.get("pulls", []):
         if "pull_ms" in r:
-            print(f"{r['transport']:9s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} {r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
+            print(f"{r['transport']:9s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} {r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
                   f"= {r['fraction_of_copy_bw']:.2f} of the contiguous copy ({r['contiguous_gbps']:.0f} GB/s) data_equal={r['data_equal']}")
 
 
