@@ -246,7 +246,8 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     for r in res.get("pulls", []):
         if "pull_ms" in r:
-            print(f"{r['transport']:9s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} {r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
+            print(f"{r['transport']:9s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} "
+                  f"{r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
                   f"= {r['fraction_of_copy_bw']:.2f} of the contiguous copy ({r['contiguous_gbps']:.0f} GB/s) data_equal={r['data_equal']}")
 
 

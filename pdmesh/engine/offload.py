@@ -325,7 +325,7 @@ class KVTiers:
                     c = self.counters["disk"]
                     c.offload_bytes += fut.result()
                     c.offload_seconds += now - t0
-        for h, (fut, slot, t0) in list(self._reads.items()):
+        for h, (fut, _slot, t0) in list(self._reads.items()):
             if fut.done():
                 del self._reads[h]
                 why = fut.exception() or fut.result()

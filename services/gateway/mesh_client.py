@@ -101,7 +101,8 @@ class MeshClient:
                 metadata=tracecontext.metadata(trace.traceparent))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
+            unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "")
+            msg = "the scheduler is unreachable" if unreachable else exc.details()
             raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
 
     async def _start(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
@@ -114,9 +115,9 @@ class MeshClient:
             trace.attempts = attempt + 1
             try:
                 route = await self._route(rid, model, prompt, exclude, deadline, trace)
-            except MeshError:
+            except MeshError as exc:
                 if last is not None:  # no other worker left: the earlier refusal says why
-                    raise last
+                    raise last from exc
                 raise
             trace.prefill_worker, trace.decode_worker, trace.route_reason = route.prefill.worker_id, route.decode.worker_id, route.reason
             try:
@@ -147,7 +148,7 @@ class MeshClient:
             first = await messages.__anext__()
         except StopAsyncIteration:
             call.cancel()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token") from None
         except BaseException:
             call.cancel()
             raise
