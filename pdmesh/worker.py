@@ -8,6 +8,10 @@ Lifecycle of a worker process
 3. Register with the scheduler and heartbeat load; re-register by itself if the scheduler restarts.
 4. On SIGTERM/SIGINT: health NOT_SERVING, heartbeats say ``draining`` (no new routes), refuse new
    requests, wait up to ``--drain-timeout`` for in-flight ones, deregister, stop, exit 0.
+5. If the engine stops (its thread failed) or, with ``--tensor-parallel-size``, a rank process dies:
+   in-flight requests end with an error, the worker deregisters, stops at once and exits with
+   status 1 (the other ranks are killed): the mesh sees a dead worker (routing drops it; prefill
+   leases of KV it was pulling expire), never a half-alive one.
 """
 
 from __future__ import annotations
@@ -246,17 +250,40 @@ class WorkerRuntime:
         tasks = [self._registration_task, asyncio.create_task(self._refresh_gauges()),
                  asyncio.create_task(watch_event_loop(self.metrics))]
         tasks += [asyncio.create_task(c) for c in background(self)]
+        fatal: asyncio.Future = asyncio.get_running_loop().create_future()
+        tasks.append(asyncio.create_task(self._watch_engine(fatal)))
         log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
         metrics = self.metrics.port if self.wcfg.metrics_port >= 0 else -1
-        print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}", flush=True)
-        await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain)
+        tp = self.ecfg.device.tensor_parallel_size
+        print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}"
+              + (f" tp={tp} devices={self.ecfg.device.device}" if tp > 1 else ""), flush=True)
+        why = await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain, fatal)
+        if why is not None:  # the engine or a rank is gone: fail what is in flight, leave the mesh, exit 1
+            self.engine.fail(why)
+            ranks = self.llm.ranks
+            if ranks is not None:
+                ranks.kill()
         await self.registration.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.engine.shutdown()
+        await self.engine.shutdown(timeout=5.0 if why is not None else 30.0)
         await self.channels.close()
         self.tel.shutdown()
+        if why is not None:
+            raise SystemExit(1)
+
+    async def _watch_engine(self, fatal: asyncio.Future, interval: float = 0.2) -> None:
+        """Resolve ``fatal`` when the engine thread has stopped or a rank process died."""
+        while not fatal.done():
+            ranks = self.llm.ranks
+            why = ranks.dead() if ranks is not None else None
+            if why is None and not self.engine.alive:
+                why = f"the engine stopped: {self.engine.error!r}"
+            if why is not None:
+                fatal.set_result(why)
+                return
+            await asyncio.sleep(interval)
 
     def _on_step(self, outputs, dt: float, kind: str) -> None:
         """Per-step metrics (loop thread): step time by kind, tokens, and for requests whose
