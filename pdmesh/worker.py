@@ -260,9 +260,8 @@ class WorkerRuntime:
         why = await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain, fatal)
         if why is not None:  # the engine or a rank is gone: fail what is in flight, leave the mesh, exit 1
             self.engine.fail(why)
-            ranks = self.llm.ranks
-            if ranks is not None:
-                ranks.kill()
+            if self.llm.ranks is not None:
+                self.llm.ranks.kill()
         await self.registration.stop()
         for t in tasks:
             t.cancel()
@@ -271,16 +270,31 @@ class WorkerRuntime:
         await self.channels.close()
         self.tel.shutdown()
         if why is not None:
-            raise SystemExit(1)
+            # Exit now: a process group whose peer died may abort in its destructors at interpreter exit.
+            logging.shutdown()
+            os._exit(1)
 
     async def _watch_engine(self, fatal: asyncio.Future, interval: float = 0.2) -> None:
-        """Resolve ``fatal`` when the engine thread has stopped or a rank process died."""
+        """When the engine thread has stopped or a rank process died: refuse new requests, leave
+        routing (deregister), then resolve ``fatal`` (the server stops)."""
+        ranks = self.llm.ranks  # kept: the engine lets go of it when it closes
         while not fatal.done():
-            ranks = self.llm.ranks
             why = ranks.dead() if ranks is not None else None
             if why is None and not self.engine.alive:
                 why = f"the engine stopped: {self.engine.error!r}"
+                for _ in range(10 if ranks is not None else 0):  # a collective fails as soon as a rank dies
+                    await asyncio.sleep(0.1)
+                    dead = ranks.dead()
+                    if dead:
+                        why = f"{dead}; {why}"
+                        break
             if why is not None:
+                log.error("%s: leaving the mesh", why)
+                self.draining = True
+                if self.registration is not None and self._registration_task is not None:
+                    self.registration.draining = True
+                    await self.registration.stop()
+                    await asyncio.wait([self._registration_task], timeout=self.wcfg.rpc_timeout)
                 fatal.set_result(why)
                 return
             await asyncio.sleep(interval)

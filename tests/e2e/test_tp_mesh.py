@@ -21,21 +21,6 @@ WORKERS = ("prefill-0", "prefill-1", "decode-0", "decode-1")
 TP = {"prefill-0": 2, "prefill-1": 1, "decode-0": 1, "decode-1": 2}
 
 
-@pytest.fixture(scope="module")
-def tiny_qwen3(tmp_path_factory, embedded_dir) -> str:
-    """A random Qwen3 (4 heads, 2 KV heads: one per rank at TP 2) on the embedded tokenizer's vocabulary."""
-    import transformers
-
-    cfg = transformers.Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                                   initializer_range=0.3, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-                                   pad_token_id=None)
-    torch.manual_seed(7)
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
-    return str(path)
-
-
 def _flags(name: str, transports: tuple[str, ...]) -> tuple[str, ...]:
     return ("--tensor-parallel-size", str(TP[name]), "--kv-transports", *transports)
 
