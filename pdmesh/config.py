@@ -219,10 +219,12 @@ class DeviceConfig:
     """Ranks the model is split over (one process and one GPU each; on CPU, processes): attention
     heads, MLP and vocabulary are divided among them, KV heads too (replicated when fewer than the
     ranks). Rank 0 serves and schedules; the others run the same steps on their shards."""
-    tp_all_reduce: Literal["auto", "nccl", "symm_mem"] = "auto"
+    tp_all_reduce: Literal["auto", "nccl", "symm_mem", "flashinfer"] = "auto"
     """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
-    two-shot, for small messages; NCCL above its buffer) or 'auto' (nccl; see results/README.md).
-    gloo on CPU."""
+    one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's
+    TensorRT-LLM all-reduce fused with the residual add and RMSNorm, up to --max-num-seqs rows;
+    NCCL above) or 'auto' (nccl; see results/README.md). One that cannot start on every rank falls
+    back to NCCL (logged). gloo on CPU."""
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
     decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"
