@@ -197,12 +197,18 @@ class BaseRoutingPolicy(ABC):
         """Returns (worker, reason) among non-empty ``workers`` (ROLE_BOTH)."""
 
 
+def pair_transport(p: WorkerEntry, d: WorkerEntry) -> Optional[str]:
+    """The transport prefill ``p`` hands KV to decode ``d`` over, or None when they cannot pair
+    (no transport in common, or KV layouts that do not convert)."""
+    if not kv_convertible(p.info.kv_layout, d.info.kv_layout):
+        return None
+    return shared_transport(p.info, d.info)
+
+
 def _pairs(prefills: list[WorkerEntry], decodes: list[WorkerEntry]):
     for p in prefills:
         for d in decodes:
-            if not kv_convertible(p.info.kv_layout, d.info.kv_layout):
-                continue
-            t = shared_transport(p.info, d.info)
+            t = pair_transport(p, d)
             if t is not None:
                 yield p, d, t
 
@@ -316,11 +322,11 @@ class KVAwarePolicy(LeastLoadedPolicy):
     def choose(self, prefills, decodes, prompt_tokens, prompt=None):
         if prompt is None:
             return super().choose(prefills, decodes, prompt_tokens)
-        pairable = [p for p in prefills if any(shared_transport(p.info, d.info) for d in decodes)]
+        pairable = [p for p in prefills if any(pair_transport(p, d) for d in decodes)]
         if not pairable:
             raise NoRoute("no prefill/decode pair shares a transport")
         p, why = self._best(pairable, prompt, lambda e: self.prefill_score(e)[0])
-        d, t = min(((d, t) for d in decodes if (t := shared_transport(p.info, d.info)) is not None),
+        d, t = min(((d, t) for d in decodes if (t := pair_transport(p, d)) is not None),
                    key=lambda x: (self.decode_score(x[0]), transport_rank(x[1], p.info, x[0].info)))
         return p, d, t, f"{self.name}: prefill {p.worker_id} {why}, decode {d.worker_id} load={self.decode_score(d)[0]}, transport={t}"
 
