@@ -57,7 +57,7 @@ def build_shard(config: EngineConfig, resolved: ResolvedModel, tp: TPGroup, dtyp
     t0 = time.perf_counter()
     log.info("loading %s (%s weights, %.1f B parameters%s) on %s", resolved.served_name, resolved.load_format,
              arch.num_parameters() / 1e9, f", rank {tp.rank} of {tp.size}" if tp.size > 1 else "", device)
-    model = load_model(resolved, dtype, device, max_model_len, config.model.seed, tp)
+    model = load_model(resolved, dtype, device, max_model_len, config.model.seed, tp, config.device.enable_expert_parallel)
     log.info("weights loaded in %.1f s", time.perf_counter() - t0)
     num_blocks = tp.min_int(config.cache.num_kv_blocks or size_kv(config, resolved, device, dtype, tp.size))
     pool = KVCachePool(arch, num_blocks, config.cache.block_size, dtype, device, tp.size, shared=tp.rank > 0)
