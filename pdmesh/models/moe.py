@@ -9,9 +9,14 @@ Experts are stored fused, as transformers 5 holds them: ``experts.gate_up_proj``
 (gate rows, then up rows) and ``experts.down_proj`` ``[E, H, I]``; checkpoints with one tensor per
 expert (``experts.{e}.gate_proj.weight``...) load into them.
 
-The experts are computed by ``grouped_experts``: the (token, expert) pairs sorted by expert, one
-``torch._grouped_mm`` per projection over all experts' rows, the weighted rows summed back per
-token with one ``index_add_`` (in expert order, as HF adds them).
+Two kernels compute the experts, with the same inputs and outputs:
+
+* ``grouped_experts`` (CPU, and the reference everywhere): the (token, expert) pairs sorted by
+  expert, one ``torch._grouped_mm`` per projection over all experts' rows (on CUDA, where that
+  op wants bf16 and Hopper, one matmul per expert with rows: a reference, not the hot path), the
+  weighted rows summed back per token with one ``index_add_`` (in expert order, as HF adds them).
+* ``pdmesh.models.fused_moe.fused_experts`` (CUDA with Triton): the same sort done with device ops
+  only (no host sync, so decode steps capture into CUDA graphs) and two Triton grouped GEMMs.
 
 Parallelism (``ExpertSplit``): under tensor parallelism every rank holds every expert's slice
 ``[r * I/n, (r + 1) * I/n)`` of the expert width (column-parallel gate/up, row-parallel down); with
@@ -26,12 +31,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pdmesh.distributed.group import TPGroup
 from pdmesh.models.arch import ModelArch
+from pdmesh.models.fused_moe import fused_experts, fused_moe_applies
 
 EXPERT_TENSOR = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 """A checkpoint tensor of one expert: (experts module, expert index, projection)."""
@@ -89,12 +97,12 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtyp
 
 
 def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
-                    ids: torch.Tensor, first: int) -> torch.Tensor:
+                    ids: torch.Tensor, first: int, grouped_mm: Optional[bool] = None) -> torch.Tensor:
     """The experts' output for every token, from the experts this rank holds.
 
     x [T, H]; gate_up [El, 2I, H]; down [El, H, I]; weights [T, k] (x's dtype); ids [T, k] global
     expert ids; this rank holds experts ``first .. first + El - 1`` (pairs routed elsewhere add
-    nothing) -> [T, H] in x's dtype.
+    nothing) -> [T, H] in x's dtype.  ``grouped_mm``: use ``torch._grouped_mm`` (default: on CPU).
     """
     t, k = ids.shape
     num_local, inter = gate_up.shape[0], down.shape[2]
@@ -104,12 +112,14 @@ def grouped_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     expert = local[order]
     counts = torch.bincount(expert, minlength=num_local)
     rows = x[order // k]
-    if hasattr(torch, "_grouped_mm"):
+    if grouped_mm is None:
+        grouped_mm = x.device.type == "cpu" and hasattr(torch, "_grouped_mm")
+    if grouped_mm:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         gu = torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offs)
         h = F.silu(gu[:, :inter]) * gu[:, inter:]
         y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)
-    else:  # torch without grouped matmuls: one matmul per expert that has rows
+    else:  # the reference on CUDA (and torch without grouped matmuls): one matmul per expert with rows
         y = torch.empty_like(rows)
         start = 0
         for e, c in enumerate(counts.tolist()):
@@ -175,7 +185,10 @@ class FusedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + experts + the all-reduce that combines the ranks' partial outputs."""
+    """Router + experts + the all-reduce that combines the ranks' partial outputs.
+
+    ``kernel``: 'auto' (Triton's grouped GEMMs on CUDA when Triton imports, else grouped torch
+    matmuls), 'torch' or 'triton'."""
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype, tp: TPGroup, expert_parallel: bool) -> None:
         super().__init__()
@@ -184,9 +197,21 @@ class SparseMoeBlock(nn.Module):
         self.renormalize = arch.norm_topk_prob
         self.gate = nn.Linear(arch.hidden_size, arch.num_experts, bias=False, dtype=dtype)
         self.experts = FusedExperts(arch, ExpertSplit.of(arch, tp, expert_parallel), dtype)
+        self.kernel = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] (summed over the ranks)."""
         weights, ids = route(F.linear(x, self.gate.weight), self.top_k, self.renormalize, x.dtype)
+        return self.tp.all_reduce(self.experts_out(x, weights, ids))
+
+    def experts_out(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    kernel: Optional[str] = None) -> torch.Tensor:
+        """This rank's share of the output for routed tokens (before the all-reduce)."""
         ex = self.experts
-        return self.tp.all_reduce(grouped_experts(x, ex.gate_up_proj, ex.down_proj, weights, ids, ex.split.first))
+        kernel = kernel or self.kernel
+        if kernel == "auto":
+            kernel = "triton" if fused_moe_applies(x) else "torch"
+        if kernel == "triton":
+            return fused_experts(x, ex.gate_up_proj, ex.down_proj, weights, ids, ex.split.first,
+                                 every_expert=ex.split.count == ex.split.num_experts)
+        return grouped_experts(x, ex.gate_up_proj, ex.down_proj, weights, ids, ex.split.first)

@@ -1,8 +1,12 @@
 """The mixture-of-experts layer on CPU: presets with transformers' exact shapes, the grouped expert
-kernel against a token-by-token reference, each rank's expert weights under TP and EP, and clear
-errors."""
+kernel against a token-by-token reference, the Triton kernels run by Triton's interpreter against
+it, the expert-major block layout, each rank's expert weights under TP and EP, and clear errors."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ import torch.nn.functional as F
 from pdmesh.distributed.group import TPGroup
 from pdmesh.models import build_model, check_tensor_parallel
 from pdmesh.models.arch import arch_from_hf_config
+from pdmesh.models.fused_moe import align
 from pdmesh.models.moe import grouped_experts, route
 from pdmesh.models.presets import PRESETS
 
@@ -58,11 +63,12 @@ def test_presets_have_transformers_shapes(name):
     assert abs(arch.num_parameters(active=True) - active) < 0.01e9
 
 
+@pytest.mark.parametrize("grouped_mm", [True, False])
 @pytest.mark.parametrize("first,count", [(0, 8), (2, 3), (6, 2)])
-def test_grouped_experts_equal_the_definition(first, count):
+def test_grouped_experts_equal_the_definition(first, count, grouped_mm):
     x, gate_up, down, weights, ids = random_layer()
     want = naive_experts(x, gate_up[first:first + count], down[first:first + count], weights, ids, first)
-    got = grouped_experts(x, gate_up[first:first + count], down[first:first + count], weights, ids, first)
+    got = grouped_experts(x, gate_up[first:first + count], down[first:first + count], weights, ids, first, grouped_mm)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
 
 
@@ -75,6 +81,51 @@ def test_the_ranks_of_an_expert_split_sum_to_the_whole():
     by_width = sum(grouped_experts(x, torch.cat([gate_up[:, r * i:(r + 1) * i], gate_up[:, 2 * i + r * i:2 * i + (r + 1) * i]], 1),
                                    down[:, :, r * i:(r + 1) * i], weights, ids, 0) for r in range(2))
     assert torch.allclose(by_experts, whole, atol=1e-5) and torch.allclose(by_width, whole, atol=1e-5)
+
+
+def test_align_lays_pairs_out_expert_by_expert():
+    ids = torch.tensor([[2, 0], [2, 3], [0, 2]])  # pairs 0..5: experts 2, 0, 2, 3, 0, 2
+    sorted_ids, block_expert, total = align(ids, 0, 4, 4)
+    pad = 6
+    # expert 0: pairs 1, 4; expert 1: none; expert 2: pairs 0, 2, 5; expert 3: pair 3 (each padded to 4)
+    assert sorted_ids.tolist()[:12] == [1, 4, pad, pad, 0, 2, 5, pad, 3, pad, pad, pad]
+    # capacity: 6 pairs + 4 experts * 3 padding rows, rounded up to whole blocks; unused rows are padding
+    assert sorted_ids.numel() == 20 and set(sorted_ids.tolist()[12:]) == {pad}
+    assert block_expert.tolist()[:3] == [0, 2, 3] and total.tolist() == [12]
+    # experts 2..3 on this rank (expert parallelism): pairs of experts 0..1 are nobody's here
+    sorted_ids, block_expert, total = align(ids, 2, 2, 4)
+    assert sorted_ids.tolist() == [0, 2, 5, pad, 3, pad, pad, pad, pad, pad, pad, pad]
+    assert block_expert.tolist()[:2] == [0, 1]
+    assert total.tolist() == [8]
+
+
+_INTERPRETED = r"""
+import torch
+from pdmesh.models.fused_moe import Tiles, fused_experts, tiles_for
+from pdmesh.models.moe import grouped_experts, route
+from tests.unit.test_moe import random_layer
+cases = 0
+for tokens, top_k in ((1, 2), (7, 3), (40, 2)):
+    x, gate_up, down, weights, ids = random_layer(num_experts=6, hidden=40, inter=24, tokens=tokens, top_k=top_k, seed=tokens)
+    for first, count in ((0, 6), (2, 3)):
+        gu, dn = gate_up[first:first + count], down[first:first + count]
+        want = grouped_experts(x, gu, dn, weights, ids, first)
+        for tiles in (Tiles(16, 16, 16), Tiles(32, 32, 16, group_m=2), tiles_for(tokens * top_k, count)):
+            got = fused_experts(x, gu, dn, weights, ids, first, every_expert=count == 6, tiles=tiles)
+            err = (got - want).abs().max().item()
+            assert err < 1e-5, (tokens, first, tiles, err)
+            cases += 1
+print("OK", cases)
+"""
+
+
+def test_triton_kernels_in_the_interpreter_equal_the_grouped_kernel():
+    """The fused path's Triton kernels, run by Triton's CPU interpreter (fp32, exact dots): every
+    tile shape, K not a multiple of the tile, blocks with padding rows, an expert-parallel rank."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK 18" in out.stdout, out.stderr[-3000:]
 
 
 def _moe_arch(**kw):
