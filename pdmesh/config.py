@@ -223,10 +223,12 @@ class DeviceConfig:
     """Mixture-of-experts models: each of the --tensor-parallel-size ranks holds whole experts
     (num_experts / N of them) instead of a 1/N slice of every expert; tokens go to the ranks of
     their experts and one all-reduce combines the outputs. Attention stays tensor-parallel."""
-    tp_all_reduce: Literal["auto", "nccl", "symm_mem"] = "auto"
+    tp_all_reduce: Literal["auto", "nccl", "symm_mem", "flashinfer"] = "auto"
     """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
-    two-shot, for small messages; NCCL above its buffer) or 'auto' (nccl; see results/README.md).
-    gloo on CPU."""
+    one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's
+    TensorRT-LLM all-reduce fused with the residual add and RMSNorm, up to --max-num-seqs rows;
+    NCCL above) or 'auto' (nccl; see results/README.md). One that cannot start on every rank falls
+    back to NCCL (logged). gloo on CPU."""
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
     decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"

@@ -256,7 +256,8 @@ class WorkerRuntime:
         metrics = self.metrics.port if self.wcfg.metrics_port >= 0 else -1
         tp = self.ecfg.device.tensor_parallel_size
         print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}"
-              + (f" tp={tp} devices={self.ecfg.device.device}" if tp > 1 else ""), flush=True)
+              + (f" tp={tp} devices={self.ecfg.device.device} all_reduce={self.llm.tp.all_reduce_impl}" if tp > 1 else ""),
+              flush=True)
         why = await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain, fatal)
         if why is not None:  # the engine or a rank is gone: fail what is in flight, leave the mesh, exit 1
             self.engine.fail(why)

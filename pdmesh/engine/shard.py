@@ -62,6 +62,7 @@ def build_shard(config: EngineConfig, resolved: ResolvedModel, tp: TPGroup, dtyp
              device)
     model = load_model(resolved, dtype, device, max_model_len, config.model.seed, tp, config.device.enable_expert_parallel)
     log.info("weights loaded in %.1f s", time.perf_counter() - t0)
+    tp.enable_fused_norm(config.scheduler.max_num_seqs, arch.hidden_size, dtype)  # --tp-all-reduce flashinfer only
     num_blocks = tp.min_int(config.cache.num_kv_blocks or size_kv(config, resolved, device, dtype, tp.size))
     pool = KVCachePool(arch, num_blocks, config.cache.block_size, dtype, device, tp.size, shared=tp.rank > 0)
     backend = select_backend(config.device.attention_backend, device, arch.num_heads // tp.size, pool.layout.local_kv_heads,

@@ -170,9 +170,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rot * sin
 
 
-def row_parallel(x: torch.Tensor, lin: nn.Linear, tp: TPGroup, use_gemv: bool, silu_mul: bool = False) -> torch.Tensor:
+def row_parallel(x: torch.Tensor, lin: nn.Linear, tp: TPGroup, use_gemv: bool, silu_mul: bool = False,
+                 reduce: bool = True) -> torch.Tensor:
     """A row-parallel projection: this rank's partial product (its bias only on rank 0), summed
-    over the ranks."""
+    over the ranks (``reduce=False``: not summed; the caller sums it, e.g. with the next norm)."""
     bias = lin.bias if tp.rank == 0 else None
     if use_gemv and gemv_applies(x):
         y = gemv(x, lin.weight, bias, silu_mul=silu_mul)
@@ -182,7 +183,7 @@ def row_parallel(x: torch.Tensor, lin: nn.Linear, tp: TPGroup, use_gemv: bool, s
 
             x = silu_and_mul(x)
         y = F.linear(x, lin.weight, bias)
-    return tp.all_reduce(y)
+    return tp.all_reduce(y) if reduce else y
 
 
 class GatedMLP(nn.Module):
@@ -198,15 +199,16 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""
         if self.fused and gemv_applies(x):  # one row: GEMVs, the activation inside the down one
             gu = gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-            return row_parallel(gu, self.down_proj, self.tp, True, silu_mul=True)
+            return row_parallel(gu, self.down_proj, self.tp, True, silu_mul=True, reduce=reduce)
         gu = self.gate_up_proj(x)
         if self.fused:
-            return row_parallel(gu, self.down_proj, self.tp, False, silu_mul=True)
+            return row_parallel(gu, self.down_proj, self.tp, False, silu_mul=True, reduce=reduce)
         gate, up = gu.split(self.inter, dim=-1)
-        return row_parallel(F.silu(gate) * up, self.down_proj, self.tp, False)
+        return row_parallel(F.silu(gate) * up, self.down_proj, self.tp, False, reduce=reduce)
 
 
 class Attention(nn.Module):
@@ -231,8 +233,8 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
         return gemv(x, lin.weight, lin.bias) if self.fused and gemv_applies(x) else lin(x)
 
-    def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext, reduce: bool = True) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""
         t = x.shape[0]
         q, k, v = self._project(x, self.qkv_proj).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = q.view(t, self.hq, self.d)
@@ -242,4 +244,4 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, k)
         out = ctx.attend(self.layer_idx, q, k, v)
-        return row_parallel(out.reshape(t, self.hq * self.d), self.o_proj, self.tp, self.fused)
+        return row_parallel(out.reshape(t, self.hq * self.d), self.o_proj, self.tp, self.fused, reduce=reduce)

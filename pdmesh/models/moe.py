@@ -185,7 +185,7 @@ class FusedExperts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + experts + the all-reduce that combines the ranks' partial outputs.
+    """Router + experts (+ the all-reduce that combines the ranks' partial outputs).
 
     ``kernel``: 'auto' (Triton's grouped GEMMs on CUDA when Triton imports, else grouped torch
     matmuls), 'torch' or 'triton'."""
@@ -199,10 +199,12 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedExperts(arch, ExpertSplit.of(arch, tp, expert_parallel), dtype)
         self.kernel = "auto"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H] (summed over the ranks)."""
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """x [T, H] -> [T, H], summed over the ranks unless ``reduce`` is False (the caller sums
+        this rank's partial output, e.g. with the next norm: ``TPGroup.all_reduce_add_norm``)."""
         weights, ids = route(F.linear(x, self.gate.weight), self.top_k, self.renormalize, x.dtype)
-        return self.tp.all_reduce(self.experts_out(x, weights, ids))
+        out = self.experts_out(x, weights, ids)
+        return self.tp.all_reduce(out) if reduce else out
 
     def experts_out(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                     kernel: Optional[str] = None) -> torch.Tensor:

@@ -39,18 +39,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.mlp = (SparseMoeBlock(arch, dtype, tp, expert_parallel) if arch.is_moe_layer(layer_idx)
                     else GatedMLP(arch, dtype, tp))
+        self.tp = tp
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], rope: BoundRotary,
                 ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, residual) -> (mlp output, residual); the residual stream is x + residual (HF's
-        ``h = r + f(h)``, added by the next norm, fused with it on CUDA)."""
+        ``h = r + f(h)``, added by the next norm, fused with it on CUDA).  Under TP, x (except the
+        first layer's, the embedding) is this rank's partial MLP output: the sum over the ranks
+        happens with the residual add and the norm (``TPGroup.all_reduce_add_norm``)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
-        h = self.self_attn(h, rope, ctx)
-        h, residual = self.post_attention_layernorm.add_forward(h, residual)
-        return self.mlp(h), residual
+            h, residual = self.tp.all_reduce_add_norm(x, residual, self.input_layernorm)
+        h = self.self_attn(h, rope, ctx, reduce=False)
+        h, residual = self.tp.all_reduce_add_norm(h, residual, self.post_attention_layernorm)
+        return self.mlp(h, reduce=False), residual
 
 
 def vocab_rows(vocab_size: int, tp: TPGroup) -> tuple[int, int, int]:
@@ -132,7 +135,7 @@ class CausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, ctx)
-        return self.model.norm.add_forward(x, residual)[0]
+        return self.tp.all_reduce_add_norm(x, residual, self.model.norm)[0]
 
     def enable_fused_kernels(self) -> None:
         """Use FlashInfer's fused RMSNorm (+residual add), rope and SiLU*mul kernels, and Triton GEMVs for
