@@ -69,11 +69,12 @@ def test_fused_experts_replay_in_a_cuda_graph():
 
 
 def _tiny_moe_dir(tmp_path) -> str:
-    """A Qwen3-MoE config (dummy weights) small enough to build quickly, with FlashInfer's head dim."""
+    """A Qwen3-MoE config (dummy weights) small enough to build quickly, with qwen3-8b's attention
+    geometry (head dim 128, GQA 4: FlashInfer kernels the other GPU tests compiled already)."""
     cfg = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=4096, hidden_size=512,
                intermediate_size=1024, moe_intermediate_size=256, num_experts=32, num_experts_per_tok=4,
                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], num_hidden_layers=4,
-               num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=4096,
                rope_theta=1000000.0, tie_word_embeddings=False)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     return str(tmp_path)
