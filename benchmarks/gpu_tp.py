@@ -438,7 +438,7 @@ def measure_preset(preset: str, tps: list[tuple[int, str, str]], batches: list[i
         if not clock.fits(est_build, f"{preset} TP-1 reference"):
             return [{"model": preset, "skipped": "time budget"}]
         eng = build(preset, 1, ref_dev, max(batches) if measure_tp1 else CHECK_PROMPTS, ctx + 512, eager=not measure_tp1,
-                    cpu=cpu, blocks=blocks if measure_tp1 else 0)
+                    cpu=cpu, blocks=blocks if measure_tp1 else 2 * -(-(ctx + 512) // (16 if cpu else 32)) + 16)
         refs[preset] = reference_check(eng)
         if measure_tp1:
             rows += decode_points(eng, batches, ctx, hbm, None, clock, f"{preset} TP 1", None)

@@ -227,8 +227,9 @@ class DeviceConfig:
     """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
     one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's
     TensorRT-LLM all-reduce fused with the residual add and RMSNorm, up to --max-num-seqs rows;
-    NCCL above) or 'auto' (nccl; see results/README.md). One that cannot start on every rank falls
-    back to NCCL (logged). gloo on CPU."""
+    NCCL above) or 'auto' (nccl, until benchmarks/gpu_tp.sh measures another faster). One that
+    cannot start on every rank falls back to NCCL on all of them (logged; the READY line's
+    all_reduce= says which runs). gloo on CPU."""
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
     decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"

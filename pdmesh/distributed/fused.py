@@ -38,11 +38,18 @@ class FusedAllReduceNorm:
     def create(tp, max_tokens: int, hidden: int, dtype: torch.dtype) -> Optional["FusedAllReduceNorm"]:
         """Every rank of ``tp`` (a ``TPGroup``) calls this; all get an instance or all get None."""
         inst, why = None, ""
-        try:
-            if tp.device.index != tp.rank:
-                raise RuntimeError(f"rank {tp.rank} is on {tp.device} (FlashInfer's workspace needs rank r on cuda:r)")
+        try:  # preconditions first, agreed before any rank enters the workspace's collectives
             import flashinfer.comm as comm
 
+            if tp.device.index != tp.rank:
+                raise RuntimeError(f"rank {tp.rank} is on {tp.device} (FlashInfer's workspace needs rank r on cuda:r)")
+        except Exception as exc:  # noqa: BLE001
+            why = repr(exc)[:500]
+        if not tp.min_int(0 if why else 1):
+            log.warning("FlashInfer fused all-reduce + RMSNorm unavailable (%s); using NCCL and the separate norm",
+                        why or "another rank cannot start it")
+            return None
+        try:
             with torch.cuda.device(tp.device):
                 ws = comm.create_allreduce_fusion_workspace(backend="trtllm", world_size=tp.size, rank=tp.rank,
                                                             max_token_num=max_tokens, hidden_dim=hidden, dtype=dtype)
@@ -61,11 +68,12 @@ class FusedAllReduceNorm:
 
     def _check(self, tp) -> None:
         """One fused step on random data against NCCL's all-reduce + the float32 reference norm."""
-        gen = torch.Generator(device=tp.device).manual_seed(1234 + tp.rank)
+        mine = torch.Generator(device=tp.device).manual_seed(1234 + tp.rank)  # partial sums differ per rank
+        same = torch.Generator(device=tp.device).manual_seed(99)  # the residual and the norm weight do not
         for rows in (1, min(self.max_tokens, 64)):
-            x = torch.randn(rows, self.hidden, device=tp.device, generator=gen).to(self.dtype)
-            res = torch.randn(rows, self.hidden, device=tp.device, generator=gen).to(self.dtype)
-            w = torch.rand(self.hidden, device=tp.device, generator=gen).to(self.dtype) + 0.5
+            x = torch.randn(rows, self.hidden, device=tp.device, generator=mine).to(self.dtype)
+            res = torch.randn(rows, self.hidden, device=tp.device, generator=same).to(self.dtype)
+            w = torch.rand(self.hidden, device=tp.device, generator=same).to(self.dtype) + 0.5
             summed = x.clone()
             dist.all_reduce(summed)
             want_res = (summed.float() + res.float())

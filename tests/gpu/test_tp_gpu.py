@@ -37,41 +37,6 @@ def test_tp2_tokens_equal_tp1_in_float32():
     assert _run(2, "cuda:1,0", dtype="float32", attention_backend="torch") == ref  # rank 0 on GPU 1
 
 
-def _graphs_run(all_reduce: str, eager: bool) -> tuple[list[list[int]], torch.Tensor, str]:
-    """Greedy tokens (async scheduling), the logits after PROMPTS[1], and the all-reduce that ran,
-    of a bf16 TP-2 engine on GPUs 0,1 (FlashInfer attention; decode graphs unless ``eager``)."""
-    from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
-    from pdmesh.engine import LLM, SamplingParams
-
-    cfg = EngineConfig(model=ModelConfig(model=MODEL, load_format="dummy", max_model_len=2048),
-                       cache=CacheConfig(num_kv_blocks=256), scheduler=SchedulerConfig(max_num_seqs=16, async_scheduling="on"),
-                       device=DeviceConfig(device="cuda:0,1", tensor_parallel_size=2, enforce_eager=eager,
-                                           tp_all_reduce=all_reduce))
-    with LLM(engine_config=cfg) as llm:
-        assert (llm.engine.runner.graphs is None) == eager
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True), detokenize=False)
-        assert llm.engine.num_steps_launched_behind > 0
-        logits = llm.engine.score(PROMPTS[1]).float().cpu()
-        impl = llm.engine.tp.all_reduce_impl
-    torch.cuda.empty_cache()
-    return [o.outputs[0].token_ids for o in outs], logits, impl
-
-
-@pytest.fixture(scope="module")
-def eager_nccl():
-    return _graphs_run("nccl", eager=True)
-
-
-@pytest.mark.parametrize("all_reduce", ["nccl", "symm_mem"])
-def test_tp2_decode_graphs(all_reduce, eager_nccl):
-    """Decode graphs with the all-reduce captured inside give eager NCCL's tokens exactly: with two
-    ranks every all-reduce is one correctly rounded a + b, whichever kernel adds."""
-    tokens, logits, impl = _graphs_run(all_reduce, eager=False)
-    assert impl == all_reduce, f"asked for {all_reduce}, {impl} ran (it could not start: see the log)"
-    assert tokens == eager_nccl[0]
-    assert ((logits - eager_nccl[1]).norm() / eager_nccl[1].norm()).item() < 1e-3
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     from benchmarks.synthetic_tokenizer import write
@@ -112,6 +77,41 @@ def test_mesh_hands_kv_between_tp_sizes_over_cuda_ipc(tmp_path, tokenizer_dir):
     finally:
         rcs = svc.stop_all()
     assert all(rc == 0 for rc in rcs.values()), rcs
+
+
+def _graphs_run(all_reduce: str, eager: bool) -> tuple[list[list[int]], torch.Tensor, str]:
+    """Greedy tokens (async scheduling), the logits after PROMPTS[1], and the all-reduce that ran,
+    of a bf16 TP-2 engine on GPUs 0,1 (FlashInfer attention; decode graphs unless ``eager``)."""
+    from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from pdmesh.engine import LLM, SamplingParams
+
+    cfg = EngineConfig(model=ModelConfig(model=MODEL, load_format="dummy", max_model_len=2048),
+                       cache=CacheConfig(num_kv_blocks=256), scheduler=SchedulerConfig(max_num_seqs=16, async_scheduling="on"),
+                       device=DeviceConfig(device="cuda:0,1", tensor_parallel_size=2, enforce_eager=eager,
+                                           tp_all_reduce=all_reduce))
+    with LLM(engine_config=cfg) as llm:
+        assert (llm.engine.runner.graphs is None) == eager
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=OUT, ignore_eos=True), detokenize=False)
+        assert llm.engine.num_steps_launched_behind > 0
+        logits = llm.engine.score(PROMPTS[1]).float().cpu()
+        impl = llm.engine.tp.all_reduce_impl
+    torch.cuda.empty_cache()
+    return [o.outputs[0].token_ids for o in outs], logits, impl
+
+
+@pytest.fixture(scope="module")
+def eager_nccl():
+    return _graphs_run("nccl", eager=True)
+
+
+@pytest.mark.parametrize("all_reduce", ["nccl", "symm_mem"])
+def test_tp2_decode_graphs(all_reduce, eager_nccl):
+    """Decode graphs with the all-reduce captured inside give eager NCCL's tokens exactly: with two
+    ranks every all-reduce is one correctly rounded a + b, whichever kernel adds."""
+    tokens, logits, impl = _graphs_run(all_reduce, eager=False)
+    assert impl == all_reduce, f"asked for {all_reduce}, {impl} ran (it could not start: see the log)"
+    assert tokens == eager_nccl[0]
+    assert ((logits - eager_nccl[1]).norm() / eager_nccl[1].norm()).item() < 1e-3
 
 
 def test_tp2_flashinfer_fused_all_reduce_norm(eager_nccl):
