@@ -34,7 +34,6 @@ flashinfer  FlashInfer's ``cutlass_fused_moe`` (bf16, SM90 module compiled on fi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import multiprocessing as mp
 import statistics

@@ -224,7 +224,7 @@ def _allreduce_rank(rank: int, port: int, q, cuda: bool, sizes: list, fused_size
                 if not torch.allclose(got, want.view(-1).float(), rtol=2e-2, atol=2e-2):
                     raise RuntimeError("differs from NCCL")
                 y = x.clone()
-                row[f"{name}_us"] = timer(lambda: fn(y)) * 1e6
+                row[f"{name}_us"] = timer(lambda fn=fn, y=y: fn(y)) * 1e6
             except Exception as exc:  # noqa: BLE001 - reported per size
                 row[f"{name}_error"] = repr(exc)[:200]
         rows.append(row)
@@ -243,7 +243,7 @@ def _allreduce_rank(rank: int, port: int, q, cuda: bool, sizes: list, fused_size
             vocab_half //= 64
         part = torch.randn(batch, vocab_half, device=dev)
         parts = [torch.empty_like(part) for _ in range(2)]
-        t = timer(lambda: dist.all_gather(parts, part), reps=5, replays=10)
+        t = timer(lambda parts=parts, part=part: dist.all_gather(parts, part), reps=5, replays=10)
         gathers.append({"batch": batch, "vocab_per_rank": vocab_half, "bytes": part.numel() * 4, "us": t * 1e6})
     if rank == 0:
         q.put({"all_reduce": rows, "fused_norm": fused, "logits_all_gather": gathers, "errors": errors})
@@ -481,7 +481,7 @@ def hbm_bandwidth(cpu: bool) -> float:
         from benchmarks.gpu_bench import cuda_time
 
         t = cuda_time(lambda: y.copy_(x), iters=10)
-    del x, y
+    x = y = None  # free the memory (the closures above still name them)
     return 2 * n / t
 
 

@@ -62,7 +62,8 @@ sys.path.insert(0, {str(ROOT)!r})
 from pdmesh.engine import SamplingParams
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.testing import engine_config
-eng = LLMEngine(engine_config({model!r}, device={device!r}, dtype={"float32" if device == "cpu" else "bfloat16"!r}, num_kv_blocks=1024, max_model_len={max_len}, max_num_seqs=128,
+eng = LLMEngine(engine_config({model!r}, device={device!r}, dtype={"float32" if device == "cpu" else "bfloat16"!r}, num_kv_blocks=1024,
+                              max_model_len={max_len}, max_num_seqs=128,
                               max_tokens_step=2048, tensor_parallel_size={tp}))
 res = []
 for i, p in enumerate(json.loads(sys.stdin.read())):

@@ -38,7 +38,7 @@ async def prefill_held(prefill, rid: str, prompt: list[int], params, **desc_fiel
     from pdmesh.v1 import common_pb2 as pb
 
     out = None
-    async for out in prefill.generate(rid, prompt, params, prefill_only=True):
+    async for out in prefill.generate(rid, prompt, params, prefill_only=True):  # noqa: B007 - the last output is kept
         pass
     if out.held_block_ids is None:
         return out.new_token_ids[0], None

@@ -11,7 +11,7 @@ Lifecycle
    that step's outputs to the loop with a single ``call_soon_threadsafe``.  While idle it sleeps
    on a condition variable — but while KV pulls are in flight and nothing else is to be done, it
    only waits ``TRANSFER_POLL_S`` before polling them again (a pull that lands starts decoding
-   within that, not at the next command).
+   within that, not at the next command); the same for copies to and from the lower KV tiers.
 3. ``shutdown()`` stops the loop after the current step; pending callers get ``EngineDeadError``;
    the engine then closes (a tensor-parallel engine stops its other ranks).  ``fail(why)`` ends
    every pending caller and stream at once from the loop, for a worker that must stop although the
@@ -99,11 +99,16 @@ class AsyncEngine:
         while True:
             with self._cv:
                 while not self._cmds and not eng.has_work() and not self._stop:
-                    if eng.connector.pending:
+                    if eng.transfers_pending():
                         self._cv.wait(TRANSFER_POLL_S)
                         break
                     self._cv.wait()
                 if self._stop:
+                    if eng.tiers is not None:  # a graceful stop: the host tier's blocks go to disk
+                        try:
+                            eng.tiers.flush(eng.poll_transfers, eng.config.cache.kv_offload_flush_seconds)
+                        except Exception:  # noqa: BLE001 - a flush is best effort
+                            log.exception("writing the host KV tier to disk at shutdown failed")
                     break
                 cmds = list(self._cmds)
                 self._cmds.clear()

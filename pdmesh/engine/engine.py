@@ -39,7 +39,6 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -49,12 +48,15 @@ from pdmesh.distributed.devices import rank_devices
 from pdmesh.distributed.group import TPGroup
 from pdmesh.distributed.ranks import RankGroup
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
+from pdmesh.engine.offload import LOAD_TIMEOUT_S, KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
-from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
+from pdmesh.engine.runner import LaunchedStep, placeholder
 from pdmesh.engine.scheduler import Scheduler
+from pdmesh.engine.stats import EngineStats, RemoteAdmission  # noqa: F401 (re-exported)
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.kv.audit import KVAudit
-from pdmesh.kv.block_manager import PrefixCachingBlockManager
+from pdmesh.kv.block_manager import PrefixCachingBlockManager, PrefixHit
+from pdmesh.kv.events import KVEventLog
 from pdmesh.engine.shard import build_shard
 from pdmesh.models import check_tensor_parallel
 from pdmesh.models.loader import ResolvedModel, resolve
@@ -97,37 +99,14 @@ class RequestRejected(ValueError):
     """A request can never run here (too long, or larger than the whole KV pool)."""
 
 
-@dataclass(frozen=True)
-class RemoteAdmission:
-    """Decode side: where a remote prompt's KV must land."""
-
-    block_ids: list[int]
-    """All local blocks of the prompt, in token order."""
-    num_cached_blocks: int
-    """Leading blocks already present from the local prefix cache (not to be pulled)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_for_kv: int
-    num_held: int
-    free_blocks: int
-    total_blocks: int
-    held_blocks: int
-    prefix_queries: int
-    prefix_hits: int
-    audit_mismatches: int = 0
-    transfers_stopping: int = 0
-    """Stopped KV transfers whose blocks wait until they certainly write no more."""
-    quarantined_blocks: int = 0
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, resolved: Optional[ResolvedModel] = None) -> None:
+    def __init__(self, config: EngineConfig, resolved: Optional[ResolvedModel] = None,
+                 kv_events: Optional[KVEventLog] = None) -> None:
         self.config = config
         self.device = pick_device(config.device.device)
+        self.kv_events = kv_events
+        """Where the prefix hashes this engine holds, per tier, are recorded as they change (workers
+        whose prompts are routed by cached prefix publish them); None: not recorded."""
         with on_device(self.device):
             self._build(config, resolved)
 
@@ -188,7 +167,15 @@ class LLMEngine:
         self.remote: dict[str, Sequence] = {}
         """Requests waiting for (or receiving) their prompt's KV from another worker."""
         self.connector = KVConnector(self.blocks)
-        """Pulls in flight, polled between steps."""
+        """Pulls, tier loads and offloads in flight, polled between steps."""
+        on_event = self.kv_events.record if self.kv_events is not None else None
+        if on_event is not None:
+            self.blocks.on_cache_event = lambda h, added: on_event("device", h, added)
+        self.tiers: Optional[KVTiers] = None
+        """Host-memory and disk KV tiers under the pool (``--kv-offload-cpu-gb``, ``--kv-offload-disk-*``)."""
+        if config.cache.kv_offload_cpu_gb > 0:
+            self.tiers = KVTiers(config.cache, config.model, self.pool, self.blocks, self.connector, self.device, on_event)
+            self.scheduler.prefetch = self._start_load
         self.num_steps = 0
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
@@ -295,13 +282,23 @@ class LLMEngine:
                     job.prepared.close()
         self.connector.add(job, transfer, len(dst), started)
 
+    def transfers_pending(self) -> bool:
+        """KV pulls, tier copies or disk I/O in flight, or released blocks not yet offloaded."""
+        t = self.tiers
+        return self.connector.pending or (t is not None and (t.busy or bool(self.blocks.released)))
+
     def poll_transfers(self) -> bool:
-        """Advance the KV pulls in flight and settle the requests whose pull ended; True while
-        any transfer (or a stopped one still quiescing) remains."""
+        """Copy released blocks down to the lower tiers, advance the KV pulls and tier copies in
+        flight and settle the requests whose pull or load ended; True while anything remains."""
+        if self.tiers is not None:
+            self.tiers.step()
         if not self.connector.pending:
-            return False
+            return self.transfers_pending()
         now = time.monotonic()
         for a, err in self.connector.poll(now):
+            if isinstance(a.job, TierLoadJob):
+                self._settle_load(a.job, a.transfer, err)
+                continue
             job, rid = a.job, a.job.request_id
             name, secs = job.transport.name, now - a.started
             if err is None:
@@ -320,7 +317,52 @@ class LLMEngine:
                     self.abort(rid)
                     report = PullReport(PullOutcome.FAILED, name, seconds=secs, error=err)
             job.on_outcome(report)
-        return self.connector.pending
+        return self.transfers_pending()
+
+    def _start_load(self, seq: Sequence, hit: PrefixHit) -> bool:
+        """The scheduler's ``prefetch``: if the lower tiers hold more of ``seq``'s prefix than the
+        device, allocate its blocks and start loading them (True: the sequence waits in
+        ``remote`` until ``_settle_load``); else False, and it is computed as usual."""
+        tiers = self.tiers
+        rid = seq.request_id
+        plan = tiers.plan(seq.token_ids, hit)
+        count = seq.num_preemptions == 0 and not seq.tiers_looked_up
+        if not plan or self.blocks.allocate(rid, seq.num_tokens, hit) is None:
+            if count and not plan:
+                seq.tiers_looked_up = True
+                tiers.count_lookup(seq.num_tokens - hit.num_tokens)
+            return False
+        self.blocks.record_prefix_query(seq.num_tokens, hit.num_tokens)
+        first = len(hit.block_ids)
+        job, load = tiers.start_load(rid, plan, first, self.blocks.block_table(rid)[first:first + len(plan)])
+        if count:
+            seq.tiers_looked_up = True
+            job.count_tokens = seq.num_tokens - hit.num_tokens
+        seq.num_computed_tokens = hit.num_tokens
+        seq.status = SequenceStatus.WAITING_FOR_KV
+        self.remote[rid] = seq
+        self.connector.add(job, load, len(load.dst), job.started, job.started + LOAD_TIMEOUT_S)
+        return True
+
+    def _settle_load(self, job: TierLoadJob, load, err: Optional[str]) -> None:
+        """A tier load ended: requeue its request (at the front) with the blocks that arrived
+        computed; the rest of its prompt is computed as usual."""
+        n = self.tiers.loaded(job, load) if err is None else 0
+        if err is not None:
+            log.warning("KV tier load of %s failed: %s (computing its prompt)", job.request_id, err)
+        if job.count_tokens is not None:
+            self.tiers.count_lookup(job.count_tokens, job.tiers[:n])
+        seq = self.remote.pop(job.request_id, None)
+        if seq is None:  # aborted meanwhile
+            return
+        if not self.blocks.has_request(job.request_id):  # its blocks went to quarantine: start afresh
+            seq.num_computed_tokens = 0
+        else:
+            seq.num_computed_tokens = (job.first_block + n) * self.blocks.block_size
+            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        self.scheduler.add(seq, front=True)
 
     def _activate_remote(self, request_id: str) -> bool:
         """The remote KV has landed: queue the request for decoding. False if it was aborted."""
@@ -353,7 +395,7 @@ class LLMEngine:
         """Drop the request wherever it is and free its blocks at once (blocks that its stopped
         KV transfer may still write go to the connector's quarantine instead)."""
         pulling = self.connector.abort(request_id)
-        if pulling is not None:
+        if pulling is not None and isinstance(pulling.job, PullJob):
             pulling.job.on_outcome(PullReport(PullOutcome.FAILED, pulling.job.transport.name, error="aborted", aborted=True))
         seq = self.scheduler.remove(request_id) or self.remote.pop(request_id, None) or self.held.pop(request_id, None)
         had_blocks = self.blocks.has_request(request_id)
@@ -569,4 +611,5 @@ class LLMEngine:
             audit_mismatches=self.audit.mismatches if self.audit is not None else 0,
             transfers_stopping=len(self.connector.stopping),
             quarantined_blocks=self.connector.quarantined_blocks(),
+            tiers=self.tiers.snapshot() if self.tiers is not None else None,
         )

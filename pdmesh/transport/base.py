@@ -182,5 +182,5 @@ class BaseKVTransport(ABC):
     def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
         """Phase 2, engine thread: launch the copy (raises ``TransferError`` if it cannot)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: a transport without cached state has nothing to close
         """Release cached connections/handles."""

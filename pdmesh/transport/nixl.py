@@ -76,16 +76,18 @@ def region_index(num_layers: int, per_layer: int, block_ids: Sequence[int], rank
 class NixlAgent:
     """This worker's NIXL agent, with its KV pool registered once."""
 
-    def __init__(self, name: str, pool: KVCachePool, incarnation: str) -> None:
+    def __init__(self, name: str, pool: KVCachePool, incarnation: str, num_threads: int = 0) -> None:
         api = import_nixl()
         self.api = api
+        self.pool = pool
+        self.use_device()
         cfg = api.nixl_agent_config(enable_prog_thread=True, enable_listen_thread=False, backends=["UCX"],
-                                    sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+                                    num_threads=num_threads, sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
         self.agent = api.nixl_agent(name, cfg)
         if "UCX" not in self.agent.backends:
             raise TransferError("NIXL has no UCX backend here")
         self.name = name
-        self.pool = pool
+        self.num_threads = num_threads
         self.incarnation = incarnation
         kv = pool.kv
         self.mem_type = "VRAM" if kv.device.type == "cuda" else "DRAM"
@@ -102,6 +104,15 @@ class NixlAgent:
         log.info("NIXL agent %s: registered %d KV pool(s) of %.1f MB (%s, %d regions) in %.1f ms", name, len(pool.ranks),
                  kv.numel() * kv.element_size() / 1e6, self.mem_type, len(pool.ranks) * self.num_layers * self.per_layer,
                  (time.perf_counter() - t0) * 1e3)
+
+    def use_device(self) -> None:
+        """Make the pool's GPU current on the calling thread before any NIXL call: UCX picks its
+        links (cuda_ipc over NVLink) from the thread's CUDA context, and a thread without one, or
+        with another GPU's, falls back to staged copies."""
+        if self.pool.kv.device.type == "cuda":
+            import torch
+
+            torch.cuda.set_device(self.pool.kv.device)
 
     def descs(self, base: int, per_layer: Optional[int] = None, num_layers: Optional[int] = None,
               block_bytes: Optional[int] = None, device_id: Optional[int] = None) -> np.ndarray:
@@ -267,6 +278,7 @@ class NixlKVTransport(OneSidedTransport):
     def _open_peer(self, md: kpb.NixlMetadata) -> NixlPeer:
         """Load the peer's agent and prepare its pools' descriptor list (once per incarnation)."""
         a = self.agent
+        a.use_device()
         if md.num_layers != a.num_layers:
             raise TransferError(f"NIXL peer pool differs: {md.num_layers} layers, not {a.num_layers}")
         name = a.agent.add_remote_agent(md.agent_metadata)
@@ -351,6 +363,7 @@ class NixlKVTransport(OneSidedTransport):
     def _post(self, peer: NixlPeer, local_list: Any, local_idx: np.ndarray, src: Sequence[int], src_rank: int,
               nbytes: int) -> NixlRead:
         a = self.agent
+        a.use_device()
         remote_idx = region_index(a.num_layers, peer.per_layer, src, src_rank)
         try:
             handle = a.agent.make_prepped_xfer("READ", local_list, np.asarray(local_idx).astype(np.int32), peer.remote,

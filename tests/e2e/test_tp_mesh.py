@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-import torch
 
 from pdmesh.client import InferenceClient
 from pdmesh.engine import LLM, SamplingParams

@@ -99,7 +99,7 @@ def test_fused_expert_checkpoints_load_the_same(moe_pair, tmp_path):
     layers = sorted({k.split(".mlp.experts.")[0] for k in state if ".mlp.experts." in k})
     for layer in layers:
         n = len({k for k in state if k.startswith(f"{layer}.mlp.experts.") and k.endswith("down_proj.weight")})
-        one = lambda e, p: state[f"{layer}.mlp.experts.{e}.{p}.weight"]  # noqa: E731
+        one = lambda e, p, layer=layer: state[f"{layer}.mlp.experts.{e}.{p}.weight"]  # noqa: E731
         fused[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([one(e, "gate_proj"), one(e, "up_proj")]) for e in range(n)])
         fused[f"{layer}.mlp.experts.down_proj"] = torch.stack([one(e, "down_proj") for e in range(n)])
     save_file(fused, str(tmp_path / "model.safetensors"))
