@@ -17,21 +17,8 @@ OUT=${OUT:-/tmp/gpu-tp}; mkdir -p "$OUT"
 BUDGET=${TP_BUDGET:-450}
 start=$SECONDS
 smoke=0; [ "${1:-}" = "--cpu-smoke" ] && { smoke=1; shift; }
-if [ $smoke = 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} FLASHINFER_WORKSPACE_BASE=$PWD/.ficache \
-    PDMESH_CACHE_DIR=/tmp/pdmesh-cache NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-  mkdir -p .ficache && ls .ficache.tgz.part-* >/dev/null 2>&1 && cat .ficache.tgz.part-* | tar xzf -
-  nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
-  nvidia-smi topo -m | head -4
-  py=python3
-else
-  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  py=${PYTHON:-python}
-fi
-export PYTHONUNBUFFERED=1
-# FlashInfer's compile cache comes back in parts under 16 MB (the limit on returned files).
-pack_cache() { [ $smoke = 1 ] || { rm -f "$OUT"/ficache.tgz.part-*; tar czf - .ficache | split -b 15M - "$OUT/ficache.tgz.part-"; }; }
+. "$(dirname "$0")/gpu_env.sh"
+[ $smoke = 1 ] || nvidia-smi topo -m | head -4
 if [ "${1:-}" = "mesh" ]; then
   shift
   timeout -k 20 570 $py benchmarks/gpu_tp_mesh.py --out "$OUT" --layouts "${@:-a}" 2>&1 | grep -v "NIXL INFO" | tee "$OUT/tp_mesh.log" | grep "MESH\|Error"

@@ -245,6 +245,10 @@ class DeviceConfig:
     """Ranks the model is split over (one process and one GPU each; on CPU, processes): attention
     heads, MLP and vocabulary are divided among them, KV heads too (replicated when fewer than the
     ranks). Rank 0 serves and schedules; the others run the same steps on their shards."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: each of the --tensor-parallel-size ranks holds whole experts
+    (num_experts / N of them) instead of a 1/N slice of every expert; tokens go to the ranks of
+    their experts and one all-reduce combines the outputs. Attention stays tensor-parallel."""
     tp_all_reduce: Literal["auto", "nccl", "symm_mem", "flashinfer"] = "auto"
     """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
     one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's

@@ -17,7 +17,8 @@ def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", bac
                   num_kv_blocks: Optional[int] = None, max_num_seqs: int = 16, max_tokens_step: int = 4096,
                   max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9,
                   fused: bool = True, async_scheduling: str = "auto", decode_attention: str = "auto",
-                  tokenizer: Optional[str] = None, tensor_parallel_size: int = 1, tp_all_reduce: str = "auto") -> EngineConfig:
+                  tokenizer: Optional[str] = None, tensor_parallel_size: int = 1, tp_all_reduce: str = "auto",
+                  enable_expert_parallel: bool = False) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer),
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util),
@@ -25,7 +26,7 @@ def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", bac
                                   async_scheduling=async_scheduling),
         device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=eager, fused_kernels=fused,
                             decode_attention=decode_attention, tensor_parallel_size=tensor_parallel_size,
-                            tp_all_reduce=tp_all_reduce),
+                            tp_all_reduce=tp_all_reduce, enable_expert_parallel=enable_expert_parallel),
     )
 
 

@@ -36,7 +36,8 @@ from typing import Optional
 from pdmesh import placement
 from pdmesh.config import ConfigError, ModelConfig, _require, add_flags, from_flags
 from pdmesh.env import ENV
-from pdmesh.kv.shards import local_kv_heads, tp_error
+from pdmesh.kv.shards import local_kv_heads
+from pdmesh.models import check_tensor_parallel
 from services.procs import Child, ProcessGroup
 
 MODULES = {"gateway": "services.gateway", "scheduler": "services.scheduler", "prefill": "services.prefill",
@@ -88,6 +89,9 @@ class UpConfig:
     moves between TP sizes."""
     colocated_tensor_parallel_size: Optional[int] = None
     """Ranks of each colocated worker (default: --tensor-parallel-size)."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: every worker of TP N holds whole experts per rank (num_experts / N
+    each) instead of a slice of every expert (the workers' --enable-expert-parallel)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of each GPU the mesh may use; workers sharing a GPU split it evenly."""
     api_key: tuple[str, ...] = ()
@@ -186,11 +190,13 @@ def plan_workers(cfg: UpConfig, m: ModelConfig, res) -> list[placement.WorkerPla
     devices = {r: placement.parse_devices(placement.ROLE_FLAGS[r], v) for r, v in flags.items() if v}
     tps = {r: cfg.tp(r) for r in counts}
     for role in counts:
-        err = tp_error(res.arch.num_heads, res.arch.num_kv_heads, res.arch.intermediate_size, tps[role]) if counts[role] else ""
-        if err:
-            flag = {"prefill": "--prefill", "decode": "--decode", "both": "--colocated"}[role]
-            raise UpError(f"{err} ({flag} workers of --model {m.model})")
         own = [a.split("=")[0] for a in cfg.role_args(role)]
+        try:
+            if counts[role]:
+                check_tensor_parallel(res.arch, tps[role], cfg.enable_expert_parallel or "--enable-expert-parallel" in own)
+        except ValueError as err:
+            flag = {"prefill": "--prefill", "decode": "--decode", "both": "--colocated"}[role]
+            raise UpError(f"{err} ({flag} workers of --model {m.model})") from None
         if "--tensor-parallel-size" in own:
             raise UpError("--tensor-parallel-size in the worker args: use pdmesh up's --tensor-parallel-size or "
                           "--prefill-/--decode-/--colocated-tensor-parallel-size (placement needs it)")
@@ -330,12 +336,13 @@ def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], g
     def spawn(name: str, role: str, args: list[str]) -> None:
         group.spawn(name, [sys.executable, "-m", MODULES[role], *args])
 
+    ep = ["--enable-expert-parallel"] if cfg.enable_expert_parallel else []
     try:
         spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(cfg.scheduler_port),
                                          "--metrics-port", str(cfg.scheduler_metrics_port), *tracing, *scheduler_extra])
         for w in plan:
             spawn(w.name, w.role, ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--scheduler", sched,
-                                   *_model_flags(m, False), *tracing, *w.flags(), *cfg.role_args(w.role)])
+                                   *_model_flags(m, False), *tracing, *w.flags(), *ep, *cfg.role_args(w.role)])
         gw = ["--host", cfg.host, "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port),
               "--grpc-port", str(cfg.grpc_port), "--scheduler", sched, *_model_flags(m, True), *tracing, *gateway_extra]
         if key_file:

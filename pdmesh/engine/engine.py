@@ -119,7 +119,7 @@ class LLMEngine:
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
         tp_size = config.device.tensor_parallel_size
-        check_tensor_parallel(arch, tp_size)
+        check_tensor_parallel(arch, tp_size, config.device.enable_expert_parallel)
         self.ranks: Optional[RankGroup] = None
         """The other ranks of this worker's tensor-parallel group (None without TP)."""
         if tp_size > 1:

@@ -55,9 +55,12 @@ def build_shard(config: EngineConfig, resolved: ResolvedModel, tp: TPGroup, dtyp
     block manager and followers are rank 0's to set."""
     device, arch = tp.device, resolved.arch
     t0 = time.perf_counter()
-    log.info("loading %s (%s weights, %.1f B parameters%s) on %s", resolved.served_name, resolved.load_format,
-             arch.num_parameters() / 1e9, f", rank {tp.rank} of {tp.size}" if tp.size > 1 else "", device)
-    model = load_model(resolved, dtype, device, max_model_len, config.model.seed, tp)
+    ep = config.device.enable_expert_parallel and arch.num_experts > 0
+    log.info("loading %s (%s weights, %.1f B parameters%s%s) on %s", resolved.served_name, resolved.load_format,
+             arch.num_parameters() / 1e9, f", rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
+             f", experts {tp.rank * arch.num_experts // tp.size}-{(tp.rank + 1) * arch.num_experts // tp.size - 1}" if ep else "",
+             device)
+    model = load_model(resolved, dtype, device, max_model_len, config.model.seed, tp, config.device.enable_expert_parallel)
     log.info("weights loaded in %.1f s", time.perf_counter() - t0)
     tp.enable_fused_norm(config.scheduler.max_num_seqs, arch.hidden_size, dtype)  # --tp-all-reduce flashinfer only
     num_blocks = tp.min_int(config.cache.num_kv_blocks or size_kv(config, resolved, device, dtype, tp.size))

@@ -194,9 +194,9 @@ def fill_dummy(model: CausalLM, seed: int) -> None:
 
 
 def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0,
-               tp: Optional[TPGroup] = None) -> CausalLM:
+               tp: Optional[TPGroup] = None, expert_parallel: bool = False) -> CausalLM:
     """Build (this rank's shard of) the model on ``device`` and fill its weights."""
-    model = build_model(res.arch, dtype, tp)
+    model = build_model(res.arch, dtype, tp, expert_parallel)
     model.materialize(device, max_len)
     if res.weights_dir is None:
         fill_dummy(model, seed)

@@ -1,7 +1,9 @@
 """The decoder stack every supported family shares, and HF-name weight loading into it.
 
 Families (``llama.py``, ``qwen2.py``, ``qwen3.py``) differ only in the options their ``ModelArch``
-sets (biases, q/k norm); they compose these parts rather than subclass them.
+sets (biases, q/k norm, experts); they compose these parts rather than subclass them.  A
+mixture-of-experts model's sparse layers have a ``SparseMoeBlock`` (``pdmesh.models.moe``) where
+the others have a ``GatedMLP``.
 
 Tensor parallelism: each rank builds the same modules with its shard's shapes; ``shard_plan``
 says, per parameter, which slices of the full (TP 1) tensor a rank holds, and both checkpoint
@@ -23,18 +25,20 @@ from pdmesh.distributed.group import TPGroup
 from pdmesh.kv.shards import rank_heads
 from pdmesh.models.arch import ModelArch
 from pdmesh.models.layers import Attention, AttentionContext, BoundRotary, GatedMLP, RMSNorm, RotaryEmbedding
+from pdmesh.models.moe import EXPERT_TENSOR, FusedExperts, SparseMoeBlock
 
 Segments = list[tuple[int, int, int]]
 """(length in the full tensor, start of this rank's slice in it, slice length), concatenated in order."""
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int, dtype: torch.dtype, tp: TPGroup) -> None:
+    def __init__(self, arch: ModelArch, layer_idx: int, dtype: torch.dtype, tp: TPGroup, expert_parallel: bool) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.self_attn = Attention(arch, layer_idx, dtype, tp)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.mlp = GatedMLP(arch, dtype, tp)
+        self.mlp = (SparseMoeBlock(arch, dtype, tp, expert_parallel) if arch.is_moe_layer(layer_idx)
+                    else GatedMLP(arch, dtype, tp))
         self.tp = tp
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], rope: BoundRotary,
@@ -80,10 +84,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, tp: TPGroup) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, tp: TPGroup, expert_parallel: bool) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch, dtype, tp)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype, tp) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype, tp, expert_parallel) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
 
@@ -103,15 +107,17 @@ class CausalLM(nn.Module):
     ``forward(input_ids [T] int64, positions [T] int64, ctx) -> hidden [T, hidden]``;
     ``compute_logits(hidden [N, hidden]) -> [N, vocab] float32``.
     Construct on the meta device, then ``materialize(device)`` and load weights.  Under TP every
-    rank runs ``forward`` and ``compute_logits`` on the same inputs (they hold collectives).
+    rank runs ``forward`` and ``compute_logits`` on the same inputs (they hold collectives);
+    ``expert_parallel`` gives each rank whole experts instead of a slice of every expert.
     """
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype, tp: Optional[TPGroup] = None) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, tp: Optional[TPGroup] = None,
+                 expert_parallel: bool = False) -> None:
         super().__init__()
         self.arch = arch
         self.dtype = dtype
         self.tp = tp or TPGroup.single(torch.device("cpu"))
-        self.model = DecoderModel(arch, dtype, self.tp)
+        self.model = DecoderModel(arch, dtype, self.tp, expert_parallel)
         self.lm_head: Optional[nn.Linear] = None
         if not arch.tie_word_embeddings:
             self.lm_head = nn.Linear(arch.hidden_size, self.model.embed_tokens.per, bias=False, dtype=dtype)
@@ -171,8 +177,18 @@ class CausalLM(nn.Module):
             return 0, [(arch.vocab_size, start, rows)]
         return None
 
+    def _experts(self, name: str) -> Optional[FusedExperts]:
+        """The experts module holding parameter ``name`` (None for any other parameter)."""
+        if ".mlp.experts." not in name:
+            return None
+        module = self.get_submodule(name.rsplit(".", 1)[0])
+        return module if isinstance(module, FusedExperts) else None
+
     def full_shape(self, name: str, param: torch.Tensor) -> tuple[int, ...]:
         """Shape of parameter ``name`` at TP 1."""
+        experts = self._experts(name)
+        if experts is not None:
+            return experts.full_shape(name.rsplit(".", 1)[1])
         plan = self.shard_plan(name)
         if plan is None:
             return tuple(param.shape)
@@ -185,6 +201,9 @@ class CausalLM(nn.Module):
         """Copy this rank's slices of ``full`` into ``param``: ``full`` is the whole TP-1 tensor, or
         with ``segment`` only that segment of it (a checkpoint's q, k, v, gate or up tensor).
         ValueError on a shape mismatch."""
+        experts = self._experts(name)
+        if experts is not None and segment is None:
+            return experts.copy_full(name.rsplit(".", 1)[1], full)
         plan = self.shard_plan(name)
         if plan is None:
             plan = (0, [(param.shape[0], 0, param.shape[0])])
@@ -217,6 +236,15 @@ class CausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue
+            one_expert = EXPERT_TENSOR.match(name)
+            if one_expert is not None:  # one expert's tensor (this rank may not hold that expert)
+                prefix, expert, proj = one_expert.groups()
+                experts = self._experts(f"{prefix}.down_proj")
+                if experts is None:
+                    raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
+                experts.copy_expert(int(expert), proj, tensor)
+                loaded.add(name)
+                continue
             target, shard = name, None
             for hf, (ours, idx) in _STACKED.items():
                 if f".{hf}." in name:
@@ -226,13 +254,20 @@ class CausalLM(nn.Module):
                 raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
             self.copy_shard(target, params[target], tensor, shard)
             loaded.add(name)
+            experts = self._experts(target)
+            if experts is not None:  # transformers 5's fused layout: every expert at once
+                loaded |= {n for n in experts.checkpoint_names(target.rsplit(".", 1)[0])
+                           if n.endswith(".down_proj.weight") == target.endswith(".down_proj")}
         return loaded
 
     def expected_weight_names(self) -> set[str]:
         """HF names a complete checkpoint must provide."""
         names = set()
         for name, _ in self.named_parameters():
-            if ".qkv_proj." in name:
+            experts = self._experts(name)
+            if experts is not None:
+                names.update(experts.checkpoint_names(name.rsplit(".", 1)[0]))
+            elif ".qkv_proj." in name:
                 names.update(name.replace(".qkv_proj.", f".{p}.") for p in ("q_proj", "k_proj", "v_proj"))
             elif ".gate_up_proj." in name:
                 names.update(name.replace(".gate_up_proj.", f".{p}.") for p in ("gate_proj", "up_proj"))
