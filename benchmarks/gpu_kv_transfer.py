@@ -96,12 +96,12 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
         a = torch.empty(nbytes, dtype=torch.uint8, device=src_dev)
         b = torch.empty(nbytes, dtype=torch.uint8, device=dst_dev)
 
-        def contiguous():
+        def copy_whole():
             b.copy_(a)
             if b.is_cuda:
                 torch.cuda.synchronize(dst_dev)
 
-        ref_ms = _median_ms(contiguous)
+        ref_ms = _median_ms(copy_whole)
         base = {"model": PRESET, "tokens": TOKENS, "bytes": nbytes, "src": src_dev, "dst": dst_dev,
                 "contiguous_copy_ms": ref_ms, "contiguous_gbps": nbytes / ref_ms / 1e6,
                 "ucx_tls": os.environ.get("UCX_TLS", ""),
