@@ -37,7 +37,7 @@ def field_docs(cls: type) -> dict[str, str]:
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
             and isinstance(nxt, ast.Expr)
-            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value, ast.Constant)
             and isinstance(nxt.value.value, str)
         ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
@@ -65,7 +65,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if f.name in skip or not f.init:
             continue
         typ = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:  # every config field has a default or a default_factory
+            assert callable(f.default_factory), f"{cls.__name__}.{f.name} has no default"
+            default = f.default_factory()
         kwargs: dict[str, Any] = {"dest": f.name, "help": f"{docs.get(f.name, '')} (default: {default!r})"}
         base = _unwrap_optional(typ)
         if base is bool:
@@ -116,6 +120,7 @@ def check_choices(obj: Any) -> None:
             allowed, values = _choices(base), (value,)
         else:
             continue
+        assert allowed is not None  # both branches above found choices
         for v in values:
             _require(v in allowed, name, f"{v!r} is not one of {', '.join(map(str, allowed))}")
 
