@@ -50,7 +50,7 @@ def open_handle(h: kpb.CudaIpcHandle) -> torch.Tensor:
         h.device, h.handle, h.storage_size_bytes, h.storage_offset_bytes, h.ref_counter_handle,
         h.ref_counter_offset, h.event_handle or None, h.event_sync_required)
     t = torch.empty(0, dtype=getattr(torch, h.dtype), device=f"cuda:{h.device}")
-    t.set_(storage, 0, tuple(h.shape))
+    t.set_(storage, 0, tuple(h.shape))  # type: ignore[call-overload]  # torch's stub wants a stride; it is optional at runtime
     return t
 
 
@@ -58,7 +58,8 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     """A stream of the highest priority on ``device``: the GPU's block scheduler dispatches its
     kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode step's), so a
     pull under load is not queued behind them."""
-    high, _ = torch.cuda.Stream.priority_range()  # (greatest, least): lower numbers are higher priority
+    # (greatest, least): lower numbers are higher priority
+    high, _ = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod at runtime; torch's stub omits it
     return torch.cuda.Stream(device, priority=high)
 
 
