@@ -6,13 +6,20 @@ sets (biases, q/k norm); they compose these parts rather than subclass them.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from pdmesh.models.arch import ModelArch
 from pdmesh.models.layers import Attention, AttentionContext, BoundRotary, GatedMLP, RMSNorm, RotaryEmbedding
+
+
+@runtime_checkable
+class _Fusable(Protocol):
+    """A module with a fused-kernel switch (``isinstance`` checks that it has ``fused``)."""
+
+    fused: bool
 
 
 class DecoderLayer(nn.Module):
@@ -84,6 +91,7 @@ class CausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, ctx)
+        assert residual is not None  # a model has at least one layer
         return self.model.norm.add_forward(x, residual)[0]
 
     def enable_fused_kernels(self) -> None:
@@ -91,7 +99,7 @@ class CausalLM(nn.Module):
         one-row projections (CUDA)."""
         assert self.rotary is not None and self.rotary.cos.is_cuda, "fused kernels need the model on CUDA"
         for m in self.modules():
-            if hasattr(m, "fused"):
+            if isinstance(m, _Fusable):
                 m.fused = True
         self.rotary.fused = True
 
@@ -137,7 +145,7 @@ class CausalLM(nn.Module):
 
     def expected_weight_names(self) -> set[str]:
         """HF names a complete checkpoint must provide."""
-        names = set()
+        names: set[str] = set()
         for name, _ in self.named_parameters():
             if ".qkv_proj." in name:
                 names.update(name.replace(".qkv_proj.", f".{p}.") for p in ("q_proj", "k_proj", "v_proj"))
