@@ -19,7 +19,7 @@ buffers) are written only after the previous step's inputs were consumed (``_Inp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from pdmesh.engine.sequence import Sequence, TokenLogprob
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.models.transformer import CausalLM
+
+if TYPE_CHECKING:  # imported only on the CUDA paths that use them
+    from pdmesh.attention.flashinfer_backend import FlashInferBackend
+    from pdmesh.engine.cuda_graphs import DecodeGraphs
 
 
 def placeholder(row: int) -> int:
@@ -104,13 +108,14 @@ class ModelRunner:
         """Two pinned int64 buffers (at least 256 ids, grown to the batch), used in turn by launched steps (CUDA)."""
         self._turn = 0
         self._fence = _InputFence(device)
-        self.graphs = None
+        self.graphs: Optional[DecodeGraphs] = None
         """``DecodeGraphs`` when CUDA graphs are captured (``capture_decode_graphs``)."""
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from pdmesh.engine.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.backend, self.pool.kv, max_num_seqs, max_model_len,
+        # the engine captures graphs only when its backend is flashinfer
+        self.graphs = DecodeGraphs(self.model, cast("FlashInferBackend", self.backend), self.pool.kv, max_num_seqs, max_model_len,
                                    self.block_size, self.pool.null_block, self.device)
 
     def _to_device(self, packed: np.ndarray) -> torch.Tensor:
