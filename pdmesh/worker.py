@@ -21,7 +21,7 @@ import shlex
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, Optional
+from typing import Any, Awaitable, Callable, Coroutine, Literal, Optional
 
 import grpc
 
@@ -127,7 +127,7 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
 class WorkerRuntime:
     """Engine + server + registration for one worker; the role adds servicers."""
 
-    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
+    def __init__(self, role: pb.Role, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
                  tls: TlsConfig = PLAINTEXT) -> None:
         self.role = role
         self.tls = tls
@@ -235,7 +235,7 @@ class WorkerRuntime:
                                 trailing)
 
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
-                  background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
+                  background: Callable[["WorkerRuntime"], list[Coroutine[Any, Any, Any]]] = lambda rt: []) -> None:
         await self.engine.start()
         warm = self.ecfg.device.warmup
         if warm == "on" or (warm == "auto" and self.llm.device.type == "cuda"):
