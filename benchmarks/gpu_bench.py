@@ -251,6 +251,7 @@ def kv_pull(preset: str, tokens: int, src_dev: str, dst_dev: str) -> dict:
     from pdmesh.kv.pool import KVCachePool
     from pdmesh.config import ModelConfig
     from pdmesh.models.loader import resolve
+    from pdmesh.kv.shards import plan_pieces
     from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
     from pdmesh.v1 import kv_transfer_pb2 as kpb
 
@@ -273,7 +274,8 @@ def kv_pull(preset: str, tokens: int, src_dev: str, dst_dev: str) -> dict:
         ts = []
         for _ in range(25):
             t0 = time.perf_counter()
-            tr.launch(remote, src_ids, dst_ids, dst).event.synchronize()
+            for _, ev in tr.launch({0: remote}, [0], plan_pieces(dst.layout.num_kv_heads, 1, 1), src_ids, dst_ids, dst).timings:
+                ev.synchronize()
             ts.append(time.perf_counter() - t0)
         pull = statistics.median(ts[3:])
         ok = torch.equal(dst.kv[:, dst_ids].cpu(), remote[:, src_ids].cpu())

@@ -74,6 +74,7 @@ def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
 def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, contiguous: bool = False) -> list[dict]:
     import torch
 
+    from pdmesh.kv.shards import plan_pieces
     from pdmesh.transport.base import TransferState
     from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
     from pdmesh.transport.nixl import NixlAgent, NixlKVTransport
@@ -108,7 +109,13 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
         if "cuda_ipc" in which:
             tr = CudaIpcTransport(None, torch.device(dst_dev))  # type: ignore[arg-type]
             dst.kv.zero_()
-            ms = _median_ms(lambda: tr.launch(remote, src_ids, dst_ids, dst).event.synchronize())
+            whole = plan_pieces(dst.layout.num_kv_heads, 1, 1)  # TP 1 to TP 1: every head, rank 0 to rank 0
+
+            def ipc_pull() -> None:
+                for _, ev in tr.launch({0: remote}, [0], whole, src_ids, dst_ids, dst).timings:
+                    ev.synchronize()
+
+            ms = _median_ms(ipc_pull)
             out.append({**base, "transport": "cuda_ipc", "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
                         "fraction_of_copy_bw": ref_ms / ms, "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
         if "nixl" in which:

@@ -24,6 +24,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 AsyncScheduling = Literal["auto", "on", "off"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 DecodeAttention = Literal["auto", "flashinfer", "triton"]
+TPAllReduce = Literal["auto", "nccl", "symm_mem", "flashinfer"]
 
 
 class ConfigError(ValueError):
@@ -250,7 +251,24 @@ class DeviceConfig:
     """Where the model runs and which kernels it uses."""
 
     device: str = "auto"
-    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; with
+    --tensor-parallel-size N, one GPU per rank: 'cuda:0,1' (rank 0 on the first), or 'cuda'/'auto'
+    for GPUs 0..N-1."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (one process and one GPU each; on CPU, processes): attention
+    heads, MLP and vocabulary are divided among them, KV heads too (replicated when fewer than the
+    ranks). Rank 0 serves and schedules; the others run the same steps on their shards."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: each of the --tensor-parallel-size ranks holds whole experts
+    (num_experts / N of them) instead of a 1/N slice of every expert; tokens go to the ranks of
+    their experts and one all-reduce combines the outputs. Attention stays tensor-parallel."""
+    tp_all_reduce: TPAllReduce = "auto"
+    """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
+    one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's
+    TensorRT-LLM all-reduce fused with the residual add and RMSNorm, up to --max-num-seqs rows;
+    NCCL above) or 'auto' (nccl, until benchmarks/gpu_tp.sh measures another faster). One that
+    cannot start on every rank falls back to NCCL on all of them (logged; the READY line's
+    all_reduce= says which runs). gloo on CPU."""
     attention_backend: AttentionBackendName = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
     decode_attention: DecodeAttention = "auto"
@@ -272,7 +290,14 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "device", f"unknown device {self.device!r}")
+        _require(1 <= self.tensor_parallel_size <= 64, "tensor_parallel_size", "must be in 1..64")
         check_choices(self)
+        from pdmesh.distributed.devices import rank_devices
+
+        try:
+            rank_devices(self.device, self.tensor_parallel_size, check_cuda=False)
+        except ValueError as exc:
+            raise ConfigError(f"--device: {exc}") from None
         _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
         _require(self.warmup in ("auto", "on", "off"), "warmup", "must be 'auto', 'on' or 'off'")
 

@@ -6,7 +6,9 @@ Invariants
   out, and it is not draining.  ``expire`` removes workers whose lease ran out.
 * Workers serving the same model must agree on dtype and KV layout (block size, heads, head dim,
   layers): registration of an incompatible worker is refused, so any prefill/decode pair the
-  scheduler hands out can exchange KV.
+  scheduler hands out can exchange KV.  Their tensor-parallel sizes may differ (the layout's
+  ``tensor_parallel_size``): a pair is formed only when each side's heads split validly over its
+  ranks (``kv_convertible``), and the decode worker regroups the heads as it pulls.
 * A pair is only formed when the two share a transport they can use between them (``cuda_ipc``
   only within one host; ``nixl`` and ``grpc`` anywhere); among those, the one both workers rank
   best in their ``--kv-transports`` lists, ties broken by ``KV_TRANSPORTS`` order.
@@ -68,6 +70,17 @@ class WorkerEntry:
 def _compat_key(info: pb.WorkerInfo) -> tuple:
     lay = info.kv_layout
     return (info.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype, lay.layout)
+
+
+def kv_convertible(a: pb.KVLayout, b: pb.KVLayout) -> bool:
+    """Whether KV moves between pools of these layouts: same shape of KV, and on each side the KV
+    heads split over its tensor-parallel ranks (evenly, or replicated when fewer)."""
+    def split_ok(x: pb.KVLayout) -> bool:
+        tp = max(1, x.tensor_parallel_size)
+        return x.num_kv_heads > 0 and (x.num_kv_heads % tp == 0 or tp % x.num_kv_heads == 0)
+
+    key = lambda x: (x.num_layers, x.num_kv_heads, x.head_dim, x.block_size, x.dtype, x.layout)  # noqa: E731
+    return key(a) == key(b) and split_ok(a) and split_ok(b)
 
 
 def can_use(transport: str, worker: pb.WorkerInfo, peer_host_id: str) -> bool:
@@ -184,10 +197,18 @@ class BaseRoutingPolicy(ABC):
         """Returns (worker, reason) among non-empty ``workers`` (ROLE_BOTH)."""
 
 
+def pair_transport(p: WorkerEntry, d: WorkerEntry) -> Optional[str]:
+    """The transport prefill ``p`` hands KV to decode ``d`` over, or None when they cannot pair
+    (no transport in common, or KV layouts that do not convert)."""
+    if not kv_convertible(p.info.kv_layout, d.info.kv_layout):
+        return None
+    return shared_transport(p.info, d.info)
+
+
 def _pairs(prefills: list[WorkerEntry], decodes: list[WorkerEntry]):
     for p in prefills:
         for d in decodes:
-            t = shared_transport(p.info, d.info)
+            t = pair_transport(p, d)
             if t is not None:
                 yield p, d, t
 
@@ -301,11 +322,11 @@ class KVAwarePolicy(LeastLoadedPolicy):
     def choose(self, prefills, decodes, prompt_tokens, prompt=None):
         if prompt is None:
             return super().choose(prefills, decodes, prompt_tokens)
-        pairable = [p for p in prefills if any(shared_transport(p.info, d.info) for d in decodes)]
+        pairable = [p for p in prefills if any(pair_transport(p, d) for d in decodes)]
         if not pairable:
             raise NoRoute("no prefill/decode pair shares a transport")
         p, why = self._best(pairable, prompt, lambda e: self.prefill_score(e)[0])
-        d, t = min(((d, t) for d in decodes if (t := shared_transport(p.info, d.info)) is not None),
+        d, t = min(((d, t) for d in decodes if (t := pair_transport(p, d)) is not None),
                    key=lambda x: (self.decode_score(x[0]), transport_rank(x[1], p.info, x[0].info)))
         return p, d, t, f"{self.name}: prefill {p.worker_id} {why}, decode {d.worker_id} load={self.decode_score(d)[0]}, transport={t}"
 

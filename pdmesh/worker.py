@@ -8,6 +8,10 @@ Lifecycle of a worker process
 3. Register with the scheduler and heartbeat load; re-register by itself if the scheduler restarts.
 4. On SIGTERM/SIGINT: health NOT_SERVING, heartbeats say ``draining`` (no new routes), refuse new
    requests, wait up to ``--drain-timeout`` for in-flight ones, deregister, stop, exit 0.
+5. If the engine stops (its thread failed) or, with ``--tensor-parallel-size``, a rank process dies:
+   in-flight requests end with an error, the worker deregisters, stops at once and exits with
+   status 1 (the other ranks are killed): the mesh sees a dead worker (routing drops it; prefill
+   leases of KV it was pulling expire), never a half-alive one.
 """
 
 from __future__ import annotations
@@ -257,17 +261,55 @@ class WorkerRuntime:
         tasks = [self._registration_task, asyncio.create_task(self._refresh_gauges()),
                  asyncio.create_task(watch_event_loop(self.metrics))]
         tasks += [asyncio.create_task(c) for c in background(self)]
+        fatal: asyncio.Future = asyncio.get_running_loop().create_future()
+        tasks.append(asyncio.create_task(self._watch_engine(fatal)))
         log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
         metrics = self.metrics.port if self.wcfg.metrics_port >= 0 else -1
-        print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}", flush=True)
-        await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain)
+        tp = self.ecfg.device.tensor_parallel_size
+        print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}"
+              + (f" tp={tp} devices={self.ecfg.device.device} all_reduce={self.llm.tp.all_reduce_impl}" if tp > 1 else ""),
+              flush=True)
+        why = await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain, fatal)
+        if why is not None:  # the engine or a rank is gone: fail what is in flight, leave the mesh, exit 1
+            self.engine.fail(why)
+            if self.llm.ranks is not None:
+                self.llm.ranks.kill()
         await self.registration.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.engine.shutdown()
+        await self.engine.shutdown(timeout=5.0 if why is not None else 30.0)
         await self.channels.close()
         self.tel.shutdown()
+        if why is not None:
+            # Exit now: a process group whose peer died may abort in its destructors at interpreter exit.
+            logging.shutdown()
+            os._exit(1)
+
+    async def _watch_engine(self, fatal: asyncio.Future, interval: float = 0.2) -> None:
+        """When the engine thread has stopped or a rank process died: refuse new requests, leave
+        routing (deregister), then resolve ``fatal`` (the server stops)."""
+        ranks = self.llm.ranks  # kept: the engine lets go of it when it closes
+        while not fatal.done():
+            why = ranks.dead() if ranks is not None else None
+            if why is None and not self.engine.alive:
+                why = f"the engine stopped: {self.engine.error!r}"
+                for _ in range(10 if ranks is not None else 0):  # a collective fails as soon as a rank dies
+                    await asyncio.sleep(0.1)
+                    dead = ranks.dead()
+                    if dead:
+                        why = f"{dead}; {why}"
+                        break
+            if why is not None:
+                log.error("%s: leaving the mesh", why)
+                self.draining = True
+                if self.registration is not None and self._registration_task is not None:
+                    self.registration.draining = True
+                    await self.registration.stop()
+                    await asyncio.wait([self._registration_task], timeout=self.wcfg.rpc_timeout)
+                fatal.set_result(why)
+                return
+            await asyncio.sleep(interval)
 
     def _on_step(self, outputs, dt: float, kind: str) -> None:
         """Per-step metrics (loop thread): step time by kind, tokens, and for requests whose

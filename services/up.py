@@ -36,6 +36,8 @@ from typing import Optional
 from pdmesh import placement
 from pdmesh.config import ConfigError, ModelConfig, _require, add_flags, from_flags
 from pdmesh.env import ENV
+from pdmesh.kv.shards import local_kv_heads
+from pdmesh.models import check_tensor_parallel
 from services.procs import Child, ProcessGroup
 
 MODULES = {"gateway": "services.gateway", "scheduler": "services.scheduler", "prefill": "services.prefill",
@@ -77,6 +79,19 @@ class UpConfig:
     """GPUs of the decode workers (as --prefill-devices)."""
     colocated_devices: Optional[str] = None
     """GPUs of the colocated workers (as --prefill-devices)."""
+    tensor_parallel_size: int = 1
+    """Ranks of every worker (one GPU each: a worker of TP N takes a group of N GPUs, listed in
+    --prefill-devices & co as one group per worker, e.g. '0,1'); the per-role flags override it."""
+    prefill_tensor_parallel_size: Optional[int] = None
+    """Ranks of each prefill worker (default: --tensor-parallel-size)."""
+    decode_tensor_parallel_size: Optional[int] = None
+    """Ranks of each decode worker (default: --tensor-parallel-size); may differ from prefill's: KV
+    moves between TP sizes."""
+    colocated_tensor_parallel_size: Optional[int] = None
+    """Ranks of each colocated worker (default: --tensor-parallel-size)."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: every worker of TP N holds whole experts per rank (num_experts / N
+    each) instead of a slice of every expert (the workers' --enable-expert-parallel)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of each GPU the mesh may use; workers sharing a GPU split it evenly."""
     api_key: tuple[str, ...] = ()
@@ -109,6 +124,14 @@ class UpConfig:
                  "need --prefill >= 1 and --decode >= 1, or --colocated >= 1 (with --prefill 0 --decode 0 or with both)")
         _require(not (self.api_key and self.api_key_file), "api_key_file", "give --api-key or --api-key-file, not both")
         _require(self.startup_timeout > 0, "startup_timeout", "must be > 0")
+        for role in ("prefill", "decode", "both"):
+            _require(1 <= self.tp(role) <= 64, "tensor_parallel_size", "must be in 1..64")
+
+    def tp(self, role: str) -> int:
+        """Tensor-parallel size of the role's workers."""
+        own = {"prefill": self.prefill_tensor_parallel_size, "decode": self.decode_tensor_parallel_size,
+               "both": self.colocated_tensor_parallel_size}[role]
+        return own or self.tensor_parallel_size
 
     def role_args(self, role: str) -> list[str]:
         """Every-worker flags then the role's own, split with shell quoting."""
@@ -165,21 +188,33 @@ def plan_workers(cfg: UpConfig, m: ModelConfig, res) -> list[placement.WorkerPla
     counts = {"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.colocated}
     flags = {"prefill": cfg.prefill_devices, "decode": cfg.decode_devices, "both": cfg.colocated_devices}
     devices = {r: placement.parse_devices(placement.ROLE_FLAGS[r], v) for r, v in flags.items() if v}
+    tps = {r: cfg.tp(r) for r in counts}
     for role in counts:
         own = [a.split("=")[0] for a in cfg.role_args(role)]
+        try:
+            if counts[role]:
+                check_tensor_parallel(res.arch, tps[role], cfg.enable_expert_parallel or "--enable-expert-parallel" in own)
+        except ValueError as err:
+            flag = {"prefill": "--prefill", "decode": "--decode", "both": "--colocated"}[role]
+            raise UpError(f"{err} ({flag} workers of --model {m.model})") from None
+        if "--tensor-parallel-size" in own:
+            raise UpError("--tensor-parallel-size in the worker args: use pdmesh up's --tensor-parallel-size or "
+                          "--prefill-/--decode-/--colocated-tensor-parallel-size (placement needs it)")
         for flag in ("--device", "--gpu-memory-utilization"):
             if flag in own:
                 if devices:
                     raise UpError(f"{flag} in the worker args conflicts with --prefill-devices/--decode-devices/"
                                   "--colocated-devices: use one or the other")
-                return placement.plan(counts, 0)  # the user places workers by hand
+                return placement.plan(counts, 0, gpus_per_worker=tps)  # the user places workers by hand
     gpus = placement.visible_gpu_memory()
-    plan = placement.plan(counts, len(gpus), devices, cfg.gpu_memory_utilization)
+    plan = placement.plan(counts, len(gpus), devices, cfg.gpu_memory_utilization, gpus_per_worker=tps)
     if gpus:
         dtype_bytes = 4 if m.dtype == "float32" else 2
         arch = res.arch
-        need = placement.memory_needed(arch.num_parameters() * dtype_bytes, arch.kv_bytes_per_token(dtype_bytes),
-                                       m.max_model_len or arch.max_position_embeddings)
+        need = {tp: placement.memory_needed(arch.num_parameters() * dtype_bytes,
+                                            2 * arch.num_layers * local_kv_heads(arch.num_kv_heads, tp) * arch.head_dim * dtype_bytes,
+                                            m.max_model_len or arch.max_position_embeddings, tp)
+                for tp in set(tps.values())}
         placement.check_fit(plan, gpus, need, res.served_name)
     return plan
 
@@ -249,7 +284,9 @@ def _listeners(children: list[Child], plan: dict[str, placement.WorkerPlacement]
             rows.append((c.name, f"{r.address}/v1", grpc, metrics))
         else:
             p = plan.get(c.name)
-            where = r.extra.get("device", "")
+            where = r.extra.get("devices", r.extra.get("device", ""))
+            if r.extra.get("tp"):
+                where += f" (TP {r.extra['tp']})"
             if p is not None and p.gpu_memory_utilization is not None:
                 where += f" ({p.gpu_memory_utilization:.2f} of the GPU)"
             rows.append((c.name, r.address, where, metrics))
@@ -299,12 +336,13 @@ def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], g
     def spawn(name: str, role: str, args: list[str]) -> None:
         group.spawn(name, [sys.executable, "-m", MODULES[role], *args])
 
+    ep = ["--enable-expert-parallel"] if cfg.enable_expert_parallel else []
     try:
         spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(cfg.scheduler_port),
                                          "--metrics-port", str(cfg.scheduler_metrics_port), *tracing, *scheduler_extra])
         for w in plan:
             spawn(w.name, w.role, ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--scheduler", sched,
-                                   *_model_flags(m, False), *tracing, *w.flags(), *cfg.role_args(w.role)])
+                                   *_model_flags(m, False), *tracing, *w.flags(), *ep, *cfg.role_args(w.role)])
         gw = ["--host", cfg.host, "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port),
               "--grpc-port", str(cfg.grpc_port), "--scheduler", sched, *_model_flags(m, True), *tracing, *gateway_extra]
         if key_file:

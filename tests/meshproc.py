@@ -88,11 +88,14 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
-def wait_http(url: str, proc: Proc, timeout: float = 240.0) -> None:
+def wait_http(url: str, proc: Proc, timeout: float = 240.0, others: tuple[Proc, ...] = ()) -> None:
+    """Wait for ``url`` to answer 200; fail at once when ``proc`` or any of ``others`` (the services
+    it needs) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"process exited:\n{proc.tail()}")
+        for p in (proc, *others):
+            if not p.alive():
+                raise RuntimeError(f"process exited:\n{p.tail()}")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -203,7 +206,8 @@ class Services:
             for name, extra in workers:
                 self.start(name, extra)
             self.start("gateway")
-            wait_http(self.base + "/health", self.procs["gateway"], timeout=420)
+            wait_http(self.base + "/health", self.procs["gateway"], timeout=420,
+                      others=tuple(p for n, p in self.procs.items() if n != "gateway"))
         except BaseException:
             self.stop_all()
             raise

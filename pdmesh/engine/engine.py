@@ -43,21 +43,25 @@ from typing import Optional
 
 import torch
 
-from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
+from pdmesh.distributed.devices import rank_devices
+from pdmesh.distributed.group import TPGroup
+from pdmesh.distributed.ranks import RankGroup
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
 from pdmesh.engine.offload import LOAD_TIMEOUT_S, KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
-from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
+from pdmesh.engine.runner import LaunchedStep, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.stats import EngineStats, RemoteAdmission  # noqa: F401 (re-exported)
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager, PrefixHit
 from pdmesh.kv.events import KVEventLog
-from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
-from pdmesh.models.loader import ResolvedModel, load_model, resolve
+from pdmesh.engine.shard import build_shard
+from pdmesh.models import check_tensor_parallel
+from pdmesh.models.loader import ResolvedModel, resolve
 from pdmesh.transport.base import TransferError
+from pdmesh.transport.cuda_ipc import open_share
 from pdmesh.tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
@@ -66,9 +70,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of ``--device`` (rank 0's when it lists one GPU per rank)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(name.split(",")[0])
 
 
 def on_device(device: torch.device):
@@ -113,11 +118,22 @@ class LLMEngine:
         arch = self.resolved.arch
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
-        t0 = time.perf_counter()
-        log.info("loading %s (%s weights, %.1f B parameters) on %s", self.resolved.served_name, self.resolved.load_format,
-                 arch.num_parameters() / 1e9, self.device)
-        self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed)
-        log.info("weights loaded in %.1f s", time.perf_counter() - t0)
+        tp_size = config.device.tensor_parallel_size
+        check_tensor_parallel(arch, tp_size, config.device.enable_expert_parallel)
+        self.ranks: Optional[RankGroup] = None
+        """The other ranks of this worker's tensor-parallel group (None without TP)."""
+        if tp_size > 1:
+            devices = rank_devices(config.device.device, tp_size)
+            self.device = devices[0]
+            self.ranks = RankGroup(config, self.resolved, devices)
+        try:
+            self.tp = self.ranks.join() if self.ranks is not None else TPGroup.single(self.device)
+            shard = build_shard(config, self.resolved, self.tp, self.dtype, self.max_model_len)
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.pool, self.backend, self.runner = shard.model, shard.pool, shard.backend, shard.runner
+        num_blocks = shard.num_blocks
         path = self.resolved.tokenizer_path
         self.tokenizer: Optional[Tokenizer] = Tokenizer(path) if has_tokenizer(path) else None
         """The model's tokenizer (None for token-id-only models): its EOS ids, and grammars."""
@@ -126,20 +142,19 @@ class LLMEngine:
         """Ids that end a request: the model config's, the tokenizer's and generation_config.json's."""
         self._grammars: Optional[GrammarEngine] = None
         self._grammars_lock = threading.Lock()
-        num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
-        self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.runner.blocks = self.blocks
+        if self.ranks is not None:
+            try:
+                shares = self.ranks.wait_ready()
+                self.pool.attach_ranks([open_share(x) for x in shares], shares)
+            except BaseException:
+                self.close()
+                raise
+            self.runner.followers = self.ranks
         self.audit: Optional[KVAudit] = KVAudit(self.pool) if config.cache.kv_audit else None
         """Checksums of prompt KV (``--kv-audit``), verified when blocks are freed."""
-        self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
-                                      arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        if self.device.type == "cuda" and config.device.fused_kernels and self.backend.name == "flashinfer":
-            self.model.enable_fused_kernels()
-        self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
-        if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
-            log.info("capturing decode CUDA graphs (first use compiles the decode kernels)")
-            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         mode = config.scheduler.async_scheduling
         self.async_scheduling = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         self._inflight: Optional[LaunchedStep] = None
@@ -165,20 +180,17 @@ class LLMEngine:
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
         latest step that ran a batch (step-time metrics by kind)."""
-        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, attention=%s",
-                 arch.architecture, self.device, self.dtype, num_blocks, config.cache.block_size, self.backend.name)
+        log.info("engine ready: %s on %s/%s%s, %d KV blocks of %d tokens, attention=%s",
+                 arch.architecture, self.device, self.dtype, f" (TP {tp_size})" if tp_size > 1 else "", num_blocks,
+                 config.cache.block_size, self.backend.name)
 
-    def _size_kv(self, config: EngineConfig) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            mine = torch.cuda.memory_reserved(self.device)  # this process's weights so far
-            # This worker's share of the GPU, minus what it holds, minus room for activations and
-            # graphs; never more than what is actually free (other processes may share the GPU).
-            budget = min(int(total * config.cache.gpu_memory_utilization) - mine, free) - (2 << 30)
-            if budget <= 0:
-                raise RuntimeError("no GPU memory left for the KV cache; raise --gpu-memory-utilization")
-            return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, budget)
-        return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, config.cache.kv_cache_memory)
+    def close(self) -> None:
+        """Stop the other ranks and leave the process group (engine thread; idempotent)."""
+        if self.ranks is not None:
+            self.ranks.stop()
+            self.ranks = None
+            if getattr(self, "tp", None) is not None:
+                self.tp.destroy()
 
     # ------------------------------------------------------------------ grammars
     @property

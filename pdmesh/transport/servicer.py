@@ -1,7 +1,8 @@
 """Prefill side of every transport: ``KVTransfer`` serves the held KV.
 
-* ``Pull`` streams a request's blocks (the ``grpc`` transport) under a stream pin on its lease,
-  checking the lease's hard limit before each chunk.
+* ``Pull`` streams a request's blocks of one tensor-parallel rank's pool (the ``grpc`` transport;
+  rank 0 maps every rank's pool) under a stream pin on its lease, checking the lease's hard limit
+  before each chunk.
 * ``GetIpcHandle`` / ``GetNixlMetadata`` tell one-sided readers (``cuda_ipc``, ``nixl``) where the
   pool is, once per peer process (both carry this process's incarnation).
 * ``BeginRead`` / ``EndRead`` pin the lease around a one-sided read (see ``LeaseTable``).
@@ -47,6 +48,8 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         self.nixl_metadata = nixl_metadata
 
     async def Pull(self, request: kpb.PullRequest, context: grpc.aio.ServicerContext):
+        if not 0 <= request.rank < len(self.pool.ranks):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no tensor-parallel rank {request.rank} here")
         lease = self.leases.pin(request.request_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id!r} (released or expired)")
@@ -69,7 +72,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
                 if time.monotonic() >= lease.hard_deadline:
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the KV lease reached its hard limit")
                 chunk = ids[start:start + self.per_chunk]
-                data = await asyncio.to_thread(self._read, chunk)
+                data = await asyncio.to_thread(self._read, request.rank, chunk)
                 yield kpb.KVChunk(first_index=start, num_blocks=len(chunk), data=data)
         finally:
             self.leases.unpin(request.request_id)
@@ -92,7 +95,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         from pdmesh.transport.cuda_ipc import export_handle
 
         try:
-            return export_handle(self.pool, self.incarnation)
+            return export_handle(self.pool, self.incarnation, request.rank)
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             raise AssertionError("unreachable: context.abort raises") from exc
@@ -103,6 +106,6 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         assert self.nixl_metadata is not None  # context.abort raised otherwise
         return self.nixl_metadata()
 
-    def _read(self, block_ids: list[int]) -> bytes:
-        t = self.pool.gather_blocks(torch.tensor(block_ids, dtype=torch.int64))
+    def _read(self, rank: int, block_ids: list[int]) -> bytes:
+        t = self.pool.read_heads(rank, block_ids)
         return t.cpu().contiguous().view(torch.uint8).numpy().tobytes()

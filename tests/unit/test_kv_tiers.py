@@ -137,7 +137,7 @@ def test_event_log_nets_changes_and_snapshots():
 
 def _worker(reg: Registry, wid: str, role=pb.ROLE_PREFILL, block_size=2):
     reg.register(pb.WorkerInfo(worker_id=wid, role=role, address=wid, model="m", transports=["grpc"],
-                               kv_layout=pb.KVLayout(block_size=block_size)))
+                               kv_layout=pb.KVLayout(block_size=block_size, num_layers=2, num_kv_heads=2, head_dim=4)))
 
 
 def test_kv_aware_routes_to_the_cached_prefix_weighted_by_tier_and_load():
@@ -197,3 +197,16 @@ def test_decode_worker_refuses_tier_flags():
     with pytest.raises(ConfigError, match="prefill and colocated"):
         build_configs("decode", 0, ["--kv-offload-cpu-gb", "1"])
     assert build_configs("prefill", 0, ["--kv-offload-cpu-gb", "1"])[1].cache.kv_offload_cpu_gb == 1.0
+
+
+def test_kv_aware_never_pairs_layouts_that_do_not_convert():
+    """The worker holding the prefix is passed over when no decode worker can take its KV."""
+    reg = Registry()
+    for wid, role, tp in (("p1", pb.ROLE_PREFILL, 2), ("p2", pb.ROLE_PREFILL, 1), ("d1", pb.ROLE_DECODE, 1)):
+        reg.register(pb.WorkerInfo(worker_id=wid, role=role, address=wid, model="m", transports=["grpc"],
+                                   kv_layout=pb.KVLayout(block_size=2, num_layers=2, num_kv_heads=3, head_dim=4,
+                                                         tensor_parallel_size=tp)))  # p1: 3 heads do not split over 2 ranks
+    prompt = list(range(1, 12))
+    assert not reg.apply_kv_events("p1", 1, True, [spb.KVEvents(tier="device", added=Prompt(prompt).hashes(2))])
+    p, d, _, _ = route(reg, KVAwarePolicy(), "m", len(prompt), prompt_ids=prompt)
+    assert (p.worker_id, d.worker_id) == ("p2", "d1")
