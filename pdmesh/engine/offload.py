@@ -114,7 +114,7 @@ class Copier:
             begin.record(self.stream)
             copy_blocks(src, idx[0], dst, idx[1])
             event.record(self.stream)
-        return CudaCopy(event, nbytes, (ids, idx), begin)
+        return CudaCopy([(begin, event)], nbytes, (ids, idx))
 
 
 @dataclass
