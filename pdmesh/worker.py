@@ -294,12 +294,13 @@ class WorkerRuntime:
             why = ranks.dead() if ranks is not None else None
             if why is None and not self.engine.alive:
                 why = f"the engine stopped: {self.engine.error!r}"
-                for _ in range(10 if ranks is not None else 0):  # a collective fails as soon as a rank dies
-                    await asyncio.sleep(0.1)
-                    dead = ranks.dead()
-                    if dead:
-                        why = f"{dead}; {why}"
-                        break
+                if ranks is not None:
+                    for _ in range(10):  # a collective fails as soon as a rank dies
+                        await asyncio.sleep(0.1)
+                        dead = ranks.dead()
+                        if dead:
+                            why = f"{dead}; {why}"
+                            break
             if why is not None:
                 log.error("%s: leaving the mesh", why)
                 self.draining = True

@@ -111,9 +111,10 @@ class CudaCopy(BaseTransfer):
     def device_seconds(self) -> Optional[float]:
         """The longest piece's copy time (pieces on different GPUs run side by side)."""
         try:
-            if not all(e.query() for _, e in self.timings) or any(b is None for b, _ in self.timings):
+            timed = [(b, e) for b, e in self.timings if b is not None]
+            if len(timed) != len(self.timings) or not all(e.query() for _, e in timed):
                 return None
-            return max(b.elapsed_time(e) for b, e in self.timings) / 1e3
+            return max(b.elapsed_time(e) for b, e in timed) / 1e3
         except RuntimeError:  # a figure for logs only: never let it fail the pull
             log.exception("timing a KV copy failed")
             return None
