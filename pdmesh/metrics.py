@@ -113,10 +113,11 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_open_fds, ...
         self.base = {"model_name": model_name, "role": role, "instance": instance}
-        self._m = {}
+        self._m: dict[str, Counter | Gauge | Histogram] = {}
         for name, (kind, doc, extra, buckets) in SPECS.items():
             labels = LABELS + extra
             if kind == "histogram":
+                assert buckets is not None  # every histogram in SPECS names its buckets
                 self._m[name] = Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
             elif kind == "counter":
                 self._m[name] = Counter(PREFIX + name.removesuffix("_total"), doc, labels, registry=self.registry)

@@ -8,16 +8,20 @@ import asyncio
 import json
 import multiprocessing as mp
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdmesh.config import (AsyncScheduling, AttentionBackendName, CacheConfig, DecodeAttention, DeviceConfig, Dtype, EngineConfig,
+                           ModelConfig, SchedulerConfig, TPAllReduce)
+
+if TYPE_CHECKING:
+    from pdmesh.transport.handoff import HandoffResult
 
 
-def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", backend: str = "auto", eager: bool = False,
+def engine_config(model: str, device: str = "cuda", dtype: Dtype = "bfloat16", backend: AttentionBackendName = "auto", eager: bool = False,
                   num_kv_blocks: Optional[int] = None, max_num_seqs: int = 16, max_tokens_step: int = 4096,
                   max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9,
-                  fused: bool = True, async_scheduling: str = "auto", decode_attention: str = "auto",
-                  tokenizer: Optional[str] = None, tensor_parallel_size: int = 1, tp_all_reduce: str = "auto",
+                  fused: bool = True, async_scheduling: AsyncScheduling = "auto", decode_attention: DecodeAttention = "auto",
+                  tokenizer: Optional[str] = None, tensor_parallel_size: int = 1, tp_all_reduce: TPAllReduce = "auto",
                   enable_expert_parallel: bool = False) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer),
@@ -40,6 +44,7 @@ async def prefill_held(prefill, rid: str, prompt: list[int], params, **desc_fiel
     out = None
     async for out in prefill.generate(rid, prompt, params, prefill_only=True):  # noqa: B007 - the last output is kept
         pass
+    assert out is not None  # generate yields at least the first token
     if out.held_block_ids is None:
         return out.new_token_ids[0], None
     return out.new_token_ids[0], pb.KVDescriptor(
@@ -47,7 +52,7 @@ async def prefill_held(prefill, rid: str, prompt: list[int], params, **desc_fiel
         layout=layout_to_proto(prefill.engine.pool.layout), **desc_fields)
 
 
-async def decode_from(handoff, rid: str, prompt: list[int], first: int, params, desc) -> tuple[list[int], object]:
+async def decode_from(handoff, rid: str, prompt: list[int], first: int, params, desc) -> tuple[list[int], HandoffResult]:
     """Take ``desc`` through ``handoff`` (a ``KVHandoff``) and decode to the end: (tokens with the
     first, the ``HandoffResult``).  Raises RuntimeError when the pull failed."""
     from pdmesh.engine.connector import PullOutcome
@@ -81,6 +86,7 @@ async def _prefill_main(cfg: EngineConfig, prompt: list[int], params, conn) -> N
 
     eng = AsyncEngine(lambda: LLMEngine(cfg))
     await eng.start()
+    assert eng.engine is not None  # built by start()
     leases = LeaseTable(lambda rid: eng.call_nowait(lambda e: e.release(rid)), ttl=120)
     server = grpc.aio.server()
     kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(eng.engine.pool, leases, "child"), server)
@@ -131,6 +137,7 @@ async def _decode_main(cfg: EngineConfig, prompt: list[int], params, first: int,
 
     dec = AsyncEngine(lambda: LLMEngine(cfg))
     await dec.start()
+    assert dec.engine is not None  # built by start()
     channels = ChannelPool()
     try:
         tr = CudaIpcTransport(channels, dec.engine.device)
@@ -182,9 +189,9 @@ def write_byte_level(vocab_size: int, out: Path, special_ids: tuple[int, ...] = 
             vocab[specials[next_id]] = next_id
             next_id += 1
             continue
-        tok = next(candidates, None) or gen()
-        if tok not in vocab:
-            vocab[tok] = next_id
+        piece = next(candidates, None) or gen()
+        if piece not in vocab:
+            vocab[piece] = next_id
             next_id += 1
     tok = Tokenizer(models.BPE(vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

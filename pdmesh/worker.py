@@ -25,7 +25,7 @@ import shlex
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, Optional
+from typing import Any, Awaitable, Callable, Coroutine, Literal, Optional
 
 import grpc
 
@@ -131,7 +131,7 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
 class WorkerRuntime:
     """Engine + server + registration for one worker; the role adds servicers."""
 
-    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
+    def __init__(self, role: pb.Role, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
                  tls: TlsConfig = PLAINTEXT) -> None:
         self.role = role
         self.tls = tls
@@ -239,7 +239,7 @@ class WorkerRuntime:
                                 trailing)
 
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
-                  background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
+                  background: Callable[["WorkerRuntime"], list[Coroutine[Any, Any, Any]]] = lambda rt: []) -> None:
         await self.engine.start()
         warm = self.ecfg.device.warmup
         if warm == "on" or (warm == "auto" and self.llm.device.type == "cuda"):
@@ -294,12 +294,13 @@ class WorkerRuntime:
             why = ranks.dead() if ranks is not None else None
             if why is None and not self.engine.alive:
                 why = f"the engine stopped: {self.engine.error!r}"
-                for _ in range(10 if ranks is not None else 0):  # a collective fails as soon as a rank dies
-                    await asyncio.sleep(0.1)
-                    dead = ranks.dead()
-                    if dead:
-                        why = f"{dead}; {why}"
-                        break
+                if ranks is not None:
+                    for _ in range(10):  # a collective fails as soon as a rank dies
+                        await asyncio.sleep(0.1)
+                        dead = ranks.dead()
+                        if dead:
+                            why = f"{dead}; {why}"
+                            break
             if why is not None:
                 log.error("%s: leaving the mesh", why)
                 self.draining = True

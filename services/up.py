@@ -120,7 +120,7 @@ class UpConfig:
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.colocated)
         _require(min(counts) >= 0, "prefill", "worker counts are >= 0")
-        _require((self.prefill == 0) == (self.decode == 0) and (self.prefill or self.colocated), "prefill",
+        _require((self.prefill == 0) == (self.decode == 0) and bool(self.prefill or self.colocated), "prefill",
                  "need --prefill >= 1 and --decode >= 1, or --colocated >= 1 (with --prefill 0 --decode 0 or with both)")
         _require(not (self.api_key and self.api_key_file), "api_key_file", "give --api-key or --api-key-file, not both")
         _require(self.startup_timeout > 0, "startup_timeout", "must be > 0")

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # imported at run time only by enable_fused_norm (GPUs with --tp-all-reduce flashinfer)
+    from pdmesh.distributed.fused import FusedAllReduceNorm
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class TPGroup:
         self.size = size
         self.device = device
         self._symm: Optional[_SymmMemAllReduce] = None
-        self._fused = None  # pdmesh.distributed.fused.FusedAllReduceNorm once enable_fused_norm() succeeded
+        self._fused: Optional[FusedAllReduceNorm] = None  # once enable_fused_norm() succeeded
         self._all_reduce_kind = all_reduce
 
     @staticmethod
@@ -50,8 +53,8 @@ class TPGroup:
     def join(rank: int, size: int, device: torch.device, init_method: str, all_reduce: str = "auto") -> "TPGroup":
         """Join the group (blocks until every rank has): gloo for CPU ranks, NCCL for GPU ones."""
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=INIT_TIMEOUT, **kwargs)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=INIT_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
         group = TPGroup(rank, size, device, "nccl" if all_reduce == "auto" else all_reduce)
         if device.type == "cuda" and group._all_reduce_kind == "symm_mem":
             group._symm = _SymmMemAllReduce.create(device)
@@ -152,7 +155,9 @@ class _SymmMemAllReduce:
         try:
             import torch.distributed._symmetric_memory as symm
 
-            name = dist.group.WORLD.group_name
+            world = dist.group.WORLD
+            assert world is not None  # join() created the process group before this
+            name = world.group_name
             if hasattr(symm, "enable_symm_mem_for_group"):
                 symm.enable_symm_mem_for_group(name)
             buf = symm.empty(_SymmMemAllReduce.MAX_BYTES // 2, dtype=torch.bfloat16, device=device)

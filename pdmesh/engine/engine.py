@@ -324,6 +324,7 @@ class LLMEngine:
         device, allocate its blocks and start loading them (True: the sequence waits in
         ``remote`` until ``_settle_load``); else False, and it is computed as usual."""
         tiers = self.tiers
+        assert tiers is not None  # the scheduler prefetches only when tiers exist
         rid = seq.request_id
         plan = tiers.plan(seq.token_ids, hit)
         count = seq.num_preemptions == 0 and not seq.tiers_looked_up
@@ -347,6 +348,7 @@ class LLMEngine:
     def _settle_load(self, job: TierLoadJob, load, err: Optional[str]) -> None:
         """A tier load ended: requeue its request (at the front) with the blocks that arrived
         computed; the rest of its prompt is computed as usual."""
+        assert self.tiers is not None  # tier loads exist only when tiers do
         n = self.tiers.loaded(job, load) if err is None else 0
         if err is not None:
             log.warning("KV tier load of %s failed: %s (computing its prompt)", job.request_id, err)
@@ -441,6 +443,7 @@ class LLMEngine:
         try:
             seq = Sequence(rid, list(token_ids), len(token_ids), SamplingParams(), self.eos_token_ids)
             logits, _ = self.runner.forward(ScheduledBatch([seq], [len(token_ids)]))
+            assert logits is not None  # the step computed all of seq's tokens
             return logits[0]
         finally:
             self.blocks.free(rid)
@@ -557,6 +560,7 @@ class LLMEngine:
         else:
             reason = self._finish_reason(seq, tok)
         first = seq.num_output_tokens == 1
+        assert seq.first_scheduled_time is not None  # a sequence with a token was scheduled
         out = RequestOutput(
             seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
             seq.num_prompt_tokens, seq.num_cached_tokens,

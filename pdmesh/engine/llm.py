@@ -6,7 +6,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdmesh.config import (AsyncScheduling, AttentionBackendName, CacheConfig, DeviceConfig, Dtype, EngineConfig, LoadFormat,
+                           ModelConfig, SchedulerConfig)
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
 from pdmesh.tokenizer import StopStringMatcher, Tokenizer
@@ -36,12 +37,12 @@ def child_seed(seed: Optional[int], index: int) -> Optional[int]:
 
 
 class LLM:
-    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, load_format: str = "auto",
-                 dtype: str = "auto", max_model_len: Optional[int] = None, seed: int = 0, block_size: int = 32,
+    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, load_format: LoadFormat = "auto",
+                 dtype: Dtype = "auto", max_model_len: Optional[int] = None, seed: int = 0, block_size: int = 32,
                  num_kv_blocks: Optional[int] = None, kv_cache_memory: int = 512 << 20,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
-                 enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: str = "auto",
-                 enforce_eager: bool = False, async_scheduling: str = "auto", tensor_parallel_size: int = 1,
+                 enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: AttentionBackendName = "auto",
+                 enforce_eager: bool = False, async_scheduling: AsyncScheduling = "auto", tensor_parallel_size: int = 1,
                  enable_expert_parallel: bool = False, cpu_threads: int = 0, engine_config: Optional[EngineConfig] = None) -> None:
         if engine_config is None:
             mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -113,7 +114,7 @@ class LLM:
                 st = live.get(out.request_id)
                 if st is None:
                     continue
-                comp: Completion = st["comp"]
+                comp = st["comp"]  # a Completion, as declared above
                 st["res"].num_cached_tokens = out.num_cached_tokens
                 if out.prompt_logprobs is not None:
                     st["res"].prompt_logprobs = out.prompt_logprobs

@@ -26,7 +26,7 @@ Sampling, grammars and logprobs happen on rank 0 only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, cast
 
 import numpy as np
 import torch
@@ -38,6 +38,10 @@ from pdmesh.engine.sequence import Sequence, TokenLogprob
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.models.transformer import CausalLM
+
+if TYPE_CHECKING:  # imported only on the CUDA paths that use them
+    from pdmesh.attention.flashinfer_backend import FlashInferBackend
+    from pdmesh.engine.cuda_graphs import DecodeGraphs
 
 
 def placeholder(row: int) -> int:
@@ -146,13 +150,20 @@ class ModelRunner:
         """Two pinned int64 buffers (at least 256 ids, grown to the batch), used in turn by launched steps (CUDA)."""
         self._turn = 0
         self._fence = _InputFence(device)
-        self.graphs = None
+        self.graphs: Optional[DecodeGraphs] = None
         """``DecodeGraphs`` when CUDA graphs are captured (``capture_decode_graphs``)."""
+
+    @property
+    def _rank0_blocks(self) -> PrefixCachingBlockManager:
+        """The block manager: rank 0 holds one, and only rank 0 prepares steps."""
+        assert self.blocks is not None, "only rank 0 prepares steps"
+        return self.blocks
 
     def capture_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
         from pdmesh.engine.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.backend, self.pool.kv, max_num_seqs, max_model_len,
+        # the engine captures graphs only when its backend is flashinfer
+        self.graphs = DecodeGraphs(self.model, cast("FlashInferBackend", self.backend), self.pool.kv, max_num_seqs, max_model_len,
                                    self.block_size, self.pool.null_block, self.device)
 
     def _to_device(self, packed: np.ndarray) -> torch.Tensor:
@@ -172,7 +183,7 @@ class ModelRunner:
             packed, ctx_lens, logits_idx, sample_seqs = self._one_token_each(batch)
         else:
             packed, ctx_lens, logits_idx, sample_seqs = self._token_ranges(batch)
-        tables = [self.blocks.block_table_array(seq.request_id) for seq in batch.seqs]
+        tables = [self._rank0_blocks.block_table_array(seq.request_id) for seq in batch.seqs]
         rows = [(a, b) for _, a, b, _, _ in self._prompt_spans(batch)]
         return StepInputs(packed, list(batch.num_new_tokens), ctx_lens, tables, logits_idx, rows, launch), sample_seqs
 
@@ -214,7 +225,7 @@ class ModelRunner:
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p])
             pos.append(p)
-            slots.append(self.blocks.block_table(seq.request_id)[p // bs] * bs + p % bs)
+            slots.append(self._rank0_blocks.block_table(seq.request_id)[p // bs] * bs + p % bs)
             ctx_lens.append(p + 1)
             if p + 1 == len(seq.token_ids):
                 logits_idx.append(row)
@@ -233,7 +244,7 @@ class ModelRunner:
             p = np.arange(start, end, dtype=np.int64)
             ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
             pos.append(p)
-            slots.append(self.blocks.block_table_array(seq.request_id)[p // bs].astype(np.int64) * bs + p % bs)
+            slots.append(self._rank0_blocks.block_table_array(seq.request_id)[p // bs].astype(np.int64) * bs + p % bs)
             ctx_lens.append(end)
             offset += n
             if end == seq.num_tokens:
@@ -299,6 +310,7 @@ class ModelRunner:
         if len(sample_seqs) != len(batch.seqs) or not sample_seqs:
             raise RuntimeError("launch() takes decode batches only")
         logits = self.execute(inputs, prev.ids if prev is not None else None).logits
+        assert logits is not None  # every sequence is sampled, so the step computed their logits
         if all(plain_greedy(s) for s in sample_seqs):
             ids = logits.argmax(dim=-1)
         else:
@@ -332,6 +344,7 @@ class ModelRunner:
         if not sample_seqs:
             return StepResult([], [], [], prompt_lps)
         logits = step.logits
+        assert logits is not None  # sequences are sampled, so the step computed their logits
         if mask is not None:
             mask(logits, sample_seqs)
         if all(plain_greedy(s) for s in sample_seqs):

@@ -10,7 +10,7 @@ split like the query heads, or replicated when there are fewer than ranks (``pdm
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -223,8 +223,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=arch.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=arch.o_bias, dtype=dtype)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
+            self.q_norm: Optional[RMSNorm] = RMSNorm(self.d, arch.rms_norm_eps, dtype)
+            self.k_norm: Optional[RMSNorm] = RMSNorm(self.d, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.fused = False
@@ -240,7 +240,7 @@ class Attention(nn.Module):
         q = q.view(t, self.hq, self.d)
         k = k.view(t, self.hkv, self.d)
         v = v.view(t, self.hkv, self.d)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (arch.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, k)
         out = ctx.attend(self.layer_idx, q, k, v)

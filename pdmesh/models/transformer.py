@@ -15,7 +15,7 @@ the all-reduce, and logits are gathered from every rank (then the padding is cut
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,13 @@ from pdmesh.models.moe import EXPERT_TENSOR, FusedExperts, SparseMoeBlock
 
 Segments = list[tuple[int, int, int]]
 """(length in the full tensor, start of this rank's slice in it, slice length), concatenated in order."""
+
+
+@runtime_checkable
+class _Fusable(Protocol):
+    """A module with a fused-kernel switch (``isinstance`` checks that it has ``fused``)."""
+
+    fused: bool
 
 
 class DecoderLayer(nn.Module):
@@ -135,6 +142,7 @@ class CausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, residual, rope, ctx)
+        assert residual is not None  # a model has at least one layer
         return self.tp.all_reduce_add_norm(x, residual, self.model.norm)[0]
 
     def enable_fused_kernels(self) -> None:
@@ -142,7 +150,7 @@ class CausalLM(nn.Module):
         one-row projections (CUDA)."""
         assert self.rotary is not None and self.rotary.cos.is_cuda, "fused kernels need the model on CUDA"
         for m in self.modules():
-            if hasattr(m, "fused"):
+            if isinstance(m, _Fusable):
                 m.fused = True
         self.rotary.fused = True
 
@@ -262,7 +270,7 @@ class CausalLM(nn.Module):
 
     def expected_weight_names(self) -> set[str]:
         """HF names a complete checkpoint must provide."""
-        names = set()
+        names: set[str] = set()
         for name, _ in self.named_parameters():
             experts = self._experts(name)
             if experts is not None:

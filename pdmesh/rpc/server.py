@@ -82,9 +82,14 @@ def ignore_further_signals() -> None:
 async def wait_for_signal() -> str:
     """Resolve on SIGINT/SIGTERM (ignoring any later ones); returns the signal's name."""
     loop = asyncio.get_running_loop()
-    fut: asyncio.Future = loop.create_future()
+    fut: asyncio.Future[str] = loop.create_future()
+
+    def resolve(s: signal.Signals) -> None:
+        if not fut.done():
+            fut.set_result(s.name)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: fut.done() or fut.set_result(s.name))
+        loop.add_signal_handler(sig, resolve, sig)
     name = await fut
     ignore_further_signals()
     return name

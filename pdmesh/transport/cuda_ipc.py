@@ -80,7 +80,7 @@ def open_handle(h: kpb.CudaIpcHandle) -> torch.Tensor:
         h.device, h.handle, h.storage_size_bytes, h.storage_offset_bytes, h.ref_counter_handle,
         h.ref_counter_offset, h.event_handle or None, h.event_sync_required)
     t = torch.empty(0, dtype=getattr(torch, h.dtype), device=f"cuda:{h.device}")
-    t.set_(storage, 0, tuple(h.shape))
+    t.set_(storage, 0, tuple(h.shape))  # type: ignore[call-overload]  # torch's stub wants a stride; it is optional at runtime
     return t
 
 
@@ -88,7 +88,8 @@ def _copy_stream(device: torch.device) -> torch.cuda.Stream:
     """A stream of the highest priority on ``device``: the GPU's block scheduler dispatches its
     kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode step's), so a
     pull under load is not queued behind them."""
-    high, _ = torch.cuda.Stream.priority_range()  # (greatest, least): lower numbers are higher priority
+    # (greatest, least): lower numbers are higher priority
+    high, _ = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod at runtime; torch's stub omits it
     return torch.cuda.Stream(device, priority=high)
 
 
@@ -110,9 +111,10 @@ class CudaCopy(BaseTransfer):
     def device_seconds(self) -> Optional[float]:
         """The longest piece's copy time (pieces on different GPUs run side by side)."""
         try:
-            if not all(e.query() for _, e in self.timings) or any(b is None for b, _ in self.timings):
+            timed = [(b, e) for b, e in self.timings if b is not None]
+            if len(timed) != len(self.timings) or not all(e.query() for _, e in timed):
                 return None
-            return max(b.elapsed_time(e) for b, e in self.timings) / 1e3
+            return max(b.elapsed_time(e) for b, e in timed) / 1e3
         except RuntimeError:  # a figure for logs only: never let it fail the pull
             log.exception("timing a KV copy failed")
             return None

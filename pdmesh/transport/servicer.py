@@ -53,6 +53,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         lease = self.leases.pin(request.request_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id!r} (released or expired)")
+        assert lease is not None  # context.abort raised otherwise
         try:
             ids = list(request.block_ids)
             if not set(ids) <= set(lease.block_ids):
@@ -83,6 +84,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         got = self.leases.begin_read(request.request_id, max(0.0, request.max_seconds))
         if got is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id!r} (released or expired)")
+        assert got is not None  # context.abort raised otherwise
         read_id, granted = got
         return kpb.BeginReadResponse(read_id=read_id, granted_seconds=granted)
 
@@ -96,10 +98,12 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             return export_handle(self.pool, self.incarnation, request.rank)
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise AssertionError("unreachable: context.abort raises") from exc
 
     async def GetNixlMetadata(self, request: kpb.NixlMetadataRequest, context: grpc.aio.ServicerContext) -> kpb.NixlMetadata:
         if self.nixl_metadata is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does not offer the nixl transport")
+        assert self.nixl_metadata is not None  # context.abort raised otherwise
         return self.nixl_metadata()
 
     def _read(self, rank: int, block_ids: list[int]) -> bytes:

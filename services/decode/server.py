@@ -102,6 +102,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
             eng.close_stream(rid)
             if not state.finished:
                 eng.call_nowait(lambda e: e.abort(rid))
+                assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
                 if rid in self._finished_by_caller:
                     self.rt.metrics.inc("request_success_total", finished_reason="stop")
                 else:
@@ -127,6 +128,10 @@ class DecodeServicer(dgrpc.DecodeServicer):
         except RequestRejected as exc:
             self._release_prefill(request.kv)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.handoff is None:  # a colocated worker: it computes prompts, it pulls no KV
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker {self.rt.worker_id} is colocated: it takes no KV descriptor")
+            return
         try:
             res = await self.handoff.take(rid, list(request.prompt_token_ids), request.first_token_id, params,
                                           request.kv, tp, span)
@@ -170,6 +175,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
             if state.finished:
                 span.set_attributes({"gen_ai.response.finish_reasons": [msg.finish_reason or "stop"],
                                      "gen_ai.usage.output_tokens": state.generated})
+                assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
                 self.rt.metrics.inc("request_success_total", finished_reason=msg.finish_reason or "stop")
             yield msg
 

@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from pdmesh.log import StartupError, configure_logging, run_async
 from pdmesh.models.loader import resolve
@@ -39,13 +39,17 @@ async def serve(argv: Optional[list[str]]) -> None:
     tok = await asyncio.to_thread(Tokenizer, res.tokenizer_path, template)
     max_len = mcfg.max_model_len or res.arch.max_position_embeddings
     gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"), tls, res.generation)
-    server = uvicorn.Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
-                                           loop="none", lifespan="on", timeout_graceful_shutdown=30, access_log=False,
-                                           ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile))
-    # Signals are ours (drain first: /health 503 and new requests 503 while in-flight ones finish,
-    # then stop listening); uvicorn would otherwise close the listener at the first SIGTERM.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+
+    class _Server(uvicorn.Server):
+        # Signals are ours (drain first: /health 503 and new requests 503 while in-flight ones finish,
+        # then stop listening); uvicorn would otherwise close the listener at the first SIGTERM.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server = _Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
+                                    loop="none", lifespan="on", timeout_graceful_shutdown=30, access_log=False,
+                                    ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

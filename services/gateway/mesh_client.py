@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncGenerator, AsyncIterator, Optional
 
 import grpc
 
@@ -167,7 +167,7 @@ class MeshClient:
         return d
 
     async def stream(self, rid: str, model: str, prompt: list[int], params: SamplingParams, timeout: float,
-                     trace: Optional[RequestTrace] = None) -> AsyncIterator[TokenEvent]:
+                     trace: Optional[RequestTrace] = None) -> AsyncGenerator[TokenEvent, None]:
         trace = trace or RequestTrace()
         trace.traceparent = trace.traceparent or tracecontext.new()
         deadline = time.monotonic() + timeout

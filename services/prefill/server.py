@@ -54,6 +54,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
         tel = self.rt.tel
         span = tel.start("pdmesh.prefill", tracecontext.from_context(context), attributes={
             "pdmesh.request_id": rid, "pdmesh.worker_id": self.rt.worker_id, "gen_ai.usage.input_tokens": len(prompt)})
+        assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
         try:
             out = None
             try:
@@ -106,6 +107,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         rid = request.request_id
+        assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
         self.rt.metrics.inc("num_aborted_requests_total")
         found = self.leases.release(rid)
         found_engine = await self.rt.engine.abort(rid) if not found else False
