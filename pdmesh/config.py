@@ -238,7 +238,8 @@ class SchedulerConfig:
     async_scheduling: AsyncScheduling = "auto"
     """Schedule and launch decode step N+1 while step N runs on the GPU, instead of waiting for
     N's tokens first: 'auto' (on CUDA), 'on' or 'off'. Steps with prompt tokens, and sequences
-    with penalties or logprobs, run one at a time."""
+    with penalties or logprobs, run one at a time; constrained (grammar) sequences do not: only
+    their sampling waits for N's tokens and the mask."""
 
     def __post_init__(self) -> None:
         check_choices(self)

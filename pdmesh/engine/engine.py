@@ -26,11 +26,16 @@ plan) overlaps N on the GPU and each call returns step N's outputs (one step beh
 tokens are placeholders in ``Sequence.token_ids`` until collected (see ``runner``).  Whenever the
 next step could not be launched that way (prompt tokens to run, waiting requests, too few free
 blocks to grow every sequence without preempting, a sequence that ends by length at step N, or
-one with penalties, logprobs or a grammar), ``step()`` first collects N and goes on synchronously.
+one with penalties or logprobs), ``step()`` first collects N and goes on synchronously.
 
 Structured outputs: a request whose params carry a ``GrammarSpec`` gets a grammar state from the
 engine's ``GrammarEngine`` (compiled against this worker's tokenizer, cached per spec); its logits
-are masked before sampling and every emitted token advances the state (see ``grammar``).
+are masked before sampling and every emitted token advances the state (see ``grammar``).  With
+async scheduling a batch with grammars is launched behind too, in two parts: step N+1's forward
+(which needs no mask) before step N is collected, its sampling after — once N's tokens have
+advanced the grammars and N+1's mask is filled, while the device runs N+1's forward.  A row whose
+sequence ended at step N (or was aborted) is left unmasked and its token dropped; a grammar state
+is released when its sequence finishes or is aborted.
 """
 
 from __future__ import annotations
@@ -90,9 +95,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _launchable(seq: Sequence) -> bool:
-    """A sequence whose next token can be sampled without the host seeing the previous one (a
-    grammar's mask depends on the previous token, so constrained sequences go one step at a time)."""
-    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None and seq.grammar is None
+    """A sequence whose next step can be launched before the host sees its previous token (a
+    grammar's mask needs that token, but only the sampling waits for it: see ``LLMEngine._step``)."""
+    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None
 
 
 class RequestRejected(ValueError):
@@ -220,7 +225,14 @@ class LLMEngine:
             raise RequestRejected(str(exc)) from None
 
     def _mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """The grammar mask of a step's rows.  A sequence that ended (by the step collected since
+        this one was launched, or aborted) has no grammar state any more: its row is left unmasked
+        and its token dropped."""
         self.grammars.apply(logits, [s.grammar for s in seqs])
+
+    @staticmethod
+    def _constrained(seqs: list[Sequence]) -> bool:
+        return any(s.grammar is not None for s in seqs)
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
@@ -405,6 +417,7 @@ class LLMEngine:
         if seq is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
+            seq.grammar = None  # the matcher goes now, even while a launched step still names the sequence
         return seq is not None or had_blocks
 
     def _free(self, request_id: str) -> None:
@@ -465,11 +478,16 @@ class LLMEngine:
             if not self._can_launch_behind():
                 return self._collect(prev)
             batch = self.scheduler.schedule()
-            nxt = self.runner.launch(batch, prev) if batch.seqs else None
+            nxt = self.runner.launch_forward(batch, prev) if batch.seqs else None
             self.num_steps_launched_behind += nxt is not None
             self._inflight = nxt  # frees that collecting prev asks for wait for nxt too
-            outputs = self._collect(prev)
+            masked = nxt is not None and self._constrained(nxt.sample_seqs)
+            if nxt is not None and not masked:
+                self.runner.launch_sample(nxt)
+            outputs = self._collect(prev)  # advances the grammars by prev's tokens
             if nxt is not None:
+                if masked:  # nxt's mask needs prev's tokens; its forward runs meanwhile
+                    self.runner.launch_sample(nxt, self._mask)
                 self._launched(nxt)
             return outputs
         batch = self.scheduler.schedule()
@@ -481,11 +499,12 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
+        mask = self._mask if self._constrained(batch.seqs) else None
         if self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs)):
-            self._inflight = self.runner.launch(batch)
+            self._inflight = self.runner.launch(batch, mask=mask)
             self._launched(self._inflight)
             return []
-        result = self.runner.run(batch, self._mask if any(s.grammar is not None for s in batch.seqs) else None)
+        result = self.runner.run(batch, mask)
         return self.postprocess(batch, result)
 
     def _can_launch_behind(self) -> bool:
@@ -577,6 +596,7 @@ class LLMEngine:
                 out.held_block_checksums = self.audit.record(seq.request_id, out.held_block_ids, seq.num_prompt_tokens)
             self.scheduler.remove(seq.request_id)
             seq.status = SequenceStatus.HELD
+            seq.grammar = None  # the decode worker replays token 0 into its own matcher
             self.held[seq.request_id] = seq
         return out
 
@@ -598,6 +618,7 @@ class LLMEngine:
         self._free(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.grammar = None
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> EngineStats:

@@ -11,6 +11,11 @@ Two ways to run a step:
   pinned buffer, so the engine can schedule and launch step N+1 before it waits for step N.
   A token of step N that step N+1 takes as input is written into ``Sequence.token_ids`` as the
   placeholder ``-(row + 1)`` (its row in step N's sampled ids) and resolved on the device.
+  ``launch`` is ``launch_forward`` (the model, up to the logits) then ``launch_sample`` (mask,
+  sampling, the copy of the ids to the host); a constrained step calls them apart: its forward
+  needs no mask, only its sampling does, so the engine launches step N+1's forward, collects
+  step N, advances the grammars by step N's tokens and fills N+1's mask while the device runs
+  that forward, and launches N+1's sampling after.
 
 Host buffers that the device reads asynchronously (the packed inputs, FlashInfer's pinned plan
 buffers) are written only after the previous step's inputs were consumed (``_InputFence``).
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from pdmesh.attention import BaseAttentionBackend, BatchLayout, StepAttention
-from pdmesh.engine.sampler import Sampler, build_sampling_batch, plain_greedy
+from pdmesh.engine.sampler import Sampler, SamplingBatch, build_sampling_batch, plain_greedy
 from pdmesh.engine.scheduler import ScheduledBatch
 from pdmesh.engine.sequence import Sequence, TokenLogprob
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
@@ -82,17 +87,28 @@ class StepTensors:
 
 @dataclass
 class LaunchedStep:
-    """A step whose kernels are queued; its sampled ids reach the host in ``collect``."""
+    """A step whose kernels are queued; its sampled ids reach the host in ``collect``.  Between
+    ``launch_forward`` and ``launch_sample`` only the forward is queued: ``logits`` is set and the
+    id fields are None."""
 
     batch: ScheduledBatch
     sample_seqs: list[Sequence]
     """Sequences that get a token from this step, in row order."""
-    ids: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    """[S, V] float32 on the model's device, until the sampling is launched (then None)."""
+    sampling: Optional[SamplingBatch] = None
+    """The rows' sampling parameters (None: every row is plain greedy), built with the forward."""
+    ids: Optional[torch.Tensor] = None
     """[S] int64 on the model's device: sampled token ids (the next step's inputs)."""
-    host_ids: torch.Tensor
+    host_ids: Optional[torch.Tensor] = None
     """[S] int64 on the host (pinned on CUDA): filled once ``ready`` has completed."""
-    ready: Optional[torch.cuda.Event]
+    ready: Optional[torch.cuda.Event] = None
     """Recorded after the device-to-host copy (None on CPU, where ``host_ids`` is ready at once)."""
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the sampling is launched (the ids exist, on the device at least)."""
+        return self.ids is not None
 
 
 class _InputFence:
@@ -302,22 +318,48 @@ class ModelRunner:
             return prev_ids
         return self.share_ids(torch.empty(len(inputs.logits_idx), dtype=torch.int64, device=self.device))
 
+    def launch(self, batch: ScheduledBatch, prev: Optional[LaunchedStep] = None,
+               mask: Optional[LogitsMask] = None) -> LaunchedStep:
+        """Queue a whole step (forward and sampling) that samples every sequence of ``batch``
+        without logprobs or penalties (async scheduling); ``prev`` is the in-flight step whose
+        placeholders it takes as input, ``mask`` (the engine's grammar mask) constrains the logits."""
+        step = self.launch_forward(batch, prev)
+        self.launch_sample(step, mask)
+        return step
+
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, prev: Optional[LaunchedStep] = None) -> LaunchedStep:
-        """Queue a step that samples every sequence of ``batch`` without logprobs or penalties
-        (async scheduling); ``prev`` is the in-flight step whose placeholders it takes as input."""
+    def launch_forward(self, batch: ScheduledBatch, prev: Optional[LaunchedStep] = None) -> LaunchedStep:
+        """Queue the model over a decode batch, up to the logits (every rank runs it); ``launch_sample``
+        queues the rest.  ``prev`` (sampled already) resolves placeholder tokens."""
+        if prev is not None and not prev.sampled:
+            raise RuntimeError("the previous step's sampling was never launched")
         inputs, sample_seqs = self.prepare(batch, launch=True)
         if len(sample_seqs) != len(batch.seqs) or not sample_seqs:
             raise RuntimeError("launch() takes decode batches only")
         logits = self.execute(inputs, prev.ids if prev is not None else None).logits
         assert logits is not None  # every sequence is sampled, so the step computed their logits
-        if all(plain_greedy(s) for s in sample_seqs):
-            ids = logits.argmax(dim=-1)
-        else:
-            ids = self.sampler.sample(logits, build_sampling_batch(sample_seqs, logits.shape[-1], self.device))
+        sampling = None
+        if not all(plain_greedy(s) for s in sample_seqs):
+            sampling = build_sampling_batch(sample_seqs, logits.shape[-1], self.device)
+        return LaunchedStep(batch, sample_seqs, logits, sampling)
+
+    @torch.inference_mode()
+    def launch_sample(self, step: LaunchedStep, mask: Optional[LogitsMask] = None) -> None:
+        """Queue the sampling of a step whose forward is queued: ``mask`` (called with the logits
+        and the rows' sequences) first, then the sampler, the broadcast of the ids to the other
+        tensor-parallel ranks (they wait for it in ``follow``), then the copy of the ids to the host."""
+        logits = step.logits
+        if logits is None:
+            raise RuntimeError("launch_sample() needs a step from launch_forward(), sampled at most once")
+        step.logits = None
+        if mask is not None:
+            mask(logits, step.sample_seqs)
+        ids = logits.argmax(dim=-1) if step.sampling is None else self.sampler.sample(logits, step.sampling)
         ids = self.share_ids(ids)
+        step.ids = ids
         if self.device.type != "cuda":
-            return LaunchedStep(batch, sample_seqs, ids, ids, None)
+            step.host_ids = ids
+            return
         n = ids.shape[0]
         if not self._host_ids or self._host_ids[0].shape[0] < n:
             self._host_ids = [torch.empty(max(n, 256), dtype=torch.int64, pin_memory=True) for _ in range(2)]
@@ -326,11 +368,13 @@ class ModelRunner:
         host.copy_(ids, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))  # the stream of the copy above, on this device
-        return LaunchedStep(batch, sample_seqs, ids, host, ready)
+        step.host_ids, step.ready = host, ready
 
     @staticmethod
     def collect(step: LaunchedStep) -> StepResult:
         """Wait for a launched step's sampled ids (and nothing queued after them)."""
+        if step.host_ids is None:
+            raise RuntimeError("collect() of a step whose sampling was never launched")
         if step.ready is not None:
             step.ready.synchronize()
         return StepResult(step.sample_seqs, step.host_ids.tolist(), [None] * len(step.sample_seqs))
