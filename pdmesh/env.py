@@ -53,6 +53,8 @@ class _Registry:
     )
     API_KEY = EnvVar("PDMESH_API_KEY", str, "", "The gateway's API key for 'pdmesh up' (instead of --api-key, which "
                      "shows in 'ps'); 'pdmesh up' hands it to the gateway in a file readable only by its user.")
+    MESH_SECRET = EnvVar("PDMESH_MESH_SECRET", str, "", "The mesh secret every service proves its internal calls "
+                         "with (instead of --mesh-secret-file; at least 32 characters).")
     LOG_LEVEL = EnvVar("PDMESH_LOG_LEVEL", str, "INFO", "Python logging level of every service.")
     EMBEDDED_GGUF = EnvVar(
         "PDMESH_EMBEDDED_GGUF",

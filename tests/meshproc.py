@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,9 +16,30 @@ from typing import Optional
 import grpc
 import httpx
 
+from pdmesh.rpc.auth import Identity, MeshSecretAuthenticator
+from pdmesh.rpc.channels import open_channel
 from pdmesh.v1 import scheduler_pb2 as spb
 from services.cli import MODULES, STOP_ORDER
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
+
+MESH_SECRET = secrets.token_hex(32)
+"""The mesh secret of every mesh this test process starts (as 'pdmesh up' makes one for its children)."""
+
+
+def mesh_secret_file(directory: Path) -> str:
+    """A file (mode 0600) in ``directory`` holding ``MESH_SECRET``: every service started by the
+    tests gets it as ``--mesh-secret-file``."""
+    path = directory / "mesh-secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(MESH_SECRET + "\n")
+    return str(path)
+
+
+def mesh_auth(role: str = "gateway", ident: str = "test-client") -> MeshSecretAuthenticator:
+    """Credentials of the test process on the mesh's internal APIs (by default: a gateway's)."""
+    return MeshSecretAuthenticator(MESH_SECRET.encode(), lambda: Identity(role, ident))
 
 
 _HANDED_OUT: set[int] = set()
@@ -92,7 +114,7 @@ def wait_http(url: str, proc: Proc, timeout: float = 240.0) -> None:
 
 def list_workers(scheduler: str) -> list[spb.WorkerStatus]:
     async def go():
-        async with grpc.aio.insecure_channel(scheduler) as ch:
+        async with open_channel(scheduler, auth=mesh_auth()) as ch:
             return list((await sgrpc.SchedulerStub(ch).ListWorkers(spb.ListWorkersRequest(), timeout=5)).workers)
 
     return asyncio.run(go())
@@ -205,7 +227,8 @@ class Services:
             self.ports[name] = (self.sched_port if role == "scheduler" else self.port if role == "gateway" else free_port(),
                                 free_port())
         port, mport = self.ports[name]
-        common = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mport)]
+        common = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mport),
+                  "--mesh-secret-file", mesh_secret_file(self.tmp)]
         if role == "scheduler":
             args = common + self.scheduler_args
         elif role == "gateway":
@@ -263,7 +286,7 @@ class Mesh:
         args = [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--scheduler-port",
                 str(self.sched_port), "--metrics-port", str(self.metrics_port), "--scheduler-metrics-port",
                 str(self.sched_metrics_port), "--grpc-port", str(self.grpc_port), "--prefill", str(prefill), "--decode", str(decode),
-                "--colocated", str(colocated),
+                "--colocated", str(colocated), "--mesh-secret-file", mesh_secret_file(tmp),
                 "--worker-args", f"--cpu-threads 1 --kv-cache-memory 268435456 {worker_args}".strip(), *(extra or [])]
         self.proc = Proc(args, tmp / f"mesh-{self.port}.log", env)
         self.proc.wait_log("pdmesh is up", timeout=420)  # every child READY and the gateway healthy

@@ -27,9 +27,12 @@ from typing import Optional
 
 import grpc
 
+from pdmesh.engine.async_engine import RequestAborted
 from pdmesh.engine.engine import RequestRejected
+from pdmesh.rpc.authz import caller
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.streams import STREAM_HEARTBEAT_S, with_heartbeats
 from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport, TransferError
@@ -71,10 +74,13 @@ class DecodeServicer(dgrpc.DecodeServicer):
                                 f"decode worker {self.rt.worker_id} needs the prompt's KV descriptor (only 'both' workers compute prompts)")
         await self.rt.refuse_if_unable(context, () if colocated else REFUSED)
         rid = request.request_id
+        if not self.rt.owners.claim(rid, caller()):  # never replace a live request's stream
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is in use on {self.rt.worker_id}", REFUSED)
         tp = tracecontext.from_context(context)
         try:
             params = params_from_proto(request.params)
         except ValueError as exc:
+            self.rt.owners.drop(rid)
             if not colocated:
                 self._release_prefill(request.kv)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -89,14 +95,17 @@ class DecodeServicer(dgrpc.DecodeServicer):
         try:
             if colocated:
                 await self._compute_prompt(request, context, rid, params)
-            else:
-                async for msg in self._take_kv(request, context, rid, params, span, tp):
+            else:  # the pull may take a while: the stream stays audibly alive meanwhile
+                async for msg in with_heartbeats(self._take_kv(request, context, rid, params, span, tp), dpb.GenerateResponse):
                     yield msg
             async for msg in self._token_messages(rid, q, span, state):
                 yield msg
+        except RequestAborted as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         finally:
             span.end()
             eng.close_stream(rid)
+            self.rt.owners.drop(rid)
             if not state.finished:
                 eng.call_nowait(lambda e: e.abort(rid))
                 if rid in self._finished_by_caller:
@@ -157,8 +166,8 @@ class DecodeServicer(dgrpc.DecodeServicer):
         """One message per batch of engine outputs (steps that finished while the consumer was busy
         travel together) until the request finishes."""
         tel = self.rt.tel
-        async for batch in self.rt.engine.iterate_batches(rid, q):
-            msg = dpb.GenerateResponse()
+        async for batch in self.rt.engine.iterate_batches(rid, q, STREAM_HEARTBEAT_S):
+            msg = dpb.GenerateResponse()  # empty when nothing happened for a while: the stream's heartbeat
             for out in batch:
                 if state.generated == 0:
                     msg.num_cached_tokens = out.num_cached_tokens
@@ -211,6 +220,10 @@ class DecodeServicer(dgrpc.DecodeServicer):
         return pb.TransferStats(transport=res.transport, bytes=res.bytes, blocks=res.blocks, cached_blocks=k, seconds=res.seconds)
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if not self.rt.owners.may_control(request.request_id, caller()):
+            if self.rt.owners.owner(request.request_id) is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"request {request.request_id!r} belongs to another caller")
+            return pb.AbortResponse(found=False)
         found = await self.rt.engine.abort(request.request_id)
         if found and request.reason == FINISHED_BY_CALLER:
             self._finished_by_caller.add(request.request_id)

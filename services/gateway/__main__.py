@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from typing import Optional
 
 from pdmesh.log import StartupError, configure_logging, run_async
 from pdmesh.models.loader import resolve
+from pdmesh.rpc.auth import Identity, build_authenticator
 from pdmesh.rpc.server import ignore_further_signals
 from pdmesh.telemetry import Telemetry
 from pdmesh.tokenizer import Tokenizer
@@ -29,14 +31,17 @@ async def serve(argv: Optional[list[str]]) -> None:
 
     from services.gateway.app import Gateway, build_app
     from services.gateway.config import build
+    from services.gateway.front_door import FrontDoor, connection_budget
 
-    cfg, mcfg, tcfg, tls = build(argv)
+    cfg, mcfg, tcfg, tls, acfg = build(argv)
+    auth = build_authenticator(acfg, tls, "gateway", lambda: Identity("gateway", f"gateway@{socket.gethostname()}:{cfg.port}"))
     res = await asyncio.to_thread(resolve, mcfg)
     tok = await asyncio.to_thread(Tokenizer, res.tokenizer_path)
     max_len = mcfg.max_model_len or res.arch.max_position_embeddings
-    gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"), tls)
+    gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"), tls, auth)
+    door = FrontDoor(connection_budget(cfg.max_connections), cfg.header_timeout, gw.metrics)
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
-                                           loop="none", lifespan="on", timeout_graceful_shutdown=30))
+                                           loop="none", lifespan="on", timeout_graceful_shutdown=30, http=door.protocol()))
     # Signals are ours (drain first: /health 503 and new requests 503 while in-flight ones finish,
     # then stop listening); uvicorn would otherwise close the listener at the first SIGTERM.
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

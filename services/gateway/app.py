@@ -31,6 +31,7 @@ from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.openai.protocol import APIError, Limits, OpenAIRequest, finalize_max_tokens, parse_request
 from pdmesh.openai.reasoning import ReasoningParser
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.auth import BaseAuthenticator
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.telemetry import Telemetry, TracingConfig
@@ -49,14 +50,16 @@ def error_response(err: APIError) -> JSONResponse:
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, served_name: str, max_model_len: int,
-                 tel: Optional[Telemetry] = None, tls: TlsConfig = PLAINTEXT) -> None:
+                 tel: Optional[Telemetry] = None, tls: TlsConfig = PLAINTEXT,
+                 auth: Optional[BaseAuthenticator] = None) -> None:
         self.cfg = cfg
         self.tel = tel or Telemetry(TracingConfig(tracing="off"), "gateway")
         self.tok = tokenizer
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.api_key = cfg.resolved_api_key()
-        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout, channels=ChannelPool(tls))
+        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout, channels=ChannelPool(tls, auth),
+                               stream_idle_timeout=cfg.stream_idle_timeout)
         self.limits = Limits(max_model_len, cfg.max_n, cfg.max_stop, vocab_size=tokenizer.vocab_size)
         self.inflight = 0
         self.ready = False

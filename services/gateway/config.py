@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from pdmesh.config import ModelConfig, _require, add_flags, from_flags
+from pdmesh.rpc.auth import InternalAuthConfig
+from pdmesh.rpc.streams import STREAM_HEARTBEAT_S
 from pdmesh.rpc.tls import TlsConfig
 from pdmesh.telemetry import TracingConfig
 
@@ -46,6 +48,15 @@ class GatewayConfig:
     """Seconds in-flight requests get to finish after SIGTERM."""
     reasoning_parser: str = "auto"
     """'auto' (split <think> when the tokenizer has that token), 'think', or 'none'."""
+    stream_idle_timeout: float = 10.0
+    """Seconds a worker's token stream may stay silent (workers send a heartbeat every second while a
+    request waits) before the request ends with an error: the worker is stuck or frozen."""
+    max_connections: int = 2048
+    """Client HTTP connections open at once; beyond it the connection that has waited longest for
+    its request headers is closed to make room, or, when every connection is busy, the new one."""
+    header_timeout: float = 10.0
+    """Seconds a client connection gets to send a request's headers (from connecting, or from its
+    previous response); slower ones are closed (slowloris), logged and counted."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
@@ -53,6 +64,10 @@ class GatewayConfig:
         _require(self.max_n >= 1 and self.max_inflight >= 1, "max_n", "limits must be >= 1")
         _require(self.reasoning_parser in ("auto", "think", "none"), "reasoning_parser", "auto, think or none")
         _require(not (self.api_key and self.api_key_file), "api_key_file", "give --api-key or --api-key-file, not both")
+        _require(self.stream_idle_timeout > 2 * STREAM_HEARTBEAT_S, "stream_idle_timeout",
+                 f"must exceed two worker heartbeats ({2 * STREAM_HEARTBEAT_S:g}s)")
+        _require(self.max_connections >= 1, "max_connections", "must be >= 1")
+        _require(self.header_timeout > 0, "header_timeout", "must be > 0")
 
     def resolved_api_key(self) -> Optional[str]:
         if self.api_key_file:
@@ -69,9 +84,11 @@ def parser() -> argparse.ArgumentParser:
     add_flags(p, ModelConfig, skip=("dtype", "seed"))
     add_flags(p, TracingConfig)
     add_flags(p, TlsConfig)
+    add_flags(p, InternalAuthConfig)
     return p
 
 
-def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig, TracingConfig, TlsConfig]:
+def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig, TracingConfig, TlsConfig, InternalAuthConfig]:
     ns = parser().parse_args(argv)
-    return from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns), from_flags(TracingConfig, ns), from_flags(TlsConfig, ns)
+    return (from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns), from_flags(TracingConfig, ns), from_flags(TlsConfig, ns),
+            from_flags(InternalAuthConfig, ns))

@@ -18,8 +18,10 @@ import time
 
 import grpc
 
+from pdmesh.engine.async_engine import RequestAborted
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.authz import caller
 from pdmesh.rpc.convert import layout_to_proto, logprob_to_proto, params_from_proto
 from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.grpc_transport import KVTransferServicer
@@ -41,6 +43,15 @@ class PrefillServicer(pgrpc.PrefillServicer):
     async def Prefill(self, request: ppb.PrefillRequest, context: grpc.aio.ServicerContext) -> ppb.PrefillResponse:
         await self.rt.refuse_if_unable(context)
         rid = request.request_id
+        if not self.rt.owners.claim(rid, caller()):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is in use on {self.rt.worker_id}")
+        try:
+            return await self._prefill(request, context, rid)
+        finally:
+            if self.leases.get(rid) is None:  # no KV held: the request is over here
+                self.rt.owners.drop(rid)
+
+    async def _prefill(self, request: ppb.PrefillRequest, context: grpc.aio.ServicerContext, rid: str) -> ppb.PrefillResponse:
         try:
             params = params_from_proto(request.params)
         except ValueError as exc:
@@ -62,6 +73,8 @@ class PrefillServicer(pgrpc.PrefillServicer):
                 raise
             except RequestRejected as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except RequestAborted as exc:
+                await context.abort(grpc.StatusCode.ABORTED, str(exc))
             assert out is not None
             resp = ppb.PrefillResponse(
                 first_token_id=out.new_token_ids[0], finish_reason=out.finish_reason or "",
@@ -98,14 +111,24 @@ class PrefillServicer(pgrpc.PrefillServicer):
             self.rt.inflight -= 1
 
     async def Release(self, request: ppb.ReleaseRequest, context: grpc.aio.ServicerContext) -> ppb.ReleaseResponse:
+        await self._only_owner(request.request_id, context, also=("decode",))
         return ppb.ReleaseResponse(found=self.leases.release(request.request_id))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         rid = request.request_id
+        await self._only_owner(rid, context)
         self.rt.metrics.inc("num_aborted_requests_total")
         found = self.leases.release(rid)
         found_engine = await self.rt.engine.abort(rid) if not found else False
         return pb.AbortResponse(found=found or found_engine)
+
+
+    async def _only_owner(self, rid: str, context: grpc.aio.ServicerContext, also: tuple[str, ...] = ()) -> None:
+        """PERMISSION_DENIED unless the caller started ``rid`` (or has a role in ``also``)."""
+        who = caller()
+        owner = self.rt.owners.owner(rid)
+        if owner is not None and owner != who and who.role not in also:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"request {rid!r} belongs to another caller")
 
 
 def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
@@ -118,5 +141,9 @@ def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
 
 
 async def serve(rt: WorkerRuntime) -> None:
-    leases = LeaseTable(lambda rid: rt.engine.call_nowait(lambda e: e.release(rid)), rt.wcfg.kv_lease_seconds)
+    def free(rid: str) -> None:  # a lease ended: the blocks go back, and the request id with them
+        rt.owners.drop(rid)
+        rt.engine.call_nowait(lambda e: e.release(rid))
+
+    leases = LeaseTable(free, rt.wcfg.kv_lease_seconds)
     await rt.run(lambda r: add_servicers(r, leases), lambda r: [leases.reap_forever()])
