@@ -70,6 +70,9 @@ class WorkerConfig:
     """Seconds in-flight requests get to finish after SIGTERM."""
     kv_lease_seconds: float = 30.0
     """Prefill: how long KV is held for a decode worker that has not pulled it yet."""
+    kv_lease_max_seconds: float = 120.0
+    """Prefill: hard limit of a KV lease from when the KV was held: no pull outlives it, pinned or
+    not (>= --kv-lease-seconds)."""
     kv_transfer_timeout: float = 30.0
     """Decode: deadline of one KV pull."""
     rpc_timeout: float = 10.0
@@ -92,6 +95,7 @@ class WorkerConfig:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
         _require(self.drain_timeout >= 0, "drain_timeout", "must be >= 0")
         _require(self.kv_lease_seconds > 0, "kv_lease_seconds", "must be > 0")
+        _require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds", "must be >= --kv-lease-seconds")
         _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
         _require(self.max_pending_requests >= 1, "max_pending_requests", "must be >= 1")
         _require(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy", "recompute or fail")

@@ -34,14 +34,15 @@ POLICY: dict[str, frozenset[str]] = {
     "/pdmesh.v1.Scheduler/Register": WORKERS,
     "/pdmesh.v1.Scheduler/Heartbeat": WORKERS,
     "/pdmesh.v1.Scheduler/Deregister": WORKERS,
-    # only gateways route and watch the workers
+    # only gateways route; gateways watch the workers, decode workers the prefill workers they may dial
     "/pdmesh.v1.Scheduler/Route": frozenset({GATEWAY}),
-    "/pdmesh.v1.Scheduler/ListWorkers": frozenset({GATEWAY}),
-    # gateways start and abort requests (their own); releases come from the request's gateway or a decode worker
+    "/pdmesh.v1.Scheduler/ListWorkers": frozenset({GATEWAY, DECODE}),
+    # gateways start and abort requests (their own); releases (with the lease token) come from the
+    # request's gateway or the lease's decode worker
     "/pdmesh.v1.Prefill/Prefill": frozenset({GATEWAY}),
     "/pdmesh.v1.Prefill/Release": frozenset({GATEWAY, DECODE}),
     "/pdmesh.v1.Prefill/Abort": frozenset({GATEWAY}),
-    # only decode workers read KV
+    # only decode workers read KV (a pull with the lease token, for the lease's prompt)
     "/pdmesh.v1.KVTransfer/Pull": frozenset({DECODE}),
     "/pdmesh.v1.KVTransfer/GetIpcHandle": frozenset({DECODE}),
     "/pdmesh.v1.Decode/Generate": frozenset({GATEWAY}),

@@ -3,6 +3,7 @@ credentials (``pdmesh.rpc.auth``)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable, Optional, TypeVar
 
 import grpc
@@ -68,28 +69,55 @@ class _Credentialed:
 
 
 class ChannelPool:
-    def __init__(self, tls: Optional[TlsConfig] = None, auth: Optional[BaseAuthenticator] = None) -> None:
+    """Channels by peer address, at most ``max_channels`` (more than the scheduler's --max-workers:
+    the least recently used beyond it are closed after a grace period for their calls in flight).
+    A decode worker dials only the prefill workers the scheduler lists (``pdmesh.rpc.peers``), so no
+    descriptor can grow it."""
+
+    def __init__(self, tls: Optional[TlsConfig] = None, auth: Optional[BaseAuthenticator] = None,
+                 max_channels: int = 2048, close_grace: float = 30.0) -> None:
         self.tls = tls or PLAINTEXT
         self.auth = auth
         """Credentials of this process's calls (None: none sent)."""
+        self.max_channels = max_channels
+        self.close_grace = close_grace
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, type], object] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        ch = self._channels.get(address)
+        ch = self._channels.pop(address, None)
         if ch is None:
-            ch = self._channels[address] = open_channel(address, self.tls, self.auth)
+            ch = open_channel(address, self.tls, self.auth)
+            while len(self._channels) >= self.max_channels:
+                self._evict(next(iter(self._channels)))
+        self._channels[address] = ch  # most recently used last
         return ch
+
+    def _evict(self, address: str) -> None:
+        ch = self._channels.pop(address)
+        for key in [k for k in self._stubs if k[0] == address]:
+            del self._stubs[key]
+        task = asyncio.ensure_future(ch.close(self.close_grace))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @property
+    def size(self) -> int:
+        """Channels open (not counting ones closing)."""
+        return len(self._channels)
 
     def stub(self, address: str, stub_cls: Callable[[grpc.aio.Channel], S]) -> S:
         key = (address, stub_cls)  # type: ignore[assignment]
+        ch = self.channel(address)
         s = self._stubs.get(key)
         if s is None:
-            s = self._stubs[key] = stub_cls(self.channel(address))
+            s = self._stubs[key] = stub_cls(ch)
         return s  # type: ignore[return-value]
 
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self._channels.clear()
         self._stubs.clear()

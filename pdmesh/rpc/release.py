@@ -28,11 +28,13 @@ _pending: set[asyncio.Task] = set()  # strong references: the loop keeps only we
 
 
 def release_held_kv(channels: ChannelPool, address: str, request_id: str, traceparent: Optional[str],
-                    timeout: float) -> None:
+                    timeout: float, lease_token: str = "") -> None:
+    """``lease_token``: the descriptor's (prefill refuses a release without it)."""
     async def go() -> None:
         try:
             await channels.stub(address, pgrpc.PrefillStub).Release(
-                ppb.ReleaseRequest(request_id=request_id), timeout=timeout, metadata=tracecontext.metadata(traceparent))
+                ppb.ReleaseRequest(request_id=request_id, lease_token=lease_token), timeout=timeout,
+                metadata=tracecontext.metadata(traceparent))
         except grpc.aio.AioRpcError as exc:
             log.info("release of %s on %s failed (%s); its lease will expire", request_id, address, exc.code().name)
 

@@ -16,8 +16,10 @@ import torch
 
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.metrics import ServiceMetrics
+from pdmesh.rpc.authz import caller
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
+from pdmesh.transport.capability import authorize_pull
 from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import common_pb2 as pb
@@ -43,31 +45,42 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         self.faults = faults or FaultPlan()
         self.per_chunk = blocks_per_chunk(pool.layout.block_bytes)
 
-    async def Pull(self, request: kpb.PullRequest, context: grpc.aio.ServicerContext):
+    async def Pull(self, request: kpb.PullRequest, context: grpc.aio.ServicerContext) -> None:
+        """Streams the blocks (``context.write``) under the lease's pin; the whole pull runs under
+        the lease's hard deadline, so a reader that stops reading cannot keep the blocks pinned."""
         lease = self.leases.pin(request.request_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id!r} (released or expired)")
         try:
-            held = set(lease.block_ids)
+            refused = authorize_pull(lease, request.lease_token, request.num_tokens, request.prompt_hash, str(caller()))
+            if refused:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"pull of {request.request_id!r}: {refused}")
             ids = list(request.block_ids)
-            if not set(ids) <= held:
+            if not set(ids) <= set(lease.block_ids):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requested blocks are not held for this request")
-            mode = self.faults.next_pull()
-            if mode and self.metrics is not None:
-                self.metrics.inc("kv_transfer_faults_injected_total", mode=mode)
-            if mode == "fail":
-                await context.abort(grpc.StatusCode.INTERNAL, "injected transfer failure")
-            starts = list(range(0, len(ids), self.per_chunk))
-            if mode == "truncate" and starts:
-                starts = starts[:-1]
-            for start in starts:
-                if self.faults.delay:
-                    await asyncio.sleep(self.faults.delay)
-                chunk = ids[start:start + self.per_chunk]
-                data = await asyncio.to_thread(self._read, chunk)
-                yield kpb.KVChunk(first_index=start, num_blocks=len(chunk), data=data)
+            try:
+                async with asyncio.timeout(lease.hard_deadline - time.monotonic()):
+                    await self._serve(ids, context)
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the KV lease reached its hard limit (--kv-lease-max-seconds)")
         finally:
             self.leases.unpin(request.request_id)
+
+    async def _serve(self, ids: list[int], context: grpc.aio.ServicerContext) -> None:
+        mode = self.faults.next_pull()
+        if mode and self.metrics is not None:
+            self.metrics.inc("kv_transfer_faults_injected_total", mode=mode)
+        if mode == "fail":
+            await context.abort(grpc.StatusCode.INTERNAL, "injected transfer failure")
+        starts = list(range(0, len(ids), self.per_chunk))
+        if mode == "truncate" and starts:
+            starts = starts[:-1]
+        for start in starts:
+            if self.faults.delay:
+                await asyncio.sleep(self.faults.delay)
+            chunk = ids[start:start + self.per_chunk]
+            data = await asyncio.to_thread(self._read, chunk)
+            await context.write(kpb.KVChunk(first_index=start, num_blocks=len(chunk), data=data))
 
     async def GetIpcHandle(self, request: kpb.IpcHandleRequest, context: grpc.aio.ServicerContext) -> kpb.CudaIpcHandle:
         from pdmesh.transport.cuda_ipc import export_handle
@@ -101,8 +114,9 @@ class GrpcKVTransport(BaseKVTransport):
         filled = [False] * len(dst_block_ids)
         total = 0
         try:
-            call = stub.Pull(kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids)), timeout=timeout,
-                            metadata=metadata)
+            call = stub.Pull(kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids),
+                                             lease_token=desc.lease_token, num_tokens=desc.num_tokens,
+                                             prompt_hash=desc.prompt_hash), timeout=timeout, metadata=metadata)
             async for chunk in call:
                 n, first = chunk.num_blocks, chunk.first_index
                 if n <= 0 or first < 0 or first + n > len(dst_block_ids) or len(chunk.data) != n * block_bytes:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdmesh/v1/kv_transfer.proto\x12\tpdmesh.v1\"\x12\n\x10IpcHandleRequest\"\x87\x02\n\rCudaIpcHandle\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\x12\r\n\x05shape\x18\t \x03(\x03\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"4\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\"@\n\x07KVChunk\x12\x13\n\x0b\x66irst_index\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\x89\x01\n\nKVTransfer\x12\x34\n\x04Pull\x12\x16.pdmesh.v1.PullRequest\x1a\x12.pdmesh.v1.KVChunk0\x01\x12\x45\n\x0cGetIpcHandle\x12\x1b.pdmesh.v1.IpcHandleRequest\x1a\x18.pdmesh.v1.CudaIpcHandleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdmesh/v1/kv_transfer.proto\x12\tpdmesh.v1\"\x12\n\x10IpcHandleRequest\"\x87\x02\n\rCudaIpcHandle\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\x12\r\n\x05shape\x18\t \x03(\x03\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"r\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x13\n\x0blease_token\x18\n \x01(\t\x12\x12\n\nnum_tokens\x18\x0b \x01(\x05\x12\x13\n\x0bprompt_hash\x18\x0c \x01(\x0c\"@\n\x07KVChunk\x12\x13\n\x0b\x66irst_index\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\x89\x01\n\nKVTransfer\x12\x34\n\x04Pull\x12\x16.pdmesh.v1.PullRequest\x1a\x12.pdmesh.v1.KVChunk0\x01\x12\x45\n\x0cGetIpcHandle\x12\x1b.pdmesh.v1.IpcHandleRequest\x1a\x18.pdmesh.v1.CudaIpcHandleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CUDAIPCHANDLE']._serialized_start=63
   _globals['_CUDAIPCHANDLE']._serialized_end=326
   _globals['_PULLREQUEST']._serialized_start=328
-  _globals['_PULLREQUEST']._serialized_end=380
-  _globals['_KVCHUNK']._serialized_start=382
-  _globals['_KVCHUNK']._serialized_end=446
-  _globals['_KVTRANSFER']._serialized_start=449
-  _globals['_KVTRANSFER']._serialized_end=586
+  _globals['_PULLREQUEST']._serialized_end=442
+  _globals['_KVCHUNK']._serialized_start=444
+  _globals['_KVCHUNK']._serialized_end=508
+  _globals['_KVTRANSFER']._serialized_start=511
+  _globals['_KVTRANSFER']._serialized_end=648
 # @@protoc_insertion_point(module_scope)

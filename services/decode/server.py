@@ -35,7 +35,9 @@ from pdmesh.rpc import tracecontext
 from pdmesh.rpc.streams import STREAM_HEARTBEAT_S, with_heartbeats
 from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
+from pdmesh.rpc.peers import PeerDirectory
 from pdmesh.transport.base import BaseKVTransport, TransferError
+from pdmesh.transport.capability import check_descriptor
 from pdmesh.transport.grpc_transport import GrpcKVTransport
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
@@ -56,8 +58,11 @@ class _StreamState:
 
 
 class DecodeServicer(dgrpc.DecodeServicer):
-    def __init__(self, rt: WorkerRuntime, transports: dict[str, BaseKVTransport], channels: ChannelPool) -> None:
+    def __init__(self, rt: WorkerRuntime, transports: dict[str, BaseKVTransport], channels: ChannelPool,
+                 peers: Optional[PeerDirectory] = None) -> None:
         self.rt = rt
+        self.peers = peers
+        """The prefill workers the scheduler lists: the only ones a descriptor may make us dial."""
         self._finished_by_caller: set[str] = set()
         """Live requests whose caller said they are done (a stop string): their cancelled streams
         count as finished, not aborted."""
@@ -65,7 +70,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
         self.channels = channels
 
     def _release_prefill(self, desc: pb.KVDescriptor, tp: Optional[str] = None) -> None:
-        release_held_kv(self.channels, desc.address, desc.request_id, tp, self.rt.wcfg.rpc_timeout)
+        release_held_kv(self.channels, desc.address, desc.request_id, tp, self.rt.wcfg.rpc_timeout, desc.lease_token)
 
     async def Generate(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext):
         colocated = not request.HasField("kv")
@@ -129,6 +134,11 @@ class DecodeServicer(dgrpc.DecodeServicer):
         request from its first token; yields the transfer stats message."""
         desc, eng = request.kv, self.rt.engine
         prompt = list(request.prompt_token_ids)
+        untrusted = check_descriptor(desc.num_tokens, desc.prompt_hash, prompt)  # before anything is cached
+        if untrusted is None and self.peers is not None and not await self.peers.admits(desc.worker_id, desc.address):
+            untrusted = f"it names {desc.worker_id!r} at {desc.address!r}, not a prefill worker the scheduler lists"
+        if untrusted is not None:  # nothing dialled, nothing released: the descriptor is not to be trusted
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV descriptor refused: {untrusted}")
         transport: Optional[BaseKVTransport] = self.transports.get(desc.transport)
         if transport is None or desc.num_tokens != len(prompt):
             self._release_prefill(desc)
@@ -241,10 +251,11 @@ async def serve(rt: WorkerRuntime) -> None:
             from pdmesh.transport.cuda_ipc import CudaIpcTransport
 
             transports["cuda_ipc"] = CudaIpcTransport(channels, r.llm.device)
-        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, transports, channels), r.server)
+        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, transports, channels, peers), r.server)
         return ["pdmesh.v1.Decode"]
 
-    await rt.run(add)
+    peers = PeerDirectory(rt.wcfg.scheduler, channels)
+    await rt.run(add, lambda r: [peers.run()])
 
 
 async def serve_colocated(rt: WorkerRuntime) -> None:

@@ -225,7 +225,8 @@ class MeshClient:
                 await self._end_early(decode, rid, trace)
                 call.cancel()
             if not took_kv:
-                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
+                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout,
+                                pre.kv.lease_token)
 
     async def _next_message(self, messages: AsyncIterator[dpb.GenerateResponse], worker_id: str) -> dpb.GenerateResponse:
         """The worker's next message that carries something (heartbeats skipped); UNAVAILABLE when

@@ -23,6 +23,7 @@ from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc import tracecontext
 from pdmesh.rpc.authz import caller
 from pdmesh.rpc.convert import layout_to_proto, logprob_to_proto, params_from_proto
+from pdmesh.transport.capability import authorize_release, prompt_hash
 from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.grpc_transport import KVTransferServicer
 from pdmesh.transport.lease import LeaseTable
@@ -96,7 +97,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
                 span.set_attribute("gen_ai.response.finish_reasons", [out.finish_reason])
                 self.rt.metrics.inc("request_success_total", finished_reason=out.finish_reason)
             if out.held_block_ids is not None:
-                lease = self.leases.add(rid, out.held_block_ids, len(prompt))
+                lease = self.leases.add(rid, out.held_block_ids, len(prompt), prompt_hash(prompt))
                 llm = self.rt.llm
                 resp.kv.CopyFrom(pb.KVDescriptor(
                     request_id=rid, worker_id=self.rt.worker_id, address=self.rt.address,
@@ -104,6 +105,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
                     layout=layout_to_proto(llm.pool.layout),
                     lease_deadline_unix_ms=int((time.time() + (lease.deadline - time.monotonic())) * 1000),
                     host_id=self.rt.host_id, incarnation=self.rt.incarnation,
+                    lease_token=lease.token, prompt_hash=lease.prompt_hash,
                 ))
             return resp
         finally:
@@ -111,7 +113,13 @@ class PrefillServicer(pgrpc.PrefillServicer):
             self.rt.inflight -= 1
 
     async def Release(self, request: ppb.ReleaseRequest, context: grpc.aio.ServicerContext) -> ppb.ReleaseResponse:
-        await self._only_owner(request.request_id, context, also=("decode",))
+        lease = self.leases.get(request.request_id)
+        if lease is None:
+            return ppb.ReleaseResponse(found=False)
+        owner = self.rt.owners.owner(request.request_id)
+        refused = authorize_release(lease, request.lease_token, str(caller()), str(owner) if owner else None)
+        if refused:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"release of {request.request_id!r}: {refused}")
         return ppb.ReleaseResponse(found=self.leases.release(request.request_id))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -123,11 +131,10 @@ class PrefillServicer(pgrpc.PrefillServicer):
         return pb.AbortResponse(found=found or found_engine)
 
 
-    async def _only_owner(self, rid: str, context: grpc.aio.ServicerContext, also: tuple[str, ...] = ()) -> None:
-        """PERMISSION_DENIED unless the caller started ``rid`` (or has a role in ``also``)."""
-        who = caller()
+    async def _only_owner(self, rid: str, context: grpc.aio.ServicerContext) -> None:
+        """PERMISSION_DENIED unless the caller started ``rid``."""
         owner = self.rt.owners.owner(rid)
-        if owner is not None and owner != who and who.role not in also:
+        if owner is not None and owner != caller():
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"request {rid!r} belongs to another caller")
 
 
@@ -145,5 +152,5 @@ async def serve(rt: WorkerRuntime) -> None:
         rt.owners.drop(rid)
         rt.engine.call_nowait(lambda e: e.release(rid))
 
-    leases = LeaseTable(free, rt.wcfg.kv_lease_seconds)
+    leases = LeaseTable(free, rt.wcfg.kv_lease_seconds, rt.wcfg.kv_lease_max_seconds)
     await rt.run(lambda r: add_servicers(r, leases), lambda r: [leases.reap_forever()])

@@ -87,11 +87,13 @@ def test_each_role_calls_only_its_methods():
         async with Scheduler() as s:
             gw, dec = s.stub(auth("gateway", "g")), s.stub(auth("decode", "decode-1"))
             assert await code_of(gw.ListWorkers(spb.ListWorkersRequest(), timeout=5)) == grpc.StatusCode.OK
-            # a gateway cannot register a worker; a worker cannot route or list
+            # a gateway cannot register a worker; a worker cannot route
             assert await code_of(gw.Register(spb.RegisterRequest(worker=info("decode-1")), timeout=5)) == \
                 grpc.StatusCode.PERMISSION_DENIED
             assert await code_of(dec.Route(spb.RouteRequest(request_id="r"), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
-            assert await code_of(dec.ListWorkers(spb.ListWorkersRequest(), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+            pre = s.stub(auth("prefill", "p"))  # decode workers list the prefill workers they may dial; prefill may not
+            assert await code_of(dec.ListWorkers(spb.ListWorkersRequest(), timeout=5)) == grpc.StatusCode.OK
+            assert await code_of(pre.ListWorkers(spb.ListWorkersRequest(), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
             # a decode identity registers decode workers only
             assert await code_of(dec.Register(spb.RegisterRequest(worker=info("p", pb.ROLE_PREFILL)), timeout=5)) == \
                 grpc.StatusCode.PERMISSION_DENIED
