@@ -8,8 +8,9 @@ thousand of them exhaust the process.  Here every HTTP connection is tracked:
   previous response ended) it has ``--header-timeout`` seconds until that request's headers are
   complete; otherwise it is closed.  In-flight requests (headers received) are never cut.
 * **Connection cap**: at ``--max-connections`` open connections, a new one makes room by closing
-  the connection that has waited longest for its headers (if it has waited at least
-  ``MIN_EVICT_AGE_S``); when every connection is busy with a request, the new one is closed.
+  the connection that has waited longest for its headers (a real client sends them within
+  milliseconds: the old waiters are the attacker's); when every connection is busy with a request,
+  the new one is closed.
 * Every close is counted (``pdmesh:http_connections_closed_total{reason}``: ``header_timeout``,
   ``over_limit``) and logged (rate-limited); ``pdmesh:http_connections`` is the number open.
 
@@ -30,9 +31,6 @@ from pdmesh.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
-MIN_EVICT_AGE_S = 1.0
-"""A connection younger than this is never evicted to make room (a real client sends its headers
-within milliseconds; the attacker's connections are the old ones)."""
 RESERVED_FDS = 256
 """File descriptors kept for everything but client connections (gRPC channels, metrics, logs)."""
 
@@ -90,12 +88,12 @@ class FrontDoor:
             self.metrics.inc("http_connections_closed_total", reason=reason)
         self._log.warning(reason, "closed client connection %s: %s", conn.peer, detail)
         conn.transport.close()
+        self.open.discard(conn)
+        self._count()
 
     def make_room(self, now: float) -> bool:
         """At the cap: close the connection that has waited longest for its headers; False if none may go."""
         for oldest, since in self.awaiting.items():
-            if now - since < MIN_EVICT_AGE_S:
-                return False
             self.awaiting.pop(oldest)
             self.close(oldest, "over_limit", f"{self.max_connections} connections open (--max-connections); it waited "
                        f"{now - since:.1f}s without sending request headers")

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import json
+import os
+import platform
+import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
 
+from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from tests.meshproc import gateway_books, wait_idle
 
 KV_LEASE = 8.0
@@ -123,10 +130,11 @@ def books_delta(before: dict, after: dict) -> dict:
 
 
 def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, before_books: Optional[dict] = None,
-                 expect_workers: Optional[int] = None) -> int:
-    """Everything back at baseline within ``LOST_WITHIN`` s; the books balance.  Returns blocks leaked (0)."""
+                 expect_workers: Optional[int] = None, tls: TlsConfig = PLAINTEXT) -> int:
+    """Everything back at baseline within ``LOST_WITHIN`` s; the books balance.  Returns blocks leaked (0).
+    ``tls``: how to reach the scheduler."""
     tally.assert_balanced()
-    ws = wait_idle(scheduler, LOST_WITHIN, expect_workers)
+    ws = wait_idle(scheduler, LOST_WITHIN, expect_workers, tls)
     leaked = sum(w.load.total_blocks - w.load.free_blocks + w.load.held_blocks for w in ws)
     if gateway_metrics and before_books is not None:
         deadline = time.monotonic() + 5
@@ -142,3 +150,66 @@ def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, b
         unanswered = sum(o.kind == "aborted" and o.status == 0 for o in tally.outcomes)
         assert tally.sent - unanswered <= d["received"] <= tally.sent, (d, tally.summary())
     return leaked
+
+
+class SuiteReport:
+    """The figures of a suite's run (one entry per test), written to ``path`` at the end of the
+    session (only when a test added one)."""
+
+    def __init__(self, path: Path, command: str, tag: str) -> None:
+        self.path, self.command, self.tag = path, command, tag
+        self.entries: dict[str, dict] = {}
+
+    def add(self, name: str, tally: Tally, faults_injected: int, blocks_leaked: int, **extra) -> None:
+        self.entries[name] = {"faults_injected": faults_injected, **tally.summary(), "blocks_leaked": blocks_leaked, **extra}
+        print(f"\n[{self.tag}] {name}: {json.dumps(self.entries[name])}")
+
+    def write(self) -> None:
+        if not self.entries:
+            return
+        totals = {k: sum(e.get(k, 0) for e in self.entries.values())
+                  for k in ("faults_injected", "sent", "ok", "errors", "aborted", "blocks_leaked")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+            "commit": _commit(self.path), "command": self.command,
+            "totals": totals, "tests": self.entries}, indent=1) + "\n")
+
+
+def _commit(path: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=path.parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class Load:
+    """Streams from ``loops`` client loops in a background thread until ``finish()``; keeps
+    (time, outcome, status) of every request."""
+
+    def __init__(self, base: str, max_tokens: int = 24, loops: int = 4, api_key: Optional[str] = "fault-suite-key") -> None:
+        self.base, self.max_tokens, self.loops, self.api_key = base, max_tokens, loops, api_key
+        self.tally = Tally()
+        self.timeline: list[tuple[float, str, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.thread.start()
+
+    async def _main(self) -> None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with httpx.AsyncClient(base_url=self.base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0)) as c:
+            async def loop_(i: int) -> None:
+                while not self.stop.is_set():
+                    o = await stream(c, self.tally, body(list(range(500 + i, 560 + i)), self.max_tokens), timeout=60)
+                    self.timeline.append((time.monotonic(), o.kind, o.status))
+                    if o.kind != "ok":
+                        await asyncio.sleep(0.2)
+
+            await asyncio.gather(*(loop_(i) for i in range(self.loops)))
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(90)
+        assert not self.thread.is_alive(), "load hung"

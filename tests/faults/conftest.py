@@ -6,51 +6,20 @@ gateway's own counters).  The figures of the run go to results/cpu/fault-suite.j
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.faults.client import Tally
+from tests.faults.client import SuiteReport
 
 RESULTS = Path(__file__).resolve().parents[2] / "results" / "cpu" / "fault-suite.json"
 
 
-class Report:
-    def __init__(self) -> None:
-        self.entries: dict[str, dict] = {}
-
-    def add(self, name: str, tally: Tally, faults_injected: int, blocks_leaked: int, **extra) -> None:
-        self.entries[name] = {"faults_injected": faults_injected, **tally.summary(), "blocks_leaked": blocks_leaked, **extra}
-        print(f"\n[fault-suite] {name}: {json.dumps(self.entries[name])}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=RESULTS.parents[2]).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 @pytest.fixture(scope="session")
 def report():
-    rep = Report()
+    rep = SuiteReport(RESULTS, "python -m pytest -q tests/faults", "fault-suite")
     yield rep
-    if not rep.entries:
-        return
-    totals = {k: sum(e.get(k, 0) for e in rep.entries.values())
-              for k in ("faults_injected", "sent", "ok", "errors", "aborted", "blocks_leaked")}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-        "commit": _commit(), "command": "python -m pytest -q tests/faults",
-        "totals": totals, "tests": rep.entries}, indent=1) + "\n")
+    rep.write()
 
 
 API_KEY = "fault-suite-key"

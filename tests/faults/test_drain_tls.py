@@ -4,8 +4,6 @@ go elsewhere or get 503, exit 0, no orphans); internal gRPC behind mutual TLS.""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import threading
 import time
 
@@ -13,41 +11,14 @@ import grpc
 import httpx
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Tally, body, nothing_lost, stream
+from tests.faults.client import WORKER_ARGS, Load, Tally, body, nothing_lost, stream
+from tests.certs import make_pki, tls_flags
 from tests.faults.conftest import make_client
 from tests.meshproc import Services, gateway_books, list_workers, wait_http
 from pdmesh.v1 import scheduler_pb2 as spb
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 
 KEY = "fault-suite-key"
-
-
-class Load:
-    """Streams from 4 client loops in a background thread until stopped; keeps (time, outcome)."""
-
-    def __init__(self, base: str, max_tokens: int = 24) -> None:
-        self.base, self.max_tokens = base, max_tokens
-        self.tally = Tally()
-        self.timeline: list[tuple[float, str, int]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self.thread.start()
-
-    async def _main(self) -> None:
-        async with make_client(self.base) as c:
-            async def loop_(i: int) -> None:
-                while not self.stop.is_set():
-                    o = await stream(c, self.tally, body(list(range(500 + i, 560 + i)), self.max_tokens), timeout=60)
-                    self.timeline.append((time.monotonic(), o.kind, o.status))
-                    if o.kind != "ok":
-                        await asyncio.sleep(0.2)
-
-            await asyncio.gather(*(loop_(i) for i in range(4)))
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(90)
-        assert not self.thread.is_alive(), "load hung"
 
 
 def test_sigterm_of_each_service_under_load_drains_and_exits_zero(tmp_path, embedded_dir, report):
@@ -114,41 +85,9 @@ def test_sigterm_of_each_service_under_load_drains_and_exits_zero(tmp_path, embe
                exit_codes={**rcs, **{f"{k} (final)": v for k, v in final.items()}})
 
 
-def _certs(tmp):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def make(name, issuer=None, issuer_key=None, ca=False):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        return key, b.sign(issuer_key or key, hashes.SHA256())
-
-    ca_key, ca = make("pdmesh-test-ca", ca=True)
-    key, cert = make("pdmesh-service", ca.subject, ca_key)
-    paths = {}
-    for name, data in (("ca.pem", ca.public_bytes(serialization.Encoding.PEM)),
-                       ("cert.pem", cert.public_bytes(serialization.Encoding.PEM)),
-                       ("key.pem", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))):
-        (tmp / name).write_bytes(data)
-        paths[name] = str(tmp / name)
-    return paths
-
-
 def test_internal_grpc_behind_mutual_tls(tmp_path, embedded_dir, report):
-    p = _certs(tmp_path)
-    tls = ("--tls-cert", p["cert.pem"], "--tls-key", p["key.pem"], "--tls-ca", p["ca.pem"])
+    pki = make_pki(tmp_path, {"service": ("pdmesh-service", None)})  # one certificate, no pdmesh role: the mesh secret names callers
+    tls = tls_flags(pki["service"])
     svc = Services(tmp_path, prefill=1, decode=1, worker_args=(*WORKER_ARGS, *tls), gateway_args=tls, scheduler_args=tls)
     tally = Tally()
     try:
@@ -164,7 +103,7 @@ def test_internal_grpc_behind_mutual_tls(tmp_path, embedded_dir, report):
             list_workers(svc.scheduler)
 
         async def no_client_cert():
-            creds = grpc.ssl_channel_credentials(root_certificates=open(p["ca.pem"], "rb").read())
+            creds = grpc.ssl_channel_credentials(root_certificates=open(pki["ca"]["cert"], "rb").read())
             async with grpc.aio.secure_channel(svc.scheduler, creds) as ch:
                 await sgrpc.SchedulerStub(ch).ListWorkers(spb.ListWorkersRequest(), timeout=5)
 
