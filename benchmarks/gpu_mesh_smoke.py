@@ -43,7 +43,7 @@ def main() -> None:
         out["chat_completion_tokens"] = r.usage.completion_tokens
         out["stream_chunks"] = texts
         log = mesh.proc.log_path.read_text(errors="replace")
-        out["cuda_ipc_handle_opened"] = "opened CUDA IPC handle" in log
+        out["cuda_ipc_handle_opened"] = "opened cuda_ipc peer" in log
         out["idle_after"] = bool(mesh.wait_idle(timeout=20))
     finally:
         out["stop_rc"] = mesh.stop()

@@ -57,10 +57,14 @@ def main() -> None:
     pulls = [r for r in rows(Path(a.folder), a.shape) if r["pull"]] + \
         [r for r in rows(Path(a.folder), a.shape.split("_")[0] + "_32") if r["pull"]]
     if pulls:
-        print("\n| layout | conc | pulls | median ms | p99 ms | max ms |\n|---|---|---|---|---|---|")
+        print("\nKV pulls (wall: from the copy's launch by the engine until the engine saw it done, between steps; "
+              "gpu: the copy itself, CUDA events)\n")
+        print("| layout | conc | pulls | wall median / p99 / max ms | gpu median / p99 / max ms |\n|---|---|---|---|---|")
         for r in sorted(pulls, key=lambda r: r["concurrency"]):
-            p = r["pull"]
-            print(f"| {r['layout']} | {r['concurrency']} | {p['n']} | {p['median']:.2f} | {p['p99']:.2f} | {p['max']:.2f} |")
+            cells = [f"{p['median']:.2f} / {p['p99']:.2f} / {p['max']:.2f}" if p else "-"
+                     for p in (r["pull"].get("wall"), r["pull"].get("gpu"))]
+            n = (r["pull"].get("wall") or {}).get("n", 0)
+            print(f"| {r['layout']} | {r['concurrency']} | {n} | {cells[0]} | {cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_up import PULL, Up, bench, complete, prompt, reference  # noqa: E402
+from benchmarks.gpu_up import Up, bench, complete, prompt, pull_stats, reference  # noqa: E402
 from benchmarks.synthetic_tokenizer import write as write_tokenizer  # noqa: E402
-from pdmesh.bench.metrics import percentile  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -52,9 +50,9 @@ def run_points(up: Up, name: str, tok_dir: Path, inp: int, out: int, concs: list
         m = bench(up.base, tok_dir, c, n, inp, out, path)
         doc = json.loads(path.read_text())
         doc.update({"layout": name, "concurrency": c, "commit": args.commit, "machine": "2 x NVIDIA H200"})
-        got = [float(x.group(5)) for x in PULL.finditer(up.text()[mark:])]
-        if got:
-            doc["pull_ms"] = {"n": len(got), "median": statistics.median(got), "p99": percentile(got, 99), "max": max(got)}
+        pulls = pull_stats(up.text(), mark)
+        if pulls:
+            doc["pull_ms"] = pulls
         path.write_text(json.dumps(doc, indent=1) + "\n")
         summary["points"].append({"layout": name, "concurrency": c, "prompts": n, "wall_s": round(time.monotonic() - t0, 1),
                                   "output_throughput": m["output_throughput"], "median_tpot_ms": m["median_tpot_ms"],
@@ -104,6 +102,11 @@ def main() -> None:
         log(f"{name} up; tokens equal to one engine on cuda:0: {ok}")
         if not all(ok):
             raise SystemExit(f"{name}: wrong tokens; not measuring")
+        if name == "disagg":  # the KV really moved (a failed pull would be recomputed: right tokens, wrong figures)
+            text = up.text()
+            pulled = text.count("via cuda_ipc in") if not args.cpu_smoke else text.count(" pulled ")
+            if pulled < len(prompts) or "KV pull via" in text:
+                raise SystemExit(f"disagg: {pulled} pulls logged for {len(prompts)} requests, or a failed pull: not measuring")
         return up
 
     up = mesh("disagg", [])

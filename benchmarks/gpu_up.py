@@ -37,7 +37,10 @@ from benchmarks.synthetic_tokenizer import write as write_tokenizer  # noqa: E40
 from pdmesh.bench.metrics import percentile  # noqa: E402
 from tests.meshproc import free_port  # noqa: E402
 
-PULL = re.compile(r"pulled (\d+) blocks \((\d+) cached locally\) (\d+) bytes via (\S+) in ([\d.]+)ms")
+PULL = re.compile(r"pulled (\d+) blocks \((\d+) cached locally\) (\d+) bytes via (\S+) in ([\d.]+)ms"
+                  r"(?: \(copy ([\d.]+)ms on the GPU\))?")
+"""A decode worker's log line per pull: group 5 the wall time from the transfer's start in the engine
+until the engine saw it end, group 6 (when logged) the copy's own time on the GPU."""
 
 
 def prompt(n: int, salt: int, vocab: int) -> list[int]:
@@ -142,8 +145,19 @@ def phases(log: str) -> dict:
     return out
 
 
-def pulls(log: str, start: int) -> list[float]:
-    return [float(m.group(5)) for m in PULL.finditer(log[start:])]
+def pulls(log: str, start: int, device: bool = False) -> list[float]:
+    """Pull times (ms) logged after offset ``start``: wall times, or the GPU copy times."""
+    group = 6 if device else 5
+    return [float(m.group(group)) for m in PULL.finditer(log[start:]) if m.group(group)]
+
+
+def pull_stats(log: str, start: int) -> dict:
+    out = {}
+    for key, dev in (("wall", False), ("gpu", True)):
+        xs = pulls(log, start, dev)
+        if xs:
+            out[key] = {"n": len(xs), "median": statistics.median(xs), "p99": percentile(xs, 99), "max": max(xs)}
+    return out
 
 
 def bench(base: str, tok_dir: Path, conc: int, n: int, inp: int, out: int, result: Path) -> dict:
@@ -196,16 +210,14 @@ def main() -> None:
         if "load" not in a.skip:
             mark = len(up.text())
             m1 = bench(up.base, tok_dir, 1, 8, a.input_len, 32, work / "c1.json")
-            alone = pulls(up.text(), mark)
+            alone = pull_stats(up.text(), mark)
             mark = len(up.text())
             mn = bench(up.base, tok_dir, a.load_concurrency, a.load_prompts, a.input_len, a.load_output, work / "cn.json")
-            loaded = pulls(up.text(), mark)
-            a_med = statistics.median(alone)
-            res["pull_alone_ms"] = {"n": len(alone), "median": a_med, "p99": percentile(alone, 99)}
-            res["pull_loaded_ms"] = {"n": len(loaded), "median": statistics.median(loaded), "p99": percentile(loaded, 99),
-                                     "max": max(loaded), "concurrency": a.load_concurrency}
-            res["pull_median_ratio"] = res["pull_loaded_ms"]["median"] / a_med
-            res["pull_p99_ratio"] = res["pull_loaded_ms"]["p99"] / a_med
+            loaded = pull_stats(up.text(), mark)
+            res["pull_alone_ms"], res["pull_loaded_ms"] = alone, dict(loaded, concurrency=a.load_concurrency)
+            for key in loaded:
+                res[f"pull_{key}_median_ratio"] = loaded[key]["median"] / alone[key]["median"]
+                res[f"pull_{key}_p99_ratio"] = loaded[key]["p99"] / alone[key]["median"]
             res["load_bench"] = {k: mn[k] for k in ("completed", "failed", "median_ttft_ms", "median_tpot_ms", "p99_itl_ms",
                                                     "output_throughput")}
             res["alone_bench"] = {k: m1[k] for k in ("completed", "failed", "median_ttft_ms", "median_tpot_ms")}

@@ -143,6 +143,10 @@ class CacheConfig:
     """Exact number of KV blocks (overrides the memory-based sizing; for tests and benchmarks)."""
     enable_prefix_caching: bool = True
     """Reuse KV of full blocks whose token prefix was computed before (content-hash chained)."""
+    kv_audit: bool = False
+    """For tests: checksum each request's prompt KV when it is complete and again when its blocks
+    are freed, counting any difference (pdmesh:kv_audit_mismatches_total); costs a hash of the
+    prompt's KV at each end."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")

@@ -61,6 +61,7 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache.", (), None),
     "kv_transfer_bytes_total": ("counter", "KV bytes moved between workers, by transport.", ("transport",), None),
     "kv_transfer_failures_total": ("counter", "Decode: KV pulls that failed, by what was done (recompute, fail).", ("action",), None),
+    "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).", (), None),
     "kv_transfer_faults_injected_total": ("counter", "Prefill: KV pulls corrupted by --inject-kv-faults.", ("mode",), None),
     "requests_received_total": ("counter", "Gateway: generation requests received (before validation).", (), None),
     "requests_finished_total": ("counter", "Gateway: requests that reached the mesh and ended, by outcome (ok, error, aborted).", ("outcome",), None),

@@ -7,7 +7,9 @@ Invariants
 * Workers serving the same model must agree on dtype and KV layout (block size, heads, head dim,
   layers): registration of an incompatible worker is refused, so any prefill/decode pair the
   scheduler hands out can exchange KV.
-* A pair is only formed when the two share a transport; ``cuda_ipc`` only within one host.
+* A pair is only formed when the two share a transport they can use between them (``cuda_ipc``
+  only within one host; ``nixl`` and ``grpc`` anywhere); among those, the one both workers rank
+  best in their ``--kv-transports`` lists, ties broken by ``KV_TRANSPORTS`` order.
 * A worker id belongs to the identity that first registered it (its *owner*): only the owner may
   register it again, heartbeat or deregister it.  The binding outlives the worker's lease by
   ``binding_ttl`` seconds (a restarted worker, same identity, takes its id back; another identity
@@ -29,7 +31,10 @@ from typing import Optional, Sequence
 
 from pdmesh.v1 import common_pb2 as pb
 
-TRANSPORT_PREFERENCE = ("cuda_ipc", "grpc")
+KV_TRANSPORTS = ("cuda_ipc", "nixl", "grpc")
+"""KV transports, in the default order of preference: CUDA IPC on one host, NIXL across hosts,
+gRPC streaming as the fallback."""
+SAME_HOST_ONLY = frozenset({"cuda_ipc"})
 LOCAL = "local"
 """Transport name of a colocated route: the KV never leaves the worker."""
 
@@ -95,13 +100,21 @@ def _compat_key(info: pb.WorkerInfo) -> tuple:
     return (info.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype, lay.layout)
 
 
+def can_use(transport: str, worker: pb.WorkerInfo, peer_host_id: str) -> bool:
+    """Whether ``worker`` offers ``transport`` and can use it with a peer on ``peer_host_id``."""
+    return transport in worker.transports and (transport not in SAME_HOST_ONLY or worker.host_id == peer_host_id)
+
+
+def transport_rank(t: str, p: pb.WorkerInfo, d: pb.WorkerInfo) -> tuple[int, int]:
+    """Lower is better: both workers' preference (positions in their lists), then the default order."""
+    default = KV_TRANSPORTS.index(t) if t in KV_TRANSPORTS else len(KV_TRANSPORTS)
+    return list(p.transports).index(t) + list(d.transports).index(t), default
+
+
 def shared_transport(p: pb.WorkerInfo, d: pb.WorkerInfo) -> Optional[str]:
-    for t in TRANSPORT_PREFERENCE:
-        if t in p.transports and t in d.transports:
-            if t == "cuda_ipc" and p.host_id != d.host_id:
-                continue
-            return t
-    return None
+    """The transport a (prefill, decode) pair uses, or None when they have none in common."""
+    usable = [t for t in p.transports if t != LOCAL and can_use(t, d, p.host_id)]
+    return min(usable, key=lambda t: transport_rank(t, p, d)) if usable else None
 
 
 class Registry:
@@ -218,7 +231,7 @@ class LeastLoadedPolicy(BaseRoutingPolicy):
     def choose(self, prefills, decodes, prompt_tokens):
         best = None
         for p, d, t in _pairs(prefills, decodes):
-            key = (self.prefill_score(p) + self.decode_score(d), TRANSPORT_PREFERENCE.index(t))
+            key = (self.prefill_score(p) + self.decode_score(d), transport_rank(t, p.info, d.info))
             if best is None or key < best[0]:
                 best = (key, p, d, t)
         if best is None:

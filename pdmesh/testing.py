@@ -1,8 +1,9 @@
-"""Helpers shared by GPU tests and benchmarks: small random models and the cross-process
-prefill -> cuda_ipc -> decode handoff (the library's real parts, driven without the services)."""
+"""Helpers shared by tests and benchmarks: small random models, and the prefill -> decode hand-off
+driven without the services but through the library's one hand-off path (``KVHandoff``)."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 from typing import Optional
 
@@ -23,69 +24,122 @@ def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", bac
     )
 
 
-def _prefill_proc(cfg: EngineConfig, prompt: list[int], params, conn) -> None:
-    """Child: prefill ``prompt``, hold its KV, export the pool's IPC handle, wait for 'release'."""
-    from pdmesh.engine.engine import LLMEngine
+async def prefill_held(prefill, rid: str, prompt: list[int], params, **desc_fields):
+    """Prefill ``prompt`` on the ``AsyncEngine`` ``prefill``: (first token, descriptor of the held
+    KV or None when the request ended at its first token).  ``desc_fields``: worker_id, address,
+    transport, incarnation, ... of the descriptor."""
     from pdmesh.rpc.convert import layout_to_proto
-    from pdmesh.transport.cuda_ipc import export_handle
+    from pdmesh.v1 import common_pb2 as pb
 
-    eng = LLMEngine(cfg)
-    eng.add_request("r", prompt, params, prefill_only=True)
     out = None
-    while out is None:
-        outs = eng.step()
-        out = outs[0] if outs else None
-    h = export_handle(eng.pool, "child")
-    conn.send((out.new_token_ids[0], out.held_block_ids, h.SerializeToString(),
-               layout_to_proto(eng.pool.layout).SerializeToString()))
-    assert conn.recv() == "release"
-    eng.release("r")
-    conn.send(eng.blocks.num_free_blocks == eng.blocks.num_blocks)
-    conn.recv()
+    async for out in prefill.generate(rid, prompt, params, prefill_only=True):
+        pass
+    if out.held_block_ids is None:
+        return out.new_token_ids[0], None
+    return out.new_token_ids[0], pb.KVDescriptor(
+        request_id=rid, block_ids=out.held_block_ids, num_tokens=len(prompt), block_checksums=out.held_block_checksums or [],
+        layout=layout_to_proto(prefill.engine.pool.layout), **desc_fields)
+
+
+async def decode_from(handoff, rid: str, prompt: list[int], first: int, params, desc) -> tuple[list[int], object]:
+    """Take ``desc`` through ``handoff`` (a ``KVHandoff``) and decode to the end: (tokens with the
+    first, the ``HandoffResult``).  Raises RuntimeError when the pull failed."""
+    from pdmesh.engine.connector import PullOutcome
+
+    eng = handoff.engine
+    q = eng.open_stream(rid)
+    res = await handoff.take(rid, prompt, first, params, desc)
+    if res.report.outcome is PullOutcome.FAILED:
+        eng.close_stream(rid)
+        raise RuntimeError(f"KV pull failed: {res.report.error}")
+    tokens = [first]
+    async for out in eng.iterate(rid, q):
+        tokens += out.new_token_ids
+    return tokens, res
+
+
+def _prefill_proc(cfg: EngineConfig, prompt: list[int], params, conn) -> None:
+    """Child: prefill ``prompt`` and hold its KV under a lease, serving ``KVTransfer`` (IPC handle,
+    read pins) until the reader ends its read; report whether every block came back."""
+    asyncio.run(_prefill_main(cfg, prompt, params, conn))
+
+
+async def _prefill_main(cfg: EngineConfig, prompt: list[int], params, conn) -> None:
+    import grpc
+
+    from pdmesh.engine.async_engine import AsyncEngine
+    from pdmesh.engine.engine import LLMEngine
+    from pdmesh.transport.capability import prompt_hash
+    from pdmesh.transport.lease import LeaseTable
+    from pdmesh.transport.servicer import KVTransferServicer
+    from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
+
+    eng = AsyncEngine(lambda: LLMEngine(cfg))
+    await eng.start()
+    leases = LeaseTable(lambda rid: eng.call_nowait(lambda e: e.release(rid)), ttl=120)
+    server = grpc.aio.server()
+    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(eng.engine.pool, leases, "child"), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        first, desc = await prefill_held(eng, "r", prompt, params, worker_id="child", address=f"127.0.0.1:{port}",
+                                         transport="cuda_ipc", incarnation="child")
+        lease = leases.add("r", list(desc.block_ids), len(prompt), prompt_hash=prompt_hash(prompt))
+        desc.lease_token, desc.prompt_hash = lease.token, lease.prompt_hash  # the reader's capability
+        conn.send((first, desc.SerializeToString()))
+        while leases.get("r") is not None:  # until EndRead
+            await asyncio.sleep(0.01)
+        stats = await eng.call(lambda e: e.stats())  # after the release the lease queued
+        conn.send(stats.free_blocks == stats.total_blocks)
+        await asyncio.to_thread(conn.recv)
+    finally:
+        await server.stop(0)
+        await eng.shutdown()
 
 
 def handoff_via_cuda_ipc(prefill_cfg: EngineConfig, decode_cfg: EngineConfig, prompt: list[int], params) -> dict:
-    """Prefill in a child process, decode here, KV through cuda_ipc; returns tokens and timings."""
-    import time
-
-    import torch
-
-    from pdmesh.engine.engine import LLMEngine
-    from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
-    from pdmesh.v1 import kv_transfer_pb2 as kpb
-
+    """Prefill in a child process, decode here, KV through the ``cuda_ipc`` transport and the
+    engine's connector (the servers' hand-off path); returns tokens and what the pull cost."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_prefill_proc, args=(prefill_cfg, prompt, params, child))
     proc.start()
     try:
-        first, src_ids, handle_bytes, _layout = parent.recv()
-        dec = LLMEngine(decode_cfg)
-        h = kpb.CudaIpcHandle.FromString(handle_bytes)
-        t0 = time.perf_counter()
-        remote = open_handle(h)
-        open_ms = (time.perf_counter() - t0) * 1e3
-        adm = dec.admit_remote("r", prompt, first, params)
-        k = adm.num_cached_blocks
-        tr = CudaIpcTransport(None, dec.device)  # type: ignore[arg-type]
-        t0 = time.perf_counter()
-        nbytes = tr.pull_blocking(remote, src_ids[k:], adm.block_ids[k:], dec.pool)
-        pull_ms = (time.perf_counter() - t0) * 1e3
-        parent.send("release")
-        prefill_freed = parent.recv()
-        dec.activate_remote("r")
-        tokens = [first]
-        while True:
-            outs = dec.step()
-            if outs:
-                tokens += outs[0].new_token_ids
-                if outs[0].finished:
-                    break
-        torch.cuda.synchronize()
-        return {"tokens": tokens, "open_ms": open_ms, "pull_ms": pull_ms, "bytes": nbytes, "prefill_freed": prefill_freed,
-                "decode_free_ok": dec.blocks.num_free_blocks == dec.blocks.num_blocks}
+        first, desc_bytes = parent.recv()
+        return asyncio.run(_decode_main(decode_cfg, prompt, params, first, desc_bytes, parent))
     finally:
         parent.send("bye")
         proc.join(60)
         if proc.is_alive():
             proc.kill()
+
+
+async def _decode_main(cfg: EngineConfig, prompt: list[int], params, first: int, desc_bytes: bytes, conn) -> dict:
+    import time
+
+    from pdmesh.engine.async_engine import AsyncEngine
+    from pdmesh.engine.engine import LLMEngine
+    from pdmesh.rpc.channels import ChannelPool
+    from pdmesh.rpc.release import release_held_kv
+    from pdmesh.transport.cuda_ipc import CudaIpcTransport
+    from pdmesh.transport.handoff import KVHandoff
+    from pdmesh.v1 import common_pb2 as pb
+
+    dec = AsyncEngine(lambda: LLMEngine(cfg))
+    await dec.start()
+    channels = ChannelPool()
+    try:
+        tr = CudaIpcTransport(channels, dec.engine.device)
+        handoff = KVHandoff(dec, {"cuda_ipc": tr}, lambda d, read_id, tp: release_held_kv(
+            channels, d.address, d.request_id, tp, 10.0, read_id, d.lease_token), timeout=60.0)
+        t0 = time.perf_counter()
+        tokens, res = await decode_from(handoff, "r", prompt, first, params, pb.KVDescriptor.FromString(desc_bytes))
+        total_ms = (time.perf_counter() - t0) * 1e3
+        prefill_freed = await asyncio.to_thread(conn.recv)
+        stats = await dec.call(lambda e: e.stats())
+        return {"tokens": tokens, "pull_ms": res.report.seconds * 1e3, "handoff_and_decode_ms": total_ms,
+                "bytes": res.report.bytes, "outcome": res.report.outcome.value, "handles_opened": tr.opened_total,
+                "prefill_freed": prefill_freed, "decode_free_ok": stats.free_blocks == stats.total_blocks}
+    finally:
+        await channels.close()
+        await dec.shutdown()

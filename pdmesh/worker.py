@@ -32,7 +32,7 @@ from pdmesh.engine.warmup import warm_up
 from pdmesh.env import ENV
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.telemetry import Telemetry, TracingConfig
-from pdmesh.routing import LOCAL
+from pdmesh.routing import KV_TRANSPORTS, LOCAL
 from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.auth import Identity, InternalAuthConfig, build_authenticator
@@ -69,18 +69,20 @@ class WorkerConfig:
     drain_timeout: float = 30.0
     """Seconds in-flight requests get to finish after SIGTERM."""
     kv_lease_seconds: float = 30.0
-    """Prefill: how long KV is held for a decode worker that has not pulled it yet."""
+    """Prefill: how long KV is held for a decode worker that has not pulled it yet (a pull extends it)."""
     kv_lease_max_seconds: float = 120.0
-    """Prefill: hard limit of a KV lease from when the KV was held: no pull outlives it, pinned or
-    not (>= --kv-lease-seconds)."""
+    """Prefill: hard limit of a KV lease from when the KV was held: no pull or read pin outlives
+    it, pinned or not (>= --kv-lease-seconds)."""
     kv_transfer_timeout: float = 30.0
     """Decode: deadline of one KV pull."""
     rpc_timeout: float = 10.0
     """Deadline of short control RPCs (release, abort, register)."""
     metrics_port: int = -1
     """Port of this worker's /metrics (0: any free port, registered with the scheduler; -1: off)."""
-    transports: tuple[str, ...] = ()
-    """KV transports this worker offers (empty: cuda_ipc and grpc on CUDA, grpc on CPU)."""
+    kv_transports: tuple[str, ...] = ()
+    """KV transports this worker offers, in order of preference: cuda_ipc (same host), nixl
+    (needs NIXL installed), grpc. Empty: cuda_ipc, nixl (when installed), grpc on CUDA; grpc on CPU.
+    The scheduler pairs workers over a transport both offer and can use (cuda_ipc only on one host)."""
     max_pending_requests: int = 1024
     """Requests this worker takes at once (queued and running); beyond it new ones are refused with
     RESOURCE_EXHAUSTED, which the gateway answers with 429 (or retries elsewhere)."""
@@ -88,8 +90,10 @@ class WorkerConfig:
     """Decode: what a failed or timed-out KV pull does to its request: 'recompute' (compute the prompt
     here; the client sees nothing) or 'fail' (end the request with an error)."""
     inject_kv_faults: str = ""
-    """Prefill, for fault testing only: corrupt KV pulls served here. 'fail:N' (every Nth pull
-    aborts), 'truncate:N' (every Nth pull loses its last chunk), 'delay:S' (S seconds before each chunk)."""
+    """For fault testing only. Prefill: corrupt KV pulls served here: 'fail:N' (every Nth pull
+    aborts), 'truncate:N' (every Nth pull loses its last chunk), 'delay:S' (S seconds before each
+    chunk). Decode: 'delay:S[:N]' (every Nth pull, every pull without N, lands in the pool one piece every
+    S seconds)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.port < 65536, "port", "must be in 0..65535")
@@ -100,8 +104,13 @@ class WorkerConfig:
         _require(self.max_pending_requests >= 1, "max_pending_requests", "must be >= 1")
         _require(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy", "recompute or fail")
         FaultPlan.parse(self.inject_kv_faults)
-        for t in self.transports:
-            _require(t in ("grpc", "cuda_ipc"), "transports", f"unknown transport {t!r}")
+        for t in self.kv_transports:
+            _require(t in KV_TRANSPORTS, "kv_transports", f"unknown transport {t!r} (choose from {', '.join(KV_TRANSPORTS)})")
+        _require(len(set(self.kv_transports)) == len(self.kv_transports), "kv_transports", "lists a transport twice")
+        if "nixl" in self.kv_transports:
+            from pdmesh.transport.nixl import nixl_available
+
+            _require(nixl_available(), "kv_transports", "nixl needs NIXL: pip install nixl-cu12 (or nixl-cu13 on CUDA 13)")
 
 
 def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
@@ -139,8 +148,9 @@ class WorkerRuntime:
         self.requests_total = 0
         self.metrics: Optional[ServiceMetrics] = None
         self._last_prefix = (0, 0)
+        self._last_audit = 0
         self.incarnation = uuid.uuid4().hex
-        """Identifies this process: peers drop cached CUDA IPC handles when it changes."""
+        """Identifies this process: peers drop cached CUDA IPC handles and NIXL metadata when it changes."""
         self.draining = False
         self.port = 0
         self._registration_task: Optional[asyncio.Task] = None
@@ -164,13 +174,27 @@ class WorkerRuntime:
     def address(self) -> str:
         return f"{self.advertise_host}:{self.port}"
 
-    @property
+    @functools.cached_property
     def transports(self) -> tuple[str, ...]:
+        """KV transports offered, in order of preference."""
         if self.role == pb.ROLE_BOTH:
             return (LOCAL,)  # colocated: KV never leaves this worker
-        if self.wcfg.transports:
-            return self.wcfg.transports
-        return ("cuda_ipc", "grpc") if self.llm.device.type == "cuda" else ("grpc",)
+        if self.wcfg.kv_transports:
+            return self.wcfg.kv_transports
+        if self.llm.device.type != "cuda":
+            return ("grpc",)
+        from pdmesh.transport.nixl import nixl_available
+
+        return ("cuda_ipc", "nixl", "grpc") if nixl_available() else ("cuda_ipc", "grpc")
+
+    @functools.cached_property
+    def nixl_agent(self):
+        """This worker's NIXL agent (its KV pool registered once), when it offers nixl."""
+        if "nixl" not in self.transports:
+            return None
+        from pdmesh.transport.nixl import NixlAgent
+
+        return NixlAgent(f"pdmesh-{ROLE_NAMES[self.role]}-{self.incarnation}", self.llm.pool, self.incarnation)
 
     @property
     def llm(self) -> LLMEngine:
@@ -278,6 +302,8 @@ class WorkerRuntime:
                 m.inc("prefix_cache_queries_total", s.prefix_queries - q)
                 m.inc("prefix_cache_hits_total", s.prefix_hits - h)
                 self._last_prefix = (s.prefix_queries, s.prefix_hits)
+                m.inc("kv_audit_mismatches_total", s.audit_mismatches - self._last_audit)
+                self._last_audit = s.audit_mismatches
             await asyncio.sleep(interval)
 
     async def _drain(self) -> None:

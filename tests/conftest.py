@@ -6,6 +6,14 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--deploy", choices=("auto", "require"), default="auto",
+        help="tests/deploy (builds the CPU image and runs the compose stack with podman): 'auto' skips it, "
+             "naming what is missing, on a host without podman & co; 'require' fails instead (.ci/run sets it "
+             "through PYTEST_ADDOPTS, after installing them)")
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     from pdmesh.models.loader import embedded_gguf_path, gguf_to_hf_dir

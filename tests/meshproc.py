@@ -151,10 +151,16 @@ def wait_idle(scheduler: str, timeout: float = 15.0, expect: Optional[int] = Non
 
 def scrape(url: str) -> dict[str, float]:
     """A /metrics page as {'name{label="v",...}': value} plus {name: sum over series}."""
+    return parse_metrics(httpx.get(url, timeout=5).text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as {'name{label="v",...}': value} (without the model_name, role and instance
+    labels) plus {name: sum over series}."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+    for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(smp.labels.items())
                               if k not in ("model_name", "role", "instance"))

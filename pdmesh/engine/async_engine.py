@@ -6,9 +6,12 @@ Lifecycle
    On CUDA the thread's current device is the engine's device first: a new thread starts on
    ``cuda:0``, and anything that takes the current device (event records, Triton launches, pinned
    copies' streams) would otherwise run on GPU 0 for a worker on GPU 1.
-2. The thread loops: run queued commands (add, abort, admit, release, ...) in order, then one
-   ``step()`` if there is work, then hand that step's outputs to the loop with a single
-   ``call_soon_threadsafe``; it sleeps on a condition variable while idle.
+2. The thread loops: run queued commands (add, abort, admit, start a pull, release, ...) in
+   order, then one ``step()`` if there is work (it polls KV pulls in flight first), then hand
+   that step's outputs to the loop with a single ``call_soon_threadsafe``.  While idle it sleeps
+   on a condition variable — but while KV pulls are in flight and nothing else is to be done, it
+   only waits ``TRANSFER_POLL_S`` before polling them again (a pull that lands starts decoding
+   within that, not at the next command).
 3. ``shutdown()`` stops the loop after the current step; pending callers get ``EngineDeadError``.
 
 All engine state is touched only on the engine thread; asyncio callers go through ``call()``.
@@ -29,6 +32,9 @@ from pdmesh.engine.engine import EngineStats, LLMEngine
 from pdmesh.engine.sequence import RequestOutput, SamplingParams
 
 log = logging.getLogger(__name__)
+
+TRANSFER_POLL_S = 0.0005
+"""Longest wait of an otherwise idle engine thread between polls of KV pulls in flight."""
 
 
 class EngineDeadError(RuntimeError):
@@ -97,6 +103,9 @@ class AsyncEngine:
         while True:
             with self._cv:
                 while not self._cmds and not eng.has_work() and not self._stop:
+                    if eng.connector.pending:
+                        self._cv.wait(TRANSFER_POLL_S)
+                        break
                     self._cv.wait()
                 if self._stop:
                     break
@@ -122,6 +131,12 @@ class AsyncEngine:
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs, dt, eng.last_step_kind)
             else:
+                try:
+                    eng.poll_transfers()
+                except BaseException as exc:  # noqa: BLE001 - fatal: fail everyone
+                    log.exception("KV transfer poll failed")
+                    self._error = exc
+                    break
                 self.stats = eng.stats()
         self._fail_all()
 

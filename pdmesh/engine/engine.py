@@ -8,14 +8,17 @@ it.  Roles in the mesh:
   the request goes on, its blocks are kept (status HELD) and reported in the output, until
   ``release(request_id)``.
 * decode: ``admit_remote`` allocates blocks for a prompt computed elsewhere (reusing local prefix
-  cache hits) and returns which of them must be filled; once the caller has written the KV,
-  ``activate_remote`` queues the request to generate from its first token on.
+  cache hits) and returns which of them must be filled; ``start_pull`` hands the transfer to the
+  KV connector (``pdmesh.engine.connector``), which polls it between steps and, when it ends,
+  queues the request to generate from its first token (pulled), to compute its prompt here
+  (recomputed) or drops it (failed).  ``pdmesh.transport.handoff`` drives this from asyncio.
 
 KV ownership: every allocated block belongs to exactly the request ids in the block manager;
 ``abort``/``release``/finishing free them at once — except that blocks of a request that a
-launched, not yet collected step still writes are freed when that step is collected (a block
-must never change hands while a kernel may write it: the next owner's KV may arrive on another
-stream).
+launched, not yet collected step still writes are freed when that step is collected, and blocks
+that a stopped KV transfer may still write wait in the connector's quarantine until it reports
+stopped (a block must never change hands while anything may write it: the next owner's KV may
+arrive on another stream).
 
 Async scheduling (``--async-scheduling``): in steady decoding, ``step()`` schedules and launches
 step N+1 before it collects step N, so the host's work for N+1 (schedule, inputs, attention
@@ -38,12 +41,15 @@ import torch
 
 from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
+from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
 from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
+from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
 from pdmesh.models.loader import ResolvedModel, load_model, resolve
+from pdmesh.transport.base import TransferError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,10 @@ class EngineStats:
     held_blocks: int
     prefix_queries: int
     prefix_hits: int
+    audit_mismatches: int = 0
+    transfers_stopping: int = 0
+    """Stopped KV transfers whose blocks wait until they certainly write no more."""
+    quarantined_blocks: int = 0
 
 
 class LLMEngine:
@@ -125,6 +135,8 @@ class LLMEngine:
         num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
         self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.audit: Optional[KVAudit] = KVAudit(self.pool) if config.cache.kv_audit else None
+        """Checksums of prompt KV (``--kv-audit``), verified when blocks are freed."""
         self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
                                       arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
@@ -144,6 +156,9 @@ class LLMEngine:
         """Requests whose blocks are freed once that step is collected."""
         self.held: dict[str, Sequence] = {}
         self.remote: dict[str, Sequence] = {}
+        """Requests waiting for (or receiving) their prompt's KV from another worker."""
+        self.connector = KVConnector(self.blocks)
+        """Pulls in flight, polled between steps."""
         self.num_steps = 0
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
@@ -202,23 +217,76 @@ class LLMEngine:
         self.remote[request_id] = seq
         return RemoteAdmission(list(self.blocks.block_table(request_id)), len(hit.block_ids))
 
-    def activate_remote(self, request_id: str) -> bool:
+    def start_pull(self, job: PullJob) -> None:
+        """Start the transfer of an admitted request's KV (``job.prepared`` None: preparing it
+        failed, so it fails at the next poll).  Its outcome reaches ``job.on_outcome``."""
+        rid = job.request_id
+        if rid not in self.remote or self.connector.has(rid):  # aborted meanwhile (or started twice)
+            if job.prepared is not None and job.prepared.close is not None:
+                job.prepared.close()
+            job.on_outcome(PullReport(PullOutcome.FAILED, job.transport.name, error="aborted", aborted=True))
+            job.on_stopped()
+            return
+        dst = self.blocks.block_table(rid)[job.first_block:]
+        transfer = None
+        started = time.monotonic()
+        if job.prepared is not None:
+            try:
+                transfer = job.transport.start(job.prepared, dst, self.pool)
+            except TransferError as exc:
+                job.error = str(exc)
+                if job.prepared.close is not None:
+                    job.prepared.close()
+        self.connector.add(job, transfer, len(dst), started)
+
+    def poll_transfers(self) -> bool:
+        """Advance the KV pulls in flight and settle the requests whose pull ended; True while
+        any transfer (or a stopped one still quiescing) remains."""
+        if not self.connector.pending:
+            return False
+        now = time.monotonic()
+        for a, err in self.connector.poll(now):
+            job, rid = a.job, a.job.request_id
+            name, secs = job.transport.name, now - a.started
+            if err is None:
+                seq = self.remote.get(rid)
+                if self.audit is not None and seq is not None:
+                    self.audit.expect(rid, self.blocks.block_table(rid), seq.num_prompt_tokens, job.first_block,
+                                      job.expect_checksums)
+                self._activate_remote(rid)
+                report = PullReport(PullOutcome.PULLED, name, a.transfer.nbytes if a.transfer else 0, a.blocks, secs,
+                                    a.transfer.device_seconds() if a.transfer else None)
+            else:
+                log.warning("KV pull of %s via %s failed: %s (policy: %s)", rid, name, err, job.policy)
+                if job.policy == "recompute" and self._recompute_remote(rid):
+                    report = PullReport(PullOutcome.RECOMPUTED, name, seconds=secs, error=err)
+                else:
+                    self.abort(rid)
+                    report = PullReport(PullOutcome.FAILED, name, seconds=secs, error=err)
+            job.on_outcome(report)
+        return self.connector.pending
+
+    def _activate_remote(self, request_id: str) -> bool:
         """The remote KV has landed: queue the request for decoding. False if it was aborted."""
         seq = self.remote.pop(request_id, None)
         if seq is None:
             return False
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.blocks.cache_full_blocks(request_id, seq.token_ids, seq.num_computed_tokens)
+        if self.audit is not None:
+            self.audit.record(request_id, self.blocks.block_table(request_id), seq.num_prompt_tokens)
         self.scheduler.add(seq)
         return True
 
-    def recompute_remote(self, request_id: str) -> bool:
+    def _recompute_remote(self, request_id: str) -> bool:
         """The remote KV could not be had (failed pull): free what was allocated for it and queue the
         request to compute its prompt here — like a preempted request, it re-prefills prompt + token 0
         and goes on from token 1.  False if it was aborted meanwhile."""
         seq = self.remote.pop(request_id, None)
         if seq is None:
             return False
+        if self.audit is not None:
+            self.audit.forget(request_id)
         self.blocks.free(request_id)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -226,7 +294,11 @@ class LLMEngine:
         return True
 
     def abort(self, request_id: str) -> bool:
-        """Drop the request wherever it is and free its blocks at once."""
+        """Drop the request wherever it is and free its blocks at once (blocks that its stopped
+        KV transfer may still write go to the connector's quarantine instead)."""
+        pulling = self.connector.abort(request_id)
+        if pulling is not None:
+            pulling.job.on_outcome(PullReport(PullOutcome.FAILED, pulling.job.transport.name, error="aborted", aborted=True))
         seq = self.scheduler.remove(request_id) or self.remote.pop(request_id, None) or self.held.pop(request_id, None)
         had_blocks = self.blocks.has_request(request_id)
         self._free(request_id)
@@ -240,14 +312,19 @@ class LLMEngine:
         if self._inflight is not None:
             self._deferred_frees.append((self._inflight, request_id))
         else:
-            self.blocks.free(request_id)
+            self._free_now(request_id)
+
+    def _free_now(self, request_id: str) -> None:
+        if self.audit is not None:
+            self.audit.verify(request_id)
+        self.blocks.free(request_id)
 
     def release(self, request_id: str) -> bool:
         """Prefill side: the decode worker has the KV (or gave up): free the held blocks."""
         seq = self.held.pop(request_id, None)
         if seq is None:
             return False
-        self.blocks.free(request_id)
+        self._free_now(request_id)
         return True
 
     @torch.inference_mode()
@@ -275,9 +352,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """schedule -> run -> postprocess; with async scheduling, in steady decoding: schedule
-        and launch step N+1, then collect step N and return its outputs."""
+        """(poll KV pulls) schedule -> run -> postprocess; with async scheduling, in steady
+        decoding: schedule and launch step N+1, then collect step N and return its outputs."""
         with on_device(self.device):
+            self.poll_transfers()
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
@@ -354,7 +432,7 @@ class LLMEngine:
         due = [rid for s, rid in self._deferred_frees if s is step]
         self._deferred_frees = [(s, rid) for s, rid in self._deferred_frees if s is not step]
         for rid in due:
-            self.blocks.free(rid)
+            self._free_now(rid)
         return outputs
 
     def postprocess(self, batch, result) -> list[RequestOutput]:
@@ -363,6 +441,8 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+            if self.audit is not None and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self.audit.record(seq.request_id, self.blocks.block_table(seq.request_id), seq.num_prompt_tokens)
         outputs = []
         for seq, tok, lp in zip(result.sampled_seqs, result.token_ids, result.logprobs):
             seq.token_ids.append(tok)
@@ -383,6 +463,8 @@ class LLMEngine:
         elif seq.prefill_only:
             out.finished = True
             out.held_block_ids = list(self.blocks.block_table(seq.request_id))
+            if self.audit is not None:
+                out.held_block_checksums = self.audit.record(seq.request_id, out.held_block_ids, seq.num_prompt_tokens)
             self.scheduler.remove(seq.request_id)
             seq.status = SequenceStatus.HELD
             self.held[seq.request_id] = seq
@@ -418,4 +500,7 @@ class LLMEngine:
             held_blocks=held,
             prefix_queries=self.blocks.prefix_queries,
             prefix_hits=self.blocks.prefix_hits,
+            audit_mismatches=self.audit.mismatches if self.audit is not None else 0,
+            transfers_stopping=len(self.connector.stopping),
+            quarantined_blocks=self.connector.quarantined_blocks(),
         )

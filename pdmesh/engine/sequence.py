@@ -147,6 +147,8 @@ class RequestOutput:
     num_cached_tokens: int = 0
     held_block_ids: Optional[list[int]] = None
     """Prefill role: blocks kept for transfer (in token order)."""
+    held_block_checksums: Optional[list[int]] = None
+    """Prefill role with ``--kv-audit``: per-block checksums of the held prompt KV."""
     queue_time: float = 0.0
     """Seconds between arrival and first scheduling."""
     prefill_time: Optional[float] = None

@@ -91,7 +91,7 @@ def warm_up(eng: LLMEngine) -> float:
     for i in range(batch):
         rid = f"{_PREFIX}remote-{i}"
         if eng.admit_remote(rid, _tokens(plen, vocab, 10 + i), 1, greedy.with_updates(max_tokens=6 + i)) is not None:
-            eng.activate_remote(rid)
+            eng._activate_remote(rid)  # as if its KV had landed (the KV contents do not matter here)
     _drain(eng)
     _copy_kernels(eng)
     if eng.blocks.requests or eng.held or eng.remote:

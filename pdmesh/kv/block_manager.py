@@ -213,6 +213,15 @@ class PrefixCachingBlockManager:
         self.cached = {}
         self.prefix_queries = self.prefix_hits = 0
 
+    def reassign(self, request_id: str, new_owner: str) -> None:
+        """Hand every block of ``request_id`` to ``new_owner`` (a fresh id), ref counts unchanged:
+        the KV connector keeps blocks that a stopped transfer may still write this way."""
+        if new_owner in self.requests:
+            raise ValueError(f"{new_owner!r} already holds blocks")
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.requests[new_owner] = req
+
     # ---------------------------------------------------------------- internals
     def _incref(self, b: int) -> None:
         if self.ref_count[b] == 0:

@@ -44,7 +44,10 @@ POLICY: dict[str, frozenset[str]] = {
     "/pdmesh.v1.Prefill/Abort": frozenset({GATEWAY}),
     # only decode workers read KV (a pull with the lease token, for the lease's prompt)
     "/pdmesh.v1.KVTransfer/Pull": frozenset({DECODE}),
+    "/pdmesh.v1.KVTransfer/BeginRead": frozenset({DECODE}),
+    "/pdmesh.v1.KVTransfer/EndRead": frozenset({DECODE}),
     "/pdmesh.v1.KVTransfer/GetIpcHandle": frozenset({DECODE}),
+    "/pdmesh.v1.KVTransfer/GetNixlMetadata": frozenset({DECODE}),
     "/pdmesh.v1.Decode/Generate": frozenset({GATEWAY}),
     "/pdmesh.v1.Decode/Abort": frozenset({GATEWAY}),
 }

@@ -1,5 +1,6 @@
 """Telling a prefill worker to free a request's held KV, without waiting (lease expiry is the
-backstop when the call fails). Used by the decode worker after a pull (or a refusal) and by the
+backstop when the call fails). Used by the decode worker when a pull has stopped (``EndRead`` for
+a one-sided read, which also ends its pin; else ``Release``) or after a refusal, and by the
 gateway when decode never took the KV."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import grpc
 
 from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
+from pdmesh.v1 import kv_transfer_pb2 as kpb
+from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
 from pdmesh.v1 import prefill_pb2_grpc as pgrpc
 
@@ -28,13 +31,18 @@ _pending: set[asyncio.Task] = set()  # strong references: the loop keeps only we
 
 
 def release_held_kv(channels: ChannelPool, address: str, request_id: str, traceparent: Optional[str],
-                    timeout: float, lease_token: str = "") -> None:
-    """``lease_token``: the descriptor's (prefill refuses a release without it)."""
+                    timeout: float, read_id: int = 0, lease_token: str = "") -> None:
+    """``lease_token``: the descriptor's (prefill refuses a release or an EndRead without it)."""
     async def go() -> None:
+        md = tracecontext.metadata(traceparent)
         try:
-            await channels.stub(address, pgrpc.PrefillStub).Release(
-                ppb.ReleaseRequest(request_id=request_id, lease_token=lease_token), timeout=timeout,
-                metadata=tracecontext.metadata(traceparent))
+            if read_id:
+                await channels.stub(address, kgrpc.KVTransferStub).EndRead(
+                    kpb.EndReadRequest(request_id=request_id, read_id=read_id, lease_token=lease_token), timeout=timeout,
+                    metadata=md)
+            else:
+                await channels.stub(address, pgrpc.PrefillStub).Release(
+                    ppb.ReleaseRequest(request_id=request_id, lease_token=lease_token), timeout=timeout, metadata=md)
         except grpc.aio.AioRpcError as exc:
             log.info("release of %s on %s failed (%s); its lease will expire", request_id, address, exc.code().name)
 

@@ -1,7 +1,9 @@
-"""KV transports between prefill and decode workers."""
+"""KV transports between prefill and decode workers (see ``base`` for the contract)."""
 
-from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
-from pdmesh.transport.grpc_transport import GrpcKVTransport, KVTransferServicer
+from pdmesh.transport.base import BaseKVTransport, BaseTransfer, PreparedPull, TransferError, TransferState
+from pdmesh.transport.grpc_transport import GrpcKVTransport
 from pdmesh.transport.lease import LeaseTable
+from pdmesh.transport.servicer import KVTransferServicer
 
-__all__ = ["BaseKVTransport", "TransferError", "TransferResult", "GrpcKVTransport", "KVTransferServicer", "LeaseTable"]
+__all__ = ["BaseKVTransport", "BaseTransfer", "PreparedPull", "TransferError", "TransferState", "GrpcKVTransport",
+           "KVTransferServicer", "LeaseTable"]

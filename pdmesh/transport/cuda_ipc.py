@@ -3,26 +3,29 @@
 The prefill worker exports the CUDA IPC handle of its whole KV pool once
 (``KVTransfer.GetIpcHandle``).  The decode worker opens each peer's handle once per peer process
 (cached by address and incarnation: a restarted prefill has a new incarnation, so a stale handle is
-never used) and pulls a request's blocks with one gather on the source GPU, one device-to-device
-copy (peer access across GPUs) and one scatter into its pool, for all layers at once, on a side
-stream, off the event loop.
+never used).  A pull is one-sided: ``prepare`` (event loop) pins the source lease (``BeginRead``);
+``start`` (the engine thread, between steps) launches the copy on a side stream of the worker's
+device and records a CUDA event; the connector polls ``event.query()``.  No thread, no blocking
+synchronize.  On one GPU the copy is one block-copy kernel; across two it is a gather into a
+contiguous buffer on the source GPU, one peer-to-peer copy and a scatter on the destination.
+
+Devices are always explicit (``torch.cuda.device(...)``, ``torch.cuda.Stream(device)``): the engine
+thread's current device need not be the worker's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from typing import Sequence
+from typing import Optional, Sequence
 
-import grpc
 import torch
 
 from pdmesh.kv.copy import copy_blocks
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.rpc.channels import ChannelPool
-from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
-from pdmesh.v1 import common_pb2 as pb
+from pdmesh.transport.base import BaseTransfer, TransferError, TransferState
+from pdmesh.transport.faults import FaultPlan
+from pdmesh.transport.one_sided import OneSidedTransport
 from pdmesh.v1 import kv_transfer_pb2 as kpb
 from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
 
@@ -51,88 +54,100 @@ def open_handle(h: kpb.CudaIpcHandle) -> torch.Tensor:
     return t
 
 
-class CudaIpcTransport(BaseKVTransport):
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """A stream of the highest priority on ``device``: the GPU's block scheduler dispatches its
+    kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode step's), so a
+    pull under load is not queued behind them."""
+    high, _ = torch.cuda.Stream.priority_range()  # (greatest, least): lower numbers are higher priority
+    return torch.cuda.Stream(device, priority=high)
+
+
+def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Block ids on ``device`` through pinned memory, on the current stream (no host sync)."""
+    return torch.tensor(list(ids), dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+
+
+class CudaCopy(BaseTransfer):
+    """A launched copy: done when its event has fired.  A kernel cannot be recalled, so ``cancel``
+    reports stopped only once it has run.  ``begin`` (recorded before the copy on the stream that
+    runs first) and ``event`` time it on the GPU."""
+
+    def __init__(self, event: torch.cuda.Event, nbytes: int, keep: tuple, begin: Optional[torch.cuda.Event] = None) -> None:
+        self.event = event
+        self.begin = begin
+        self.nbytes = nbytes
+        self._keep = keep  # tensors the queued work uses, alive until it ran
+
+    def device_seconds(self) -> Optional[float]:
+        if self.begin is None or not self.event.query():
+            return None
+        return self.begin.elapsed_time(self.event) / 1e3
+
+    def poll(self) -> TransferState:
+        if self.event.query():
+            self._keep = ()
+            return TransferState.DONE
+        return TransferState.RUNNING
+
+    def cancel(self) -> bool:
+        return self.poll() is TransferState.DONE
+
+
+class CudaIpcTransport(OneSidedTransport):
     name = "cuda_ipc"
 
-    def __init__(self, channels: ChannelPool, device: torch.device) -> None:
-        self.channels = channels
-        self.device = device
-        self.stream = torch.cuda.Stream(device)
-        self._src_stream = None
-        self.peers: dict[tuple[str, str], torch.Tensor] = {}
-        self.opened_total = 0
-        """Handles opened so far (counter): one per peer process, never per request."""
-        self._lock = asyncio.Lock()
+    def __init__(self, channels: ChannelPool, device: torch.device, faults: FaultPlan | None = None) -> None:
+        super().__init__(channels, faults)
+        self.device = torch.device(device)
+        self.stream = _copy_stream(self.device)
+        """High-priority side stream of this worker's device: every pull's copy runs on it, ahead of
+        the decode steps' queued kernels (a pull is short; the request waits for it)."""
+        self._src_streams: dict[torch.device, torch.cuda.Stream] = {}
 
-    async def _peer(self, desc: pb.KVDescriptor, timeout: float, metadata: tuple = ()) -> torch.Tensor:
-        key = (desc.address, desc.incarnation)
-        remote = self.peers.get(key)
-        if remote is not None:
-            return remote
-        async with self._lock:
-            if key in self.peers:
-                return self.peers[key]
-            try:
-                h = await self.channels.stub(desc.address, kgrpc.KVTransferStub).GetIpcHandle(
-                    kpb.IpcHandleRequest(), timeout=timeout, metadata=metadata)
-            except grpc.aio.AioRpcError as exc:
-                raise TransferError(f"no IPC handle from {desc.address}: {exc.code().name}: {exc.details()}") from exc
-            if h.incarnation != desc.incarnation:
-                raise TransferError(f"stale descriptor: {desc.address} restarted (incarnation {h.incarnation} != {desc.incarnation})")
-            for old in [k for k in self.peers if k[0] == desc.address]:
-                del self.peers[old]  # that process is gone
-            t0 = time.perf_counter()
-            remote = await asyncio.to_thread(open_handle, h)
-            self.opened_total += 1
-            log.info("opened CUDA IPC handle of %s (%s) in %.1f ms", desc.address, desc.incarnation, (time.perf_counter() - t0) * 1e3)
-            self.peers[key] = remote
-            return remote
+    async def _fetch_peer(self, address: str, timeout: float, metadata: tuple) -> tuple[str, kpb.CudaIpcHandle]:
+        h = await self.channels.stub(address, kgrpc.KVTransferStub).GetIpcHandle(kpb.IpcHandleRequest(), timeout=timeout,
+                                                                                 metadata=metadata)
+        return h.incarnation, h
 
-    def _copy(self, remote: torch.Tensor, src: Sequence[int], dst: Sequence[int], pool: KVCachePool) -> int:
-        """Same GPU: one block-copy kernel, peer pool -> local pool.  Two GPUs: gather into a
-        contiguous buffer on the source GPU, one peer-to-peer copy, scatter on the destination."""
+    def _open_peer(self, raw: kpb.CudaIpcHandle) -> torch.Tensor:
+        return open_handle(raw)
+
+    def _peer_blocks(self, peer: torch.Tensor) -> int:
+        return peer.shape[1]
+
+    def launch(self, remote: torch.Tensor, src: Sequence[int], dst: Sequence[int], pool: KVCachePool) -> CudaCopy:
+        """Queue the copy of blocks ``src`` of ``remote`` into blocks ``dst`` of ``pool`` on the side
+        stream; returns at once.  The destination blocks are fresh (never in a launched step), so
+        the copy need not wait for the compute stream."""
         n = len(src)
         local = pool.kv
+        dev = local.device
         nbytes = n * local[:, :1].numel() * local.element_size()
-        if remote.device == local.device:
-            with torch.cuda.stream(self.stream):
-                idx = torch.tensor([list(src), list(dst)], dtype=torch.int64).to(local.device)  # one H2D copy
-                copy_blocks(remote, idx[0], local, idx[1])
-            self.stream.synchronize()
-            return nbytes
-        src_stream = torch.cuda.Stream(remote.device) if self._src_stream is None else self._src_stream
-        self._src_stream = src_stream
+        event = torch.cuda.Event(enable_timing=True)
+        begin = torch.cuda.Event(enable_timing=True)
+        if n == 0:
+            event.record(self.stream)
+            return CudaCopy(event, 0, ())
+        if remote.device == dev:
+            with torch.cuda.device(dev), torch.cuda.stream(self.stream):
+                s_idx, d_idx = _ids(src, dev), _ids(dst, dev)
+                begin.record(self.stream)
+                copy_blocks(remote, s_idx, local, d_idx)
+                event.record(self.stream)
+            return CudaCopy(event, nbytes, (s_idx, d_idx), begin)
+        src_stream = self._src_streams.get(remote.device)
+        if src_stream is None:
+            src_stream = self._src_streams[remote.device] = _copy_stream(remote.device)
         shape = (remote.shape[0], n) + tuple(remote.shape[2:])
         with torch.cuda.device(remote.device), torch.cuda.stream(src_stream):
-            s_idx = torch.tensor(list(src), dtype=torch.int64).to(remote.device, non_blocking=True)
+            s_idx = _ids(src, remote.device)
+            begin.record(src_stream)
             staged = torch.empty(shape, dtype=remote.dtype, device=remote.device)
             copy_blocks(remote, s_idx, staged, torch.arange(n, device=remote.device))
-        src_stream.synchronize()
-        with torch.cuda.stream(self.stream):
-            moved = staged.to(local.device, non_blocking=True)
-            d_idx = torch.tensor(list(dst), dtype=torch.int64).to(local.device, non_blocking=True)
-            copy_blocks(moved, torch.arange(n, device=local.device), local, d_idx)
-        self.stream.synchronize()
-        return nbytes
-
-    async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-                   pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
-        if not self._precheck(desc, src_block_ids, dst_block_ids, pool):
-            return TransferResult(self.name, 0, 0, 0.0)
-        t0 = time.perf_counter()
-        remote = await self._peer(desc, timeout, metadata)
-        if max(src_block_ids) >= remote.shape[1]:
-            raise TransferError("source block id outside the peer's pool")
-        try:
-            nbytes = await asyncio.wait_for(asyncio.to_thread(self._copy, remote, src_block_ids, dst_block_ids, pool), timeout)
-        except asyncio.TimeoutError as exc:
-            raise TransferError(f"cuda_ipc pull timed out after {timeout}s") from exc
-        except RuntimeError as exc:
-            self.peers.pop((desc.address, desc.incarnation), None)
-            raise TransferError(f"cuda_ipc copy failed: {exc}") from exc
-        return TransferResult(self.name, nbytes, len(dst_block_ids), time.perf_counter() - t0)
-
-    def pull_blocking(self, remote: torch.Tensor, src: Sequence[int], dst: Sequence[int], pool: KVCachePool) -> int:
-        """The copy alone, for benchmarks (handle already open)."""
-        return self._copy(remote, src, dst, pool)
-
+            with torch.cuda.stream(self.stream):  # the peer copy orders both streams itself
+                moved = staged.to(dev, non_blocking=True)
+        with torch.cuda.device(dev), torch.cuda.stream(self.stream):
+            d_idx = _ids(dst, dev)
+            copy_blocks(moved, torch.arange(n, device=dev), local, d_idx)
+            event.record(self.stream)
+        return CudaCopy(event, nbytes, (s_idx, staged, moved, d_idx), begin)

@@ -1,8 +1,10 @@
-"""Fault injection for KV pulls served by a prefill worker (``--inject-kv-faults``; tests only).
+"""Fault injection for KV pulls (``--inject-kv-faults``; tests only).
 
-The faults are real failures of the real transport: an aborted ``KVTransfer.Pull`` call, a stream
-that ends one chunk early (the decode side's completeness check must catch it), or chunks slowed
-down (so a test can kill a worker mid-transfer).  Deterministic: every Nth pull, counted per process.
+On a prefill worker the faults hit the pulls it serves: an aborted ``KVTransfer.Pull`` call, a
+stream that ends one chunk early (the decode side's completeness check must catch it), or chunks
+slowed down (so a test can kill a worker mid-transfer).  On a decode worker ``delay`` slows the
+pulls it makes: each piece of the pull lands in the pool that much later (a slow copy in flight,
+so a test can cancel a request mid-pull).  Deterministic: every Nth pull, counted per process.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class FaultPlan:
     every: int = 0
     """fail/truncate: every Nth pull (1: all)."""
     delay: float = 0.0
-    """delay: seconds before each chunk."""
+    """delay: seconds before each chunk (prefill) or before each piece lands (decode)."""
     pulls: int = field(default=0, init=False)
     """Pulls served so far."""
 
@@ -36,17 +38,19 @@ class FaultPlan:
                     raise ValueError
                 return FaultPlan(mode, every=every)
             if mode == "delay":
-                delay = float(arg)
-                if delay < 0:
+                seconds, _, every = arg.partition(":")
+                delay, n = float(seconds), int(every or 1)
+                if delay < 0 or n < 1:
                     raise ValueError
-                return FaultPlan(mode, delay=delay)
+                return FaultPlan(mode, every=n, delay=delay)
         except ValueError:
             pass
-        raise ConfigError(f"--inject-kv-faults: expected fail:N, truncate:N or delay:SECONDS (N >= 1), got {spec!r}")
+        raise ConfigError(f"--inject-kv-faults: expected fail:N, truncate:N or delay:SECONDS[:N] (N >= 1), got {spec!r}")
 
     def next_pull(self) -> Optional[str]:
-        """Called once per pull: 'fail', 'truncate' or None for this one."""
+        """Called once per pull: the mode for this one (pulls N, 2N, ...; 'delay' without N: every
+        pull), or None."""
         self.pulls += 1
-        if self.mode in ("fail", "truncate") and self.pulls % self.every == 0:
+        if self.mode and self.pulls % self.every == 0:
             return self.mode
         return None

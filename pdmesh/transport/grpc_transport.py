@@ -1,13 +1,17 @@
 """``grpc`` KV transport: blocks streamed over a gRPC server stream (works on CPU and across hosts).
 
-The prefill worker serves ``KVTransfer.Pull`` (``KVTransferServicer``); the decode worker's
-``GrpcKVTransport`` calls it and scatters each chunk into its pool.  A chunk is a contiguous
-``[L, n, 2, bs, Hkv, D]`` gather of ``n`` blocks for all layers (one gather, one scatter).
+The prefill worker serves ``KVTransfer.Pull`` (``pdmesh.transport.servicer``).  On the decode
+worker the network receive stays on the event loop: ``prepare`` opens the stream and a task puts
+each checked chunk into an inbox.  Writes into the pool happen only on the engine thread, when the
+connector polls the transfer (``GrpcTransfer.poll`` scatters what has arrived), so cancelling is
+immediate and certain: once the engine stops polling, nothing writes the blocks any more.
+A chunk is a contiguous ``[L, n, 2, bs, Hkv, D]`` gather of ``n`` blocks (one scatter each).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import Optional, Sequence
 
@@ -15,123 +19,119 @@ import grpc
 import torch
 
 from pdmesh.kv.pool import KVCachePool
-from pdmesh.metrics import ServiceMetrics
-from pdmesh.rpc.authz import caller
 from pdmesh.rpc.channels import ChannelPool
-from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
-from pdmesh.transport.capability import authorize_pull
+from pdmesh.rpc.convert import layout_from_proto
+from pdmesh.transport.base import BaseKVTransport, BaseTransfer, PreparedPull, TransferState
 from pdmesh.transport.faults import FaultPlan
-from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import kv_transfer_pb2 as kpb
 from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
 
-CHUNK_BYTES = 4 << 20
+
+class _Inbox:
+    """Chunks received on the event loop, taken by the engine thread (deque: thread-safe ends)."""
+
+    def __init__(self) -> None:
+        self.chunks: collections.deque = collections.deque()
+        self.ended = False
+        """The stream ended normally (every chunk it will ever send is in ``chunks``)."""
+        self.error = ""
+        self.task: Optional[asyncio.Task] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    def close(self) -> None:
+        """Stop receiving (any thread)."""
+        if self.task is not None and self.loop is not None and not self.task.done():
+            self.loop.call_soon_threadsafe(self.task.cancel)
 
 
-def blocks_per_chunk(block_bytes: int) -> int:
-    return max(1, CHUNK_BYTES // max(1, block_bytes))
-
-
-class KVTransferServicer(kgrpc.KVTransferServicer):
-    """Prefill side. ``faults`` (``--inject-kv-faults``, tests only) may corrupt pulls."""
-
-    def __init__(self, pool: KVCachePool, leases: LeaseTable, incarnation: str = "",
-                 faults: Optional[FaultPlan] = None, metrics: Optional[ServiceMetrics] = None) -> None:
-        self.metrics = metrics
+class GrpcTransfer(BaseTransfer):
+    def __init__(self, inbox: _Inbox, dst: Sequence[int], pool: KVCachePool, delay: float) -> None:
+        self.inbox = inbox
+        self.dst = list(dst)
         self.pool = pool
-        self.incarnation = incarnation
-        self.leases = leases
-        self.faults = faults or FaultPlan()
-        self.per_chunk = blocks_per_chunk(pool.layout.block_bytes)
+        self.filled = 0
+        self.delay = delay
+        self.t0 = time.monotonic()
+        self.applied = 0
+        self.cancelled = False
 
-    async def Pull(self, request: kpb.PullRequest, context: grpc.aio.ServicerContext) -> None:
-        """Streams the blocks (``context.write``) under the lease's pin; the whole pull runs under
-        the lease's hard deadline, so a reader that stops reading cannot keep the blocks pinned."""
-        lease = self.leases.pin(request.request_id)
-        if lease is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id!r} (released or expired)")
-        try:
-            refused = authorize_pull(lease, request.lease_token, request.num_tokens, request.prompt_hash, str(caller()))
-            if refused:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"pull of {request.request_id!r}: {refused}")
-            ids = list(request.block_ids)
-            if not set(ids) <= set(lease.block_ids):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requested blocks are not held for this request")
-            try:
-                async with asyncio.timeout(lease.hard_deadline - time.monotonic()):
-                    await self._serve(ids, context)
-            except TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the KV lease reached its hard limit (--kv-lease-max-seconds)")
-        finally:
-            self.leases.unpin(request.request_id)
+    def poll(self) -> TransferState:
+        if self.cancelled:
+            return TransferState.FAILED
+        box = self.inbox
+        lay = self.pool.layout
+        dtype = getattr(torch, lay.dtype)
+        while box.chunks:
+            if self.delay and time.monotonic() < self.t0 + (self.applied + 1) * self.delay:
+                return TransferState.RUNNING  # fault injection: this chunk lands later
+            first, n, data = box.chunks.popleft()
+            t = torch.frombuffer(data, dtype=dtype).view(lay.num_layers, n, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+            self.pool.scatter_blocks(torch.tensor(self.dst[first:first + n], dtype=torch.int64), t)
+            self.filled += n
+            self.nbytes += len(data)
+            self.applied += 1
+        if box.error:
+            self.error = box.error
+            return TransferState.FAILED
+        if box.ended:
+            if self.filled != len(self.dst):
+                self.error = f"KV pull was truncated: {len(self.dst) - self.filled} of {len(self.dst)} blocks missing"
+                return TransferState.FAILED
+            return TransferState.DONE
+        return TransferState.RUNNING
 
-    async def _serve(self, ids: list[int], context: grpc.aio.ServicerContext) -> None:
-        mode = self.faults.next_pull()
-        if mode and self.metrics is not None:
-            self.metrics.inc("kv_transfer_faults_injected_total", mode=mode)
-        if mode == "fail":
-            await context.abort(grpc.StatusCode.INTERNAL, "injected transfer failure")
-        starts = list(range(0, len(ids), self.per_chunk))
-        if mode == "truncate" and starts:
-            starts = starts[:-1]
-        for start in starts:
-            if self.faults.delay:
-                await asyncio.sleep(self.faults.delay)
-            chunk = ids[start:start + self.per_chunk]
-            data = await asyncio.to_thread(self._read, chunk)
-            await context.write(kpb.KVChunk(first_index=start, num_blocks=len(chunk), data=data))
-
-    async def GetIpcHandle(self, request: kpb.IpcHandleRequest, context: grpc.aio.ServicerContext) -> kpb.CudaIpcHandle:
-        from pdmesh.transport.cuda_ipc import export_handle
-
-        try:
-            return export_handle(self.pool, self.incarnation)
-        except TransferError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-
-    def _read(self, block_ids: list[int]) -> bytes:
-        t = self.pool.gather_blocks(torch.tensor(block_ids, dtype=torch.int64))
-        return t.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self.inbox.close()
+        return True  # only poll() writes, on this thread: nothing writes after this
 
 
 class GrpcKVTransport(BaseKVTransport):
     name = "grpc"
 
-    def __init__(self, channels: Optional[ChannelPool] = None) -> None:
+    def __init__(self, channels: Optional[ChannelPool] = None, faults: Optional[FaultPlan] = None) -> None:
         self.channels = channels or ChannelPool()
+        self.faults = faults or FaultPlan()
+        """Decode side, tests only: 'delay' makes each chunk land that much later."""
 
-    async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-                   pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
-        if not self._precheck(desc, src_block_ids, dst_block_ids, pool):
-            return TransferResult(self.name, 0, 0, 0.0)
-        t0 = time.perf_counter()
-        stub = self.channels.stub(desc.address, kgrpc.KVTransferStub)
-        lay = pool.layout
-        dtype = getattr(torch, lay.dtype)
-        shape_tail = (2, lay.block_size, lay.num_kv_heads, lay.head_dim)
-        block_bytes = lay.block_bytes
-        filled = [False] * len(dst_block_ids)
-        total = 0
-        try:
-            call = stub.Pull(kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids),
-                                             lease_token=desc.lease_token, num_tokens=desc.num_tokens,
-                                             prompt_hash=desc.prompt_hash), timeout=timeout, metadata=metadata)
-            async for chunk in call:
-                n, first = chunk.num_blocks, chunk.first_index
-                if n <= 0 or first < 0 or first + n > len(dst_block_ids) or len(chunk.data) != n * block_bytes:
-                    raise TransferError(f"malformed KV chunk (first={first}, blocks={n}, bytes={len(chunk.data)})")
-                data = torch.frombuffer(bytearray(chunk.data), dtype=dtype).view(lay.num_layers, n, *shape_tail)
-                dst = torch.tensor(dst_block_ids[first:first + n], dtype=torch.int64)
-                await asyncio.to_thread(pool.scatter_blocks, dst, data)
-                for i in range(first, first + n):
-                    filled[i] = True
-                total += len(chunk.data)
-        except grpc.aio.AioRpcError as exc:
-            raise TransferError(f"KV pull from {desc.address} failed: {exc.code().name}: {exc.details()}") from exc
-        if not all(filled):
-            raise TransferError(f"KV pull from {desc.address} was truncated: {filled.count(False)} of {len(filled)} blocks missing")
-        return TransferResult(self.name, total, len(dst_block_ids), time.perf_counter() - t0)
+    async def prepare(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], timeout: float,
+                      metadata: tuple = ()) -> PreparedPull:
+        delay = self.faults.delay if self.faults.next_pull() == "delay" else 0.0
+        inbox = _Inbox()
+        inbox.loop = asyncio.get_running_loop()
+        block_bytes = layout_from_proto(desc.layout).block_bytes
+        n_blocks = len(src_block_ids)
+        if n_blocks == 0:
+            inbox.ended = True
+        else:
+            call = self.channels.stub(desc.address, kgrpc.KVTransferStub).Pull(
+                kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids), lease_token=desc.lease_token,
+                                num_tokens=desc.num_tokens, prompt_hash=desc.prompt_hash), timeout=timeout, metadata=metadata)
+            inbox.task = asyncio.ensure_future(_receive(call, inbox, n_blocks, block_bytes, desc.address))
+        return PreparedPull(desc, list(src_block_ids), time.monotonic() + timeout, delay=delay, state=inbox, close=inbox.close)
+
+    def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
+        self.check_start(prepared, dst_block_ids, pool)
+        return GrpcTransfer(prepared.state, dst_block_ids, pool, prepared.delay)
 
     async def close(self) -> None:
         await self.channels.close()
+
+
+async def _receive(call, inbox: _Inbox, n_blocks: int, block_bytes: int, address: str) -> None:
+    """Event loop: read the stream into the inbox, checking each chunk's shape."""
+    try:
+        async for chunk in call:
+            n, first = chunk.num_blocks, chunk.first_index
+            if n <= 0 or first < 0 or first + n > n_blocks or len(chunk.data) != n * block_bytes:
+                inbox.error = f"malformed KV chunk (first={first}, blocks={n}, bytes={len(chunk.data)})"
+                call.cancel()
+                return
+            inbox.chunks.append((first, n, bytearray(chunk.data)))
+        inbox.ended = True
+    except grpc.aio.AioRpcError as exc:
+        inbox.error = f"KV pull from {address} failed: {exc.code().name}: {exc.details()}"
+    except asyncio.CancelledError:
+        call.cancel()
+        inbox.error = inbox.error or "cancelled"

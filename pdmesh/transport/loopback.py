@@ -1,5 +1,6 @@
 """An in-process fake transport for tests: copies between two ``KVCachePool`` objects directly
-(the source pool is looked up by the descriptor's worker id). Same contract as the real ones."""
+(the source pool is looked up by the descriptor's worker id). Same contract as the real ones:
+``start`` copies at once (or, slowed by ``delay``, piece by piece as the connector polls)."""
 
 from __future__ import annotations
 
@@ -9,24 +10,36 @@ from typing import Sequence
 import torch
 
 from pdmesh.kv.pool import KVCachePool
-from pdmesh.transport.base import BaseKVTransport, TransferError, TransferResult
+from pdmesh.transport.base import BaseKVTransport, BaseTransfer, DoneTransfer, PacedTransfer, PreparedPull, TransferError
+from pdmesh.transport.servicer import blocks_per_chunk
 from pdmesh.v1 import common_pb2 as pb
 
 
 class LoopbackTransport(BaseKVTransport):
     name = "loopback"
 
-    def __init__(self, sources: dict[str, KVCachePool]) -> None:
+    def __init__(self, sources: dict[str, KVCachePool], delay: float = 0.0) -> None:
         self.sources = sources
+        self.delay = delay
+        """Seconds between pieces landing (0: one synchronous copy)."""
 
-    async def pull(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
-                   pool: KVCachePool, timeout: float, metadata: tuple = ()) -> TransferResult:
-        if not self._precheck(desc, src_block_ids, dst_block_ids, pool):
-            return TransferResult(self.name, 0, 0, 0.0)
+    async def prepare(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], timeout: float,
+                      metadata: tuple = ()) -> PreparedPull:
         src = self.sources.get(desc.worker_id)
         if src is None:
             raise TransferError(f"unknown source worker {desc.worker_id!r}")
-        t0 = time.perf_counter()
-        data = src.gather_blocks(torch.tensor(list(src_block_ids), dtype=torch.int64))
-        pool.scatter_blocks(torch.tensor(list(dst_block_ids), dtype=torch.int64), data)
-        return TransferResult(self.name, data.numel() * data.element_size(), len(dst_block_ids), time.perf_counter() - t0)
+        return PreparedPull(desc, list(src_block_ids), time.monotonic() + timeout, delay=self.delay, state=src)
+
+    def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
+        self.check_start(prepared, dst_block_ids, pool)
+        src: KVCachePool = prepared.state
+        s, d = list(prepared.src_block_ids), list(dst_block_ids)
+
+        def copy(a: int, b: int) -> BaseTransfer:
+            data = src.gather_blocks(torch.tensor(s[a:b], dtype=torch.int64))
+            pool.scatter_blocks(torch.tensor(d[a:b], dtype=torch.int64), data)
+            return DoneTransfer(data.numel() * data.element_size())
+
+        if prepared.delay:
+            return PacedTransfer(copy, len(s), blocks_per_chunk(pool.layout.block_bytes), prepared.delay)
+        return copy(0, len(s))

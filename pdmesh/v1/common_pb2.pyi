@@ -13,10 +13,21 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
     ROLE_BOTH: _ClassVar[Role]
+
+class TransferOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRANSFER_OUTCOME_UNSPECIFIED: _ClassVar[TransferOutcome]
+    TRANSFER_PULLED: _ClassVar[TransferOutcome]
+    TRANSFER_RECOMPUTED: _ClassVar[TransferOutcome]
+    TRANSFER_FAILED: _ClassVar[TransferOutcome]
 ROLE_UNSPECIFIED: Role
 ROLE_PREFILL: Role
 ROLE_DECODE: Role
 ROLE_BOTH: Role
+TRANSFER_OUTCOME_UNSPECIFIED: TransferOutcome
+TRANSFER_PULLED: TransferOutcome
+TRANSFER_RECOMPUTED: TransferOutcome
+TRANSFER_FAILED: TransferOutcome
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "max_tokens", "min_tokens", "stop_token_ids", "ignore_eos", "logprobs")
@@ -77,7 +88,7 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class KVDescriptor(_message.Message):
-    __slots__ = ("request_id", "worker_id", "address", "transport", "block_ids", "num_tokens", "layout", "lease_deadline_unix_ms", "host_id", "incarnation", "lease_token", "prompt_hash")
+    __slots__ = ("request_id", "worker_id", "address", "transport", "block_ids", "num_tokens", "layout", "lease_deadline_unix_ms", "host_id", "incarnation", "block_checksums", "lease_token", "prompt_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +99,7 @@ class KVDescriptor(_message.Message):
     LEASE_DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROMPT_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -100,9 +112,10 @@ class KVDescriptor(_message.Message):
     lease_deadline_unix_ms: int
     host_id: str
     incarnation: str
+    block_checksums: _containers.RepeatedScalarFieldContainer[int]
     lease_token: str
     prompt_hash: bytes
-    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., transport: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., lease_deadline_unix_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., lease_token: _Optional[str] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., transport: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., lease_deadline_unix_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., block_checksums: _Optional[_Iterable[int]] = ..., lease_token: _Optional[str] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("free_blocks", "total_blocks", "running", "waiting", "held_blocks", "waiting_for_kv", "inflight", "requests_total")
@@ -153,18 +166,20 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transports: _Optional[_Iterable[str]] = ..., host_id: _Optional[str] = ..., max_model_len: _Optional[int] = ..., total_blocks: _Optional[int] = ..., metrics_port: _Optional[int] = ..., device_index: _Optional[int] = ...) -> None: ...
 
 class TransferStats(_message.Message):
-    __slots__ = ("transport", "bytes", "blocks", "cached_blocks", "seconds")
+    __slots__ = ("transport", "bytes", "blocks", "cached_blocks", "seconds", "outcome")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     transport: str
     bytes: int
     blocks: int
     cached_blocks: int
     seconds: float
-    def __init__(self, transport: _Optional[str] = ..., bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    outcome: TransferOutcome
+    def __init__(self, transport: _Optional[str] = ..., bytes: _Optional[int] = ..., blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., seconds: _Optional[float] = ..., outcome: _Optional[_Union[TransferOutcome, str]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "reason")

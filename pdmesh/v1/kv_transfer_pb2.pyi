@@ -6,6 +6,72 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class BeginReadRequest(_message.Message):
+    __slots__ = ("request_id", "block_ids", "max_seconds", "lease_token", "num_tokens", "prompt_hash")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_HASH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_seconds: float
+    lease_token: str
+    num_tokens: int
+    prompt_hash: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., max_seconds: _Optional[float] = ..., lease_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
+
+class BeginReadResponse(_message.Message):
+    __slots__ = ("read_id", "granted_seconds")
+    READ_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    read_id: int
+    granted_seconds: float
+    def __init__(self, read_id: _Optional[int] = ..., granted_seconds: _Optional[float] = ...) -> None: ...
+
+class EndReadRequest(_message.Message):
+    __slots__ = ("request_id", "read_id", "lease_token")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    READ_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    read_id: int
+    lease_token: str
+    def __init__(self, request_id: _Optional[str] = ..., read_id: _Optional[int] = ..., lease_token: _Optional[str] = ...) -> None: ...
+
+class EndReadResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class NixlMetadataRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NixlMetadata(_message.Message):
+    __slots__ = ("agent_name", "agent_metadata", "incarnation", "mem_type", "device_id", "base_address", "num_layers", "blocks_per_layer", "block_bytes")
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    MEM_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    agent_metadata: bytes
+    incarnation: str
+    mem_type: str
+    device_id: int
+    base_address: int
+    num_layers: int
+    blocks_per_layer: int
+    block_bytes: int
+    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., incarnation: _Optional[str] = ..., mem_type: _Optional[str] = ..., device_id: _Optional[int] = ..., base_address: _Optional[int] = ..., num_layers: _Optional[int] = ..., blocks_per_layer: _Optional[int] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+
 class IpcHandleRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -44,6 +44,21 @@ class KVTransferStub:
                 request_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.IpcHandleRequest.SerializeToString,
                 response_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.CudaIpcHandle.FromString,
                 _registered_method=True)
+        self.GetNixlMetadata = channel.unary_unary(
+                '/pdmesh.v1.KVTransfer/GetNixlMetadata',
+                request_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.NixlMetadataRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.NixlMetadata.FromString,
+                _registered_method=True)
+        self.BeginRead = channel.unary_unary(
+                '/pdmesh.v1.KVTransfer/BeginRead',
+                request_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.BeginReadRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.BeginReadResponse.FromString,
+                _registered_method=True)
+        self.EndRead = channel.unary_unary(
+                '/pdmesh.v1.KVTransfer/EndRead',
+                request_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.EndReadRequest.SerializeToString,
+                response_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.EndReadResponse.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
@@ -66,6 +81,30 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetNixlMetadata(self, request, context):
+        """NIXL agent metadata and where the KV pool lives in it (FAILED_PRECONDITION when this worker
+        does not offer nixl). Peers load it once per incarnation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginRead(self, request, context):
+        """A one-sided reader (cuda_ipc, nixl) pins the request's lease before reading: a release or
+        expiry meanwhile takes effect when the read ends (EndRead) or the pin runs out, whichever
+        comes first. The pin never outlasts the lease's hard limit (--kv-lease-max-seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndRead(self, request, context):
+        """The read has stopped: unpins it and releases the request's KV.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +117,21 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.GetIpcHandle,
                     request_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.IpcHandleRequest.FromString,
                     response_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.CudaIpcHandle.SerializeToString,
+            ),
+            'GetNixlMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNixlMetadata,
+                    request_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.NixlMetadataRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.NixlMetadata.SerializeToString,
+            ),
+            'BeginRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginRead,
+                    request_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.BeginReadRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.BeginReadResponse.SerializeToString,
+            ),
+            'EndRead': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndRead,
+                    request_deserializer=pdmesh_dot_v1_dot_kv__transfer__pb2.EndReadRequest.FromString,
+                    response_serializer=pdmesh_dot_v1_dot_kv__transfer__pb2.EndReadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +188,87 @@ class KVTransfer:
             '/pdmesh.v1.KVTransfer/GetIpcHandle',
             pdmesh_dot_v1_dot_kv__transfer__pb2.IpcHandleRequest.SerializeToString,
             pdmesh_dot_v1_dot_kv__transfer__pb2.CudaIpcHandle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNixlMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.KVTransfer/GetNixlMetadata',
+            pdmesh_dot_v1_dot_kv__transfer__pb2.NixlMetadataRequest.SerializeToString,
+            pdmesh_dot_v1_dot_kv__transfer__pb2.NixlMetadata.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.KVTransfer/BeginRead',
+            pdmesh_dot_v1_dot_kv__transfer__pb2.BeginReadRequest.SerializeToString,
+            pdmesh_dot_v1_dot_kv__transfer__pb2.BeginReadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndRead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdmesh.v1.KVTransfer/EndRead',
+            pdmesh_dot_v1_dot_kv__transfer__pb2.EndReadRequest.SerializeToString,
+            pdmesh_dot_v1_dot_kv__transfer__pb2.EndReadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,17 +2,18 @@
 
 Lifecycle of a request here
 ---------------------------
-``Generate(request, kv descriptor)`` -> allocate local blocks for the prompt (prefix-cache hits
-are not pulled) -> pull the rest from the prefill worker over the descriptor's transport -> tell
-prefill to ``Release`` -> queue the request in the continuous batch from its first token ->
-stream tokens (a step's tokens per message; steps that finished while the client was busy are
-coalesced) -> finish.  Every exit path frees the local blocks.  A refusal before the KV is touched
-(draining, too many requests, no free blocks) carries the ``pdmesh-refused`` trailer and leaves
-the KV held on prefill: the gateway offers it to another decode worker or releases it at once.
-Any other failure releases it here.  A failed or timed-out pull frees
-the blocks it was filling and, per ``--kv-load-failure-policy``, either computes the prompt here
-('recompute': the client sees nothing but a later second token) or fails (UNAVAILABLE); prefill
-is told to release in both cases.
+``Generate(request, kv descriptor)`` -> the KV hand-off (``pdmesh.transport.handoff``): allocate
+local blocks for the prompt (prefix-cache hits are not pulled), prepare the pull over the
+descriptor's transport, and hand it to the engine, whose KV connector runs it between steps and
+settles the request: pulled (queued from its first token), recomputed, or failed -> stream tokens
+(a step's tokens per message; steps that finished while the client was busy are coalesced) ->
+finish.  Every exit path frees the local blocks — blocks a stopped transfer may still write only
+once it has stopped.  A refusal before the KV is touched (draining, too many requests, no free
+blocks) carries the ``pdmesh-refused`` trailer and leaves the KV held on prefill: the gateway
+offers it to another decode worker or releases it at once.  Otherwise prefill is told to release
+(``EndRead`` or ``Release``) once the transfer has stopped.  A failed or timed-out pull, per
+``--kv-load-failure-policy``, either computes the prompt here ('recompute': the client sees
+nothing but a later second token) or fails (UNAVAILABLE).  This servicer only translates RPCs.
 
 Colocated (``pdmesh both``, ROLE_BOTH): ``Generate`` without a descriptor -> the request joins
 this engine's continuous batch from its prompt (chunked prefill mixed with others' decode steps)
@@ -28,17 +29,19 @@ from typing import Optional
 import grpc
 
 from pdmesh.engine.async_engine import RequestAborted
+from pdmesh.engine.connector import PullOutcome
 from pdmesh.engine.engine import RequestRejected
-from pdmesh.rpc.authz import caller
-from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.authz import caller
+from pdmesh.rpc.peers import PeerDirectory
 from pdmesh.rpc.streams import STREAM_HEARTBEAT_S, with_heartbeats
 from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
-from pdmesh.rpc.peers import PeerDirectory
-from pdmesh.transport.base import BaseKVTransport, TransferError
+from pdmesh.transport.base import BaseKVTransport
 from pdmesh.transport.capability import check_descriptor
+from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.grpc_transport import GrpcKVTransport
+from pdmesh.transport.handoff import HandoffError, HandoffRefused, KVHandoff
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -58,19 +61,19 @@ class _StreamState:
 
 
 class DecodeServicer(dgrpc.DecodeServicer):
-    def __init__(self, rt: WorkerRuntime, transports: dict[str, BaseKVTransport], channels: ChannelPool,
-                 peers: Optional[PeerDirectory] = None) -> None:
+    def __init__(self, rt: WorkerRuntime, handoff: Optional[KVHandoff], peers: Optional[PeerDirectory] = None) -> None:
         self.rt = rt
         self.peers = peers
         """The prefill workers the scheduler lists: the only ones a descriptor may make us dial."""
         self._finished_by_caller: set[str] = set()
         """Live requests whose caller said they are done (a stop string): their cancelled streams
         count as finished, not aborted."""
-        self.transports = transports
-        self.channels = channels
+        self.handoff = handoff
+        """None on a colocated worker (nothing to pull)."""
 
-    def _release_prefill(self, desc: pb.KVDescriptor, tp: Optional[str] = None) -> None:
-        release_held_kv(self.channels, desc.address, desc.request_id, tp, self.rt.wcfg.rpc_timeout, desc.lease_token)
+    def _release_prefill(self, desc: pb.KVDescriptor) -> None:
+        release_held_kv(self.rt.channels, desc.address, desc.request_id, None, self.rt.wcfg.rpc_timeout,
+                        lease_token=desc.lease_token)
 
     async def Generate(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext):
         colocated = not request.HasField("kv")
@@ -130,47 +133,32 @@ class DecodeServicer(dgrpc.DecodeServicer):
 
     async def _take_kv(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext, rid: str, params, span,
                        tp: Optional[str]):
-        """Disaggregated: admit the prompt, pull its KV from prefill, release it there, queue the
-        request from its first token; yields the transfer stats message."""
-        desc, eng = request.kv, self.rt.engine
-        prompt = list(request.prompt_token_ids)
-        untrusted = check_descriptor(desc.num_tokens, desc.prompt_hash, prompt)  # before anything is cached
+        """Disaggregated: the KV hand-off (``KVHandoff``: admit, pull in the engine, settle),
+        translated into RPC outcomes; yields the transfer stats message.  The descriptor is checked
+        first: its prompt hash must be the prompt's (before anything is cached), and it must name a
+        prefill worker the scheduler lists (before anything is dialled); otherwise nothing is
+        dialled and nothing released."""
+        desc = request.kv
+        untrusted = check_descriptor(desc.num_tokens, desc.prompt_hash, request.prompt_token_ids)
         if untrusted is None and self.peers is not None and not await self.peers.admits(desc.worker_id, desc.address):
             untrusted = f"it names {desc.worker_id!r} at {desc.address!r}, not a prefill worker the scheduler lists"
-        if untrusted is not None:  # nothing dialled, nothing released: the descriptor is not to be trusted
+        if untrusted is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV descriptor refused: {untrusted}")
-        transport: Optional[BaseKVTransport] = self.transports.get(desc.transport)
-        if transport is None or desc.num_tokens != len(prompt):
-            self._release_prefill(desc)
-            why = f"transport {desc.transport!r} not offered here" if transport is None else "descriptor does not match the prompt"
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
         try:
-            adm = await eng.call(lambda e: e.admit_remote(rid, prompt, request.first_token_id, params))
-        except RequestRejected as exc:
-            self._release_prefill(desc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if adm is None:  # the caller may offer the KV to another decode worker, else releases it
+            res = await self.handoff.take(rid, list(request.prompt_token_ids), request.first_token_id, params,
+                                          request.kv, tp, span)
+        except HandoffRefused:  # the caller may offer the KV to another decode worker, else releases it
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker {self.rt.worker_id} has no free KV blocks",
                                 REFUSED)
-        if len(adm.block_ids) != len(desc.block_ids):
-            self._release_prefill(desc)
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "block count differs between prefill and decode")
-        span.add_event("admitted", {"pdmesh.blocks": len(adm.block_ids), "pdmesh.cached_blocks": adm.num_cached_blocks})
-        failure: Optional[TransferError] = None
-        try:
-            stats = await self._pull(rid, desc, transport, adm, span, tp)
-        except TransferError as exc:
-            failure = exc
-        self._release_prefill(desc, tp)
-        if failure is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {failure}")
-        if stats.transport == "recompute":
-            activated = await eng.call(lambda e: e.recompute_remote(rid))
-        else:
-            activated = await eng.call(lambda e: e.activate_remote(rid))
-        if not activated:
+        except HandoffError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT if exc.code == "invalid_argument" else grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, str(exc))
+        r = res.report
+        if r.aborted:
             await context.abort(grpc.StatusCode.CANCELLED, "request was aborted during the KV transfer")
-        yield dpb.GenerateResponse(transfer=stats)
+        if r.outcome is PullOutcome.FAILED:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {r.error}")
+        yield dpb.GenerateResponse(transfer=res.stats())
 
     async def _token_messages(self, rid: str, q, span, state: "_StreamState"):
         """One message per batch of engine outputs (steps that finished while the consumer was busy
@@ -200,35 +188,6 @@ class DecodeServicer(dgrpc.DecodeServicer):
                 self.rt.metrics.inc("request_success_total", finished_reason=msg.finish_reason or "stop")
             yield msg
 
-    async def _pull(self, rid: str, desc: pb.KVDescriptor, transport: BaseKVTransport, adm, span, tp: Optional[str]
-                    ) -> pb.TransferStats:
-        """Pull the prompt's blocks (beyond local prefix-cache hits) into ``adm.block_ids``.  A failed
-        pull raises ``TransferError`` under ``--kv-load-failure-policy fail``; under 'recompute' it
-        returns stats with transport 'recompute' and the request computes its prompt here."""
-        tel, k, m = self.rt.tel, adm.num_cached_blocks, self.rt.metrics
-        xfer = tel.child_span("pdmesh.kv_transfer", span, {"pdmesh.kv.transport": transport.name})
-        xtp = tel.traceparent(xfer, tp)
-        try:
-            res = await transport.pull(desc, list(desc.block_ids)[k:], adm.block_ids[k:], self.rt.llm.pool,
-                                       self.rt.wcfg.kv_transfer_timeout, tracecontext.metadata(xtp))
-        except TransferError as exc:
-            policy = self.rt.wcfg.kv_load_failure_policy
-            xfer.set_attributes({"error.type": "transfer_failed", "pdmesh.kv.failure_policy": policy})
-            xfer.end()
-            m.inc("kv_transfer_failures_total", action=policy)
-            log.warning("request %s: %s (policy: %s)", rid, exc, policy)
-            if policy == "fail":
-                raise
-            return pb.TransferStats(transport="recompute", cached_blocks=k)
-        xfer.set_attributes({"pdmesh.kv.bytes": res.bytes, "pdmesh.kv.blocks": res.blocks, "pdmesh.kv.cached_blocks": k,
-                             "pdmesh.kv.seconds": res.seconds, "pdmesh.kv.gbps": res.gbps})
-        xfer.end()
-        m.inc("kv_transfer_bytes_total", res.bytes, transport=res.transport)
-        m.observe("kv_transfer_seconds", res.seconds, transport=res.transport)
-        log.info("decode %s trace=%s pulled %d blocks (%d cached locally) %d bytes via %s in %.2fms",
-                 rid, tracecontext.trace_id(tp), res.blocks, k, res.bytes, res.transport, res.seconds * 1e3)
-        return pb.TransferStats(transport=res.transport, bytes=res.bytes, blocks=res.blocks, cached_blocks=k, seconds=res.seconds)
-
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         if not self.rt.owners.may_control(request.request_id, caller()):
             if self.rt.owners.owner(request.request_id) is not None:
@@ -240,21 +199,40 @@ class DecodeServicer(dgrpc.DecodeServicer):
         return pb.AbortResponse(found=found)
 
 
+def make_transports(rt: WorkerRuntime) -> dict[str, BaseKVTransport]:
+    """The KV transports this decode worker offers, built once."""
+    faults = FaultPlan.parse(rt.wcfg.inject_kv_faults)
+    if faults.mode:
+        log.warning("injecting KV transfer faults into pulls: %s", rt.wcfg.inject_kv_faults)
+    out: dict[str, BaseKVTransport] = {}
+    if "grpc" in rt.transports:
+        out["grpc"] = GrpcKVTransport(rt.channels, faults)
+    if "cuda_ipc" in rt.transports:
+        from pdmesh.transport.cuda_ipc import CudaIpcTransport
+
+        out["cuda_ipc"] = CudaIpcTransport(rt.channels, rt.llm.device, faults)
+    if "nixl" in rt.transports:
+        from pdmesh.transport.nixl import NixlKVTransport
+
+        out["nixl"] = NixlKVTransport(rt.channels, rt.nixl_agent, faults)
+    return out
+
+
+def make_handoff(rt: WorkerRuntime) -> KVHandoff:
+    w = rt.wcfg
+    return KVHandoff(rt.engine, make_transports(rt),
+                     lambda desc, read_id, tp: release_held_kv(rt.channels, desc.address, desc.request_id, tp,
+                                                               w.rpc_timeout, read_id, desc.lease_token),
+                     w.kv_transfer_timeout, w.kv_load_failure_policy, rt.tel, rt.metrics)
+
+
 async def serve(rt: WorkerRuntime) -> None:
-    channels = rt.channels
-    transports: dict[str, BaseKVTransport] = {}
+    peers = PeerDirectory(rt.wcfg.scheduler, rt.channels)
 
     def add(r: WorkerRuntime) -> list[str]:
-        if "grpc" in r.transports:
-            transports["grpc"] = GrpcKVTransport(channels)
-        if "cuda_ipc" in r.transports:
-            from pdmesh.transport.cuda_ipc import CudaIpcTransport
-
-            transports["cuda_ipc"] = CudaIpcTransport(channels, r.llm.device)
-        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, transports, channels, peers), r.server)
+        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, make_handoff(r), peers), r.server)
         return ["pdmesh.v1.Decode"]
 
-    peers = PeerDirectory(rt.wcfg.scheduler, channels)
     await rt.run(add, lambda r: [peers.run()])
 
 
@@ -262,7 +240,7 @@ async def serve_colocated(rt: WorkerRuntime) -> None:
     """A ROLE_BOTH worker: Decode.Generate without KV descriptors (the prompt is computed here)."""
 
     def add(r: WorkerRuntime) -> list[str]:
-        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, {}, r.channels), r.server)
+        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, None), r.server)
         return ["pdmesh.v1.Decode"]
 
     await rt.run(add)

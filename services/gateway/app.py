@@ -113,7 +113,7 @@ class Gateway:
         m.observe("request_generation_tokens", n)
         m.inc("prompt_tokens_total", len(c.prompt_ids))
         m.inc("generation_tokens_total", n)
-        if c.trace.transport:
+        if c.trace.transport and c.trace.transfer_outcome == pb.TRANSFER_PULLED:
             m.inc("kv_transfer_bytes_total", c.trace.transfer_bytes, transport=c.trace.transport)
             m.observe("kv_transfer_seconds", c.trace.transfer_seconds, transport=c.trace.transport)
 

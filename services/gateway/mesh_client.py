@@ -23,6 +23,7 @@ from pdmesh.engine.sequence import SamplingParams, TokenLogprob
 from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.release import release_held_kv
+from pdmesh.routing import can_use
 from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
 from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY
 from pdmesh.v1 import common_pb2 as pb
@@ -65,6 +66,8 @@ class RequestTrace:
     transport: str = ""
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
+    transfer_outcome: int = 0
+    """pb.TransferOutcome of the KV pull (pulled, recomputed, failed)."""
     attempts: int = 0
     first_token_time: float = 0.0
     traceparent: str = ""
@@ -154,13 +157,13 @@ class MeshClient:
 
     async def _other_decode(self, rid: str, model: str, prompt_len: int, kv, exclude: list[str], deadline: float,
                             trace: RequestTrace) -> Optional[pb.WorkerInfo]:
-        """Another decode worker that can pull ``kv`` (same transport; same host for cuda_ipc), or None."""
+        """Another decode worker that can pull ``kv`` (same transport, usable from the source's host), or None."""
         try:
             route = await self._route(rid, model, prompt_len, exclude, deadline, trace)
         except MeshError:
             return None
         d = route.decode
-        if kv.transport not in d.transports or (kv.transport == "cuda_ipc" and d.host_id != kv.host_id):
+        if not can_use(kv.transport, d, kv.host_id):
             return None
         return d
 
@@ -202,6 +205,7 @@ class MeshClient:
                             took_kv = True
                             t = msg.transfer
                             trace.transport, trace.transfer_bytes, trace.transfer_seconds = t.transport, t.bytes, t.seconds
+                            trace.transfer_outcome = t.outcome
                         if msg.token_ids or msg.finished:
                             finished = msg.finished
                             yield _event(msg)

@@ -5,8 +5,10 @@ Lifecycle of a request here
 ``Prefill`` -> the engine computes the prompt (chunked, batched with others) and samples the
 first token -> if the request ended there (EOS, stop id, max_tokens=1) its KV is freed at once and
 ``finish_reason`` is returned; otherwise its blocks stay held under a lease (``LeaseTable``) and a
-``KVDescriptor`` goes back -> the decode worker pulls them (``KVTransfer.Pull``, which extends the
-lease) -> ``Release`` (or ``Abort``, or lease expiry) frees them.  A cancelled ``Prefill`` call
+``KVDescriptor`` goes back -> the decode worker pulls them (``KVTransfer.Pull``, or a one-sided
+read between ``BeginRead`` and ``EndRead``; both pin and extend the lease) -> ``EndRead`` /
+``Release`` (or ``Abort``, or lease expiry, at the latest ``--kv-lease-max-seconds``) frees them; a
+release during a read takes effect when the read ends.  A cancelled ``Prefill`` call
 aborts the request in the engine.
 """
 
@@ -25,8 +27,8 @@ from pdmesh.rpc.authz import caller
 from pdmesh.rpc.convert import layout_to_proto, logprob_to_proto, params_from_proto
 from pdmesh.transport.capability import authorize_release, prompt_hash
 from pdmesh.transport.faults import FaultPlan
-from pdmesh.transport.grpc_transport import KVTransferServicer
 from pdmesh.transport.lease import LeaseTable
+from pdmesh.transport.servicer import KVTransferServicer
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
 from pdmesh.v1 import prefill_pb2 as ppb
@@ -97,14 +99,14 @@ class PrefillServicer(pgrpc.PrefillServicer):
                 span.set_attribute("gen_ai.response.finish_reasons", [out.finish_reason])
                 self.rt.metrics.inc("request_success_total", finished_reason=out.finish_reason)
             if out.held_block_ids is not None:
-                lease = self.leases.add(rid, out.held_block_ids, len(prompt), prompt_hash(prompt))
+                lease = self.leases.add(rid, out.held_block_ids, len(prompt), out.held_block_checksums, prompt_hash(prompt))
                 llm = self.rt.llm
                 resp.kv.CopyFrom(pb.KVDescriptor(
                     request_id=rid, worker_id=self.rt.worker_id, address=self.rt.address,
                     transport=request.transport or "grpc", block_ids=out.held_block_ids, num_tokens=len(prompt),
                     layout=layout_to_proto(llm.pool.layout),
                     lease_deadline_unix_ms=int((time.time() + (lease.deadline - time.monotonic())) * 1000),
-                    host_id=self.rt.host_id, incarnation=self.rt.incarnation,
+                    host_id=self.rt.host_id, incarnation=self.rt.incarnation, block_checksums=lease.checksums,
                     lease_token=lease.token, prompt_hash=lease.prompt_hash,
                 ))
             return resp
@@ -143,7 +145,9 @@ def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
     faults = FaultPlan.parse(rt.wcfg.inject_kv_faults)
     if faults.mode:
         log.warning("injecting KV transfer faults: %s", rt.wcfg.inject_kv_faults)
-    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases, rt.incarnation, faults, rt.metrics), rt.server)
+    nixl = rt.nixl_agent
+    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases, rt.incarnation, faults, rt.metrics,
+                                                              nixl.metadata if nixl is not None else None), rt.server)
     return ["pdmesh.v1.Prefill", "pdmesh.v1.KVTransfer"]
 
 

@@ -277,6 +277,9 @@ def test_metrics_agree_with_a_known_workload(mesh, client, tokenizer):
         assert total(after[role], "pdmesh:num_requests_running") == 0
         assert total(after[role], "pdmesh:kv_blocks_held_for_transfer") == 0
         assert total(after[role], "pdmesh:kv_cache_usage_perc") == 0
+    for w in ws:  # a worker's instance label is its registered id (the bound port, not 0)
+        role = "prefill" if w.info.role == 1 else "decode"
+        assert {dict(ls).get("instance") for n, ls in after[role] if n.startswith("pdmesh:")} == {w.info.worker_id}
     names = exported_names()
     for role, samples in after.items():
         assert {n for n, _ in samples} <= names, (role, {n for n, _ in samples} - names)

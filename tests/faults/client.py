@@ -19,14 +19,15 @@ from typing import Callable, Optional
 import httpx
 
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
-from tests.meshproc import gateway_books, wait_idle
+from tests.meshproc import gateway_books, scrape, wait_idle
 
 KV_LEASE = 8.0
 """--kv-lease-seconds of the fault meshes' prefill workers."""
 HEARTBEAT = 1.0
 LOST_WITHIN = KV_LEASE + 2 * HEARTBEAT + 2.0
 """Seconds after which everything must be back at baseline (lease + 2 heartbeats, + scrape slack)."""
-WORKER_ARGS = ("--kv-lease-seconds", str(KV_LEASE), "--async-scheduling", "on")  # the fault meshes decode async
+WORKER_ARGS = ("--kv-lease-seconds", str(KV_LEASE), "--async-scheduling", "on", "--kv-audit")
+"""The fault meshes decode async and audit KV contents (``nothing_lost`` checks the audit)."""
 
 
 @dataclass
@@ -136,6 +137,12 @@ def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, b
     tally.assert_balanced()
     ws = wait_idle(scheduler, LOST_WITHIN, expect_workers, tls)
     leaked = sum(w.load.total_blocks - w.load.free_blocks + w.load.held_blocks for w in ws)
+    time.sleep(0.6)  # workers refresh their counters every 0.5 s
+    for w in ws:
+        if w.info.metrics_port:
+            url = f"http://{w.info.address.rsplit(':', 1)[0]}:{w.info.metrics_port}/metrics"
+            changed = scrape(url).get("pdmesh:kv_audit_mismatches_total", 0)
+            assert changed == 0, f"{w.info.worker_id}: {changed} KV blocks changed under their owner (--kv-audit)"
     if gateway_metrics and before_books is not None:
         deadline = time.monotonic() + 5
         while True:

@@ -74,7 +74,7 @@ def test_sigkill_decode_mid_stream_ends_with_an_error_event(pair, report):
     assert o.finish_reason is None, "a killed decode worker must not look like a finished stream"
     assert o.error["message"] and o.error["type"], o.error
     assert time.monotonic() - t0 < 15, "the stream hung"
-    pair.procs["decode-0"].p.wait(10)  # SIGKILL is delivered asynchronously: let it be reaped first
+    pair.procs["decode-0"].p.wait(30)  # its sockets close before the process can be reaped
     restart(pair, "decode-0")
     leaked = nothing_lost(pair.scheduler, pair.metrics_url("gateway"), tally, before, expect_workers=2)
     assert greedy(pair, PROMPT[:20], 4)

@@ -9,7 +9,6 @@ import pytest
 
 from pdmesh.engine import LLM, LLMEngine, RequestRejected, SamplingParams
 from pdmesh.transport.loopback import LoopbackTransport
-from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.v1 import common_pb2 as pb
 
 PROMPTS = [[5, 17, 42, 7, 99, 3], [1, 2, 3], list(range(10, 80)), [200, 201, 5, 5, 5, 9, 250, 31, 8, 8, 8]]
@@ -108,27 +107,33 @@ def test_rejects_requests_that_can_never_fit(model_dir):
 
 
 def run_disaggregated(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt, params):
-    prefill.add_request(rid, prompt, params, prefill_only=True)
-    out = None
-    while out is None:
-        outs = [o for o in prefill.step() if o.request_id == rid]
-        out = outs[0] if outs else None
-    tokens_ = list(out.new_token_ids)
-    if out.finish_reason is not None:
-        return tokens_
-    assert prefill.blocks.has_request(rid) and rid in prefill.held
-    adm = decode.admit_remote(rid, prompt, tokens_[0], params)
-    desc = pb.KVDescriptor(request_id=rid, worker_id="p", block_ids=out.held_block_ids, num_tokens=len(prompt),
-                           layout=layout_to_proto(prefill.pool.layout))
-    k = adm.num_cached_blocks
-    asyncio.run(LoopbackTransport({"p": prefill.pool}).pull(desc, out.held_block_ids[k:], adm.block_ids[k:], decode.pool, 5))
-    assert prefill.release(rid)
-    assert decode.activate_remote(rid)
-    while True:
-        for o in decode.step():
-            tokens_ += o.new_token_ids
-            if o.finished:
-                return tokens_
+    """Prefill on one engine, hand the KV to the other through the servers' hand-off path
+    (``KVHandoff`` + the engine's connector, over the in-process loopback transport)."""
+    from pdmesh.engine.async_engine import AsyncEngine
+    from pdmesh.testing import decode_from, prefill_held
+    from pdmesh.transport.handoff import KVHandoff
+
+    async def go():
+        pre, dec = AsyncEngine(lambda: prefill), AsyncEngine(lambda: decode)
+        await pre.start()
+        await dec.start()
+        try:
+            first, desc = await prefill_held(pre, rid, prompt, params, worker_id="p", transport="loopback")
+            if desc is None:
+                return [first]
+            assert prefill.blocks.has_request(rid) and rid in prefill.held
+            handoff = KVHandoff(dec, {"loopback": LoopbackTransport({"p": prefill.pool})},
+                                lambda d, read_id, tp: pre.call_nowait(lambda e: e.release(d.request_id)), timeout=5)
+            toks, res = await decode_from(handoff, rid, prompt, first, params, desc)
+            assert res.report.outcome.value == "pulled" and res.stats().outcome == pb.TRANSFER_PULLED
+            await pre.call(lambda e: None)  # the release queued on prefill has run
+            assert rid not in prefill.held
+            return toks
+        finally:
+            await pre.shutdown()
+            await dec.shutdown()
+
+    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)])

@@ -18,7 +18,7 @@ PROMPT = list(range(100, 140))
 def lease():
     freed: list[str] = []
     table = LeaseTable(freed.append, ttl=5.0, max_ttl=12.0)
-    lz = table.add("r1", [3, 4], len(PROMPT), prompt_hash(PROMPT))
+    lz = table.add("r1", [3, 4], len(PROMPT), prompt_hash=prompt_hash(PROMPT))
     return lz, table, freed
 
 

@@ -91,30 +91,119 @@ def test_k8s_overlay_validates_against_schemas(overlay):
         assert [c["args"][0] for c in pair["spec"]["template"]["spec"]["containers"]] == ["prefill", "decode"]
 
 
+def compose(env: dict[str, str] | None = None) -> dict:
+    """The compose file as compose reads it with ``env`` set: ${VAR:-default} is env[VAR] or default."""
+    env = env or {}
+    text = re.sub(r"\$\{([A-Z_]+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2),
+                  (DEPLOY / "docker-compose.yml").read_text())
+    return yaml.safe_load(text)
+
+
+def ours(services: dict, profile: str) -> dict:
+    """pdmesh's services of one profile (scheduler and gateway have none: always on)."""
+    return {n: s for n, s in services.items()
+            if str(s.get("image", "")).startswith("pdmesh") and s.get("profiles", [profile]) == [profile]}
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """``[role, --flag, value, ...]`` as {flag: value} (every flag here takes a value)."""
+    assert len(args) % 2 == 1 and all(a.startswith("--") for a in args[1::2]), args
+    return dict(zip(args[1::2], args[2::2]))
+
+
+def seconds(v) -> float:
+    return float(str(v).removesuffix("s"))
+
+
 def test_compose_commands_ports_health_and_gpus():
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    services = compose["services"]
-    ours = {name: s for name, s in services.items() if str(s.get("image", "")).startswith("pdmesh")}
-    assert {"scheduler", "gateway", "prefill", "decode", "prefill-cpu", "decode-cpu"} <= set(ours)
-    assert {"otel-collector", "jaeger", "prometheus", "grafana"} <= set(services)
-    for name, s in ours.items():
+    services = compose()["services"]
+    mine = {name: s for name, s in services.items() if str(s.get("image", "")).startswith("pdmesh")}
+    assert {"scheduler", "gateway", "prefill", "decode", "prefill-cpu", "decode-cpu"} <= set(mine)
+    for name, s in mine.items():
         check_flags(s["command"])
         hc = s["healthcheck"]
         assert hc["test"][:3] == ["CMD", "pdmesh", "health"] and hc["start_period"]
         check = hc["test"][3:]
         port = s["command"][s["command"].index("--port") + 1]
         assert port in check[1], (name, check)  # the check targets the service's own port
-    for name in ("scheduler", "gateway"):
-        assert services[name]["ports"]
+        # SIGTERM drains for --drain-timeout; the engine's SIGKILL must come later (its default: 10 s).
+        drain = float(flags(s["command"]).get("--drain-timeout", 5))
+        assert seconds(s["stop_grace_period"]) > drain, name
+    # Only the gateway is reached from the host, on ports PDMESH_*_PORT chooses.
+    assert [n for n, s in services.items() if s.get("ports") and n in mine] == ["gateway"]
+    gw = compose({"PDMESH_HTTP_PORT": "18000", "PDMESH_GRPC_PORT": "18050", "PDMESH_METRICS_PORT": "18080"})["services"]["gateway"]
+    assert gw["ports"] == ["18000:8000", "18050:50050", "18080:8080"]
     for name in ("prefill", "decode"):
         s = services[name]
         dev = s["deploy"]["resources"]["reservations"]["devices"][0]
         assert "gpu" in dev["capabilities"] and s["ipc"] == "host" and s["pid"] == "host"
         assert s["profiles"] == ["gpu"] and int(s["healthcheck"]["start_period"].rstrip("s")) >= 600
+        # cuda_ipc pairs workers of one host id only; each container has its own hostname.
+        assert s["environment"]["PDMESH_HOST_ID"] == services["decode" if name == "prefill" else "prefill"]["environment"]["PDMESH_HOST_ID"]
     for name in ("prefill-cpu", "decode-cpu"):
         assert services[name]["profiles"] == ["cpu"] and "deploy" not in services[name]
+    # Observability is optional (its images come from a registry): a profile of its own.
+    for name in ("otel-collector", "jaeger", "prometheus", "grafana"):
+        assert services[name]["profiles"] == ["observability"], name
     grafana = " ".join(services["grafana"]["volumes"])
     assert "grafana/provisioning" in grafana and "grafana/dashboards" in grafana
+
+
+@pytest.mark.parametrize("env", [{}, {"PDMESH_MODEL": "llama-3.1-8b", "PDMESH_LOAD_FORMAT": "dummy"}])
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_compose_roles_serve_one_model(profile, env):
+    """The gateway names the model its workers serve: one --model / --load-format for every role."""
+    services = ours(compose(env)["services"], profile)
+    assert {s["command"][0] for s in services.values()} == {"scheduler", "gateway", "prefill", "decode"}
+    models = {(flags(s["command"])["--model"], flags(s["command"])["--load-format"])
+              for s in services.values() if s["command"][0] != "scheduler"}
+    assert models == {(env.get("PDMESH_MODEL", "embedded:smollm2-135m-instruct"), env.get("PDMESH_LOAD_FORMAT", "auto"))}
+
+
+ONLY_IN_ONE = {
+    "--advertise-host": "compose: 'auto' (the container IP); k8s: $(POD_IP)",
+    "--kv-transports": "k8s split workers: pods may land on different nodes, so grpc only; compose is one host",
+    "--gpu-memory-utilization": "compose: both GPU workers see every GPU; k8s: a GPU per pod",
+}
+"""Flags whose values may differ between the compose file and the Kubernetes manifests, and why."""
+
+
+def k8s_args(container: dict, config: dict) -> list[str]:
+    """A container's args with $(VAR) expanded from the ConfigMap (POD_IP stays a placeholder)."""
+    return [re.sub(r"\$\(([A-Z_]+)\)", lambda m: config.get(m.group(1), m.group(0)), a) for a in container["args"]]
+
+
+@pytest.mark.parametrize("overlay,profile", [("cpu-demo", "cpu"), ("gpu", "gpu"), ("gpu-pd-pair", "gpu")])
+def test_k8s_manifests_agree_with_compose(overlay, profile):
+    """Images, commands (every flag but ONLY_IN_ONE), ports and probes of each role are the same in
+    the rendered overlay and in the compose profile run with the overlay's model settings."""
+    docs = render(overlay)
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    services = ours(compose({"PDMESH_MODEL": config["MODEL"], "PDMESH_LOAD_FORMAT": config["LOAD_FORMAT"]})["services"], profile)
+    by_role = {s["command"][0]: s for s in services.values()}
+    containers = {c["args"][0]: c for d in docs if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]}
+    assert set(containers) == set(by_role) == {"scheduler", "gateway", "prefill", "decode"}
+    for role, c in containers.items():
+        s = by_role[role]
+        if role in ("prefill", "decode") or profile == "cpu":  # compose's scheduler and gateway run the CPU image
+            assert c["image"] == s["image"], role
+        kf, cf = flags(k8s_args(c, config)), flags(s["command"])
+        assert set(kf) - set(ONLY_IN_ONE) == set(cf) - set(ONLY_IN_ONE), role
+        for flag in set(kf) - set(ONLY_IN_ONE):
+            if flag == "--scheduler":  # the scheduler's Service name differs, never its port
+                assert kf[flag].split(":")[1] == cf[flag].split(":")[1] == flags(by_role["scheduler"]["command"])["--port"], role
+            else:
+                assert kf[flag] == cf[flag], (role, flag)
+        ports = {int(p["containerPort"]) for p in c["ports"]}
+        assert ports == {int(cf[f]) for f in ("--port", "--grpc-port", "--metrics-port") if f in cf}, role
+        check = s["healthcheck"]["test"][3:]
+        probe = c["readinessProbe"]
+        if "grpc" in probe:
+            assert check == ["--grpc", f"127.0.0.1:{probe['grpc']['port']}"], role
+        else:
+            named = {p["name"]: p["containerPort"] for p in c["ports"]}
+            port = probe["httpGet"]["port"]
+            assert check == ["--http", f"http://127.0.0.1:{named.get(port, port)}{probe['httpGet']['path']}"], role
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.gpu"])
@@ -128,9 +217,18 @@ def test_dockerfile_entrypoint_is_the_real_cli(dockerfile):
     cmd = re.search(r'^CMD \["([^"]+)"\]', text, re.M).group(1)
     assert cmd in ("gateway", "scheduler", "prefill", "decode")
     assert re.search(r"^USER (?!root)\S+", text, re.M), "non-root user"
+    # The base is a build argument (a local base where no registry is reachable: deploy/docker/local-base.sh).
+    assert re.search(r"^ARG BASE=\S+\nFROM \$\{BASE\}$", text, re.M)
     assert re.search(r"^HEALTHCHECK .*pdmesh\", \"health", text, re.M)
     from services.cli import health
 
     assert health(["--http", "http://127.0.0.1:1/health", "--timeout", "0.2"]) == 1  # the check the image runs
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".git" in ignored and ".venv" in ignored
+
+
+@pytest.mark.parametrize("script", ["docker/local-base.sh", "podman/build.sh"])
+def test_build_scripts_parse(script):
+    path = DEPLOY / script
+    assert path.stat().st_mode & 0o111, "executable"
+    subprocess.run(["bash", "-n", str(path)], check=True)

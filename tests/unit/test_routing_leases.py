@@ -2,7 +2,8 @@
 
 import pytest
 
-from pdmesh.routing import LeastLoadedPolicy, NoRoute, RegistrationRefused, Registry, RoundRobinPolicy, route
+from pdmesh.routing import (LeastLoadedPolicy, NoRoute, RegistrationRefused, Registry, RoundRobinPolicy, can_use, route,
+                            shared_transport)
 from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import common_pb2 as pb
 
@@ -145,3 +146,53 @@ def test_conditional_disaggregation_by_prompt_length():
     r.remove("b1")
     with pytest.raises(NoRoute, match="decode"):
         route(r, pol, "m", 10, exclude=["d1"], colocate_below_tokens=32)
+
+
+def test_transport_preference_and_reachability():
+    def pick(pt, dt, ph="h1", dh="h1"):
+        return shared_transport(info("p", pb.ROLE_PREFILL, transports=pt, host=ph), info("d", pb.ROLE_DECODE, transports=dt, host=dh))
+
+    every = ("cuda_ipc", "nixl", "grpc")
+    assert pick(every, every) == "cuda_ipc"
+    assert pick(every, every, dh="h2") == "nixl"  # across hosts: nixl before the grpc fallback
+    assert pick(("cuda_ipc", "grpc"), ("cuda_ipc", "grpc"), dh="h2") == "grpc"
+    assert pick(every, ("nixl",)) == "nixl"  # --kv-transports nixl forces it
+    assert pick(("grpc", "nixl"), ("grpc", "nixl")) == "grpc"  # both prefer grpc
+    assert pick(("nixl", "grpc"), ("grpc", "nixl")) == "nixl"  # a tie: the default order decides
+    assert pick(("cuda_ipc",), ("cuda_ipc",), dh="h2") is None
+    assert pick(("local",), ("local",)) is None
+    assert can_use("cuda_ipc", info("d", pb.ROLE_DECODE, transports=every, host="h1"), "h1")
+    assert not can_use("cuda_ipc", info("d", pb.ROLE_DECODE, transports=every, host="h2"), "h1")
+    assert can_use("nixl", info("d", pb.ROLE_DECODE, transports=every, host="h2"), "h1")
+    assert not can_use("nixl", info("d", pb.ROLE_DECODE, transports=("grpc",)), "h1")
+
+
+def test_read_pins_defer_release_and_never_pass_the_hard_limit(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("pdmesh.transport.lease.time.monotonic", lambda: now[0])
+    freed = []
+    t = LeaseTable(freed.append, ttl=2.0, max_ttl=10.0)
+    lease = t.add("a", [1, 2], 40)
+    assert (lease.deadline, lease.hard_deadline) == (1002.0, 1010.0)
+    read_id, granted = t.begin_read("a", 30.0)
+    assert granted == 10.0  # capped at the hard limit
+    assert t.release("a") and freed == [] and t.deferred_releases_total == 1  # the gateway's release waits for the read
+    now[0] = 1005.0
+    assert t.reap() == 0 and freed == []  # pinned past the soft deadline
+    assert t.end_read("a", read_id) and freed == ["a"]  # the reader is done: released now
+    # a reader that never ends its read: the pin runs out, then the lease expires
+    t.add("b", [3], 10)
+    rb, gb = t.begin_read("b", 3.0)
+    assert gb == 3.0
+    now[0] = 1007.9
+    assert t.reap() == 0
+    now[0] = 1008.1  # pin over (1008); soft deadline was extended to 1005 + 3 + 2 = 1010
+    assert t.reap() == 0
+    now[0] = 1010.1
+    assert t.reap() == 1 and freed == ["a", "b"]
+    # no pin, stream or read, past the hard limit
+    t.add("c", [4], 10)
+    now[0] = 1020.1
+    assert t.begin_read("c", 1.0) is None and t.pin("c") is None
+    assert t.reap() == 1 and freed == ["a", "b", "c"]
+    assert t.begin_read("gone", 1.0) is None and not t.end_read("gone", 1)
