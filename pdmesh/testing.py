@@ -131,7 +131,7 @@ async def _decode_main(cfg: EngineConfig, prompt: list[int], params, first: int,
     try:
         tr = CudaIpcTransport(channels, dec.engine.device)
         handoff = KVHandoff(dec, {"cuda_ipc": tr}, lambda d, read_id, tp: release_held_kv(
-            channels, d.address, d.request_id, tp, 10.0, read_id, d.lease_token), timeout=60.0)
+            channels, d.address, d.request_id, tp, 10.0, read_id=read_id, lease_token=d.lease_token), timeout=60.0)
         t0 = time.perf_counter()
         tokens, res = await decode_from(handoff, "r", prompt, first, params, pb.KVDescriptor.FromString(desc_bytes))
         total_ms = (time.perf_counter() - t0) * 1e3

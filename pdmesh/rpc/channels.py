@@ -15,13 +15,15 @@ from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 S = TypeVar("S")
 
 
-def open_channel(address: str, tls: TlsConfig = PLAINTEXT, auth: Optional[BaseAuthenticator] = None) -> Any:
+def open_channel(address: str, tls: TlsConfig = PLAINTEXT, auth: Optional[BaseAuthenticator] = None,
+                 options: Optional[list] = None) -> Any:
     """A ``grpc.aio`` channel to a mesh peer, over TLS when ``tls`` is enabled; with ``auth``, every
-    call made on it carries ``auth.metadata(method)``."""
+    call made on it carries ``auth.metadata(method)``. ``options``: instead of ``CHANNEL_OPTIONS``."""
+    opts = list(options if options is not None else CHANNEL_OPTIONS)
     if tls.enabled:
-        ch = grpc.aio.secure_channel(address, tls.channel_credentials(), options=CHANNEL_OPTIONS + tls.channel_options())
+        ch = grpc.aio.secure_channel(address, tls.channel_credentials(), options=opts + tls.channel_options())
     else:
-        ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        ch = grpc.aio.insecure_channel(address, options=opts)
     return ch if auth is None else AuthedChannel(ch, auth)
 
 
@@ -75,8 +77,10 @@ class ChannelPool:
     descriptor can grow it."""
 
     def __init__(self, tls: Optional[TlsConfig] = None, auth: Optional[BaseAuthenticator] = None,
-                 max_channels: int = 2048, close_grace: float = 30.0) -> None:
+                 max_channels: int = 2048, close_grace: float = 30.0, options: Optional[list] = None) -> None:
         self.tls = tls or PLAINTEXT
+        self.options = options
+        """gRPC channel options (None: ``CHANNEL_OPTIONS``)."""
         self.auth = auth
         """Credentials of this process's calls (None: none sent)."""
         self.max_channels = max_channels
@@ -88,7 +92,7 @@ class ChannelPool:
     def channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.pop(address, None)
         if ch is None:
-            ch = open_channel(address, self.tls, self.auth)
+            ch = open_channel(address, self.tls, self.auth, self.options)
             while len(self._channels) >= self.max_channels:
                 self._evict(next(iter(self._channels)))
         self._channels[address] = ch  # most recently used last

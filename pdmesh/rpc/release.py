@@ -31,7 +31,7 @@ _pending: set[asyncio.Task] = set()  # strong references: the loop keeps only we
 
 
 def release_held_kv(channels: ChannelPool, address: str, request_id: str, traceparent: Optional[str],
-                    timeout: float, read_id: int = 0, lease_token: str = "") -> None:
+                    timeout: float, *, read_id: int = 0, lease_token: str = "") -> None:
     """``lease_token``: the descriptor's (prefill refuses a release or an EndRead without it)."""
     async def go() -> None:
         md = tracecontext.metadata(traceparent)

@@ -27,20 +27,26 @@ KEEPALIVE_S = 3.0
 """Every connection pings its peer after this many seconds without reads; with ``PING_TIMEOUT_S``,
 a frozen peer (SIGSTOP, a dead host, a cut link) fails every call on the connection within
 KEEPALIVE_S + PING_TIMEOUT_S (UNAVAILABLE)."""
-PING_TIMEOUT_S = 3.0
+PING_TIMEOUT_S = KEEPALIVE_S
 """Seconds an HTTP/2 ping waits for its ack.  gRPC's own default (60 s) overrides keepalive_timeout
 for keepalive pings too, which is why a frozen peer once went unnoticed for minutes."""
-_KEEPALIVE = [
-    ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
-    ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT_S * 1000)),
-    ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_S * 1000)),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-] + _KEEPALIVE
+
+
+def keepalive_options(seconds: float = KEEPALIVE_S) -> list[tuple[str, int]]:
+    """Ping the peer after ``seconds`` without reads and give the ping as long: a frozen or
+    unreachable peer fails the connection's calls within twice ``seconds``."""
+    ms = int(seconds * 1000)
+    return [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms), ("grpc.http2.ping_timeout_ms", ms),
+            ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1)]
+
+
+def channel_options(keepalive_s: float = KEEPALIVE_S) -> list[tuple[str, int]]:
+    """Options of a channel to a mesh peer: message limits and keepalive (``keepalive_options``)."""
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)] + keepalive_options(keepalive_s)
+
+
+CHANNEL_OPTIONS = channel_options()
 # grpc turns SO_REUSEPORT on by default: a second server on a port already taken would then bind
 # "successfully" and the kernel would split connections between the two (clients reaching the wrong
 # service get UNIMPLEMENTED).  Off, a port clash is an error at start-up.  Peers' keepalive pings
@@ -48,7 +54,7 @@ CHANNEL_OPTIONS = [
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-] + _KEEPALIVE + [
+] + keepalive_options() + [
     ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
     ("grpc.so_reuseport", 0),

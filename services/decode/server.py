@@ -222,7 +222,8 @@ def make_handoff(rt: WorkerRuntime) -> KVHandoff:
     w = rt.wcfg
     return KVHandoff(rt.engine, make_transports(rt),
                      lambda desc, read_id, tp: release_held_kv(rt.channels, desc.address, desc.request_id, tp,
-                                                               w.rpc_timeout, read_id, desc.lease_token),
+                                                               w.rpc_timeout, read_id=read_id,
+                                                               lease_token=desc.lease_token),
                      w.kv_transfer_timeout, w.kv_load_failure_policy, rt.tel, rt.metrics)
 
 

@@ -33,6 +33,7 @@ from pdmesh.openai.reasoning import ReasoningParser
 from pdmesh.rpc import tracecontext
 from pdmesh.rpc.auth import BaseAuthenticator
 from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.server import channel_options
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.tokenizer import Tokenizer
@@ -58,7 +59,8 @@ class Gateway:
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.api_key = cfg.resolved_api_key()
-        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout, channels=ChannelPool(tls, auth),
+        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout,
+                               channels=ChannelPool(tls, auth, options=channel_options(cfg.keepalive)),
                                stream_idle_timeout=cfg.stream_idle_timeout)
         self.limits = Limits(max_model_len, cfg.max_n, cfg.max_stop, vocab_size=tokenizer.vocab_size)
         self.inflight = 0

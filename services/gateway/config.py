@@ -51,6 +51,10 @@ class GatewayConfig:
     stream_idle_timeout: float = 10.0
     """Seconds a worker's token stream may stay silent (workers send a heartbeat every second while a
     request waits) before the request ends with an error: the worker is stuck or frozen."""
+    keepalive: float = 3.0
+    """Seconds a connection to the scheduler or a worker may go without reads before the gateway
+    pings it, and the ping's own deadline: a frozen or unreachable peer fails its calls within twice
+    this (requests before their first token go to another worker, the others end with an error)."""
     max_connections: int = 2048
     """Client HTTP connections open at once; beyond it the connection that has waited longest for
     its request headers is closed to make room, or, when every connection is busy, the new one."""
@@ -67,6 +71,7 @@ class GatewayConfig:
         _require(self.stream_idle_timeout > 2 * STREAM_HEARTBEAT_S, "stream_idle_timeout",
                  f"must exceed two worker heartbeats ({2 * STREAM_HEARTBEAT_S:g}s)")
         _require(self.max_connections >= 1, "max_connections", "must be >= 1")
+        _require(self.keepalive >= 1, "keepalive", "must be >= 1 (peers refuse more frequent pings)")
         _require(self.header_timeout > 0, "header_timeout", "must be > 0")
 
     def resolved_api_key(self) -> Optional[str]:

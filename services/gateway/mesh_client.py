@@ -230,7 +230,7 @@ class MeshClient:
                 call.cancel()
             if not took_kv:
                 release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout,
-                                pre.kv.lease_token)
+                                lease_token=pre.kv.lease_token)
 
     async def _next_message(self, messages: AsyncIterator[dpb.GenerateResponse], worker_id: str) -> dpb.GenerateResponse:
         """The worker's next message that carries something (heartbeats skipped); UNAVAILABLE when

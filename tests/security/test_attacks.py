@@ -301,3 +301,47 @@ def test_services_refuse_to_start_without_credentials(tmp_path, role, monkeypatc
             assert "INSECURE: --insecure-internal" in p.log_path.read_text()
         finally:
             assert p.stop() == 0
+
+
+def test_a_request_aborted_by_its_owner_ends_with_an_error_event(mesh, security_report):
+    """Streams always end: an Abort that reaches the decode worker (from the request's own gateway)
+    ends the client's stream with an error event at once, never a silent stall."""
+    import socket
+
+    d = workers(mesh)[pb.ROLE_DECODE].address
+    owner = Identity("gateway", f"gateway@{socket.gethostname()}:{mesh.port}")  # as the gateway names itself
+    before = gateway_books(mesh.metrics_url("gateway"))
+    tally, seen, result = Tally(), threading.Event(), {}
+    rid_box: list[str] = []
+
+    def run():
+        tally.sent += 1
+        with httpx.stream("POST", mesh.base + "/v1/completions", headers=auth_headers(), timeout=120,
+                          json={"prompt": list(range(600, 640)), "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+                                "stream": True}) as r:
+            rid_box.append(r.headers["x-request-id"].split("-", 1)[1] + "-0")
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    obj = json.loads(line[6:])
+                    if "error" in obj:
+                        result["error"] = obj["error"]
+                    elif obj["choices"][0]["text"]:
+                        seen.set()
+                    result["finish"] = result.get("finish") or obj.get("choices", [{}])[0].get("finish_reason")
+                result["done"] = line == "data: [DONE]" or result.get("done", False)
+        result["ended_at"] = time.monotonic()
+
+    th = threading.Thread(target=run)
+    th.start()
+    assert seen.wait(60)
+    time.sleep(0.5)  # decoding on the decode worker
+    t = time.monotonic()
+    status, resp = attempt(d, dgrpc.DecodeStub, owner, lambda st: st.Abort(pb.AbortRequest(request_id=rid_box[0]), timeout=5))
+    th.join(30)
+    assert status == "OK" and resp.found, (status, resp)
+    assert result.get("error") and not result.get("finish"), result  # an error event, never a finish_reason
+    assert result["ended_at"] - t < 5, result["ended_at"] - t
+    tally.add(Outcome("error", 200, None, ""))
+    leaked = nothing_lost(mesh.scheduler, mesh.metrics_url("gateway"), tally, before, expect_workers=2)
+    security_report.add("abort_ends_stream", tally, faults_injected=1, blocks_leaked=leaked,
+                        stream_ended_after_abort_s=round(result["ended_at"] - t, 2))

@@ -1,7 +1,8 @@
 """Identities proven by mutual TLS alone (no mesh secret): each service presents a certificate
 whose URI SAN names its role (spiffe://pdmesh.test/pdmesh/ROLE/ID); the mesh serves, a certificate
 of another role is refused what that role may not do, one without a role is unauthenticated, and a
-service given another role's certificate refuses to start."""
+service given another role's certificate refuses to start.  And ``pdmesh up --tls-*`` puts every
+service behind TLS."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 from services.cli import MODULES
 from tests.certs import make_pki, tls_flags
 from tests.faults.client import WORKER_ARGS, Outcome, Tally, nothing_lost
-from tests.meshproc import Proc, Services, free_port, gateway_books, list_workers
+from tests.meshproc import Mesh, Proc, Services, free_port, gateway_books, list_workers
 
 ROLES = ("scheduler", "gateway", "prefill", "decode")
 
@@ -89,3 +90,30 @@ def test_a_service_with_another_roles_certificate_refuses_to_start(tls_mesh):
     assert p.p.wait(60) == 2, p.tail()
     p.stop()
     assert "names no pdmesh role" in p.log_path.read_text()
+
+
+def test_pdmesh_up_gives_tls_to_every_service(tls_mesh, tmp_path):
+    """``pdmesh up --tls-*``: the scheduler, the workers and the gateway all serve TLS (the mesh
+    secret ``pdmesh up`` made names the callers: this certificate names no role)."""
+    _, pki, _ = tls_mesh
+    mesh = Mesh(tmp_path, extra=list(tls_flags(pki["norole"])))
+    try:
+        r = httpx.post(mesh.base + "/v1/completions", timeout=60,
+                       json={"prompt": list(range(100, 140)), "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+        with pytest.raises(grpc.RpcError):  # plaintext is refused by the scheduler
+            list_workers(mesh.scheduler)
+        ws = list_workers(mesh.scheduler, tls_of(pki["norole"]))  # over TLS, with the mesh's secret
+        assert sorted(w.info.role for w in ws) == [1, 2]
+        for w in ws:  # every worker's own server is TLS too (health is open: only the transport can refuse)
+            with pytest.raises(grpc.RpcError):
+                asyncio.run(_plain_health(w.info.address))
+    finally:
+        assert mesh.stop() == 0, mesh.proc.tail()
+
+
+async def _plain_health(address: str) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3)

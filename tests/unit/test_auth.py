@@ -146,3 +146,15 @@ def test_services_refuse_to_start_unauthenticated(tmp_path, monkeypatch):
     assert isinstance(build_authenticator(InternalAuthConfig(), PLAINTEXT, "prefill", who), MeshSecretAuthenticator)
     with pytest.raises(ValueError, match="not both"):
         InternalAuthConfig(mesh_secret_file=str(good), insecure_internal=True)
+
+
+def test_every_internal_method_is_in_the_authorization_table():
+    """Default deny: a method missing from POLICY would be refused to everyone (a new RPC must be
+    given its roles), and every entry names a real method."""
+    from pdmesh.rpc.authz import POLICY, WORKERS
+    from pdmesh.v1 import decode_pb2, kv_transfer_pb2, prefill_pb2, scheduler_pb2
+
+    methods = {f"/{svc.full_name}/{m.name}" for mod in (scheduler_pb2, prefill_pb2, kv_transfer_pb2, decode_pb2)
+               for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods}
+    assert methods == set(POLICY), (methods ^ set(POLICY))
+    assert all(roles and roles <= WORKERS | {"gateway"} for roles in POLICY.values())  # the scheduler calls nobody
