@@ -2,12 +2,13 @@
 # The whole GPU check-and-measure pass on the GPU machine, in one command (see results/README.md).
 # Needs .whl/ (../shared/gpu/fetch-wheels.sh click h11), optionally .ficache.tgz (FlashInfer's
 # compile cache from an earlier pass) and .gpu_tok/ (a tokenizer dir for the mesh smoke test).
-# Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [tests|bench|mesh|kv ...]   (default: tests bench mesh)
+# Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [tests|bench|grammar|mesh|kv ...]   (default: tests bench mesh)
+# The grammar stage needs xgrammar's wheel in .whl/ (fetch-wheels.sh xgrammar==0.2.9).
 # 'kv' (KV transfer over cuda_ipc and NIXL, and the mesh over NIXL across two GPUs) needs nixl-cu13
 # importable: PYTHONPATH=$PWD/.gpu-site bash benchmarks/gpu_pass.sh kv
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-pass}; mkdir -p "$OUT"
-stages=${*:-tests bench mesh}
+stages=${*:-tests bench grammar mesh}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 FLASHINFER_WORKSPACE_BASE=$PWD/.ficache PDMESH_CACHE_DIR=/tmp/pdmesh-cache
 mkdir -p .ficache && ls .ficache.tgz.part-* >/dev/null 2>&1 && cat .ficache.tgz.part-* | tar xzf -
@@ -19,6 +20,8 @@ for s in $stages; do
     tests) timeout 420 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log"
            pack_cache ;;
     bench) timeout 420 python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" --commit "${PDMESH_COMMIT:-}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log" ;;
+    grammar) timeout 420 python3 benchmarks/gpu_grammar.py --preset llama-3.1-8b --batch 64 --ctx 1024 \
+             --out "$OUT/gpu_grammar.json" 2>&1 | tee "$OUT/gpu_grammar.log" ;;
     mesh)  timeout 240 python3 benchmarks/gpu_mesh_smoke.py qwen2.5-0.5b .gpu_tok 2>&1 | tail -40 | tee "$OUT/gpu_mesh.log" ;;
     kv)    timeout 480 python3 benchmarks/gpu_kv_transfer.py pulls mesh --out "$OUT/kv_transfer.json" --tok .gpu_tok 2>&1 \
              | grep -v "NIXL INFO" | tail -60 | tee "$OUT/kv_transfer.log" ;;

@@ -1,4 +1,4 @@
-"""Serving benchmark of one mesh layout on the GPU machine (issue 8), vLLM's method through the
+"""Serving benchmark of one mesh layout on the GPU machine, vLLM's method through the
 gateway: random token-id prompts of fixed input:output lengths, ``ignore_eos``, a max-concurrency
 sweep; per load point the client metrics (``pdmesh.bench``) plus what the workers' own metrics say
 over exactly that load point (decode step time, prefill time).

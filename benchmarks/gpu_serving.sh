@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's serving benchmark on the GPU machine (two GPUs of one host): the llama-3.1-8b dummy
+# The serving benchmark on the GPU machine (two GPUs of one host): the llama-3.1-8b dummy
 # preset served disaggregated and colocated through the gateway, 3500:OUT and 2500:OUT random
 # workloads, a max-concurrency sweep (see benchmarks/gpu_serving.py).  Stage '1gpu' runs the two
 # one-GPU layouts at once, each on its own GPU; stage '2gpu' runs the two-GPU layouts in turn.

@@ -1,4 +1,4 @@
-"""Combine ``gpu_serving.py`` result files into the issue-8 report: a table per shape, the stack's
+"""Combine ``gpu_serving.py`` result files into one report: a table per shape, the stack's
 own cost, the disaggregation TTFT overhead, goodput ratios against the goals, and plots.
 
     python benchmarks/gpu_serving_report.py DIR [--plot-dir DIR]   (reads DIR/serving-*.json)

@@ -127,7 +127,10 @@ def complete(base: str, ids: list[int], out: int) -> tuple[float, float, list[in
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {"):
-                c = json.loads(line[6:])["choices"]
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    raise RuntimeError(f"error event: {obj['error']}")
+                c = obj["choices"]
                 if c and c[0].get("text"):
                     ttft = ttft if ttft is not None else time.perf_counter() - t0
                     text += c[0]["text"]

@@ -15,7 +15,7 @@ for s in "$@"; do
     up)    timeout 570 python3 benchmarks/gpu_up.py --out "$OUT/up.json" 2>&1 | tail -30 ;;
     tests) timeout 570 python3 -m pytest -q -p no:cacheprovider -x tests/gpu/test_placement_mesh.py tests/gpu 2>&1 \
              | tee "$OUT/gpu_tests.log" | tail -30 ;;
-    pd)    timeout 570 python3 benchmarks/gpu_pd_vs_colocated.py --out "$OUT/pd" ${PD_ARGS:-} 2>&1 | tee "$OUT/pd.log" | tail -25
+    pd)    timeout ${PD_TIMEOUT:-570} python3 benchmarks/gpu_pd_vs_colocated.py --out "$OUT/pd" ${PD_ARGS:-} 2>&1 | tee "$OUT/pd.log" | tail -25
            python3 benchmarks/gpu_pd_report.py "$OUT/pd" | tee "$OUT/pd-table.md"
            cp "$OUT/pd/pd-summary.json" "$OUT/" 2>/dev/null
            tar czf "$OUT/pd-results.tgz" -C "$OUT" pd && rm -rf "$OUT/pd" ;;

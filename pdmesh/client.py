@@ -6,9 +6,12 @@
             print(msg.text, end="", flush=True)
 
 Messages are ``pdmesh.v1.InferenceResponse`` (text/reasoning deltas, token ids, optional logprobs,
-finish reason per sample; usage on the last message). Sampling keywords are the fields of
-``pdmesh.v1.SamplingOptions``; an unknown keyword raises TypeError. Errors are ``grpc.RpcError``
-with the statuses documented in protos/pdmesh/v1/inference.proto.
+tool-call deltas, finish reason per sample; usage on the last message). Sampling keywords are the
+fields of ``pdmesh.v1.SamplingOptions`` (``structured_output`` as a dict, e.g. ``{"json_schema":
+"..."}``); an unknown keyword raises TypeError. ``chat(..., tools=[{"name", "description",
+"parameters": dict}], tool_choice="auto" | "required" | "none" | {"function": name})``. Errors are
+``grpc.RpcError`` with the statuses documented in protos/pdmesh/v1/inference.proto. Pass
+``root_certificates`` (PEM) to reach a gateway started with --ssl-certfile.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ def sampling_options(**kw: Any) -> ipb.SamplingOptions:
     if unknown:
         raise TypeError(f"unknown sampling options {sorted(unknown)}; known: {sorted(fields)}")
     stop = kw.pop("stop", None)
+    structured = kw.pop("structured_output", None)
+    if isinstance(structured, dict):
+        structured = ipb.StructuredOutput(**{k: (ipb.ChoiceList(choices=v) if k == "choice" else v)
+                                             for k, v in structured.items()})
     opts = ipb.SamplingOptions(**{k: v for k, v in kw.items() if v is not None})
+    if structured is not None:
+        opts.structured_output.CopyFrom(structured)
     if stop:
         opts.stop.extend([stop] if isinstance(stop, str) else list(stop))
     return opts
@@ -46,13 +55,38 @@ def generate_request(prompt: Prompt, model: str, **sampling: Any) -> ipb.TextGen
     return req
 
 
+def _message(m: dict) -> ipb.ChatMessage:
+    calls = [ipb.ToolCall(id=c.get("id", ""), name=c["function"]["name"], arguments=c["function"].get("arguments", ""))
+             for c in m.get("tool_calls") or ()]
+    return ipb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_calls=calls,
+                           tool_call_id=m.get("tool_call_id", ""), name=m.get("name", ""))
+
+
+def _tool_choice(choice: Union[str, dict, None]) -> Optional[ipb.ToolChoice]:
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        return ipb.ToolChoice(mode=choice)
+    name = choice.get("function")
+    return ipb.ToolChoice(function=name["name"] if isinstance(name, dict) else name)
+
+
 def chat_request(messages: Sequence[dict], model: str, chat_template_kwargs: Optional[dict] = None,
-                 **sampling: Any) -> ipb.ChatRequest:
+                 tools: Optional[Sequence[dict]] = None, tool_choice: Union[str, dict, None] = None,
+                 parallel_tool_calls: Optional[bool] = None, **sampling: Any) -> ipb.ChatRequest:
     import json
 
-    return ipb.ChatRequest(model=model, messages=[ipb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
-                           sampling=sampling_options(**sampling),
-                           chat_template_kwargs={k: json.dumps(v) for k, v in (chat_template_kwargs or {}).items()})
+    req = ipb.ChatRequest(model=model, messages=[_message(m) for m in messages], sampling=sampling_options(**sampling),
+                          chat_template_kwargs={k: json.dumps(v) for k, v in (chat_template_kwargs or {}).items()},
+                          tools=[ipb.Tool(name=t["name"], description=t.get("description", ""), strict=t.get("strict", False),
+                                          parameters=json.dumps(t["parameters"]) if t.get("parameters") is not None else "")
+                                 for t in tools or ()])
+    choice = _tool_choice(tool_choice)
+    if choice is not None:
+        req.tool_choice.CopyFrom(choice)
+    if parallel_tool_calls is not None:
+        req.parallel_tool_calls = parallel_tool_calls
+    return req
 
 
 @dataclass
@@ -64,6 +98,8 @@ class Result:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
     usage: Optional[ipb.Usage] = None
+    tool_calls: list[ipb.ToolCall] = field(default_factory=list)
+    """Complete calls (deltas joined): id, name, arguments (JSON text)."""
 
 
 def collect(messages, index: int = 0) -> Result:
@@ -76,6 +112,10 @@ def collect(messages, index: int = 0) -> Result:
             r.reasoning += m.reasoning_text
             r.token_ids.extend(m.token_ids)
             r.finish_reason = m.finish_reason or r.finish_reason
+            for d in m.tool_calls:
+                if d.index == len(r.tool_calls):
+                    r.tool_calls.append(ipb.ToolCall(id=d.id, name=d.name))
+                r.tool_calls[d.index].arguments += d.arguments
     return r
 
 
@@ -84,21 +124,29 @@ class _Base:
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout
 
+    @staticmethod
+    def _channel(module: Any, target: str, root_certificates: Optional[bytes]) -> Any:
+        if root_certificates is None:
+            return module.insecure_channel(target, options=CHANNEL_OPTIONS)
+        return module.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=CHANNEL_OPTIONS)
+
 
 class InferenceClient(_Base):
     """Blocking client."""
 
-    def __init__(self, target: str, api_key: Optional[str] = None, timeout: float = 600.0) -> None:
+    def __init__(self, target: str, api_key: Optional[str] = None, timeout: float = 600.0,
+                 root_certificates: Optional[bytes] = None) -> None:
         super().__init__(api_key, timeout)
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = self._channel(grpc, target, root_certificates)
         self.stub = igrpc.InferenceStub(self.channel)
 
     def generate(self, prompt: Prompt, model: str = "", **sampling: Any) -> Iterator[ipb.InferenceResponse]:
         return self.stub.Generate(generate_request(prompt, model, **sampling), timeout=self.timeout, metadata=self.metadata)
 
     def chat(self, messages: Sequence[dict], model: str = "", chat_template_kwargs: Optional[dict] = None,
-             **sampling: Any) -> Iterator[ipb.InferenceResponse]:
-        return self.stub.Chat(chat_request(messages, model, chat_template_kwargs, **sampling), timeout=self.timeout,
+             **kw: Any) -> Iterator[ipb.InferenceResponse]:
+        """``kw``: tools, tool_choice, parallel_tool_calls, and sampling options."""
+        return self.stub.Chat(chat_request(messages, model, chat_template_kwargs, **kw), timeout=self.timeout,
                               metadata=self.metadata)
 
     def complete(self, prompt: Prompt, model: str = "", **sampling: Any) -> Result:
@@ -120,9 +168,10 @@ class InferenceClient(_Base):
 class AsyncInferenceClient(_Base):
     """asyncio client; breaking out of a stream (or cancelling its task) cancels the call."""
 
-    def __init__(self, target: str, api_key: Optional[str] = None, timeout: float = 600.0) -> None:
+    def __init__(self, target: str, api_key: Optional[str] = None, timeout: float = 600.0,
+                 root_certificates: Optional[bytes] = None) -> None:
         super().__init__(api_key, timeout)
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = self._channel(grpc.aio, target, root_certificates)
         self.stub = igrpc.InferenceStub(self.channel)
 
     async def generate(self, prompt: Prompt, model: str = "", **sampling: Any) -> AsyncIterator[ipb.InferenceResponse]:
@@ -134,8 +183,8 @@ class AsyncInferenceClient(_Base):
             call.cancel()
 
     async def chat(self, messages: Sequence[dict], model: str = "", chat_template_kwargs: Optional[dict] = None,
-                   **sampling: Any) -> AsyncIterator[ipb.InferenceResponse]:
-        call = self.stub.Chat(chat_request(messages, model, chat_template_kwargs, **sampling), timeout=self.timeout,
+                   **kw: Any) -> AsyncIterator[ipb.InferenceResponse]:
+        call = self.stub.Chat(chat_request(messages, model, chat_template_kwargs, **kw), timeout=self.timeout,
                               metadata=self.metadata)
         try:
             async for m in call:

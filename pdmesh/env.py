@@ -51,8 +51,6 @@ class _Registry:
         Path.home() / ".cache" / "pdmesh",
         "Where dequantized GGUF weights and tokenizer files are cached (safetensors).",
     )
-    API_KEY = EnvVar("PDMESH_API_KEY", str, "", "The gateway's API key for 'pdmesh up' (instead of --api-key, which "
-                     "shows in 'ps'); 'pdmesh up' hands it to the gateway in a file readable only by its user.")
     MESH_SECRET = EnvVar("PDMESH_MESH_SECRET", str, "", "The mesh secret every service proves its internal calls "
                          "with (instead of --mesh-secret-file; at least 32 characters).")
     LOG_LEVEL = EnvVar("PDMESH_LOG_LEVEL", str, "INFO", "Python logging level of every service.")
@@ -69,6 +67,9 @@ class _Registry:
         "Host identity advertised to the scheduler (defaults to the machine's hostname); workers "
         "with equal host ids may use same-host transports such as cuda_ipc.",
     )
+    API_KEY = EnvVar("PDMESH_API_KEY", str, "",
+                     "API keys the gateway accepts (comma-separated), in addition to --api-key and --api-key-file; "
+                     "'pdmesh up' hands them to its gateway in a file readable only by its user.")
     OTEL_SDK_DISABLED = EnvVar("OTEL_SDK_DISABLED", _bool, False, "Standard OpenTelemetry switch.")
     OTEL_TRACES_EXPORTER = EnvVar("OTEL_TRACES_EXPORTER", str, "none",
                                   "Standard: otlp, console or none (read when --tracing is 'auto').")

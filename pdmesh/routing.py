@@ -27,11 +27,12 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args
 
 from pdmesh.v1 import common_pb2 as pb
 
-KV_TRANSPORTS = ("cuda_ipc", "nixl", "grpc")
+KVTransportName = Literal["cuda_ipc", "nixl", "grpc"]
+KV_TRANSPORTS: tuple[str, ...] = get_args(KVTransportName)
 """KV transports, in the default order of preference: CUDA IPC on one host, NIXL across hosts,
 gRPC streaming as the fallback."""
 SAME_HOST_ONLY = frozenset({"cuda_ipc"})
@@ -272,7 +273,8 @@ class RoundRobinPolicy(BaseRoutingPolicy):
         return w, f"{self.name}: colocated {self.counter - 1} of {len(ordered)}"
 
 
-POLICIES = {"least_loaded": LeastLoadedPolicy, "round_robin": RoundRobinPolicy}
+PolicyName = Literal["least_loaded", "round_robin"]
+POLICIES: dict[PolicyName, type[BaseRoutingPolicy]] = {"least_loaded": LeastLoadedPolicy, "round_robin": RoundRobinPolicy}
 
 
 def route(registry: Registry, policy: BaseRoutingPolicy, model: str, prompt_tokens: int,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pdmesh.config import _require
+from pdmesh.config import _require, check_choices
 from pdmesh.env import ENV
 from pdmesh.rpc import tracecontext
 
@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 class TracingConfig:
     """Where spans go."""
 
-    tracing: str = "auto"
+    tracing: Literal["auto", "otlp", "console", "off"] = "auto"
     """'auto' (the standard OTEL_TRACES_EXPORTER: otlp, console, none), 'otlp', 'console' or 'off'."""
     otlp_endpoint: Optional[str] = None
     """OTLP collector (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT)."""
-    otlp_protocol: Optional[str] = None
+    otlp_protocol: Optional[Literal["grpc", "http/protobuf"]] = None
     """'grpc' or 'http/protobuf' (default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc)."""
     trace_token_events: int = 1
     """Record a span event for every Nth token (1: every token; 0: none)."""
@@ -37,8 +37,7 @@ class TracingConfig:
     """Put prompt and completion text into spans (never otherwise)."""
 
     def __post_init__(self) -> None:
-        _require(self.tracing in ("auto", "otlp", "console", "off"), "tracing", "auto, otlp, console or off")
-        _require(self.otlp_protocol in (None, "grpc", "http/protobuf"), "otlp_protocol", "grpc or http/protobuf")
+        check_choices(self)
         _require(self.trace_token_events >= 0, "trace_token_events", "must be >= 0")
 
     def mode(self) -> str:
@@ -86,8 +85,8 @@ class Telemetry:
         self._tracer = provider.get_tracer("pdmesh")
         log.info("tracing: %s export for pdmesh-%s", mode, self.service)
 
-    def start(self, name: str, parent: Optional[str], server: bool = True, attributes: Optional[dict[str, Any]] = None):
-        """A span child of the W3C ``parent`` (or of the current span); a no-op span when off."""
+    def start(self, name: str, parent: Optional[str], attributes: Optional[dict[str, Any]] = None):
+        """A server span, child of the W3C ``parent`` (or of the current span); a no-op span when off."""
         from opentelemetry import trace
 
         if not self.enabled:
@@ -97,8 +96,7 @@ class Telemetry:
             _, t, s, f = parent.split("-")  # type: ignore[union-attr]
             sc = trace.SpanContext(int(t, 16), int(s, 16), is_remote=True, trace_flags=trace.TraceFlags(int(f, 16)))
             ctx = trace.set_span_in_context(trace.NonRecordingSpan(sc))
-        kind = trace.SpanKind.SERVER if server else trace.SpanKind.INTERNAL
-        return self._tracer.start_span(name, context=ctx, kind=kind, attributes=attributes or {})
+        return self._tracer.start_span(name, context=ctx, kind=trace.SpanKind.SERVER, attributes=attributes or {})
 
     def child_span(self, name: str, parent_span, attributes: Optional[dict[str, Any]] = None):
         from opentelemetry import trace

@@ -1,10 +1,13 @@
-"""Helpers shared by tests and benchmarks: small random models, and the prefill -> decode hand-off
-driven without the services but through the library's one hand-off path (``KVHandoff``)."""
+"""Helpers shared by tests and benchmarks: small random models, the prefill -> decode hand-off
+driven without the services but through the library's one hand-off path (``KVHandoff``), and a
+synthetic byte-level tokenizer for grammars on dummy models (no model hub on the GPU machine)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing as mp
+from pathlib import Path
 from typing import Optional
 
 from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -13,9 +16,10 @@ from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, 
 def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", backend: str = "auto", eager: bool = False,
                   num_kv_blocks: Optional[int] = None, max_num_seqs: int = 16, max_tokens_step: int = 4096,
                   max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9,
-                  fused: bool = True, async_scheduling: str = "auto", decode_attention: str = "auto") -> EngineConfig:
+                  fused: bool = True, async_scheduling: str = "auto", decode_attention: str = "auto",
+                  tokenizer: Optional[str] = None) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len),
+        model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer),
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_step,
                                   async_scheduling=async_scheduling),
@@ -143,3 +147,52 @@ async def _decode_main(cfg: EngineConfig, prompt: list[int], params, first: int,
     finally:
         await channels.close()
         await dec.shutdown()
+
+
+def write_byte_level(vocab_size: int, out: Path, special_ids: tuple[int, ...] = ()) -> Path:
+    """A byte-level BPE vocabulary of ``vocab_size`` tokens shaped like a real LLM's (the 256 byte
+    symbols, then deterministic pseudo-words of 1-12 letters, half with a leading space, plus digits
+    and JSON punctuation runs), with ``special_ids`` as special tokens: for measuring grammar masks,
+    whose cost depends on the vocabulary's size and shape, where no real tokenizer is at hand.
+    Encoding is byte by byte (no merges); only the vocabulary matters for a mask."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    rng = random.Random(0)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = {i: f"<|special_{i}|>" for i in special_ids}
+    vocab: dict[str, int] = {}
+    pieces = ["{", "}", "[", "]", '"', ":", ",", '{"', '":', '",', '"}', '":"', '","', ', "', '": ', "},", "],", "Ġ{",
+              "Ġ\"", "Ġ[", "null", "true", "false"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    candidates = iter(alphabet + pieces)
+    next_id = 0
+
+    def gen() -> str:
+        kind = rng.random()
+        if kind < 0.05:
+            return ("Ġ" if rng.random() < 0.5 else "") + "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 3)))
+        word = "".join(rng.choice(letters) for _ in range(min(12, max(1, int(rng.expovariate(0.25)) + 1))))
+        word = word.capitalize() if rng.random() < 0.15 else word
+        return ("Ġ" if rng.random() < 0.5 else "") + word
+
+    while next_id < vocab_size:
+        if next_id in specials:
+            vocab[specials[next_id]] = next_id
+            next_id += 1
+            continue
+        tok = next(candidates, None) or gen()
+        if tok not in vocab:
+            vocab[tok] = next_id
+            next_id += 1
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(specials.values()))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    eos = specials[special_ids[0]] if special_ids else None
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": 1 << 20}))
+    return out

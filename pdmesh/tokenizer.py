@@ -11,10 +11,22 @@ from typing import Any, Optional, Sequence
 log = logging.getLogger(__name__)
 
 
-class Tokenizer:
-    """A thin wrapper over a transformers fast tokenizer."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-    def __init__(self, path: str) -> None:
+
+def has_tokenizer(path: str) -> bool:
+    """Whether ``path`` (a directory or .gguf file) holds a tokenizer."""
+    p = Path(path) if path else None
+    if p is None:
+        return False
+    return p.is_file() and p.suffix == ".gguf" or p.is_dir() and any((p / f).is_file() for f in _TOKENIZER_FILES)
+
+
+class Tokenizer:
+    """A thin wrapper over a transformers fast tokenizer; ``chat_template`` (Jinja text) replaces
+    the tokenizer's own template."""
+
+    def __init__(self, path: str, chat_template: Optional[str] = None) -> None:
         from transformers import AutoTokenizer
 
         if not path:
@@ -26,6 +38,8 @@ class Tokenizer:
 
             p = gguf_to_hf_dir(p)
         self.hf = AutoTokenizer.from_pretrained(str(p))
+        if chat_template is not None:
+            self.hf.chat_template = chat_template
         self.path = str(p)
 
     @cached_property
@@ -46,13 +60,15 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **template_kwargs: Any) -> list[int]:
-        """Token ids of the rendered chat (the template adds BOS/specials itself)."""
+                            tools: Optional[list[dict[str, Any]]] = None, continue_final_message: bool = False,
+                            add_special_tokens: bool = False, **template_kwargs: Any) -> list[int]:
+        """Token ids of the rendered chat (the template adds BOS/specials itself unless
+        ``add_special_tokens``); ``tools`` and ``continue_final_message`` as in transformers."""
         if not self.hf.chat_template:
-            raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           **template_kwargs)
-        return self.encode(text, add_special_tokens=False)
+            raise ValueError("this model's tokenizer has no chat template; use /v1/completions or --chat-template")
+        text = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           continue_final_message=continue_final_message, **template_kwargs)
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)

@@ -21,18 +21,18 @@ import shlex
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Literal, Optional
 
 import grpc
 
-from pdmesh.config import EngineConfig, _require, add_flags, from_flags
+from pdmesh.config import EngineConfig, _require, add_flags, check_choices, from_flags
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.engine import LLMEngine, pick_device
 from pdmesh.engine.warmup import warm_up
 from pdmesh.env import ENV
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.telemetry import Telemetry, TracingConfig
-from pdmesh.routing import KV_TRANSPORTS, LOCAL
+from pdmesh.routing import LOCAL, KVTransportName
 from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.rpc.auth import Identity, InternalAuthConfig, build_authenticator
@@ -79,14 +79,14 @@ class WorkerConfig:
     """Deadline of short control RPCs (release, abort, register)."""
     metrics_port: int = -1
     """Port of this worker's /metrics (0: any free port, registered with the scheduler; -1: off)."""
-    kv_transports: tuple[str, ...] = ()
+    kv_transports: tuple[KVTransportName, ...] = ()
     """KV transports this worker offers, in order of preference: cuda_ipc (same host), nixl
     (needs NIXL installed), grpc. Empty: cuda_ipc, nixl (when installed), grpc on CUDA; grpc on CPU.
     The scheduler pairs workers over a transport both offer and can use (cuda_ipc only on one host)."""
     max_pending_requests: int = 1024
     """Requests this worker takes at once (queued and running); beyond it new ones are refused with
     RESOURCE_EXHAUSTED, which the gateway answers with 429 (or retries elsewhere)."""
-    kv_load_failure_policy: str = "recompute"
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
     """Decode: what a failed or timed-out KV pull does to its request: 'recompute' (compute the prompt
     here; the client sees nothing) or 'fail' (end the request with an error)."""
     inject_kv_faults: str = ""
@@ -102,10 +102,8 @@ class WorkerConfig:
         _require(self.kv_lease_max_seconds >= self.kv_lease_seconds, "kv_lease_max_seconds", "must be >= --kv-lease-seconds")
         _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
         _require(self.max_pending_requests >= 1, "max_pending_requests", "must be >= 1")
-        _require(self.kv_load_failure_policy in ("recompute", "fail"), "kv_load_failure_policy", "recompute or fail")
+        check_choices(self)
         FaultPlan.parse(self.inject_kv_faults)
-        for t in self.kv_transports:
-            _require(t in KV_TRANSPORTS, "kv_transports", f"unknown transport {t!r} (choose from {', '.join(KV_TRANSPORTS)})")
         _require(len(set(self.kv_transports)) == len(self.kv_transports), "kv_transports", "lists a transport twice")
         if "nixl" in self.kv_transports:
             from pdmesh.transport.nixl import nixl_available

@@ -49,7 +49,7 @@ def health(argv: list[str]) -> int:
 def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pdmesh {up,gateway,scheduler,prefill,decode,both,health,bench} [flags]\n\n"
+        print("usage: pdmesh [--version] {up,gateway,scheduler,prefill,decode,both,health,bench} [flags]\n\n"
               "  up         start a whole mesh on this host (pdmesh up --help)\n"
               "  health     check a service's health (for containers)\n"
               "  bench      serving benchmark against any OpenAI-compatible server (pdmesh bench --help)\n"
@@ -60,6 +60,11 @@ def main(argv: Optional[list[str]] = None) -> None:
               "  both       colocated worker: prefill and decode in one engine (no disaggregation)")
         sys.exit(0)
     cmd, rest = argv[0], argv[1:]
+    if cmd in ("-V", "--version"):
+        from pdmesh import __version__
+
+        print(f"pdmesh {__version__}")
+        sys.exit(0)
     if cmd == "up":
         sys.exit(up(rest))
     if cmd == "health":

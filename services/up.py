@@ -85,11 +85,11 @@ class UpConfig:
     """GPUs of the colocated workers (as --prefill-devices)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of each GPU the mesh may use; workers sharing a GPU split it evenly."""
-    api_key: Optional[str] = None
-    """Require this key on every gateway route but /health (prefer --api-key-file or PDMESH_API_KEY:
-    a flag shows in 'ps')."""
+    api_key: tuple[str, ...] = ()
+    """API keys the gateway requires on every route but /health and /version (repeat for several;
+    prefer --api-key-file or PDMESH_API_KEY: a flag shows in 'ps')."""
     api_key_file: Optional[str] = None
-    """File holding the gateway's API key."""
+    """File holding the gateway's API keys (one per line)."""
     mesh_secret_file: Optional[str] = None
     """File holding the mesh secret every service authenticates its internal calls with (to let
     services started elsewhere join); default: a fresh random secret in a file only this user can
@@ -230,13 +230,13 @@ def _api_key_file(cfg: UpConfig, tmp: Path) -> Optional[str]:
         if not Path(cfg.api_key_file).is_file():
             raise UpError(f"--api-key-file {cfg.api_key_file}: no such file")
         return cfg.api_key_file
-    key = cfg.api_key or ENV.API_KEY.get()
-    if not key:
+    keys = list(cfg.api_key) or [k for k in ENV.API_KEY.get().split(",") if k.strip()]
+    if not keys:
         return None
-    path = tmp / "api-key"
+    path = tmp / "api-keys"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+        f.write("".join(k.strip() + "\n" for k in keys))
     return str(path)
 
 

@@ -54,3 +54,10 @@ def make_pki(tmp: Path, certs: dict[str, tuple[str, Optional[str]]]) -> dict[str
 def tls_flags(paths: dict[str, str]) -> tuple[str, ...]:
     """The --tls-* flags of one certificate from ``make_pki``."""
     return ("--tls-cert", paths["cert"], "--tls-key", paths["key"], "--tls-ca", paths["ca"])
+
+
+def make_certs(tmp: Path) -> dict[str, str]:
+    """One service certificate (no pdmesh identity) and its CA: the paths of ca.pem, cert.pem and
+    key.pem by those names."""
+    paths = make_pki(tmp, {"cert": ("pdmesh-service", None)})["cert"]
+    return {"ca.pem": paths["ca"], "cert.pem": paths["cert"], "key.pem": paths["key"]}

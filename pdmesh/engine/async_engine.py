@@ -61,8 +61,6 @@ class AsyncEngine:
         self.engine: Optional[LLMEngine] = None
         self.stats: Optional[EngineStats] = None
         """Snapshot after the latest step (read-only for other threads)."""
-        self.step_times: deque[float] = deque(maxlen=256)
-        """Durations (s) of recent steps that ran a batch."""
         self.on_step: Optional[Callable[[list[RequestOutput], float, str], None]] = None
         """Called on the loop thread with each step's outputs, its duration (s) and its kind
         (``LLMEngine.last_step_kind``) (metrics hook)."""
@@ -125,8 +123,6 @@ class AsyncEngine:
                     self._error = exc
                     break
                 dt = time.perf_counter() - t0
-                if outputs:
-                    self.step_times.append(dt)
                 self.stats = eng.stats()
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs, dt, eng.last_step_kind)
@@ -227,8 +223,16 @@ class AsyncEngine:
             for out in batch:
                 yield out
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """Work a request needs before it joins the batch, done off the engine thread so that steps
+        never wait for it: compiling its grammar (cached by the engine).  RequestRejected if invalid."""
+        eng = self.engine
+        if params.grammar is not None and eng is not None:
+            await asyncio.to_thread(eng.compile_grammar, params.grammar)
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        prefill_only: bool = False) -> AsyncIterator[RequestOutput]:
+        await self.prepare(params)
         q = self.open_stream(request_id)
         try:
             await self.call(lambda e: e.add_request(request_id, prompt_ids, params, prefill_only))

@@ -26,13 +26,18 @@ plan) overlaps N on the GPU and each call returns step N's outputs (one step beh
 tokens are placeholders in ``Sequence.token_ids`` until collected (see ``runner``).  Whenever the
 next step could not be launched that way (prompt tokens to run, waiting requests, too few free
 blocks to grow every sequence without preempting, a sequence that ends by length at step N, or
-one with penalties or logprobs), ``step()`` first collects N and goes on synchronously.
+one with penalties, logprobs or a grammar), ``step()`` first collects N and goes on synchronously.
+
+Structured outputs: a request whose params carry a ``GrammarSpec`` gets a grammar state from the
+engine's ``GrammarEngine`` (compiled against this worker's tokenizer, cached per spec); its logits
+are masked before sampling and every emitted token advances the state (see ``grammar``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +47,7 @@ import torch
 from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
+from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
 from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
@@ -50,6 +56,7 @@ from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
 from pdmesh.models.loader import ResolvedModel, load_model, resolve
 from pdmesh.transport.base import TransferError
+from pdmesh.tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +83,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _launchable(seq: Sequence) -> bool:
-    """A sequence whose next token can be sampled without the host seeing the previous one."""
-    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None
+    """A sequence whose next token can be sampled without the host seeing the previous one (a
+    grammar's mask depends on the previous token, so constrained sequences go one step at a time)."""
+    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None and seq.grammar is None
 
 
 class RequestRejected(ValueError):
@@ -131,7 +139,14 @@ class LLMEngine:
                  arch.num_parameters() / 1e9, self.device)
         self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed)
         log.info("weights loaded in %.1f s", time.perf_counter() - t0)
-        self.eos_token_ids = frozenset(arch.eos_token_ids)
+        path = self.resolved.tokenizer_path
+        self.tokenizer: Optional[Tokenizer] = Tokenizer(path) if has_tokenizer(path) else None
+        """The model's tokenizer (None for token-id-only models): its EOS ids, and grammars."""
+        tok_eos = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
+        self.eos_token_ids = frozenset(arch.eos_token_ids) | tok_eos | self.resolved.generation.eos_token_ids
+        """Ids that end a request: the model config's, the tokenizer's and generation_config.json's."""
+        self._grammars: Optional[GrammarEngine] = None
+        self._grammars_lock = threading.Lock()
         num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
         self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -178,11 +193,37 @@ class LLMEngine:
             return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, budget)
         return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, config.cache.kv_cache_memory)
 
-    # ------------------------------------------------------------------ requests
-    def set_eos_token_ids(self, ids: frozenset[int]) -> None:
-        """Add the tokenizer's EOS ids to the model config's."""
-        self.eos_token_ids = frozenset(self.eos_token_ids | ids)
+    # ------------------------------------------------------------------ grammars
+    @property
+    def grammars(self) -> GrammarEngine:
+        """This engine's grammar compiler and cache (built on first use)."""
+        with self._grammars_lock:  # compile_grammar may run on another thread
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise RequestRejected("structured outputs need the model's tokenizer; this model has none")
+                self._grammars = GrammarEngine(self.tokenizer.hf, self.arch.vocab_size, sorted(self.eos_token_ids))
+            return self._grammars
 
+    def compile_grammar(self, spec: GrammarSpec) -> None:
+        """Compile ``spec`` into the cache (thread-safe: callers may run it off the engine thread so
+        that a long compile never stalls steps); RequestRejected if it is invalid."""
+        try:
+            self.grammars.compile(spec)
+        except GrammarError as exc:
+            raise RequestRejected(str(exc)) from None
+
+    def _grammar_state(self, params: SamplingParams, replay: list[int]):
+        if params.grammar is None:
+            return None
+        try:
+            return self.grammars.new_state(params.grammar, replay)
+        except GrammarError as exc:
+            raise RequestRejected(str(exc)) from None
+
+    def _mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        self.grammars.apply(logits, [s.grammar for s in seqs])
+
+    # ------------------------------------------------------------------ requests
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
         if prompt_len < 1:
             raise RequestRejected("the prompt is empty")
@@ -197,7 +238,10 @@ class LLMEngine:
     def _new_seq(self, request_id: str, token_ids: list[int], prompt_len: int, params: SamplingParams, prefill_only: bool) -> Sequence:
         if self.blocks.has_request(request_id) or request_id in self.held or request_id in self.remote:
             raise RequestRejected(f"request id {request_id!r} is already in use")
-        return Sequence(request_id, token_ids, prompt_len, params, self.eos_token_ids, prefill_only=prefill_only)
+        if any(t >= self.arch.vocab_size for t, _ in params.logit_bias):
+            raise RequestRejected(f"logit_bias token ids must be below the vocabulary size {self.arch.vocab_size}")
+        return Sequence(request_id, token_ids, prompt_len, params, self.eos_token_ids, prefill_only=prefill_only,
+                        grammar=self._grammar_state(params, token_ids[prompt_len:]))
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False) -> None:
         self.check_request(len(prompt_token_ids), params)
@@ -384,7 +428,7 @@ class LLMEngine:
             self._inflight = self.runner.launch(batch)
             self._launched(self._inflight)
             return []
-        result = self.runner.run(batch)
+        result = self.runner.run(batch, self._mask if any(s.grammar is not None for s in batch.seqs) else None)
         return self.postprocess(batch, result)
 
     def _can_launch_behind(self) -> bool:
@@ -438,6 +482,8 @@ class LLMEngine:
     def postprocess(self, batch, result) -> list[RequestOutput]:
         self.num_steps += 1
         now = time.monotonic()
+        for seq, lps in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(lps)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
@@ -451,12 +497,18 @@ class LLMEngine:
 
     def _emit(self, seq: Sequence, tok: int, lp: Optional[TokenLogprob], now: float) -> RequestOutput:
         """The output for ``seq``'s newest token ``tok``; finishes or holds the sequence as due."""
-        reason = self._finish_reason(seq, tok)
+        if seq.grammar is not None and not seq.grammar.accept(tok):  # the mask allowed it: a bug
+            log.error("request %s: sampled token %d is outside its grammar; ending it", seq.request_id, tok)
+            reason: Optional[str] = "abort"
+        else:
+            reason = self._finish_reason(seq, tok)
+        first = seq.num_output_tokens == 1
         out = RequestOutput(
             seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
             seq.num_prompt_tokens, seq.num_cached_tokens,
             queue_time=seq.first_scheduled_time - seq.arrival_time,
-            prefill_time=now - seq.first_scheduled_time if seq.num_output_tokens == 1 else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if first and seq.params.prompt_logprobs is not None else None,
+            prefill_time=now - seq.first_scheduled_time if first else None,
         )
         if reason is not None:
             self._finish(seq, reason)
@@ -474,6 +526,8 @@ class LLMEngine:
         p = seq.params
         n = len(seq.token_ids)
         generated = n - seq.num_prompt_tokens
+        if seq.grammar is not None and seq.grammar.terminated:  # the grammar ended (it accepted EOS)
+            return "stop"
         if generated > p.min_tokens:  # EOS/stop ids are masked before that
             if (not p.ignore_eos and tok in seq.eos_token_ids) or tok in p.stop_token_ids:
                 return "stop"

@@ -26,6 +26,8 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[Completion] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+    """Logprobs of prompt tokens 1.. when ``SamplingParams.prompt_logprobs`` asked for them."""
 
 
 def child_seed(seed: Optional[int], index: int) -> Optional[int]:
@@ -53,15 +55,14 @@ class LLM:
                 device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager),
             )
         self.engine = LLMEngine(engine_config)
-        self._tokenizer: Optional[Tokenizer] = None
         self._ids = itertools.count()
 
     @property
     def tokenizer(self) -> Tokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.engine.resolved.tokenizer_path)
-            self.engine.set_eos_token_ids(self._tokenizer.eos_token_ids)
-        return self._tokenizer
+        if self.engine.tokenizer is None:
+            raise ValueError(f"{self.engine.resolved.tokenizer_path or 'this model'} has no tokenizer: pass token ids "
+                             "with detokenize=False, or tokenizer=...")
+        return self.engine.tokenizer
 
     def generate(self, prompts: Union[str, Sequence[str], Sequence[Sequence[int]]],
                  params: Optional[SamplingParams] = None, detokenize: bool = True) -> list[GenerationResult]:
@@ -102,6 +103,8 @@ class LLM:
                     continue
                 comp: Completion = st["comp"]
                 st["res"].num_cached_tokens = out.num_cached_tokens
+                if out.prompt_logprobs is not None:
+                    st["res"].prompt_logprobs = out.prompt_logprobs
                 comp.token_ids.extend(out.new_token_ids)
                 if out.logprobs and comp.logprobs is not None:
                     comp.logprobs.extend(out.logprobs)

@@ -18,8 +18,8 @@ buffers) are written only after the previous step's inputs were consumed (``_Inp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -80,6 +80,13 @@ class StepResult:
     sampled_seqs: list[Sequence]
     token_ids: list[int]
     logprobs: list[Optional[TokenLogprob]]
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
+    """Logprobs of the prompt tokens this step computed, for sequences that asked (in order)."""
+
+
+LogitsMask = Callable[[torch.Tensor, list[Sequence]], None]
+"""Masks a step's logits [S, V] (float32, on the device) in place, given the S sampled sequences
+(the engine's grammar mask); called after the forward pass is launched."""
 
 
 class ModelRunner:
@@ -172,10 +179,10 @@ class ModelRunner:
         packed = np.stack([np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)])
         return packed, ctx_lens, logits_idx, sample_seqs
 
-    def forward(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
-                ) -> tuple[Optional[torch.Tensor], list[Sequence]]:
-        """Run the model over the batch; logits [N, vocab] (float32) of the sequences whose pending
-        tokens are all computed by this step, and those sequences."""
+    def _hidden(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, list[int], list[Sequence]]:
+        """Run the model over the batch: hidden states [T, hidden] of every token, the rows of the
+        sequences whose pending tokens are all computed by this step, and those sequences."""
         input_ids, positions, layout, logits_idx, sample_seqs = self.prepare(batch, prev_ids)
         if self.graphs is not None and self.graphs.can_run(layout):
             hidden = self.graphs.run(input_ids, positions, layout, on_loaded=self._fence.mark)
@@ -183,11 +190,42 @@ class ModelRunner:
             plan = self.backend.plan(layout)
             self._fence.mark()
             hidden = self.model(input_ids, positions, StepAttention(self.backend, plan, self.pool.kv))
-        if not sample_seqs:
-            return None, []
+        return hidden, logits_idx, sample_seqs
+
+    def _logits(self, hidden: torch.Tensor, logits_idx: list[int]) -> torch.Tensor:
         if len(logits_idx) != hidden.shape[0]:  # some sequences were mid-prefill: pick last tokens
             hidden = hidden[torch.tensor(logits_idx, device=self.device)]
-        return self.model.compute_logits(hidden), sample_seqs
+        return self.model.compute_logits(hidden)
+
+    def forward(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
+                ) -> tuple[Optional[torch.Tensor], list[Sequence]]:
+        """Run the model over the batch; logits [N, vocab] (float32) of the sequences whose pending
+        tokens are all computed by this step, and those sequences."""
+        hidden, logits_idx, sample_seqs = self._hidden(batch, prev_ids)
+        if not sample_seqs:
+            return None, []
+        return self._logits(hidden, logits_idx), sample_seqs
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        """Logprobs of the prompt tokens whose predecessors this step computed, for sequences that
+        asked: hidden row of position p scores prompt token p + 1 (its logprob, rank, top-k)."""
+        out: list[tuple[Sequence, list[TokenLogprob]]] = []
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, done = seq.num_computed_tokens, len(seq.prompt_logprobs)
+            lo, hi = max(start, done), min(start + n, seq.num_prompt_tokens - 1)
+            if seq.wants_prompt_logprobs and lo < hi:
+                rows = torch.arange(offset + lo - start, offset + hi - start, device=hidden.device)
+                lps = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+                nxt = torch.tensor(seq.token_ids[lo + 1:hi + 1], dtype=torch.int64, device=hidden.device)
+                chosen = lps.gather(1, nxt[:, None])
+                ranks = (lps > chosen).sum(dim=1) + 1
+                k = seq.params.prompt_logprobs or 0
+                top_v, top_i = lps.topk(k, dim=-1) if k else (lps[:, :0], lps[:, :0].long())
+                out.append((seq, [TokenLogprob(t, lp, list(zip(ti, tv)), r) for t, lp, ti, tv, r in zip(
+                    nxt.tolist(), chosen.squeeze(1).tolist(), top_i.tolist(), top_v.tolist(), ranks.tolist())]))
+            offset += n
+        return out
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: Optional[LaunchedStep] = None) -> LaunchedStep:
@@ -220,12 +258,17 @@ class ModelRunner:
         return StepResult(step.sample_seqs, step.host_ids.tolist(), [None] * len(step.sample_seqs))
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> StepResult:
-        logits, sample_seqs = self.forward(batch)
-        if logits is None:
-            return StepResult([], [], [])
+    def run(self, batch: ScheduledBatch, mask: Optional[LogitsMask] = None) -> StepResult:
+        """One step, waited for; ``mask`` (the engine's grammar mask) constrains the logits."""
+        hidden, logits_idx, sample_seqs = self._hidden(batch)
+        prompt_lps = self._prompt_logprobs(hidden, batch) if any(s.wants_prompt_logprobs for s in batch.seqs) else []
+        if not sample_seqs:
+            return StepResult([], [], [], prompt_lps)
+        logits = self._logits(hidden, logits_idx)
+        if mask is not None:
+            mask(logits, sample_seqs)
         if all(plain_greedy(s) for s in sample_seqs):
-            return StepResult(sample_seqs, logits.argmax(dim=-1).tolist(), [None] * len(sample_seqs))
+            return StepResult(sample_seqs, logits.argmax(dim=-1).tolist(), [None] * len(sample_seqs), prompt_lps)
         sb = build_sampling_batch(sample_seqs, logits.shape[-1], self.device)
         tokens, logprobs = self.sampler(logits, sb, sample_seqs)
-        return StepResult(sample_seqs, tokens, logprobs)
+        return StepResult(sample_seqs, tokens, logprobs, prompt_lps)

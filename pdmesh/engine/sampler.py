@@ -1,6 +1,7 @@
 """Batched sampling on the model's device.
 
-Order (as vLLM): raw logprobs (if asked) -> min_tokens suppression -> penalties -> greedy rows take
+Order (as vLLM): the grammar's mask (in the runner, before this) -> raw logprobs (if asked) ->
+logit_bias -> min_tokens suppression -> penalties -> greedy rows take
 argmax; the rest: temperature -> top-k/top-p -> min-p -> softmax -> exponential-race sampling
 (``argmax(p / q)`` with ``q ~ Exp(1)``), where a seeded row draws ``q`` from a generator seeded by
 ``(seed, output index)``: the draw of token i depends on nothing but the seed and i, so a request
@@ -31,6 +32,7 @@ class SamplingBatch:
     output_ids: Optional[torch.Tensor]  # [B, max_out] int64 padded with vocab (dropped)
     prompt_ids: Optional[torch.Tensor]  # [B, max_prompt] int64 padded with vocab
     suppress: Optional[list[tuple[int, list[int]]]]  # (row, token ids) masked to -inf
+    bias: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # logit_bias: rows [K], token ids [K] int64, biases [K] float32
     seeds: list[Optional[int]]  # per row: seed for this draw (already mixed with index)
     all_greedy: bool
     max_logprobs: int  # -1: none requested
@@ -46,9 +48,10 @@ def _pad(rows: list[list[int]], fill: int, device: torch.device) -> torch.Tensor
 
 
 def plain_greedy(seq: Sequence) -> bool:
-    """Argmax alone decides this row: greedy, no penalties, no logprobs, no suppressed ids."""
+    """Argmax alone decides this row: greedy, no penalties, no logit bias, no logprobs, no
+    suppressed ids (a grammar's mask is applied to the logits before)."""
     p = seq.params
-    return (p.greedy and not p.has_penalties and p.logprobs is None
+    return (p.greedy and not p.has_penalties and p.logprobs is None and not p.logit_bias
             and (p.min_tokens == 0 or seq.num_output_tokens >= p.min_tokens))
 
 
@@ -68,10 +71,11 @@ def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device)
     any_rep = any(p.repetition_penalty != 1.0 for p in ps)
     suppress = []
     for i, s in enumerate(seqs):
-        if s.num_output_tokens < s.params.min_tokens:
+        if s.num_output_tokens < s.params.min_tokens and s.grammar is None:  # a grammar decides its end
             ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(s.eos_token_ids))
             if ids:
                 suppress.append((i, ids))
+    bias_rows = [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias if t < vocab]
     seeds = [
         None if s.params.seed is None else (s.params.seed * _SEED_MIX + s.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF
         for s in seqs
@@ -87,6 +91,8 @@ def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device)
         output_ids=_pad([s.output_token_ids for s in seqs], vocab, device) if any_pen else None,
         prompt_ids=_pad([s.token_ids[: s.num_prompt_tokens] for s in seqs], vocab, device) if any_rep else None,
         suppress=suppress or None,
+        bias=(_vec([r for r, _, _ in bias_rows], torch.int64, device), _vec([t for _, t, _ in bias_rows], torch.int64, device),
+              _vec([b for _, _, b in bias_rows], torch.float32, device)) if bias_rows else None,
         seeds=seeds,
         all_greedy=all(p.greedy for p in ps),
         max_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
@@ -117,6 +123,8 @@ class Sampler:
         return torch.where(batch.temperature == 0, greedy_ids, self._sample(logits, batch))
 
     def _apply_penalties(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        if b.bias is not None:
+            logits = logits.index_put(b.bias[:2], b.bias[2], accumulate=True)
         if b.suppress:
             logits = logits.clone()
             for row, toks in b.suppress:

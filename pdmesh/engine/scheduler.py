@@ -7,7 +7,8 @@ Each step gets a token budget (``max_num_batched_tokens``) and a sequence cap (`
    sequence, the most recently admitted running sequence is preempted (recompute: blocks freed,
    sent to the front of the waiting queue) until it can — possibly the sequence itself.
 2. Then waiting sequences, FIFO, while budget, cap and blocks allow.  A sequence admitted for the
-   first time looks up its prefix in the cache and only computes the rest.
+   first time looks up its prefix in the cache and only computes the rest (unless it asked for
+   prompt logprobs, which need every prompt position computed).
 
 The scheduler changes ``num_computed_tokens`` only when admitting (prefix hits) or preempting;
 the engine advances it after the step ran.
@@ -104,7 +105,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             first = not self.blocks.has_request(seq.request_id)
-            hit = self.blocks.lookup_prefix(seq.token_ids) if first else None
+            # prompt logprobs need every prompt position computed: no prefix-cache hits then
+            hit = self.blocks.lookup_prefix(seq.token_ids) if first and not seq.wants_prompt_logprobs else None
             computed = hit.num_tokens if hit is not None else seq.num_computed_tokens
             remaining = seq.num_tokens - computed
             n = min(remaining, budget) if chunked else remaining

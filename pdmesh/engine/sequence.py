@@ -5,7 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+from pdmesh.engine.grammar import GrammarSpec
+
+if TYPE_CHECKING:
+    from pdmesh.engine.grammar import GrammarState
+
+MAX_LOGPROBS = 20
+"""Most alternatives per token that logprobs and prompt_logprobs may ask for."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,13 @@ class SamplingParams:
     """Return the sampled token's logprob and this many top alternatives (None: none)."""
     skip_special_tokens: bool = True
     """Drop special tokens from detokenized text."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling; bias in [-100, 100]."""
+    grammar: Optional[GrammarSpec] = None
+    """Structured output: the tokens must spell a string of this grammar (and it decides the end)."""
+    prompt_logprobs: Optional[int] = None
+    """Return each prompt token's logprob (after the first) with this many alternatives (None:
+    none); such a request's prompt is computed in full (no prefix-cache hits)."""
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -66,8 +81,13 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 1")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ValueError("min_tokens must be in [0, max_tokens]")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError("logprobs must be in [0, 20]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]")
+        for tok, bias in self.logit_bias:
+            if tok < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError("logit_bias: token ids must be >= 0 and biases in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -95,11 +115,13 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class TokenLogprob:
-    """Logprob of one sampled token and its top alternatives (token id, logprob)."""
+    """Logprob of one token and its top alternatives (token id, logprob)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int = 0
+    """1 + the number of tokens more likely than this one (prompt logprobs; 0: not computed)."""
 
 
 @dataclass
@@ -119,6 +141,15 @@ class Sequence:
     first_scheduled_time: Optional[float] = None
     finish_reason: Optional[str] = None
     num_preemptions: int = 0
+    grammar: Optional["GrammarState"] = None
+    """Structured output: the grammar's state after this sequence's output tokens (engine-owned)."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Logprobs of prompt tokens 1.. computed so far (``params.prompt_logprobs`` requests)."""
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and are not all computed yet."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +182,8 @@ class RequestOutput:
     """Prefill role with ``--kv-audit``: per-block checksums of the held prompt KV."""
     queue_time: float = 0.0
     """Seconds between arrival and first scheduling."""
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+    """On a request's first output when asked: logprobs of prompt tokens 1.. (token 0 has none)."""
     prefill_time: Optional[float] = None
     """On the output carrying a request's first generated token (prefill and colocated roles):
     seconds from its first scheduling to that token (vLLM's request_prefill_time); else None."""

@@ -47,10 +47,6 @@ class KVCachePool:
             (arch.num_layers, num_blocks + 1, 2, block_size, arch.num_kv_heads, arch.head_dim), dtype=dtype, device=device
         )
 
-    def layer(self, idx: int) -> torch.Tensor:
-        """[num_blocks, 2, block_size, Hkv, D] view of one layer."""
-        return self.kv[idx]
-
     @torch.no_grad()
     def gather_blocks(self, block_ids: torch.Tensor) -> torch.Tensor:
         """block_ids: [n] int64 -> contiguous [L, n, 2, bs, Hkv, D] copy."""

@@ -1,4 +1,13 @@
-"""Model families and the registry from HF architecture names to builders."""
+"""Model families and the registry from HF architecture names to builders.
+
+Every family is the one ``CausalLM`` (pdmesh.models.transformer) configured by its ``ModelArch``;
+a family only states what its architecture must look like:
+
+* Llama (Llama-2/3.x, SmolLM2, Mistral-style dense): RMSNorm, rotary (incl. llama3 and yarn
+  scaling), GQA, SwiGLU; optional attention/MLP biases; tied embeddings supported; no q/k norm.
+* Qwen2 / Qwen2.5: Llama's layout with a bias on the q/k/v projections (none on o).
+* Qwen3 dense: per-head RMSNorm on q and k before rotary, no q/k/v bias by default.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +15,43 @@ from typing import Callable
 
 import torch
 
-from pdmesh.models import llama, qwen2, qwen3
 from pdmesh.models.arch import ModelArch, arch_from_hf_config
 from pdmesh.models.transformer import CausalLM
 
-REGISTRY: dict[str, Callable[[ModelArch, torch.dtype], CausalLM]] = {
-    "LlamaForCausalLM": llama.build,
-    "MistralForCausalLM": llama.build,
-    "Qwen2ForCausalLM": qwen2.build,
-    "Qwen3ForCausalLM": qwen3.build,
+
+def _llama(arch: ModelArch) -> None:
+    if arch.qk_norm:
+        raise ValueError("Llama has no q/k norm")
+
+
+def _qwen2(arch: ModelArch) -> None:
+    if not arch.qkv_bias or arch.o_bias or arch.qk_norm:
+        raise ValueError("Qwen2: qkv bias, no o bias, no q/k norm")
+
+
+def _qwen3(arch: ModelArch) -> None:
+    if not arch.qk_norm:
+        raise ValueError("Qwen3 normalises q and k per head")
+
+
+REGISTRY: dict[str, Callable[[ModelArch], None]] = {
+    "LlamaForCausalLM": _llama,
+    "MistralForCausalLM": _llama,
+    "Qwen2ForCausalLM": _qwen2,
+    "Qwen3ForCausalLM": _qwen3,
 }
+"""Supported HF architecture names -> the check their ModelArch must pass."""
 
 
 def build_model(arch: ModelArch, dtype: torch.dtype) -> CausalLM:
     """Build on the meta device; the caller materializes and loads weights."""
     try:
-        builder = REGISTRY[arch.architecture]
+        check = REGISTRY[arch.architecture]
     except KeyError:
         raise ValueError(f"unsupported architecture {arch.architecture!r}") from None
+    check(arch)
     with torch.device("meta"):
-        return builder(arch, dtype)
+        return CausalLM(arch, dtype)
 
 
 __all__ = ["ModelArch", "CausalLM", "arch_from_hf_config", "build_model", "REGISTRY"]

@@ -26,6 +26,7 @@ from pdmesh.config import DEFAULT_MODEL, ModelConfig
 from pdmesh.env import ENV
 from pdmesh.models import build_model
 from pdmesh.models.arch import ModelArch, arch_from_hf_config, load_hf_config
+from pdmesh.models.generation import GenerationDefaults, find_generation_config, load_generation_defaults
 from pdmesh.models.presets import PRESETS
 from pdmesh.models.transformer import CausalLM
 
@@ -48,6 +49,8 @@ class ResolvedModel:
     """Default model name clients use."""
     load_format: str
     """'safetensors' or 'dummy' (GGUF is resolved to its safetensors cache)."""
+    generation: GenerationDefaults = GenerationDefaults()
+    """The model's generation_config.json (EOS ids, sampling defaults), per --generation-config."""
 
 
 def embedded_gguf_path() -> Path:
@@ -133,7 +136,8 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
             tok = cfg.tokenizer or name
         else:
             raise ValueError(f"--load-format dummy needs a preset ({', '.join(sorted(PRESETS))}) or a model dir; got {name!r}")
-        return ResolvedModel(arch_from_hf_config(hf_cfg), None, tok, cfg.served_model_name or Path(name).name, "dummy")
+        gen = load_generation_defaults(find_generation_config(cfg.generation_config, Path(name) if Path(name).is_dir() else None))
+        return ResolvedModel(arch_from_hf_config(hf_cfg), None, tok, cfg.served_model_name or Path(name).name, "dummy", gen)
     if name == DEFAULT_MODEL:
         hf_dir = gguf_to_hf_dir(embedded_gguf_path())
         served = EMBEDDED_NAME
@@ -152,7 +156,8 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
             )
         served = hf_dir.name
     arch = arch_from_hf_config(load_hf_config(hf_dir))
-    return ResolvedModel(arch, hf_dir, cfg.tokenizer or str(hf_dir), cfg.served_model_name or served, "safetensors")
+    gen = load_generation_defaults(find_generation_config(cfg.generation_config, hf_dir))
+    return ResolvedModel(arch, hf_dir, cfg.tokenizer or str(hf_dir), cfg.served_model_name or served, "safetensors", gen)
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

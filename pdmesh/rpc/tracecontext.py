@@ -2,7 +2,7 @@
 
 Format: ``00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>``. The gateway honours an
 incoming header or starts a trace; each call carries the caller's current span as the parent.
-OpenTelemetry spans (issue 5) attach to the same header.
+OpenTelemetry spans (``pdmesh.telemetry``) attach to the same header.
 """
 
 from __future__ import annotations

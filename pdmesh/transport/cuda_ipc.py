@@ -79,9 +79,13 @@ class CudaCopy(BaseTransfer):
         self._keep = keep  # tensors the queued work uses, alive until it ran
 
     def device_seconds(self) -> Optional[float]:
-        if self.begin is None or not self.event.query():
+        if self.begin is None:
             return None
-        return self.begin.elapsed_time(self.event) / 1e3
+        try:
+            return self.begin.elapsed_time(self.event) / 1e3 if self.event.query() else None
+        except RuntimeError:  # a figure for logs only: never let it fail the pull
+            log.exception("timing a KV copy failed")
+            return None
 
     def poll(self) -> TransferState:
         if self.event.query():
@@ -139,9 +143,10 @@ class CudaIpcTransport(OneSidedTransport):
         if src_stream is None:
             src_stream = self._src_streams[remote.device] = _copy_stream(remote.device)
         shape = (remote.shape[0], n) + tuple(remote.shape[2:])
+        with torch.cuda.device(dev):
+            begin.record(self.stream)  # both timing events on the destination's stream: elapsed_time needs one device
         with torch.cuda.device(remote.device), torch.cuda.stream(src_stream):
             s_idx = _ids(src, remote.device)
-            begin.record(src_stream)
             staged = torch.empty(shape, dtype=remote.dtype, device=remote.device)
             copy_blocks(remote, s_idx, staged, torch.arange(n, device=remote.device))
             with torch.cuda.stream(self.stream):  # the peer copy orders both streams itself

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x02kv\x18\x05 \x01(\x0b\x32\x17.pdmesh.v1.KVDescriptor\"\xc0\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08transfer\x18\x05 \x01(\x0b\x32\x18.pdmesh.v1.TransferStats\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x32\x8b\x01\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pdmesh/v1/decode.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x16\n\x0e\x66irst_token_id\x18\x03 \x01(\x05\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12#\n\x02kv\x18\x05 \x01(\x0b\x32\x17.pdmesh.v1.KVDescriptor\"\xf2\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x08logprobs\x18\x02 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12*\n\x08transfer\x18\x05 \x01(\x0b\x32\x18.pdmesh.v1.TransferStats\x12\x19\n\x11num_cached_tokens\x18\x06 \x01(\x05\x12\x30\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob2\x8b\x01\n\x06\x44\x65\x63ode\x12\x45\n\x08Generate\x12\x1a.pdmesh.v1.GenerateRequest\x1a\x1b.pdmesh.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=62
   _globals['_GENERATEREQUEST']._serialized_end=229
   _globals['_GENERATERESPONSE']._serialized_start=232
-  _globals['_GENERATERESPONSE']._serialized_end=424
-  _globals['_DECODE']._serialized_start=427
-  _globals['_DECODE']._serialized_end=566
+  _globals['_GENERATERESPONSE']._serialized_end=474
+  _globals['_DECODE']._serialized_start=477
+  _globals['_DECODE']._serialized_end=616
 # @@protoc_insertion_point(module_scope)

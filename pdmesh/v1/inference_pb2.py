@@ -25,37 +25,53 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/inference.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xa3\x04\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x04\n\x02_n\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x98\x01\n\x15TextGenerationRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdmesh.v1.SamplingOptionsB\x08\n\x06prompt\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfd\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdmesh.v1.SamplingOptions\x12L\n\x14\x63hat_template_kwargs\x18\x04 \x03(\x0b\x32..pdmesh.v1.ChatRequest.ChatTemplateKwargsEntry\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x05 \x01(\x05\"\xd2\x01\n\x11InferenceResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x16\n\x0ereasoning_text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.pdmesh.v1.Usage\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.pdmesh.v1.Model2\xe4\x01\n\tInference\x12L\n\x08Generate\x12 .pdmesh.v1.TextGenerationRequest\x1a\x1c.pdmesh.v1.InferenceResponse0\x01\x12>\n\x04\x43hat\x12\x16.pdmesh.v1.ChatRequest\x1a\x1c.pdmesh.v1.InferenceResponse0\x01\x12I\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/inference.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"\xd0\x06\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x15\n\x08logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x05\x12=\n\nlogit_bias\x18\x11 \x03(\x0b\x32).pdmesh.v1.SamplingOptions.LogitBiasEntry\x12\x36\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1b.pdmesh.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x14 \x01(\x08H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x04\n\x02_nB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\x95\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\'\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x15.pdmesh.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x98\x01\n\x15TextGenerationRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.pdmesh.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdmesh.v1.SamplingOptionsB\x08\n\x06prompt\"y\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\'\n\ntool_calls\x18\x03 \x03(\x0b\x32\x13.pdmesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"M\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\x12\x0e\n\x06strict\x18\x04 \x01(\x08\":\n\nToolChoice\x12\x0e\n\x04mode\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x83\x03\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.pdmesh.v1.ChatMessage\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdmesh.v1.SamplingOptions\x12L\n\x14\x63hat_template_kwargs\x18\x04 \x03(\x0b\x32..pdmesh.v1.ChatRequest.ChatTemplateKwargsEntry\x12\x1e\n\x05tools\x18\x05 \x03(\x0b\x32\x0f.pdmesh.v1.Tool\x12*\n\x0btool_choice\x18\x06 \x01(\x0b\x32\x15.pdmesh.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x07 \x01(\x08H\x00\x88\x01\x01\x1a\x39\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x16\n\x14_parallel_tool_calls\"\x80\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\x12\x18\n\x10reasoning_tokens\x18\x05 \x01(\x05\"\xb2\x02\n\x11InferenceResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x16\n\x0ereasoning_text\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x1f\n\x05usage\x18\x08 \x01(\x0b\x32\x10.pdmesh.v1.Usage\x12,\n\ntool_calls\x18\t \x03(\x0b\x32\x18.pdmesh.v1.ToolCallDelta\x12\x30\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"<\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x10\n\x08owned_by\x18\x03 \x01(\t\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.pdmesh.v1.Model2\xe4\x01\n\tInference\x12L\n\x08Generate\x12 .pdmesh.v1.TextGenerationRequest\x1a\x1c.pdmesh.v1.InferenceResponse0\x01\x12>\n\x04\x43hat\x12\x16.pdmesh.v1.ChatRequest\x1a\x1c.pdmesh.v1.InferenceResponse0\x01\x12I\n\nListModels\x12\x1c.pdmesh.v1.ListModelsRequest\x1a\x1d.pdmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATREQUEST_CHATTEMPLATEKWARGSENTRY']._loaded_options = None
   _globals['_CHATREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGOPTIONS']._serialized_start=65
-  _globals['_SAMPLINGOPTIONS']._serialized_end=612
-  _globals['_TOKENIDS']._serialized_start=614
-  _globals['_TOKENIDS']._serialized_end=637
-  _globals['_TEXTGENERATIONREQUEST']._serialized_start=640
-  _globals['_TEXTGENERATIONREQUEST']._serialized_end=792
-  _globals['_CHATMESSAGE']._serialized_start=794
-  _globals['_CHATMESSAGE']._serialized_end=838
-  _globals['_CHATREQUEST']._serialized_start=841
-  _globals['_CHATREQUEST']._serialized_end=1094
-  _globals['_CHATREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=1037
-  _globals['_CHATREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=1094
-  _globals['_USAGE']._serialized_start=1097
-  _globals['_USAGE']._serialized_end=1225
-  _globals['_INFERENCERESPONSE']._serialized_start=1228
-  _globals['_INFERENCERESPONSE']._serialized_end=1438
-  _globals['_LISTMODELSREQUEST']._serialized_start=1440
-  _globals['_LISTMODELSREQUEST']._serialized_end=1459
-  _globals['_MODEL']._serialized_start=1461
-  _globals['_MODEL']._serialized_end=1521
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1523
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1577
-  _globals['_INFERENCE']._serialized_start=1580
-  _globals['_INFERENCE']._serialized_end=1808
+  _globals['_SAMPLINGOPTIONS']._serialized_end=913
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=651
+  _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=699
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=916
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1065
+  _globals['_CHOICELIST']._serialized_start=1067
+  _globals['_CHOICELIST']._serialized_end=1096
+  _globals['_TOKENIDS']._serialized_start=1098
+  _globals['_TOKENIDS']._serialized_end=1121
+  _globals['_TEXTGENERATIONREQUEST']._serialized_start=1124
+  _globals['_TEXTGENERATIONREQUEST']._serialized_end=1276
+  _globals['_CHATMESSAGE']._serialized_start=1278
+  _globals['_CHATMESSAGE']._serialized_end=1399
+  _globals['_TOOL']._serialized_start=1401
+  _globals['_TOOL']._serialized_end=1478
+  _globals['_TOOLCHOICE']._serialized_start=1480
+  _globals['_TOOLCHOICE']._serialized_end=1538
+  _globals['_TOOLCALL']._serialized_start=1540
+  _globals['_TOOLCALL']._serialized_end=1595
+  _globals['_CHATREQUEST']._serialized_start=1598
+  _globals['_CHATREQUEST']._serialized_end=1985
+  _globals['_CHATREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=1904
+  _globals['_CHATREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=1961
+  _globals['_USAGE']._serialized_start=1988
+  _globals['_USAGE']._serialized_end=2116
+  _globals['_INFERENCERESPONSE']._serialized_start=2119
+  _globals['_INFERENCERESPONSE']._serialized_end=2425
+  _globals['_TOOLCALLDELTA']._serialized_start=2427
+  _globals['_TOOLCALLDELTA']._serialized_end=2502
+  _globals['_LISTMODELSREQUEST']._serialized_start=2504
+  _globals['_LISTMODELSREQUEST']._serialized_end=2523
+  _globals['_MODEL']._serialized_start=2525
+  _globals['_MODEL']._serialized_end=2585
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2587
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2641
+  _globals['_INFERENCE']._serialized_start=2644
+  _globals['_INFERENCE']._serialized_end=2872
 # @@protoc_insertion_point(module_scope)

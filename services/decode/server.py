@@ -127,6 +127,7 @@ class DecodeServicer(dgrpc.DecodeServicer):
         """Colocated: queue the whole request here; its stream starts with the first token."""
         prompt = list(request.prompt_token_ids)
         try:
+            await self.rt.engine.prepare(params)
             await self.rt.engine.call(lambda e: e.add_request(rid, prompt, params))
         except RequestRejected as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -144,6 +145,11 @@ class DecodeServicer(dgrpc.DecodeServicer):
             untrusted = f"it names {desc.worker_id!r} at {desc.address!r}, not a prefill worker the scheduler lists"
         if untrusted is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV descriptor refused: {untrusted}")
+        try:
+            await self.rt.engine.prepare(params)  # a grammar is compiled before the KV is touched
+        except RequestRejected as exc:
+            self._release_prefill(request.kv)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             res = await self.handoff.take(rid, list(request.prompt_token_ids), request.first_token_id, params,
                                           request.kv, tp, span)
@@ -169,6 +175,8 @@ class DecodeServicer(dgrpc.DecodeServicer):
             for out in batch:
                 if state.generated == 0:
                     msg.num_cached_tokens = out.num_cached_tokens
+                if out.prompt_logprobs:
+                    msg.prompt_logprobs.extend(logprob_to_proto(lp) for lp in out.prompt_logprobs)
                 for t in out.new_token_ids:
                     if not state.streamed_any:
                         span.add_event("first_token")

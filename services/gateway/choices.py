@@ -1,5 +1,5 @@
-"""Turning one choice's token events into OpenAI text: incremental detokenization, stop strings,
-reasoning split, logprob shapes; and running all choices of a request concurrently."""
+"""Running the choices of a request through the mesh: each choice's token events go through its
+``TextPipeline`` (pdmesh.openai.stream) and come out as ``Delta``s on the request's queue."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from pdmesh.engine.llm import child_seed
-from pdmesh.engine.sequence import SamplingParams, TokenLogprob
-from pdmesh.openai.protocol import APIError
-from pdmesh.openai.reasoning import ReasoningParser
-from pdmesh.tokenizer import StopStringMatcher, Tokenizer
+from pdmesh.engine.sequence import SamplingParams
+from pdmesh.openai.errors import APIError
+from pdmesh.openai.stream import ChoiceOutput, Delta, TextPipeline
 from services.gateway.errors import mesh_error_to_api
 from services.gateway.mesh_client import MeshClient, MeshError, RequestTrace
 
@@ -23,17 +22,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Choice:
-    index: int
-    prompt_ids: list[int]
+    """One of a request's n samples (for each prompt), as it runs through the mesh."""
+
+    out: ChoiceOutput
     params: SamplingParams
     request_id: str
     trace: RequestTrace = field(default_factory=RequestTrace)
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    reasoning: str = ""
-    reasoning_tokens: int = 0
-    finish_reason: Optional[str] = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
     started: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     arrival: float = field(default_factory=time.monotonic)
     first_at: float = 0.0
@@ -44,51 +38,25 @@ class Choice:
     span: Any = None
     """The request's gateway span (token events go there)."""
 
+    @property
+    def index(self) -> int:
+        return self.out.index
 
-@dataclass
-class Delta:
-    index: int
-    reasoning: str = ""
-    content: str = ""
-    logprobs: Optional[list[TokenLogprob]] = None
-    token_ids: Optional[list[int]] = None
-    finish_reason: Optional[str] = None
-    error: Optional[APIError] = None
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.out.prompt_ids
 
 
-class TextPipeline:
-    def __init__(self, tok: Tokenizer, choice: Choice, reasoning: Optional[ReasoningParser]) -> None:
-        self.detok = tok.detokenizer(choice.prompt_ids, choice.params.skip_special_tokens)
-        self.stop = StopStringMatcher(choice.params.stop, choice.params.include_stop_str_in_output)
-        self.reasoning = reasoning
-
-    def _split(self, text: str) -> tuple[str, str]:
-        return self.reasoning.feed(text) if self.reasoning else ("", text)
-
-    def add(self, token_ids: list[int]) -> tuple[str, str, bool]:
-        text = "".join(self.detok.step(t) for t in token_ids)
-        emit, hit = self.stop.feed(text)
-        r, c = self._split(emit)
-        return r, c, hit
-
-    def finish(self) -> tuple[str, str]:
-        emit, hit = self.stop.feed(self.detok.flush())
-        if not hit:
-            emit += self.stop.flush()
-        r, c = self._split(emit)
-        if self.reasoning:
-            r2, c2 = self.reasoning.flush()
-            r, c = r + r2, c + c2
-        return r, c
-
-
-def make_choices(prompts: list[list[int]], params: list[SamplingParams], n: int, traceparent: str) -> list[Choice]:
+def make_choices(prompts: list[list[int]], params: list[SamplingParams], n: int, traceparent: str,
+                 echo: Callable[[int, list[int]], str]) -> list[Choice]:
+    """n choices per prompt (child seeds), indexed prompt-major; ``echo(i, prompt)`` their lead text."""
     out = []
     base = uuid.uuid4().hex
     for i, (prompt, p) in enumerate(zip(prompts, params)):
+        lead = echo(i, prompt)
         for j in range(n):
             idx = i * n + j
-            c = Choice(idx, prompt, p.with_updates(n=1, seed=child_seed(p.seed, j)), f"{base}-{idx}")
+            c = Choice(ChoiceOutput(idx, prompt, echo=lead), p.with_updates(n=1, seed=child_seed(p.seed, j)), f"{base}-{idx}")
             c.trace.traceparent = traceparent
             out.append(c)
     return out
@@ -102,40 +70,46 @@ class ChoiceHooks(Protocol):
     def on_done(self, choice: "Choice") -> None: ...
 
 
-async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choice, out: asyncio.Queue,
-                     timeout: float, reasoning: Optional[ReasoningParser], hooks: Optional[ChoiceHooks] = None) -> None:
+async def run_choice(mesh: MeshClient, model: str, choice: Choice, pipe: TextPipeline, out: asyncio.Queue,
+                     timeout: float, hooks: Optional[ChoiceHooks] = None) -> None:
     """Drive one choice through the mesh, putting ``Delta``s on ``out``; never raises (errors
     become a Delta with ``error``), and always ends with a delta carrying finish_reason or error."""
-    pipe = TextPipeline(tok, choice, reasoning)
-    agen = mesh.stream(choice.request_id, model, choice.prompt_ids, choice.params, timeout, choice.trace)
+    res = choice.out
+    agen = mesh.stream(choice.request_id, model, res.prompt_ids, choice.params, timeout, choice.trace)
     try:
         async for ev in agen:
             now = time.monotonic()
-            if not choice.started.done():
+            first = not choice.started.done()
+            if first:
                 choice.started.set_result(True)
                 choice.first_at = now
+                res.num_cached_tokens = choice.trace.num_cached_tokens
+                if choice.params.prompt_logprobs is not None:
+                    res.prompt_logprobs = ev.prompt_logprobs or []
             else:
                 choice.itls.append(now - choice.last_at)
             choice.last_at = now
             if hooks is not None:
-                hooks.on_tokens(choice, len(choice.token_ids), ev.token_ids)
-            r, c, stopped = pipe.add(ev.token_ids)
-            if pipe.reasoning is not None and (r or pipe.reasoning.in_reasoning):
-                choice.reasoning_tokens += len(ev.token_ids)
-            choice.token_ids.extend(ev.token_ids)
-            if ev.logprobs:
-                choice.logprobs.extend(ev.logprobs)
+                hooks.on_tokens(choice, len(res.token_ids), ev.token_ids)
+            d = Delta(res.index, logprobs=ev.logprobs, token_ids=ev.token_ids, first=first)
+            # as vLLM: the token that stopped the request (EOS, a stop id) is not part of the text
+            shown = ev.token_ids[:-1] if ev.finished and ev.finish_reason == "stop" and \
+                not choice.params.include_stop_str_in_output else ev.token_ids
+            stopped = pipe.add(shown, d)
+            if pipe.reasoning is not None and (d.reasoning or pipe.reasoning.in_reasoning):
+                res.reasoning_tokens += len(ev.token_ids)
+            res.token_ids.extend(ev.token_ids)
             finish = "stop" if stopped else (ev.finish_reason if ev.finished else None)
-            if finish is not None and not stopped:
-                r2, c2 = pipe.finish()
-                r, c = r + r2, c + c2
-            choice.reasoning += r
-            choice.text += c
-            if r or c or ev.logprobs or finish or ev.token_ids:
-                out.put_nowait(Delta(choice.index, r, c, ev.logprobs, ev.token_ids, finish))
             if finish is not None:
                 choice.trace.stopped_by_text = stopped
-                choice.finish_reason = finish
+                pipe.finish(d, stopped)
+                res.finish_reason = finish
+                d.finish_reason = finish
+                if pipe.tools is not None:
+                    res.tool_calls = list(pipe.tools.calls)
+            res.add(d)
+            out.put_nowait(d)
+            if finish is not None:
                 choice.outcome = "ok"
                 return
     except asyncio.CancelledError:
@@ -151,33 +125,10 @@ async def run_choice(mesh: MeshClient, model: str, tok: Tokenizer, choice: Choic
             err = APIError(500, f"internal error: {type(exc).__name__}", "internal_error", code="internal_error")
         if not choice.started.done():
             choice.started.set_exception(err)
-        out.put_nowait(Delta(choice.index, error=err))
+        out.put_nowait(Delta(res.index, error=err))
     finally:
         await agen.aclose()
         if not choice.started.done():
             choice.started.set_result(False)
         if hooks is not None:
             hooks.on_done(choice)
-
-
-def logprobs_chat(tok: Tokenizer, lps: list[TokenLogprob]) -> dict[str, Any]:
-    def entry(tid: int, lp: float) -> dict[str, Any]:
-        s = tok.decode([tid], skip_special_tokens=False)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
-
-    return {"content": [dict(entry(x.token_id, x.logprob), top_logprobs=[entry(t, v) for t, v in x.top]) for x in lps]}
-
-
-def logprobs_completion(tok: Tokenizer, lps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
-    tokens, offsets, pos = [], [], offset
-    for x in lps:
-        s = tok.decode([x.token_id], skip_special_tokens=False)
-        tokens.append(s)
-        offsets.append(pos)
-        pos += len(s)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{tok.decode([t], skip_special_tokens=False): v for t, v in x.top} for x in lps],
-        "text_offset": offsets,
-    }

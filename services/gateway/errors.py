@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from pdmesh.openai.protocol import APIError
+from pdmesh.openai.errors import APIError
 
 _STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),

@@ -22,10 +22,9 @@ import grpc
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
 from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
-from pdmesh.rpc.release import release_held_kv
 from pdmesh.routing import can_use
 from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
-from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY
+from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -53,6 +52,8 @@ class TokenEvent:
     logprobs: Optional[list[TokenLogprob]]
     finished: bool
     finish_reason: Optional[str]
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+    """On the first event, when asked: logprobs of prompt tokens 1.. (from the worker that computed the prompt)."""
 
 
 @dataclass
@@ -181,7 +182,8 @@ class MeshClient:
         trace.first_token_time = time.monotonic()
         first_lp = [logprob_from_proto(pre.first_logprob)] if pre.HasField("first_logprob") else None
         done = bool(pre.finish_reason)
-        yield TokenEvent([pre.first_token_id], first_lp, done, pre.finish_reason or None)
+        yield TokenEvent([pre.first_token_id], first_lp, done, pre.finish_reason or None,
+                         [logprob_from_proto(m) for m in pre.prompt_logprobs] if params.prompt_logprobs is not None else None)
         if done:
             return
         decode, tried = route.decode, []
@@ -295,7 +297,8 @@ class _LocalCall:
 def _event(msg: dpb.GenerateResponse) -> TokenEvent:
     """The tokens (and logprobs, finish) of one Generate message."""
     lps = [logprob_from_proto(m) for m in msg.logprobs] if msg.logprobs else None
-    return TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None)
+    plps = [logprob_from_proto(m) for m in msg.prompt_logprobs] if msg.prompt_logprobs else None
+    return TokenEvent(list(msg.token_ids), lps, msg.finished, msg.finish_reason or None, plps)
 
 
 def _refused(exc: grpc.aio.AioRpcError) -> bool:

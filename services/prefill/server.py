@@ -86,6 +86,8 @@ class PrefillServicer(pgrpc.PrefillServicer):
             )
             if out.logprobs:
                 resp.first_logprob.CopyFrom(logprob_to_proto(out.logprobs[0]))
+            if out.prompt_logprobs:
+                resp.prompt_logprobs.extend(logprob_to_proto(lp) for lp in out.prompt_logprobs)
             log.info("prefill %s trace=%s prompt=%d cached=%d queue=%.1fms compute=%.1fms held_blocks=%d",
                      rid, tracecontext.trace_id(tracecontext.from_context(context)), out.num_prompt_tokens,
                      out.num_cached_tokens, resp.queue_seconds * 1e3, resp.compute_seconds * 1e3,

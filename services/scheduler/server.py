@@ -19,14 +19,14 @@ from typing import Optional
 
 import grpc
 
-from pdmesh.config import _require, add_flags
+from pdmesh.config import _require, add_flags, check_choices
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
 from pdmesh.rpc.auth import InternalAuthConfig, Identity, build_authenticator
 from pdmesh.rpc.authz import caller
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.rpc import tracecontext
 from pdmesh.telemetry import Telemetry, TracingConfig
-from pdmesh.routing import POLICIES, NoRoute, NotOwner, Registry, RegistrationRefused, RegistryFull, route
+from pdmesh.routing import POLICIES, NoRoute, NotOwner, PolicyName, Registry, RegistrationRefused, RegistryFull, route
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import scheduler_pb2 as spb
@@ -49,8 +49,8 @@ class SchedulerServiceConfig:
     """Seconds between worker heartbeats (sent to workers at registration)."""
     lease: float = 3.0
     """Seconds without a heartbeat after which a worker leaves routing."""
-    policy: str = "least_loaded"
-    """Routing policy: least_loaded or round_robin."""
+    policy: PolicyName = "least_loaded"
+    """Routing policy (the policies of pdmesh.routing)."""
     drain_timeout: float = 5.0
     """Seconds to keep answering after SIGTERM."""
     colocate_below_tokens: int = 1024
@@ -61,8 +61,8 @@ class SchedulerServiceConfig:
     """Workers registered at once; beyond it registrations are refused (RESOURCE_EXHAUSTED)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _require(self.max_workers >= 1, "max_workers", "must be >= 1")
-        _require(self.policy in POLICIES, "policy", f"unknown policy {self.policy!r}")
         _require(self.colocate_below_tokens >= 0, "colocate_below_tokens", "must be >= 0")
         _require(self.lease > self.heartbeat_interval > 0, "lease", "must exceed --heartbeat-interval > 0")
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.meshproc import Mesh, Proc, free_port, mesh_secret_file, wait_http
+from tests.meshproc import Mesh, Proc, free_port, mesh_secret_file, wait_http, wait_until
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -22,23 +22,10 @@ def gateway(tmp_path, scheduler: str, *extra: str) -> tuple[Proc, str]:
     return p, f"http://127.0.0.1:{port}"
 
 
-def wait_listening(base: str, proc: Proc) -> None:
-    import time
-
-    for _ in range(600):
-        try:
-            httpx.get(base + "/health", timeout=1)
-            return
-        except httpx.HTTPError:
-            assert proc.alive(), proc.tail()
-            time.sleep(0.2)
-    raise TimeoutError(proc.tail())
-
-
 def test_no_workers_gives_503_and_health_503(tmp_path, embedded_dir):
     proc, base = gateway(tmp_path, f"127.0.0.1:{free_port()}")  # nothing listens there
     try:
-        wait_listening(base, proc)
+        proc.wait_log("READY gateway")  # listening
         assert httpx.get(base + "/health").status_code == 503
         r = httpx.post(base + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_workers" and r.headers["retry-after"]
@@ -84,9 +71,9 @@ def test_two_prefill_two_decode_spread_and_same_tokens(mesh22):
     with cf.ThreadPoolExecutor(8) as ex:
         answers = list(ex.map(ask, range(16)))
     assert len(set(answers)) == 1  # whichever pair served it, the same greedy tokens
-    import time
+    def counted():  # heartbeats carry the counters to the scheduler
+        after = {w.info.worker_id: w.load.requests_total for w in mesh22.workers()}
+        return after if all(after[w] > before[w] for w in after) else None
 
-    time.sleep(2.5)  # two heartbeats carry the counters
-    after = {w.info.worker_id: w.load.requests_total for w in mesh22.workers()}
-    assert all(after[w] > before[w] for w in after), (before, after)
+    wait_until(counted, 10, f"every worker's requests_total above {before}")
     mesh22.wait_idle()

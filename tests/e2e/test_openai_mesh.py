@@ -212,9 +212,8 @@ def total(samples, name, **labels) -> float:
 
 
 def test_metrics_agree_with_a_known_workload(mesh, client, tokenizer):
-    import time
-
     from pdmesh.metrics import exported_names
+    from tests.meshproc import wait_until
 
     mesh.wait_idle()
     ws = mesh.workers()
@@ -244,8 +243,13 @@ def test_metrics_agree_with_a_known_workload(mesh, client, tokenizer):
                 if n >= 6:
                     break
     mesh.wait_idle()
-    time.sleep(1.2)  # worker gauges refresh every 0.5 s
-    after = {k: scrape(u) for k, u in urls.items()}
+
+    def settled():  # worker gauges refresh every 0.5 s
+        got = {k: scrape(u) for k, u in urls.items()}
+        gauges = ("pdmesh:num_requests_running", "pdmesh:kv_blocks_held_for_transfer", "pdmesh:kv_cache_usage_perc")
+        return got if all(total(got[r], g) == 0 for r in ("prefill", "decode") for g in gauges) else None
+
+    after = wait_until(settled, 10, "worker gauges back at zero")
 
     def d(role, name, **labels):
         return total(after[role], name, **labels) - total(before[role], name, **labels)

@@ -159,9 +159,29 @@ def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, b
     return leaked
 
 
+API_KEY = "fault-suite-key"
+"""The key of the shared fault mesh's gateway."""
+
+
+def make_client(base: str, api_key: str | None = API_KEY, connections: int = 64):
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0),
+                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
+
+
+def greedy(svc, prompt: list[int], max_tokens: int) -> str:
+    """One greedy completion of token ids through ``svc``'s gateway (a ``Services`` mesh); its text."""
+    r = httpx.post(svc.base + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                   json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
 class SuiteReport:
     """The figures of a suite's run (one entry per test), written to ``path`` at the end of the
-    session (only when a test added one)."""
+    session (only when a test added one).  The committed results/cpu/*.json are refreshed only when
+    asked (``--fault-report``, ``--security-report``); otherwise ``path`` is in the run's temporary
+    directory, so that an ordinary run leaves the tree clean."""
 
     def __init__(self, path: Path, command: str, tag: str) -> None:
         self.path, self.command, self.tag = path, command, tag
@@ -180,14 +200,22 @@ class SuiteReport:
         self.path.write_text(json.dumps({
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-            "commit": _commit(self.path), "command": self.command,
+            "commit": _commit(), "command": self.command,
             "totals": totals, "tests": self.entries}, indent=1) + "\n")
+        print(f"\n[{self.tag}] figures written to {self.path}")
 
 
-def _commit(path: Path) -> str:
+def report_path(request, tmp_path_factory, option: str, name: str) -> Path:
+    """Where a suite writes its figures: the path given with ``option``, else ``name`` in the run's
+    temporary directory."""
+    given = request.config.getoption(option)
+    return Path(given) if given else tmp_path_factory.getbasetemp() / name
+
+
+def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=path.parent).stdout.strip()
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -196,7 +224,7 @@ class Load:
     """Streams from ``loops`` client loops in a background thread until ``finish()``; keeps
     (time, outcome, status) of every request."""
 
-    def __init__(self, base: str, max_tokens: int = 24, loops: int = 4, api_key: Optional[str] = "fault-suite-key") -> None:
+    def __init__(self, base: str, max_tokens: int = 24, loops: int = 4, api_key: Optional[str] = API_KEY) -> None:
         self.base, self.max_tokens, self.loops, self.api_key = base, max_tokens, loops, api_key
         self.tally = Tally()
         self.timeline: list[tuple[float, str, int]] = []

@@ -1,28 +1,24 @@
-"""The fault and bad-input suite (issue: reliability).  Every test drives real processes on
+"""The fault and bad-input suite.  Every test drives real processes on
 127.0.0.1, injects its faults, then checks that nothing was lost: within lease + 2 heartbeats every
 worker is back at its baseline (all KV blocks free, nothing held for transfer, nothing running,
 waiting or in flight) and the books balance (sent = ok + errors + aborted, on the client and in the
-gateway's own counters).  The figures of the run go to results/cpu/fault-suite.json."""
+gateway's own counters).  The figures of the run go to ``--fault-report PATH`` (the committed
+results/cpu/fault-suite.json is refreshed only when asked: ``--fault-report results/cpu/fault-suite.json``),
+else to the run's temporary directory (the path is printed)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.faults.client import SuiteReport
-
-RESULTS = Path(__file__).resolve().parents[2] / "results" / "cpu" / "fault-suite.json"
+from tests.faults.client import API_KEY, SuiteReport, report_path
 
 
 @pytest.fixture(scope="session")
-def report():
-    rep = SuiteReport(RESULTS, "python -m pytest -q tests/faults", "fault-suite")
+def report(request, tmp_path_factory):
+    rep = SuiteReport(report_path(request, tmp_path_factory, "--fault-report", "fault-suite.json"),
+                      "python -m pytest -q tests/faults --fault-report results/cpu/fault-suite.json", "fault-suite")
     yield rep
     rep.write()
-
-
-API_KEY = "fault-suite-key"
 
 
 @pytest.fixture(scope="package")
@@ -40,18 +36,6 @@ def shared(tmp_path_factory, embedded_dir):
     yield svc
     rcs = svc.stop_all()
     assert all(rc == 0 for rc in rcs.values()), rcs
-
-
-def make_client(base: str, api_key: str | None = API_KEY, connections: int = 64):
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(base_url=base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0),
-                             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
-
-
-def pytest_addoption(parser):
-    parser.addoption("--soak-seconds", type=float, default=45.0, help="length of the fault suite's soak run")
 
 
 @pytest.fixture

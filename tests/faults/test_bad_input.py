@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.faults.client import Tally, nothing_lost
-from tests.faults.conftest import API_KEY
+from tests.faults.client import API_KEY, Tally, nothing_lost
 from tests.meshproc import gateway_books, scrape
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}

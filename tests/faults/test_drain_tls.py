@@ -11,9 +11,8 @@ import grpc
 import httpx
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Load, Tally, body, nothing_lost, stream
 from tests.certs import make_pki, tls_flags
-from tests.faults.conftest import make_client
+from tests.faults.client import WORKER_ARGS, Load, Tally, body, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, list_workers, wait_http
 from pdmesh.v1 import scheduler_pb2 as spb
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc

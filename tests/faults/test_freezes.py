@@ -17,8 +17,7 @@ import time
 import pytest
 
 from pdmesh.rpc.server import KEEPALIVE_S, PING_TIMEOUT_S
-from tests.faults.client import WORKER_ARGS, Load, Tally, body, nothing_lost, stream
-from tests.faults.conftest import make_client
+from tests.faults.client import WORKER_ARGS, Load, Tally, body, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, wait_http, wait_idle
 
 DETECT_S = KEEPALIVE_S + PING_TIMEOUT_S

@@ -15,8 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Outcome, Tally, body, nothing_lost, stream
-from tests.faults.conftest import make_client
+from tests.faults.client import WORKER_ARGS, Outcome, Tally, body, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, scrape
 
 PROMPT_LEN = 300  # 10 blocks of 32 tokens: 5 chunks of the grpc transport

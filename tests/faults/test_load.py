@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from tests.faults.client import Outcome, Tally, body, nothing_lost, stream
-from tests.faults.conftest import API_KEY, make_client
+from tests.faults.client import API_KEY, Outcome, Tally, body, make_client, nothing_lost, stream
 from tests.meshproc import gateway_books, list_workers, process_vitals, scrape
 
 PROMPT = list(range(1000, 1300))  # 300 tokens: 19 blocks, 4 KV chunks (20 ms each here)

@@ -11,9 +11,7 @@ import time
 
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Tally, body, nothing_lost, stream
-from tests.faults.conftest import make_client
-from tests.faults.test_worker_faults import greedy
+from tests.faults.client import WORKER_ARGS, Tally, body, greedy, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, scrape, wait_http
 
 PROMPT = list(range(2000, 2300))  # 300 tokens: 10 KV blocks, 5 pieces when slowed
@@ -35,16 +33,18 @@ def nixl_pair(tmp_path_factory, embedded_dir):
 @pytest.fixture(scope="module")
 def refs(nixl_pair) -> dict:
     """Greedy tokens of PROMPTS through the grpc transport (decode restarted for it, then back)."""
-    decode_as(nixl_pair, "--kv-transports", "grpc")
+    decode_as(nixl_pair, transports=("grpc",))
     out = {tuple(p): greedy(nixl_pair, p, 16) for p in PROMPTS}
     assert metric(nixl_pair, "decode-0", 'pdmesh:kv_transfer_bytes_total{transport="grpc"}') > 0
     decode_as(nixl_pair)
     return out
 
 
-def decode_as(svc: Services, *flags: str) -> None:
-    """Restart the decode worker with ``flags`` (after its defaults) and wait until it is routable."""
+def decode_as(svc: Services, *flags: str, transports: tuple[str, ...] = ("nixl",)) -> None:
+    """Restart the decode worker with ``flags``, offering only ``transports``, and wait until it is
+    routable (a repeated --kv-transports extends the list: the role's own is replaced, not added to)."""
     assert svc.stop("decode-0") == 0, svc.procs["decode-0"].tail()
+    svc.role_args["decode"] = ["--kv-transports", *transports]
     svc.start("decode-0", flags)
     svc.wait_registered("decode-0")
     svc.wait_workers(1, 1)

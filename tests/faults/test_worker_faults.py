@@ -8,12 +8,10 @@ import asyncio
 import signal
 import time
 
-import httpx
 import pytest
 
-from tests.faults.client import WORKER_ARGS, Tally, body, nothing_lost, stream
-from tests.faults.conftest import make_client
-from tests.meshproc import Services, gateway_books, scrape, wait_http
+from tests.faults.client import WORKER_ARGS, Tally, body, greedy, make_client, nothing_lost, stream
+from tests.meshproc import Services, gateway_books, scrape, wait_http, wait_until
 
 PROMPT = list(range(2000, 2300))  # 300 tokens: 19 KV blocks, 4 transfer chunks
 
@@ -38,13 +36,6 @@ def restart(svc: Services, name: str, *extra: str, kill: bool = False) -> None:
     svc.wait_registered(name)
     svc.wait_workers(1, 1)
     wait_http(svc.base + "/health", svc.procs["gateway"])
-
-
-def greedy(svc: Services, prompt: list[int], max_tokens: int) -> str:
-    r = httpx.post(svc.base + "/v1/completions", headers={"Authorization": "Bearer fault-suite-key"}, timeout=60,
-                   json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
-    assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["text"]
 
 
 def run(coro):
@@ -87,8 +78,7 @@ def test_sigkill_prefill_after_prefill_before_the_pull_recomputes(pair, report):
     tally = Tally()
     pair.kill("decode-0", signal.SIGSTOP)  # decode takes the request but cannot pull yet
 
-    def kill_prefill_then_resume_decode() -> None:
-        time.sleep(0.3)
+    def kill_prefill_then_resume_decode() -> None:  # token 0 arrived: prefill holds the KV, decode cannot pull
         pair.kill("prefill-0")
         pair.procs["prefill-0"].p.wait(10)
         pair.kill("decode-0", signal.SIGCONT)
@@ -109,7 +99,12 @@ def test_sigkill_prefill_during_the_transfer_recomputes(pair, report):
     restart(pair, "prefill-0", "--inject-kv-faults", "delay:0.4")  # 4 chunks: a 1.6 s transfer
     before = gateway_books(pair.metrics_url("gateway"))
     tally = Tally()
-    o = run(_one(pair, tally, body(PROMPT, 24), 1, lambda: (time.sleep(0.6), pair.kill("prefill-0"))))
+    def kill_prefill_mid_pull() -> None:  # once decode's pull has begun (its chunks take 4 x 0.4 s)
+        wait_until(lambda: scrape(prefill_metrics(pair)).get('pdmesh:kv_transfer_faults_injected_total{mode="delay"}'),
+                   10, "a KV pull started")
+        pair.kill("prefill-0")
+
+    o = run(_one(pair, tally, body(PROMPT, 24), 1, kill_prefill_mid_pull))
     assert o.kind == "ok" and o.text == ref, o
     dm = scrape(decode_metrics(pair))
     assert dm.get('pdmesh:kv_transfer_failures_total{action="recompute"}', 0) >= 1
@@ -220,10 +215,10 @@ def test_scheduler_killed_and_restarted_under_load(pair, report):
             await asyncio.gather(*(loop_() for _ in range(4)))
 
     def chaos():
-        time.sleep(3)
+        wait_until(lambda: sum(k == "ok" for _, k, _ in timeline) >= 8, 30, "load flowing before the kill")
         pair.kill("scheduler")
         pair.procs["scheduler"].p.wait(10)
-        time.sleep(3)
+        wait_until(lambda: any(k == "error" for _, k, _ in timeline), 30, "requests refused while the scheduler is down")
         pair.start("scheduler")
 
     async def main():

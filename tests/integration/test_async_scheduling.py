@@ -9,7 +9,7 @@ import pytest
 
 from pdmesh.engine import LLM, SamplingParams
 from pdmesh.engine.sequence import SequenceStatus
-from tests.integration.test_engine_behaviour import PROMPTS, run_disaggregated
+from tests.integration.helpers import PROMPTS, run_disaggregated
 
 
 def make(model_dir, mode: str, **kw) -> LLM:

@@ -3,15 +3,11 @@ prefill->decode handoff inside the engine (CPU, fp32)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from pdmesh.engine import LLM, LLMEngine, RequestRejected, SamplingParams
-from pdmesh.transport.loopback import LoopbackTransport
-from pdmesh.v1 import common_pb2 as pb
+from pdmesh.engine import LLM, RequestRejected, SamplingParams
+from tests.integration.helpers import PROMPTS, run_disaggregated
 
-PROMPTS = [[5, 17, 42, 7, 99, 3], [1, 2, 3], list(range(10, 80)), [200, 201, 5, 5, 5, 9, 250, 31, 8, 8, 8]]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
@@ -104,36 +100,6 @@ def test_rejects_requests_that_can_never_fit(model_dir):
         eng.add_request("y", [1] * 40, SamplingParams(max_tokens=10))
     with pytest.raises(RequestRejected, match="empty"):
         eng.add_request("z", [], SamplingParams())
-
-
-def run_disaggregated(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt, params):
-    """Prefill on one engine, hand the KV to the other through the servers' hand-off path
-    (``KVHandoff`` + the engine's connector, over the in-process loopback transport)."""
-    from pdmesh.engine.async_engine import AsyncEngine
-    from pdmesh.testing import decode_from, prefill_held
-    from pdmesh.transport.handoff import KVHandoff
-
-    async def go():
-        pre, dec = AsyncEngine(lambda: prefill), AsyncEngine(lambda: decode)
-        await pre.start()
-        await dec.start()
-        try:
-            first, desc = await prefill_held(pre, rid, prompt, params, worker_id="p", transport="loopback")
-            if desc is None:
-                return [first]
-            assert prefill.blocks.has_request(rid) and rid in prefill.held
-            handoff = KVHandoff(dec, {"loopback": LoopbackTransport({"p": prefill.pool})},
-                                lambda d, read_id, tp: pre.call_nowait(lambda e: e.release(d.request_id)), timeout=5)
-            toks, res = await decode_from(handoff, rid, prompt, first, params, desc)
-            assert res.report.outcome.value == "pulled" and res.stats().outcome == pb.TRANSFER_PULLED
-            await pre.call(lambda e: None)  # the release queued on prefill has run
-            assert rid not in prefill.held
-            return toks
-        finally:
-            await pre.shutdown()
-            await dec.shutdown()
-
-    return asyncio.run(go())
 
 
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True)])

@@ -2,24 +2,22 @@
 is tried as someone on the same network would (no credentials, a wrong mesh secret, or a mesh
 member with another identity), must be refused, and the users' requests in flight must not notice:
 they finish with their tokens, and afterwards nothing is lost (every worker back at baseline, the
-gateway's books balanced).  The figures of the run go to results/cpu/security-suite.json."""
+gateway's books balanced).  The figures of the run go to ``--security-report PATH`` (the committed
+results/cpu/security-suite.json is refreshed only when asked), else to the run's temporary directory."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.faults.client import WORKER_ARGS, SuiteReport
+from tests.faults.client import WORKER_ARGS, SuiteReport, report_path
 from tests.meshproc import Services
 from tests.security.attacker import HEADER_TIMEOUT, KEY, LEASE_MAX_S, MAX_CONNECTIONS, PULL_DELAY
 
-RESULTS = Path(__file__).resolve().parents[2] / "results" / "cpu" / "security-suite.json"
-
 
 @pytest.fixture(scope="session")
-def security_report():
-    rep = SuiteReport(RESULTS, "python -m pytest -q tests/security", "security-suite")
+def security_report(request, tmp_path_factory):
+    rep = SuiteReport(report_path(request, tmp_path_factory, "--security-report", "security-suite.json"),
+                      "python -m pytest -q tests/security --security-report results/cpu/security-suite.json", "security-suite")
     yield rep
     rep.write()
 

@@ -31,6 +31,63 @@ def test_flags_roundtrip():
     assert cfg.cache.block_size == 16 and not cfg.cache.enable_prefix_caching and cfg.scheduler.max_num_seqs == 4
 
 
+def test_literal_fields_become_flag_choices_and_tuples_repeat():
+    from pdmesh.config import add_flags, from_flags
+    from pdmesh.worker import WorkerConfig
+    from services.gateway.config import GatewayConfig, parser
+
+    p = argparse.ArgumentParser()
+    EngineConfig.add_flags(p)
+    with pytest.raises(SystemExit):  # argparse refuses what the Literal does not list
+        p.parse_args(["--async-scheduling", "sometimes"])
+    assert {a.dest: a.choices for a in p._actions}["attention_backend"] == ("auto", "torch", "flashinfer")
+    ns = parser().parse_args(["--api-key", "a", "b", "--api-key", "c", "--tool-call-parser", "llama3_json",
+                              "--enable-auto-tool-choice"])
+    cfg = from_flags(GatewayConfig, ns)
+    assert cfg.api_key == ("a", "b", "c") and cfg.tool_call_parser == "llama3_json"
+    assert from_flags(GatewayConfig, parser().parse_args([])).api_key == ()  # not given: the default
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--tool-call-parser", "mistral"])
+    w = argparse.ArgumentParser()
+    add_flags(w, WorkerConfig)
+    got = from_flags(WorkerConfig, w.parse_args(["--kv-transports", "grpc", "--kv-transports", "cuda_ipc"])).kv_transports
+    assert got == ("grpc", "cuda_ipc")
+    with pytest.raises(ConfigError, match="--kv-transports: 'rdma' is not one of cuda_ipc, nixl, grpc"):
+        WorkerConfig(kv_transports=("grpc", "rdma"))  # the same check when built directly
+    with pytest.raises(ConfigError, match="--enable-auto-tool-choice"):
+        GatewayConfig(enable_auto_tool_choice=True)
+
+
+def test_api_keys_from_flags_file_and_environment(tmp_path, monkeypatch):
+    from services.gateway.config import GatewayConfig
+
+    f = tmp_path / "keys"
+    f.write_text("# comment\nk-file-1\n\nk-file-2\n")
+    monkeypatch.setenv("PDMESH_API_KEY", "k-env-1, k-env-2")
+    cfg = GatewayConfig(api_key=("k-flag",), api_key_file=str(f))
+    assert cfg.api_keys() == {"k-flag", "k-file-1", "k-file-2", "k-env-1", "k-env-2"}
+    monkeypatch.delenv("PDMESH_API_KEY")
+    assert GatewayConfig().api_keys() == frozenset()
+    f.write_text("# only a comment\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        GatewayConfig(api_key_file=str(f)).api_keys()
+
+
+def test_authorize_checks_every_key():
+    from pdmesh.openai.auth import authorize
+
+    keys = frozenset({"alpha", "beta"})
+    assert authorize(keys, "Bearer beta") and authorize(keys, "bearer alpha ")
+    assert not authorize(keys, "Bearer gamma") and not authorize(keys, None) and not authorize(keys, "Basic alpha")
+    assert authorize(frozenset(), None)  # no keys configured: open
+
+
+def test_logit_bias_in_the_sampler():
+    logits = torch.tensor([[1.0, 5.0, 4.9, 0.0], [1.0, 5.0, 4.9, 0.0]])
+    seqs = [seq(SamplingParams(temperature=0, logit_bias=((3, 10.0),))), seq(SamplingParams(temperature=0, logit_bias=((1, -100.0),)))]
+    assert sample(logits, seqs)[0] == [3, 2]
+
+
 def seq(params, outputs=(), prompt=(5, 6)):
     return Sequence("r", list(prompt) + list(outputs), len(prompt), params, frozenset({0}))
 

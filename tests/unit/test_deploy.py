@@ -37,12 +37,13 @@ def role_parser(role: str):
     return worker_parser(role, 0)
 
 
-def check_flags(args: list[str]) -> None:
-    """args[0] is the role; the rest must parse with that role's real parser."""
+def check_flags(args: list[str], env: dict[str, str] = {}) -> None:  # noqa: B006 - read only
+    """args[0] is the role; the rest must parse with that role's real parser (``env``: the values
+    k8s expands ``$(VAR)`` to, from the ConfigMap; unknown ones become a placeholder)."""
     role, rest = args[0], args[1:]
     assert role in ("gateway", "scheduler", "prefill", "decode"), role
     rest = [re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", a) for a in rest]  # compose defaults
-    rest = [re.sub(r"\$\(([A-Z_]+)\)", "placeholder", a) for a in rest]  # k8s env expansion
+    rest = [re.sub(r"\$\(([A-Z_]+)\)", lambda m: str(env.get(m.group(1), "placeholder")), a) for a in rest]  # k8s env
     rest = ["30" if a == "placeholder" and i and rest[i - 1] == "--drain-timeout" else a for i, a in enumerate(rest)]
     try:
         role_parser(role).parse_args(rest)
@@ -58,13 +59,14 @@ def test_k8s_overlay_validates_against_schemas(overlay):
     for d in docs:
         kubernetes_validate.validate(d, K8S_VERSION, strict=True)
     kinds = {d["kind"] for d in docs}
+    env = {k: v for d in docs if d["kind"] == "ConfigMap" for k, v in (d.get("data") or {}).items()}
     assert {"Namespace", "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
     for d in (d for d in docs if d["kind"] == "Deployment"):
         spec = d["spec"]["template"]["spec"]
         ann = d["spec"]["template"]["metadata"].get("annotations", {})
         assert ann.get("prometheus.io/scrape") == "true", d["metadata"]["name"]
         for c in spec["containers"]:
-            check_flags(c["args"])
+            check_flags(c["args"], env)
             assert "readinessProbe" in c and "livenessProbe" in c
             drain = float(c["args"][c["args"].index("--drain-timeout") + 1].replace("$(DRAIN_TIMEOUT)", "30")) \
                 if "--drain-timeout" in c["args"] else 0

@@ -56,5 +56,5 @@ def test_auto_rule_on_cuda_groups_and_head_dims(monkeypatch):
 
 def test_decode_attention_flag_is_validated():
     assert DeviceConfig(decode_attention="triton").decode_attention == "triton"
-    with pytest.raises(ValueError, match="--decode-attention: unknown decode attention kernel"):
+    with pytest.raises(ValueError, match="--decode-attention: .cudnn. is not one of auto, flashinfer, triton"):
         DeviceConfig(decode_attention="cudnn")
