@@ -2,8 +2,10 @@
 # The whole GPU check-and-measure pass on the GPU machine, in one command (see results/README.md).
 # Needs .whl/ (../shared/gpu/fetch-wheels.sh click h11), optionally .ficache.tgz (FlashInfer's
 # compile cache from an earlier pass) and .gpu_tok/ (a tokenizer dir for the mesh smoke test).
-# Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [tests|bench|grammar|mesh|kv ...]   (default: tests bench mesh)
+# Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [tests|bench|grammar|mesh|kv|kvtiers ...]   (default: tests bench grammar mesh)
 # The grammar stage needs xgrammar's wheel in .whl/ (fetch-wheels.sh xgrammar==0.2.9).
+# 'kvtiers' (multi-level KV cache and prefix routing, one H200, about 8 minutes with a cold compile cache; run it alone)
+# needs only .whl/; its JSON and the services' logs land in $OUT (kv_tiers.json, kv_tiers-*.log).
 # 'kv' (KV transfer over cuda_ipc and NIXL, and the mesh over NIXL across two GPUs) needs nixl-cu13
 # importable: PYTHONPATH=$PWD/.gpu-site bash benchmarks/gpu_pass.sh kv
 set -uo pipefail
@@ -25,9 +27,12 @@ for s in $stages; do
     mesh)  timeout 240 python3 benchmarks/gpu_mesh_smoke.py qwen2.5-0.5b .gpu_tok 2>&1 | tail -40 | tee "$OUT/gpu_mesh.log" ;;
     kv)    timeout 480 python3 benchmarks/gpu_kv_transfer.py pulls mesh --out "$OUT/kv_transfer.json" --tok .gpu_tok 2>&1 \
              | grep -v "NIXL INFO" | tail -60 | tee "$OUT/kv_transfer.log" ;;
+    kvtiers) timeout 560 python3 benchmarks/gpu_kv_tiers.py --out "$OUT/kv_tiers.json" 2>&1 | grep -v " INFO " | tail -80 \
+             | tee "$OUT/kv_tiers.log" ;;
   esac
 done
 pack_cache
 [ -f "$OUT/gpu_bench.json" ] && python3 benchmarks/gpu_table.py "$OUT/gpu_bench.json" | tee "$OUT/table.txt"
 grep -E "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -3
 grep "^MESH" "$OUT/gpu_mesh.log" 2>/dev/null
+grep -E "^(config|tokens|KVT skipped)|^(none|host|2 prefill)" "$OUT/kv_tiers.log" 2>/dev/null

@@ -178,12 +178,38 @@ class CacheConfig:
     """For tests: checksum each request's prompt KV when it is complete and again when its blocks
     are freed, counting any difference (pdmesh:kv_audit_mismatches_total); costs a hash of the
     prompt's KV at each end."""
+    kv_offload_cpu_gb: float = 0.0
+    """Host-memory KV tier in GiB (pinned on CUDA; prefill and colocated workers): cached blocks
+    leaving the device pool's use are copied there, and a prompt whose prefix goes on there loads
+    those blocks back instead of recomputing them. 0: off."""
+    kv_offload_disk_path: Optional[str] = None
+    """Directory of a disk KV tier under the host tier (with --kv-offload-disk-gb): blocks evicted
+    from host memory are written there, checksummed (a damaged file is a miss), and found again
+    after a restart. Unset: no disk tier."""
+    kv_offload_disk_gb: float = 0.0
+    """Size limit of the disk KV tier in GiB (least recently used blocks deleted first)."""
+    kv_offload_io_threads: int = 4
+    """Threads reading and writing disk KV blocks."""
+    kv_offload_flush_seconds: float = 10.0
+    """On a graceful shutdown, seconds at most spent writing the host tier's blocks that the disk
+    tier lacks to disk (least recently used first), so that a restarted worker finds its hottest
+    blocks too. 0: none (only blocks already evicted to disk survive a restart)."""
 
     def __post_init__(self) -> None:
         _require(1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
         _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "must be >= 2")
+        _require(self.kv_offload_cpu_gb >= 0, "kv_offload_cpu_gb", "must be >= 0")
+        _require(self.kv_offload_disk_gb >= 0, "kv_offload_disk_gb", "must be >= 0")
+        _require(self.kv_offload_io_threads >= 1, "kv_offload_io_threads", "must be >= 1")
+        _require(self.kv_offload_flush_seconds >= 0, "kv_offload_flush_seconds", "must be >= 0")
+        _require(self.kv_offload_cpu_gb == 0 or self.enable_prefix_caching, "kv_offload_cpu_gb",
+                 "lower KV tiers hold prefix-cached blocks: not with --no-enable-prefix-caching")
+        _require(bool(self.kv_offload_disk_path) == (self.kv_offload_disk_gb > 0), "kv_offload_disk_gb",
+                 "a disk KV tier needs both --kv-offload-disk-path and --kv-offload-disk-gb > 0")
+        _require(not self.kv_offload_disk_path or self.kv_offload_cpu_gb > 0, "kv_offload_disk_path",
+                 "the disk KV tier sits under the host tier: give --kv-offload-cpu-gb too")
 
 
 @dataclass(frozen=True)
@@ -212,7 +238,20 @@ class DeviceConfig:
     """Where the model runs and which kernels it uses."""
 
     device: str = "auto"
-    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; with
+    --tensor-parallel-size N, one GPU per rank: 'cuda:0,1' (rank 0 on the first), or 'cuda'/'auto'
+    for GPUs 0..N-1."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (one process and one GPU each; on CPU, processes): attention
+    heads, MLP and vocabulary are divided among them, KV heads too (replicated when fewer than the
+    ranks). Rank 0 serves and schedules; the others run the same steps on their shards."""
+    tp_all_reduce: Literal["auto", "nccl", "symm_mem", "flashinfer"] = "auto"
+    """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
+    one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's
+    TensorRT-LLM all-reduce fused with the residual add and RMSNorm, up to --max-num-seqs rows;
+    NCCL above) or 'auto' (nccl, until benchmarks/gpu_tp.sh measures another faster). One that
+    cannot start on every rank falls back to NCCL on all of them (logged; the READY line's
+    all_reduce= says which runs). gloo on CPU."""
     attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
     decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"
@@ -234,7 +273,14 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "device", f"unknown device {self.device!r}")
+        _require(1 <= self.tensor_parallel_size <= 64, "tensor_parallel_size", "must be in 1..64")
         check_choices(self)
+        from pdmesh.distributed.devices import rank_devices
+
+        try:
+            rank_devices(self.device, self.tensor_parallel_size, check_cuda=False)
+        except ValueError as exc:
+            raise ConfigError(f"--device: {exc}") from None
         _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
         _require(self.warmup in ("auto", "on", "off"), "warmup", "must be 'auto', 'on' or 'off'")
 

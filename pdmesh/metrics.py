@@ -11,6 +11,8 @@ What each role reports (the dashboard in deploy/grafana reads exactly these):
 * decode: generated tokens, KV transfers by transport, running/waiting, KV usage.
 * both (colocated): what prefill and decode report, without transfers.
 * every worker: engine step time by kind (the stack's own cost is client TPOT / decode step time).
+* prefill/both with lower KV tiers: hits, misses, bytes and seconds of offloads and loads (GB/s),
+  dropped and corrupt blocks, occupancy, by tier (host, disk).
 """
 
 from __future__ import annotations
@@ -61,7 +63,20 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache.", (), None),
     "kv_transfer_bytes_total": ("counter", "KV bytes moved between workers, by transport.", ("transport",), None),
     "kv_transfer_failures_total": ("counter", "Decode: KV pulls that failed, by what was done (recompute, fail).", ("action",), None),
-    "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).", (), None),
+    "kv_tier_hits_total": ("counter", "Prompt tokens loaded from a lower KV tier (host, disk) instead of recomputed.", ("tier",), None),
+    "kv_tier_misses_total": ("counter", "Prompt tokens looked up in a lower KV tier (past the tiers above it) and not found there.", ("tier",), None),
+    "kv_tier_offload_bytes_total": ("counter", "KV bytes written into a lower tier (host: from the device; disk: from host memory).",
+                                    ("tier",), None),
+    "kv_tier_offload_seconds_total": ("counter", "Time spent copying KV into a lower tier (bytes over it: GB/s).", ("tier",), None),
+    "kv_tier_load_bytes_total": ("counter", "KV bytes loaded out of a lower tier (host: to the device; disk: to host memory).", ("tier",), None),
+    "kv_tier_load_seconds_total": ("counter", "Time spent loading KV out of a lower tier (bytes over it: GB/s).", ("tier",), None),
+    "kv_tier_dropped_blocks_total": ("counter", "KV blocks not written into a lower tier (full of blocks in use, or disk behind).", ("tier",), None),
+    "kv_tier_corrupt_blocks_total": ("counter", "Disk KV blocks refused on read (checksum, truncated, header): misses, never served.",
+                                     ("tier",), None),
+    "kv_tier_usage_bytes": ("gauge", "Bytes of KV held in a lower tier.", ("tier",), None),
+    "kv_tier_capacity_bytes": ("gauge", "Size limit of a lower KV tier.", ("tier",), None),
+    "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).",
+                                  (), None),
     "kv_transfer_faults_injected_total": ("counter", "Prefill: KV pulls corrupted by --inject-kv-faults.", ("mode",), None),
     "requests_received_total": ("counter", "Gateway: generation requests received (before validation).", (), None),
     "requests_finished_total": ("counter", "Gateway: requests that reached the mesh and ended, by outcome (ok, error, aborted).", ("outcome",), None),

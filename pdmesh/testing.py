@@ -17,14 +17,15 @@ def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", bac
                   num_kv_blocks: Optional[int] = None, max_num_seqs: int = 16, max_tokens_step: int = 4096,
                   max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9,
                   fused: bool = True, async_scheduling: str = "auto", decode_attention: str = "auto",
-                  tokenizer: Optional[str] = None) -> EngineConfig:
+                  tokenizer: Optional[str] = None, tensor_parallel_size: int = 1, tp_all_reduce: str = "auto") -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer),
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_step,
                                   async_scheduling=async_scheduling),
         device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=eager, fused_kernels=fused,
-                            decode_attention=decode_attention),
+                            decode_attention=decode_attention, tensor_parallel_size=tensor_parallel_size,
+                            tp_all_reduce=tp_all_reduce),
     )
 
 
@@ -36,7 +37,7 @@ async def prefill_held(prefill, rid: str, prompt: list[int], params, **desc_fiel
     from pdmesh.v1 import common_pb2 as pb
 
     out = None
-    async for out in prefill.generate(rid, prompt, params, prefill_only=True):
+    async for out in prefill.generate(rid, prompt, params, prefill_only=True):  # noqa: B007 - the last output is kept
         pass
     if out.held_block_ids is None:
         return out.new_token_ids[0], None

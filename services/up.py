@@ -41,6 +41,7 @@ from typing import Optional
 from pdmesh import placement
 from pdmesh.config import ConfigError, ModelConfig, _require, add_flags, from_flags
 from pdmesh.env import ENV
+from pdmesh.kv.shards import local_kv_heads, tp_error
 from pdmesh.rpc.tls import TlsConfig
 from services.procs import Child, ProcessGroup, Supervisor
 
@@ -83,6 +84,16 @@ class UpConfig:
     """GPUs of the decode workers (as --prefill-devices)."""
     colocated_devices: Optional[str] = None
     """GPUs of the colocated workers (as --prefill-devices)."""
+    tensor_parallel_size: int = 1
+    """Ranks of every worker (one GPU each: a worker of TP N takes a group of N GPUs, listed in
+    --prefill-devices & co as one group per worker, e.g. '0,1'); the per-role flags override it."""
+    prefill_tensor_parallel_size: Optional[int] = None
+    """Ranks of each prefill worker (default: --tensor-parallel-size)."""
+    decode_tensor_parallel_size: Optional[int] = None
+    """Ranks of each decode worker (default: --tensor-parallel-size); may differ from prefill's: KV
+    moves between TP sizes."""
+    colocated_tensor_parallel_size: Optional[int] = None
+    """Ranks of each colocated worker (default: --tensor-parallel-size)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of each GPU the mesh may use; workers sharing a GPU split it evenly."""
     api_key: tuple[str, ...] = ()
@@ -119,6 +130,14 @@ class UpConfig:
                  "need --prefill >= 1 and --decode >= 1, or --colocated >= 1 (with --prefill 0 --decode 0 or with both)")
         _require(not (self.api_key and self.api_key_file), "api_key_file", "give --api-key or --api-key-file, not both")
         _require(self.startup_timeout > 0, "startup_timeout", "must be > 0")
+        for role in ("prefill", "decode", "both"):
+            _require(1 <= self.tp(role) <= 64, "tensor_parallel_size", "must be in 1..64")
+
+    def tp(self, role: str) -> int:
+        """Tensor-parallel size of the role's workers."""
+        own = {"prefill": self.prefill_tensor_parallel_size, "decode": self.decode_tensor_parallel_size,
+               "both": self.colocated_tensor_parallel_size}[role]
+        return own or self.tensor_parallel_size
 
     def role_args(self, role: str) -> list[str]:
         """Every-worker flags then the role's own, split with shell quoting."""
@@ -185,21 +204,31 @@ def plan_workers(cfg: UpConfig, m: ModelConfig, res) -> list[placement.WorkerPla
     counts = {"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.colocated}
     flags = {"prefill": cfg.prefill_devices, "decode": cfg.decode_devices, "both": cfg.colocated_devices}
     devices = {r: placement.parse_devices(placement.ROLE_FLAGS[r], v) for r, v in flags.items() if v}
+    tps = {r: cfg.tp(r) for r in counts}
     for role in counts:
+        err = tp_error(res.arch.num_heads, res.arch.num_kv_heads, res.arch.intermediate_size, tps[role]) if counts[role] else ""
+        if err:
+            flag = {"prefill": "--prefill", "decode": "--decode", "both": "--colocated"}[role]
+            raise UpError(f"{err} ({flag} workers of --model {m.model})")
         own = [a.split("=")[0] for a in cfg.role_args(role)]
+        if "--tensor-parallel-size" in own:
+            raise UpError("--tensor-parallel-size in the worker args: use pdmesh up's --tensor-parallel-size or "
+                          "--prefill-/--decode-/--colocated-tensor-parallel-size (placement needs it)")
         for flag in ("--device", "--gpu-memory-utilization"):
             if flag in own:
                 if devices:
                     raise UpError(f"{flag} in the worker args conflicts with --prefill-devices/--decode-devices/"
                                   "--colocated-devices: use one or the other")
-                return placement.plan(counts, 0)  # the user places workers by hand
+                return placement.plan(counts, 0, gpus_per_worker=tps)  # the user places workers by hand
     gpus = placement.visible_gpu_memory()
-    plan = placement.plan(counts, len(gpus), devices, cfg.gpu_memory_utilization)
+    plan = placement.plan(counts, len(gpus), devices, cfg.gpu_memory_utilization, gpus_per_worker=tps)
     if gpus:
         dtype_bytes = 4 if m.dtype == "float32" else 2
         arch = res.arch
-        need = placement.memory_needed(arch.num_parameters() * dtype_bytes, arch.kv_bytes_per_token(dtype_bytes),
-                                       m.max_model_len or arch.max_position_embeddings)
+        need = {tp: placement.memory_needed(arch.num_parameters() * dtype_bytes,
+                                            2 * arch.num_layers * local_kv_heads(arch.num_kv_heads, tp) * arch.head_dim * dtype_bytes,
+                                            m.max_model_len or arch.max_position_embeddings, tp)
+                for tp in set(tps.values())}
         placement.check_fit(plan, gpus, need, res.served_name)
     return plan
 
@@ -282,7 +311,9 @@ def _listeners(children: list[Child], plan: dict[str, placement.WorkerPlacement]
             rows.append((c.name, f"{r.address}/v1", grpc, metrics))
         else:
             p = plan.get(c.name)
-            where = r.extra.get("device", "")
+            where = r.extra.get("devices", r.extra.get("device", ""))
+            if r.extra.get("tp"):
+                where += f" (TP {r.extra['tp']})"
             if p is not None and p.gpu_memory_utilization is not None:
                 where += f" ({p.gpu_memory_utilization:.2f} of the GPU)"
             rows.append((c.name, r.address, where, metrics))

@@ -44,3 +44,21 @@ def smol_hf():
 
     gguf = embedded_gguf_path()
     return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> str:
+    """A random Qwen3 saved as a Hugging Face directory, on the embedded tokenizer's vocabulary (49152)
+    and small enough for meshes of tensor-parallel workers on CPU: 4 attention heads and 2 KV heads
+    (one per rank at TP 2), hidden 64, 2 layers."""
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                                   initializer_range=0.3, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                                   pad_token_id=None)
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    return str(path)

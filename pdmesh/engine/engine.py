@@ -39,23 +39,29 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
+from pdmesh.distributed.devices import rank_devices
+from pdmesh.distributed.group import TPGroup
+from pdmesh.distributed.ranks import RankGroup
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
+from pdmesh.engine.offload import LOAD_TIMEOUT_S, KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
-from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
+from pdmesh.engine.runner import LaunchedStep, placeholder
 from pdmesh.engine.scheduler import Scheduler
+from pdmesh.engine.stats import EngineStats, RemoteAdmission  # noqa: F401 (re-exported)
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.kv.audit import KVAudit
-from pdmesh.kv.block_manager import PrefixCachingBlockManager
-from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
-from pdmesh.models.loader import ResolvedModel, load_model, resolve
+from pdmesh.kv.block_manager import PrefixCachingBlockManager, PrefixHit
+from pdmesh.kv.events import KVEventLog
+from pdmesh.engine.shard import build_shard
+from pdmesh.models import check_tensor_parallel
+from pdmesh.models.loader import ResolvedModel, resolve
 from pdmesh.transport.base import TransferError
+from pdmesh.transport.cuda_ipc import open_share
 from pdmesh.tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
@@ -64,9 +70,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of ``--device`` (rank 0's when it lists one GPU per rank)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(name.split(",")[0])
 
 
 def on_device(device: torch.device):
@@ -92,37 +99,14 @@ class RequestRejected(ValueError):
     """A request can never run here (too long, or larger than the whole KV pool)."""
 
 
-@dataclass(frozen=True)
-class RemoteAdmission:
-    """Decode side: where a remote prompt's KV must land."""
-
-    block_ids: list[int]
-    """All local blocks of the prompt, in token order."""
-    num_cached_blocks: int
-    """Leading blocks already present from the local prefix cache (not to be pulled)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_for_kv: int
-    num_held: int
-    free_blocks: int
-    total_blocks: int
-    held_blocks: int
-    prefix_queries: int
-    prefix_hits: int
-    audit_mismatches: int = 0
-    transfers_stopping: int = 0
-    """Stopped KV transfers whose blocks wait until they certainly write no more."""
-    quarantined_blocks: int = 0
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, resolved: Optional[ResolvedModel] = None) -> None:
+    def __init__(self, config: EngineConfig, resolved: Optional[ResolvedModel] = None,
+                 kv_events: Optional[KVEventLog] = None) -> None:
         self.config = config
         self.device = pick_device(config.device.device)
+        self.kv_events = kv_events
+        """Where the prefix hashes this engine holds, per tier, are recorded as they change (workers
+        whose prompts are routed by cached prefix publish them); None: not recorded."""
         with on_device(self.device):
             self._build(config, resolved)
 
@@ -134,11 +118,22 @@ class LLMEngine:
         arch = self.resolved.arch
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
-        t0 = time.perf_counter()
-        log.info("loading %s (%s weights, %.1f B parameters) on %s", self.resolved.served_name, self.resolved.load_format,
-                 arch.num_parameters() / 1e9, self.device)
-        self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed)
-        log.info("weights loaded in %.1f s", time.perf_counter() - t0)
+        tp_size = config.device.tensor_parallel_size
+        check_tensor_parallel(arch, tp_size)
+        self.ranks: Optional[RankGroup] = None
+        """The other ranks of this worker's tensor-parallel group (None without TP)."""
+        if tp_size > 1:
+            devices = rank_devices(config.device.device, tp_size)
+            self.device = devices[0]
+            self.ranks = RankGroup(config, self.resolved, devices)
+        try:
+            self.tp = self.ranks.join() if self.ranks is not None else TPGroup.single(self.device)
+            shard = build_shard(config, self.resolved, self.tp, self.dtype, self.max_model_len)
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.pool, self.backend, self.runner = shard.model, shard.pool, shard.backend, shard.runner
+        num_blocks = shard.num_blocks
         path = self.resolved.tokenizer_path
         self.tokenizer: Optional[Tokenizer] = Tokenizer(path) if has_tokenizer(path) else None
         """The model's tokenizer (None for token-id-only models): its EOS ids, and grammars."""
@@ -147,20 +142,19 @@ class LLMEngine:
         """Ids that end a request: the model config's, the tokenizer's and generation_config.json's."""
         self._grammars: Optional[GrammarEngine] = None
         self._grammars_lock = threading.Lock()
-        num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
-        self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.runner.blocks = self.blocks
+        if self.ranks is not None:
+            try:
+                shares = self.ranks.wait_ready()
+                self.pool.attach_ranks([open_share(x) for x in shares], shares)
+            except BaseException:
+                self.close()
+                raise
+            self.runner.followers = self.ranks
         self.audit: Optional[KVAudit] = KVAudit(self.pool) if config.cache.kv_audit else None
         """Checksums of prompt KV (``--kv-audit``), verified when blocks are freed."""
-        self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
-                                      arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        if self.device.type == "cuda" and config.device.fused_kernels and self.backend.name == "flashinfer":
-            self.model.enable_fused_kernels()
-        self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
-        if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
-            log.info("capturing decode CUDA graphs (first use compiles the decode kernels)")
-            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         mode = config.scheduler.async_scheduling
         self.async_scheduling = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         self._inflight: Optional[LaunchedStep] = None
@@ -173,25 +167,30 @@ class LLMEngine:
         self.remote: dict[str, Sequence] = {}
         """Requests waiting for (or receiving) their prompt's KV from another worker."""
         self.connector = KVConnector(self.blocks)
-        """Pulls in flight, polled between steps."""
+        """Pulls, tier loads and offloads in flight, polled between steps."""
+        on_event = self.kv_events.record if self.kv_events is not None else None
+        if on_event is not None:
+            self.blocks.on_cache_event = lambda h, added: on_event("device", h, added)
+        self.tiers: Optional[KVTiers] = None
+        """Host-memory and disk KV tiers under the pool (``--kv-offload-cpu-gb``, ``--kv-offload-disk-*``)."""
+        if config.cache.kv_offload_cpu_gb > 0:
+            self.tiers = KVTiers(config.cache, config.model, self.pool, self.blocks, self.connector, self.device, on_event)
+            self.scheduler.prefetch = self._start_load
         self.num_steps = 0
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
         latest step that ran a batch (step-time metrics by kind)."""
-        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, attention=%s",
-                 arch.architecture, self.device, self.dtype, num_blocks, config.cache.block_size, self.backend.name)
+        log.info("engine ready: %s on %s/%s%s, %d KV blocks of %d tokens, attention=%s",
+                 arch.architecture, self.device, self.dtype, f" (TP {tp_size})" if tp_size > 1 else "", num_blocks,
+                 config.cache.block_size, self.backend.name)
 
-    def _size_kv(self, config: EngineConfig) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            mine = torch.cuda.memory_reserved(self.device)  # this process's weights so far
-            # This worker's share of the GPU, minus what it holds, minus room for activations and
-            # graphs; never more than what is actually free (other processes may share the GPU).
-            budget = min(int(total * config.cache.gpu_memory_utilization) - mine, free) - (2 << 30)
-            if budget <= 0:
-                raise RuntimeError("no GPU memory left for the KV cache; raise --gpu-memory-utilization")
-            return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, budget)
-        return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, config.cache.kv_cache_memory)
+    def close(self) -> None:
+        """Stop the other ranks and leave the process group (engine thread; idempotent)."""
+        if self.ranks is not None:
+            self.ranks.stop()
+            self.ranks = None
+            if getattr(self, "tp", None) is not None:
+                self.tp.destroy()
 
     # ------------------------------------------------------------------ grammars
     @property
@@ -283,13 +282,23 @@ class LLMEngine:
                     job.prepared.close()
         self.connector.add(job, transfer, len(dst), started)
 
+    def transfers_pending(self) -> bool:
+        """KV pulls, tier copies or disk I/O in flight, or released blocks not yet offloaded."""
+        t = self.tiers
+        return self.connector.pending or (t is not None and (t.busy or bool(self.blocks.released)))
+
     def poll_transfers(self) -> bool:
-        """Advance the KV pulls in flight and settle the requests whose pull ended; True while
-        any transfer (or a stopped one still quiescing) remains."""
+        """Copy released blocks down to the lower tiers, advance the KV pulls and tier copies in
+        flight and settle the requests whose pull or load ended; True while anything remains."""
+        if self.tiers is not None:
+            self.tiers.step()
         if not self.connector.pending:
-            return False
+            return self.transfers_pending()
         now = time.monotonic()
         for a, err in self.connector.poll(now):
+            if isinstance(a.job, TierLoadJob):
+                self._settle_load(a.job, a.transfer, err)
+                continue
             job, rid = a.job, a.job.request_id
             name, secs = job.transport.name, now - a.started
             if err is None:
@@ -308,7 +317,52 @@ class LLMEngine:
                     self.abort(rid)
                     report = PullReport(PullOutcome.FAILED, name, seconds=secs, error=err)
             job.on_outcome(report)
-        return self.connector.pending
+        return self.transfers_pending()
+
+    def _start_load(self, seq: Sequence, hit: PrefixHit) -> bool:
+        """The scheduler's ``prefetch``: if the lower tiers hold more of ``seq``'s prefix than the
+        device, allocate its blocks and start loading them (True: the sequence waits in
+        ``remote`` until ``_settle_load``); else False, and it is computed as usual."""
+        tiers = self.tiers
+        rid = seq.request_id
+        plan = tiers.plan(seq.token_ids, hit)
+        count = seq.num_preemptions == 0 and not seq.tiers_looked_up
+        if not plan or self.blocks.allocate(rid, seq.num_tokens, hit) is None:
+            if count and not plan:
+                seq.tiers_looked_up = True
+                tiers.count_lookup(seq.num_tokens - hit.num_tokens)
+            return False
+        self.blocks.record_prefix_query(seq.num_tokens, hit.num_tokens)
+        first = len(hit.block_ids)
+        job, load = tiers.start_load(rid, plan, first, self.blocks.block_table(rid)[first:first + len(plan)])
+        if count:
+            seq.tiers_looked_up = True
+            job.count_tokens = seq.num_tokens - hit.num_tokens
+        seq.num_computed_tokens = hit.num_tokens
+        seq.status = SequenceStatus.WAITING_FOR_KV
+        self.remote[rid] = seq
+        self.connector.add(job, load, len(load.dst), job.started, job.started + LOAD_TIMEOUT_S)
+        return True
+
+    def _settle_load(self, job: TierLoadJob, load, err: Optional[str]) -> None:
+        """A tier load ended: requeue its request (at the front) with the blocks that arrived
+        computed; the rest of its prompt is computed as usual."""
+        n = self.tiers.loaded(job, load) if err is None else 0
+        if err is not None:
+            log.warning("KV tier load of %s failed: %s (computing its prompt)", job.request_id, err)
+        if job.count_tokens is not None:
+            self.tiers.count_lookup(job.count_tokens, job.tiers[:n])
+        seq = self.remote.pop(job.request_id, None)
+        if seq is None:  # aborted meanwhile
+            return
+        if not self.blocks.has_request(job.request_id):  # its blocks went to quarantine: start afresh
+            seq.num_computed_tokens = 0
+        else:
+            seq.num_computed_tokens = (job.first_block + n) * self.blocks.block_size
+            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+        self.scheduler.add(seq, front=True)
 
     def _activate_remote(self, request_id: str) -> bool:
         """The remote KV has landed: queue the request for decoding. False if it was aborted."""
@@ -341,7 +395,7 @@ class LLMEngine:
         """Drop the request wherever it is and free its blocks at once (blocks that its stopped
         KV transfer may still write go to the connector's quarantine instead)."""
         pulling = self.connector.abort(request_id)
-        if pulling is not None:
+        if pulling is not None and isinstance(pulling.job, PullJob):
             pulling.job.on_outcome(PullReport(PullOutcome.FAILED, pulling.job.transport.name, error="aborted", aborted=True))
         seq = self.scheduler.remove(request_id) or self.remote.pop(request_id, None) or self.held.pop(request_id, None)
         had_blocks = self.blocks.has_request(request_id)
@@ -557,4 +611,5 @@ class LLMEngine:
             audit_mismatches=self.audit.mismatches if self.audit is not None else 0,
             transfers_stopping=len(self.connector.stopping),
             quarantined_blocks=self.connector.quarantined_blocks(),
+            tiers=self.tiers.snapshot() if self.tiers is not None else None,
         )

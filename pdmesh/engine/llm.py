@@ -41,8 +41,8 @@ class LLM:
                  num_kv_blocks: Optional[int] = None, kv_cache_memory: int = 512 << 20,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: str = "auto",
-                 enforce_eager: bool = False, async_scheduling: str = "auto",
-                 engine_config: Optional[EngineConfig] = None) -> None:
+                 enforce_eager: bool = False, async_scheduling: str = "auto", tensor_parallel_size: int = 1,
+                 cpu_threads: int = 0, engine_config: Optional[EngineConfig] = None) -> None:
         if engine_config is None:
             mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
                              **({"model": model} if model else {}))
@@ -52,10 +52,21 @@ class LLM:
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                           enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling),
-                device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager),
+                device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager,
+                                    tensor_parallel_size=tensor_parallel_size, cpu_threads=cpu_threads),
             )
         self.engine = LLMEngine(engine_config)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks (nothing to do without TP)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self) -> Tokenizer:

@@ -14,12 +14,19 @@ Two ways to run a step:
 
 Host buffers that the device reads asynchronously (the packed inputs, FlashInfer's pinned plan
 buffers) are written only after the previous step's inputs were consumed (``_InputFence``).
+
+Tensor parallelism: ``prepare`` (rank 0: sequences and block tables) turns a batch into a
+``StepInputs`` — plain arrays, no sequences — and ``execute`` runs it: on rank 0 it first sends it
+to the other ranks (``followers``), which run the same ``execute`` on their shards, so every rank
+makes the same collectives in the same order (forward, prompt-logprob logits, sampled logits, and
+for launched steps the broadcast of the sampled ids that the next step's placeholders name).
+Sampling, grammars and logprobs happen on rank 0 only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -36,6 +43,37 @@ from pdmesh.models.transformer import CausalLM
 def placeholder(row: int) -> int:
     """The token id standing for row ``row`` of the in-flight step's sampled ids."""
     return -(row + 1)
+
+
+@dataclass
+class StepInputs:
+    """One step as every rank runs it: built by rank 0's ``prepare``, sent to the other ranks."""
+
+    packed: np.ndarray
+    """[3, T] int64: token ids (``placeholder(row)`` for a token the in-flight step samples),
+    positions, cache slots."""
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[np.ndarray]
+    """Per sequence: its block ids (int32)."""
+    logits_idx: list[int]
+    """Rows of the step's hidden states whose next token is sampled."""
+    prompt_rows: list[tuple[int, int]] = field(default_factory=list)
+    """Row ranges whose logits give prompt logprobs, in sequence order."""
+    launch: bool = False
+    """Async scheduling: the sampled ids are broadcast to every rank (the next step's placeholders)."""
+
+
+@dataclass
+class StepTensors:
+    """What ``execute`` computed on this rank."""
+
+    hidden: torch.Tensor
+    """[T, hidden]."""
+    logits: Optional[torch.Tensor]
+    """[len(logits_idx), vocab] float32 (every rank under TP: gathered), None without rows to sample."""
+    prompt_logits: list[torch.Tensor]
+    """Per ``prompt_rows`` range: [rows, vocab] float32."""
 
 
 @dataclass
@@ -90,9 +128,13 @@ LogitsMask = Callable[[torch.Tensor, list[Sequence]], None]
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVCachePool, blocks: PrefixCachingBlockManager,
-                 backend: BaseAttentionBackend, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, pool: KVCachePool, blocks: Optional[PrefixCachingBlockManager],
+                 backend: BaseAttentionBackend, device: torch.device, followers: Any = None) -> None:
+        """``blocks``: rank 0's block manager (None on other ranks, which never ``prepare``);
+        ``followers``: rank 0's handle on the other ranks (``RankGroup``), None without TP."""
         self.model = model
+        self.tp = model.tp
+        self.followers = followers
         self.pool = pool
         self.blocks = blocks
         self.backend = backend
@@ -124,23 +166,44 @@ class ModelRunner:
         self._pinned[:, :t].copy_(host)
         return self._pinned[:, :t].to(self.device, non_blocking=True)
 
-    def prepare(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor, BatchLayout, list[int], list[Sequence]]:
-        """Inputs of ``batch``; ``prev_ids`` ([S] int64, device) resolves placeholder tokens."""
-        self._fence.wait()
+    def prepare(self, batch: ScheduledBatch, launch: bool = False) -> tuple[StepInputs, list[Sequence]]:
+        """Rank 0: the step description of ``batch`` and the sequences it samples."""
         if all(n == 1 for n in batch.num_new_tokens):
             packed, ctx_lens, logits_idx, sample_seqs = self._one_token_each(batch)
         else:
             packed, ctx_lens, logits_idx, sample_seqs = self._token_ranges(batch)
+        tables = [self.blocks.block_table_array(seq.request_id) for seq in batch.seqs]
+        rows = [(a, b) for _, a, b, _, _ in self._prompt_spans(batch)]
+        return StepInputs(packed, list(batch.num_new_tokens), ctx_lens, tables, logits_idx, rows, launch), sample_seqs
+
+    def execute(self, inputs: StepInputs, prev_ids: Optional[torch.Tensor] = None) -> StepTensors:
+        """Every rank: run the step's model forward and the logits it needs (rank 0 first sends the
+        step to the other ranks).  ``prev_ids`` ([S] int64, device): the in-flight step's sampled ids,
+        which placeholder tokens name."""
+        if self.followers is not None:
+            self.followers.send_step(inputs)
+        self._fence.wait()
+        packed = inputs.packed
         dev = self._to_device(packed)
         input_ids = dev[0]
         if packed[0].min() < 0:  # tokens still on the device, sampled by the in-flight step
             if prev_ids is None:
                 raise RuntimeError("a placeholder token without the step that samples it")
             input_ids = torch.where(input_ids < 0, prev_ids[(-input_ids - 1).clamp(min=0)], input_ids)
-        tables = [self.blocks.block_table_array(seq.request_id) for seq in batch.seqs]
-        layout = BatchLayout(list(batch.num_new_tokens), ctx_lens, tables, dev[2], self.block_size)
-        return input_ids, dev[1], layout, logits_idx, sample_seqs
+        layout = BatchLayout(inputs.query_lens, inputs.context_lens, inputs.block_tables, dev[2], self.block_size)
+        if self.graphs is not None and self.graphs.can_run(layout):
+            hidden = self.graphs.run(input_ids, dev[1], layout, on_loaded=self._fence.mark)
+        else:
+            plan = self.backend.plan(layout)
+            self._fence.mark()
+            hidden = self.model(input_ids, dev[1], StepAttention(self.backend, plan, self.pool.kv))
+        prompt_logits = [self.model.compute_logits(hidden[a:b]) for a, b in inputs.prompt_rows]
+        logits = self._logits(hidden, inputs.logits_idx) if inputs.logits_idx else None
+        return StepTensors(hidden, logits, prompt_logits)
+
+    def share_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """A launched step's sampled ids [S] int64 on every rank (rank 0's, broadcast)."""
+        return self.tp.broadcast(ids)
 
     def _one_token_each(self, batch: ScheduledBatch) -> tuple[np.ndarray, list[int], list[int], list[Sequence]]:
         """Decode steps (one new token per sequence), in plain ints: ([3, B] int64 ids, positions,
@@ -179,65 +242,68 @@ class ModelRunner:
         packed = np.stack([np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)])
         return packed, ctx_lens, logits_idx, sample_seqs
 
-    def _hidden(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, list[int], list[Sequence]]:
-        """Run the model over the batch: hidden states [T, hidden] of every token, the rows of the
-        sequences whose pending tokens are all computed by this step, and those sequences."""
-        input_ids, positions, layout, logits_idx, sample_seqs = self.prepare(batch, prev_ids)
-        if self.graphs is not None and self.graphs.can_run(layout):
-            hidden = self.graphs.run(input_ids, positions, layout, on_loaded=self._fence.mark)
-        else:
-            plan = self.backend.plan(layout)
-            self._fence.mark()
-            hidden = self.model(input_ids, positions, StepAttention(self.backend, plan, self.pool.kv))
-        return hidden, logits_idx, sample_seqs
-
     def _logits(self, hidden: torch.Tensor, logits_idx: list[int]) -> torch.Tensor:
         if len(logits_idx) != hidden.shape[0]:  # some sequences were mid-prefill: pick last tokens
             hidden = hidden[torch.tensor(logits_idx, device=self.device)]
         return self.model.compute_logits(hidden)
 
-    def forward(self, batch: ScheduledBatch, prev_ids: Optional[torch.Tensor] = None
-                ) -> tuple[Optional[torch.Tensor], list[Sequence]]:
-        """Run the model over the batch; logits [N, vocab] (float32) of the sequences whose pending
-        tokens are all computed by this step, and those sequences."""
-        hidden, logits_idx, sample_seqs = self._hidden(batch, prev_ids)
-        if not sample_seqs:
-            return None, []
-        return self._logits(hidden, logits_idx), sample_seqs
+    def forward(self, batch: ScheduledBatch) -> tuple[Optional[torch.Tensor], list[Sequence]]:
+        """Rank 0: run the model over the batch; logits [N, vocab] (float32) of the sequences whose
+        pending tokens are all computed by this step, and those sequences."""
+        inputs, sample_seqs = self.prepare(batch)
+        return self.execute(inputs).logits, sample_seqs
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, batch: ScheduledBatch) -> list[tuple[Sequence, list[TokenLogprob]]]:
-        """Logprobs of the prompt tokens whose predecessors this step computed, for sequences that
-        asked: hidden row of position p scores prompt token p + 1 (its logprob, rank, top-k)."""
-        out: list[tuple[Sequence, list[TokenLogprob]]] = []
+    @staticmethod
+    def _prompt_spans(batch: ScheduledBatch) -> list[tuple[Sequence, int, int, int, int]]:
+        """For sequences that asked for prompt logprobs and compute predecessors of prompt tokens
+        this step: (seq, first row, end row, lo, hi) — hidden row of position p scores prompt token
+        p + 1, for positions lo..hi-1."""
+        out = []
         offset = 0
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start, done = seq.num_computed_tokens, len(seq.prompt_logprobs)
             lo, hi = max(start, done), min(start + n, seq.num_prompt_tokens - 1)
             if seq.wants_prompt_logprobs and lo < hi:
-                rows = torch.arange(offset + lo - start, offset + hi - start, device=hidden.device)
-                lps = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
-                nxt = torch.tensor(seq.token_ids[lo + 1:hi + 1], dtype=torch.int64, device=hidden.device)
-                chosen = lps.gather(1, nxt[:, None])
-                ranks = (lps > chosen).sum(dim=1) + 1
-                k = seq.params.prompt_logprobs or 0
-                top_v, top_i = lps.topk(k, dim=-1) if k else (lps[:, :0], lps[:, :0].long())
-                out.append((seq, [TokenLogprob(t, lp, list(zip(ti, tv)), r) for t, lp, ti, tv, r in zip(
-                    nxt.tolist(), chosen.squeeze(1).tolist(), top_i.tolist(), top_v.tolist(), ranks.tolist())]))
+                out.append((seq, offset + lo - start, offset + hi - start, lo, hi))
             offset += n
         return out
+
+    def _prompt_logprobs(self, step: StepTensors, batch: ScheduledBatch) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        """Logprobs of the prompt tokens whose predecessors this step computed (their logprob, rank, top-k)."""
+        out: list[tuple[Sequence, list[TokenLogprob]]] = []
+        for (seq, _, _, lo, hi), logits in zip(self._prompt_spans(batch), step.prompt_logits):
+            lps = torch.log_softmax(logits, dim=-1)
+            nxt = torch.tensor(seq.token_ids[lo + 1:hi + 1], dtype=torch.int64, device=logits.device)
+            chosen = lps.gather(1, nxt[:, None])
+            ranks = (lps > chosen).sum(dim=1) + 1
+            k = seq.params.prompt_logprobs or 0
+            top_v, top_i = lps.topk(k, dim=-1) if k else (lps[:, :0], lps[:, :0].long())
+            out.append((seq, [TokenLogprob(t, lp, list(zip(ti, tv)), r) for t, lp, ti, tv, r in zip(
+                nxt.tolist(), chosen.squeeze(1).tolist(), top_i.tolist(), top_v.tolist(), ranks.tolist())]))
+        return out
+
+    @torch.inference_mode()
+    def follow(self, inputs: StepInputs, prev_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Ranks other than 0: run a step rank 0 sent; for a launched step, returns the sampled ids
+        rank 0 broadcast (the next step's ``prev_ids``)."""
+        self.execute(inputs, prev_ids)
+        if not inputs.launch:
+            return prev_ids
+        return self.share_ids(torch.empty(len(inputs.logits_idx), dtype=torch.int64, device=self.device))
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, prev: Optional[LaunchedStep] = None) -> LaunchedStep:
         """Queue a step that samples every sequence of ``batch`` without logprobs or penalties
         (async scheduling); ``prev`` is the in-flight step whose placeholders it takes as input."""
-        logits, sample_seqs = self.forward(batch, prev.ids if prev is not None else None)
-        if logits is None or len(sample_seqs) != len(batch.seqs):
+        inputs, sample_seqs = self.prepare(batch, launch=True)
+        if len(sample_seqs) != len(batch.seqs) or not sample_seqs:
             raise RuntimeError("launch() takes decode batches only")
+        logits = self.execute(inputs, prev.ids if prev is not None else None).logits
         if all(plain_greedy(s) for s in sample_seqs):
             ids = logits.argmax(dim=-1)
         else:
             ids = self.sampler.sample(logits, build_sampling_batch(sample_seqs, logits.shape[-1], self.device))
+        ids = self.share_ids(ids)
         if self.device.type != "cuda":
             return LaunchedStep(batch, sample_seqs, ids, ids, None)
         n = ids.shape[0]
@@ -260,11 +326,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, mask: Optional[LogitsMask] = None) -> StepResult:
         """One step, waited for; ``mask`` (the engine's grammar mask) constrains the logits."""
-        hidden, logits_idx, sample_seqs = self._hidden(batch)
-        prompt_lps = self._prompt_logprobs(hidden, batch) if any(s.wants_prompt_logprobs for s in batch.seqs) else []
+        inputs, sample_seqs = self.prepare(batch)
+        step = self.execute(inputs)
+        prompt_lps = self._prompt_logprobs(step, batch) if step.prompt_logits else []
         if not sample_seqs:
             return StepResult([], [], [], prompt_lps)
-        logits = self._logits(hidden, logits_idx)
+        logits = step.logits
         if mask is not None:
             mask(logits, sample_seqs)
         if all(plain_greedy(s) for s in sample_seqs):

@@ -145,6 +145,8 @@ class Sequence:
     """Structured output: the grammar's state after this sequence's output tokens (engine-owned)."""
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """Logprobs of prompt tokens 1.. computed so far (``params.prompt_logprobs`` requests)."""
+    tiers_looked_up: bool = False
+    """Its prefix was looked up in the lower KV tiers (counted once in their hit/miss counters)."""
 
     @property
     def wants_prompt_logprobs(self) -> bool:

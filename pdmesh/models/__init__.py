@@ -11,10 +11,12 @@ a family only states what its architecture must look like:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
+from pdmesh.distributed.group import TPGroup
+from pdmesh.kv.shards import tp_error
 from pdmesh.models.arch import ModelArch, arch_from_hf_config
 from pdmesh.models.transformer import CausalLM
 
@@ -43,15 +45,24 @@ REGISTRY: dict[str, Callable[[ModelArch], None]] = {
 """Supported HF architecture names -> the check their ModelArch must pass."""
 
 
-def build_model(arch: ModelArch, dtype: torch.dtype) -> CausalLM:
-    """Build on the meta device; the caller materializes and loads weights."""
+def check_tensor_parallel(arch: ModelArch, tp: int) -> None:
+    """ValueError naming --tensor-parallel-size when the model does not split over ``tp`` ranks."""
+    err = tp_error(arch.num_heads, arch.num_kv_heads, arch.intermediate_size, tp)
+    if err:
+        raise ValueError(err)
+
+
+def build_model(arch: ModelArch, dtype: torch.dtype, tp: Optional[TPGroup] = None) -> CausalLM:
+    """Build on the meta device (this rank's shard under ``tp``); the caller materializes and loads weights."""
     try:
         check = REGISTRY[arch.architecture]
     except KeyError:
         raise ValueError(f"unsupported architecture {arch.architecture!r}") from None
     check(arch)
+    if tp is not None:
+        check_tensor_parallel(arch, tp.size)
     with torch.device("meta"):
-        return CausalLM(arch, dtype)
+        return CausalLM(arch, dtype, tp)
 
 
-__all__ = ["ModelArch", "CausalLM", "arch_from_hf_config", "build_model", "REGISTRY"]
+__all__ = ["ModelArch", "CausalLM", "arch_from_hf_config", "build_model", "check_tensor_parallel", "REGISTRY"]

@@ -28,6 +28,25 @@ PRESETS: dict[str, dict] = {
         head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
         tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
     ),
+    "qwen3-14b": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=5120,
+        intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
+        head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=40960,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "qwen2.5-72b": dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=152064, hidden_size=8192,
+        intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "llama-3.1-70b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=8192,
+        intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+        max_position_embeddings=131072, tie_word_embeddings=False, bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+    ),
     "qwen2.5-0.5b": dict(
         architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151936, hidden_size=896,
         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,

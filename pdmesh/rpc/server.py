@@ -128,9 +128,24 @@ async def wait_for_signal() -> str:
 
 
 async def serve_until_signal(server: grpc.aio.Server, health_: Optional[Health], drain_timeout: float,
-                             on_drain: Optional[Callable[[], Awaitable[None]]] = None) -> None:
-    """Run until SIGINT/SIGTERM, then: NOT_SERVING, ``on_drain()``, stop with a grace period."""
-    name = await wait_for_signal()
+                             on_drain: Optional[Callable[[], Awaitable[None]]] = None,
+                             fatal: Optional[asyncio.Future] = None) -> Optional[str]:
+    """Run until SIGINT/SIGTERM, then: NOT_SERVING, ``on_drain()``, stop with a grace period.
+    ``fatal``: a future whose result (why the process cannot serve: its engine or a rank died) stops
+    it at once instead, without draining; returned."""
+    sig = asyncio.ensure_future(wait_for_signal())
+    waiting = {sig} if fatal is None else {sig, fatal}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if fatal is not None and fatal.done() and not sig.done():
+        sig.cancel()
+        why = str(fatal.result())
+        log.error("cannot serve any more (%s): stopping without draining", why)
+        ignore_further_signals()
+        if health_ is not None:
+            await health_.set_serving(False)
+        await server.stop(grace=1.0)
+        return why
+    name = sig.result()
     log.info("%s: draining (up to %.1fs)", name, drain_timeout)
     if health_ is not None:
         await health_.set_serving(False)
@@ -140,3 +155,4 @@ async def serve_until_signal(server: grpc.aio.Server, health_: Optional[Health],
         except asyncio.TimeoutError:
             log.warning("drain timed out")
     await server.stop(grace=1.0)
+    return None

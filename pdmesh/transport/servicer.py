@@ -1,7 +1,8 @@
 """Prefill side of every transport: ``KVTransfer`` serves the held KV.
 
-* ``Pull`` streams a request's blocks (the ``grpc`` transport) under a stream pin on its lease,
-  all of it under the lease's hard limit (a reader that stops reading is cut off there).
+* ``Pull`` streams a request's blocks of one tensor-parallel rank's pool (the ``grpc`` transport;
+  rank 0 maps every rank's pool) under a stream pin on its lease, all of it under the lease's hard
+  limit (a reader that stops reading is cut off there).
 * ``GetIpcHandle`` / ``GetNixlMetadata`` tell one-sided readers (``cuda_ipc``, ``nixl``) where the
   pool is, once per peer process (both carry this process's incarnation).
 * ``BeginRead`` / ``EndRead`` pin the lease around a one-sided read (see ``LeaseTable``).
@@ -51,9 +52,11 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         self.nixl_metadata = nixl_metadata
 
     async def Pull(self, request: kpb.PullRequest, context: grpc.aio.ServicerContext) -> None:
-        """Streams the blocks (``context.write``) under a stream pin, for the lease token's holder and
-        the lease's prompt only; the whole pull runs under the lease's hard limit, so a reader that
-        stops reading cannot keep the blocks pinned past it."""
+        """Streams the blocks of rank ``request.rank``'s pool (``context.write``) under a stream pin,
+        for the lease token's holder and the lease's prompt only; the whole pull runs under the
+        lease's hard limit, so a reader that stops reading cannot keep the blocks pinned past it."""
+        if not 0 <= request.rank < len(self.pool.ranks):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no tensor-parallel rank {request.rank} here")
         lease = self.leases.pin(request.request_id)
         if lease is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id!r} (released or expired)")
@@ -66,13 +69,13 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "requested blocks are not held for this request")
             try:
                 async with asyncio.timeout(lease.hard_deadline - time.monotonic()):
-                    await self._serve(ids, context)
+                    await self._serve(request.rank, ids, context)
             except TimeoutError:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the KV lease reached its hard limit (--kv-lease-max-seconds)")
         finally:
             self.leases.unpin(request.request_id)
 
-    async def _serve(self, ids: list[int], context: grpc.aio.ServicerContext) -> None:
+    async def _serve(self, rank: int, ids: list[int], context: grpc.aio.ServicerContext) -> None:
         mode = self.faults.next_pull()
         if mode and mode != "delay" and self.metrics is not None:
             self.metrics.inc("kv_transfer_faults_injected_total", mode=mode)
@@ -85,7 +88,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             if mode == "delay":
                 await asyncio.sleep(self.faults.delay)
             chunk = ids[start:start + self.per_chunk]
-            data = await asyncio.to_thread(self._read, chunk)
+            data = await asyncio.to_thread(self._read, rank, chunk)
             await context.write(kpb.KVChunk(first_index=start, num_blocks=len(chunk), data=data))
 
     async def BeginRead(self, request: kpb.BeginReadRequest, context: grpc.aio.ServicerContext) -> kpb.BeginReadResponse:
@@ -114,7 +117,7 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
         from pdmesh.transport.cuda_ipc import export_handle
 
         try:
-            return export_handle(self.pool, self.incarnation)
+            return export_handle(self.pool, self.incarnation, request.rank)
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
@@ -123,6 +126,6 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does not offer the nixl transport")
         return self.nixl_metadata()
 
-    def _read(self, block_ids: list[int]) -> bytes:
-        t = self.pool.gather_blocks(torch.tensor(block_ids, dtype=torch.int64))
+    def _read(self, rank: int, block_ids: list[int]) -> bytes:
+        t = self.pool.read_heads(rank, block_ids)
         return t.cpu().contiguous().view(torch.uint8).numpy().tobytes()

@@ -74,8 +74,9 @@ class KVTransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetIpcHandle(self, request, context):
-        """CUDA IPC handle of the worker's whole KV pool (exported once per process; FAILED_PRECONDITION
-        when the pool is not on a GPU). Peers on the same host open it once and copy blocks directly.
+        """CUDA IPC handle of the worker's whole KV pool, of one tensor-parallel rank (exported once per
+        process; FAILED_PRECONDITION when the pool is not on a GPU). Peers on the same host open it once
+        and copy blocks directly.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

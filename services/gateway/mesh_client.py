@@ -95,16 +95,18 @@ class MeshClient:
     async def list_workers(self, timeout: float = 2.0) -> spb.ListWorkersResponse:
         return await self._scheduler().ListWorkers(spb.ListWorkersRequest(), timeout=timeout)
 
-    async def _route(self, rid: str, model: str, prompt_len: int, exclude: list[str], deadline: float,
+    async def _route(self, rid: str, model: str, prompt: list[int], exclude: list[str], deadline: float,
                      trace: RequestTrace) -> spb.RouteResponse:
         try:
             return await self._scheduler().Route(
-                spb.RouteRequest(request_id=rid, model=model, prompt_tokens=prompt_len, exclude_worker_ids=exclude),
+                spb.RouteRequest(request_id=rid, model=model, prompt_tokens=len(prompt), exclude_worker_ids=exclude,
+                                 prompt_token_ids=prompt),
                 timeout=min(self.route_timeout, max(0.01, deadline - time.monotonic())),
                 metadata=tracecontext.metadata(trace.traceparent))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
+            unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "")
+            msg = "the scheduler is unreachable" if unreachable else exc.details()
             raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
 
     async def _start(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
@@ -116,10 +118,10 @@ class MeshClient:
         for attempt in range(self.max_attempts):
             trace.attempts = attempt + 1
             try:
-                route = await self._route(rid, model, len(prompt), exclude, deadline, trace)
-            except MeshError:
+                route = await self._route(rid, model, prompt, exclude, deadline, trace)
+            except MeshError as exc:
                 if last is not None:  # no other worker left: the earlier refusal says why
-                    raise last
+                    raise last from exc
                 raise
             trace.prefill_worker, trace.decode_worker, trace.route_reason = route.prefill.worker_id, route.decode.worker_id, route.reason
             try:
@@ -150,17 +152,17 @@ class MeshClient:
             first = await self._next_message(messages, route.decode.worker_id)
         except StopAsyncIteration:
             call.cancel()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token") from None
         except BaseException:
             call.cancel()
             raise
         return _LocalCall(rid, call, messages, first)
 
-    async def _other_decode(self, rid: str, model: str, prompt_len: int, kv, exclude: list[str], deadline: float,
+    async def _other_decode(self, rid: str, model: str, prompt: list[int], kv, exclude: list[str], deadline: float,
                             trace: RequestTrace) -> Optional[pb.WorkerInfo]:
         """Another decode worker that can pull ``kv`` (same transport, usable from the source's host), or None."""
         try:
-            route = await self._route(rid, model, prompt_len, exclude, deadline, trace)
+            route = await self._route(rid, model, prompt, exclude, deadline, trace)
         except MeshError:
             return None
         d = route.decode
@@ -218,7 +220,7 @@ class MeshClient:
                     refused = not took_kv and _refused(exc)
                     if refused:
                         tried.append(decode.worker_id)
-                        nxt = await self._other_decode(rid, model, len(prompt), pre.kv, tried, deadline, trace) \
+                        nxt = await self._other_decode(rid, model, prompt, pre.kv, tried, deadline, trace) \
                             if len(tried) < self.max_attempts else None
                         if nxt is not None:
                             log.info("decode %s refused %s (%s); trying %s", decode.worker_id, rid, exc.code().name, nxt.worker_id)

@@ -69,7 +69,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
         try:
             out = None
             try:
-                async for out in self.rt.engine.generate(rid, prompt, params, prefill_only=True):
+                async for out in self.rt.engine.generate(rid, prompt, params, prefill_only=True):  # noqa: B007 - the last output is kept
                     pass
             except asyncio.CancelledError:
                 self.rt.metrics.inc("num_aborted_requests_total")  # the caller went away: aborted

@@ -109,7 +109,8 @@ def test_reflection_and_health(mesh):
 def gateway_proc(tmp_path, scheduler: str, *extra: str) -> tuple[Proc, str, int]:
     port, gport = free_port(), free_port()
     p = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(gport),
-              "--metrics-port", "-1", "--scheduler", scheduler, "--mesh-secret-file", mesh_secret_file(tmp_path), *extra], tmp_path / f"gw-{port}.log")
+              "--metrics-port", "-1", "--scheduler", scheduler, "--mesh-secret-file", mesh_secret_file(tmp_path), *extra],
+             tmp_path / f"gw-{port}.log")
     p.wait_log("READY gateway")  # printed once both the HTTP and the gRPC listener are up
     return p, f"http://127.0.0.1:{port}", gport
 

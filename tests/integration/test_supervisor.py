@@ -33,7 +33,7 @@ def test_a_crashing_child_is_restarted_with_backoff_and_the_others_keep_running(
         starts = [time.monotonic()]
         while crash.restarts < 4:
             n = crash.restarts
-            run_until(sup, lambda: crash.restarts > n)
+            run_until(sup, lambda n=n: crash.restarts > n)
             starts.append(time.monotonic())
         run_until(sup, lambda: crash.exited() is not None)
         sup.poll()
@@ -57,7 +57,7 @@ def test_a_child_that_stayed_up_starts_over_at_the_initial_delay():
     try:
         while child.restarts < 3:
             n = child.restarts
-            run_until(sup, lambda: child.restarts > n)
+            run_until(sup, lambda n=n: child.restarts > n)
     finally:
         group.stop(grace=5)
     delays = [line.split("restarting it in ")[1].split("s ")[0] for line in err.getvalue().splitlines() if "restarting it in" in line]

@@ -27,7 +27,7 @@ from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 from services.cli import MODULES
 from tests.faults.client import Outcome, Tally, nothing_lost
 from tests.meshproc import Proc, free_port, gateway_books, list_workers, scrape
-from tests.security.attacker import (EVIL_DECODE, EVIL_GATEWAY, HEADER_TIMEOUT, KEY, MAX_CONNECTIONS, NONE, WRONG,
+from tests.security.attacker import (EVIL_DECODE, EVIL_GATEWAY, HEADER_TIMEOUT, MAX_CONNECTIONS, NONE, WRONG,
                                     attempt, auth_headers, code, finish, greedy, users, workers)
 
 
@@ -238,7 +238,7 @@ def test_slowloris_is_cut_off_and_real_clients_are_served(mesh, security_report)
     time.sleep(0.3)
     slow, n = [], 300
     t0 = time.monotonic()
-    for i in range(n):
+    for _ in range(n):
         s = socket.create_connection(("127.0.0.1", mesh.port), timeout=5)
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and never the rest
         slow.append(s)
