@@ -49,7 +49,8 @@ def test_a_forged_descriptor_gets_no_kv(mesh, security_report):
     w = workers(mesh)
     pre, dec = w[pb.ROLE_PREFILL], w[pb.ROLE_DECODE]
     victim_prompt, evil_prompt = list(range(2000, 2300)), list(range(7000, 7300))  # 300 tokens each: a 2 s pull
-    ref = greedy(mesh, victim_prompt, 32)
+    # (the reference is computed afterwards: computed first, it would leave the victim's prefix in the
+    # decode worker's cache, and the victim's pull would be one block, over before the attack begins)
     pm0, dm0 = metrics(pre), metrics(dec)
     before = gateway_books(mesh.metrics_url("gateway"))
     tally, victim, tried, rid_box = Tally(), {}, {}, []
@@ -67,7 +68,6 @@ def test_a_forged_descriptor_gets_no_kv(mesh, security_report):
                     text += json.loads(line[6:])["choices"][0]["text"]
                     first.set()
             victim["text"] = text
-        tally.add(Outcome("ok" if victim["text"] == ref else "error", 200, "length", victim["text"]))
 
     th = threading.Thread(target=run_victim)
     th.start()
@@ -94,6 +94,10 @@ def test_a_forged_descriptor_gets_no_kv(mesh, security_report):
     finally:
         th.join(120)
     pm, dm = metrics(pre), metrics(dec)
+    ref = greedy(mesh, victim_prompt, 32)  # through the gateway too: one more user request in the books
+    tally.sent += 1
+    tally.add(Outcome("ok", 200, "length", ref))
+    tally.add(Outcome("ok" if victim.get("text") == ref else "error", 200, "length", victim.get("text", "")))
     assert victim["text"] == ref, (victim, ref)
     assert tried == {"Decode.Generate with the victim's lease, without its token": "OK",  # served, from its own prompt
                      "Prefill.Release of the victim's lease with a forged token": "PERMISSION_DENIED",
