@@ -33,7 +33,7 @@ def tp_mesh(tmp_path_factory, tiny_qwen3, embedded_dir):
     transports = {"prefill-0": ("nixl", "grpc"), "prefill-1": ("nixl", "grpc"), "decode-0": ("grpc",), "decode-1": ("nixl",)}
     svc = Services(tmp_path_factory.mktemp("tp-mesh"), prefill=0, decode=0, env={"UCX_TLS": "tcp"},
                    worker_args=(*model, "--kv-audit", "--max-model-len", "256"),
-                   scheduler_args=("--policy", "round_robin"),
+                   scheduler_args=("--routing", "round-robin"),
                    gateway_args=(*model, "--grpc-port", str(grpc_port)),
                    workers=tuple((n, _flags(n, transports[n])) for n in WORKERS))
     svc.grpc_port = grpc_port

@@ -59,7 +59,7 @@ def test_mesh_hands_kv_between_tp_sizes_over_cuda_ipc(tmp_path, tokenizer_dir):
               "--gpu-memory-utilization", "0.2")
     grpc_port = free_port()
     placement = {"prefill-0": ("cuda:0,1", 2), "prefill-1": ("cuda:0", 1), "decode-0": ("cuda:1", 1), "decode-1": ("cuda:1,0", 2)}
-    svc = Services(tmp_path, prefill=0, decode=0, worker_args=worker, scheduler_args=("--policy", "round_robin"),
+    svc = Services(tmp_path, prefill=0, decode=0, worker_args=worker, scheduler_args=("--routing", "round-robin"),
                    gateway_args=(*model[:6], "--grpc-port", str(grpc_port)),
                    workers=tuple((n, ("--device", d, "--tensor-parallel-size", str(tp))) for n, (d, tp) in placement.items()))
     try:
