@@ -81,6 +81,12 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "requests_received_total": ("counter", "Gateway: generation requests received (before validation).", (), None),
     "requests_finished_total": ("counter", "Gateway: requests that reached the mesh and ended, by outcome (ok, error, aborted).", ("outcome",), None),
     "requests_rejected_total": ("counter", "Gateway: requests refused before reaching the mesh, by HTTP status.", ("status",), None),
+    "internal_calls_refused_total": ("counter", "Internal gRPC calls refused: UNAUTHENTICATED (no or bad credentials) or "
+                                     "PERMISSION_DENIED (role not allowed), by method.", ("method", "code"), None),
+    "http_connections": ("gauge", "Gateway: open client HTTP connections.", (), None),
+    "http_connections_closed_total": ("counter", "Gateway: client connections it closed, by reason (over_limit: "
+                                      "--max-connections reached; header_timeout: headers not sent within "
+                                      "--header-timeout).", ("reason",), None),
     "event_loop_lag_seconds": ("histogram", "How late the asyncio event loop ran a timer (stalls).", (), _LATENCY),
     "event_loop_lag_max_seconds": ("gauge", "Largest event-loop lag seen since start.", (), None),
     "asyncio_tasks": ("gauge", "asyncio tasks alive in this process.", (), None),
@@ -144,6 +150,10 @@ class ServiceMetrics:
         h = self._get(name)
         for v in values:
             h.observe(v)
+
+    def refused_call(self, method: str, code) -> None:
+        """An internal call refused by authentication or authorization (``AuthInterceptor``)."""
+        self.inc("internal_calls_refused_total", method=method.rsplit(".", 1)[-1], code=code.name)
 
     def serve(self, port: int, host: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
         """Serve /metrics on ``port`` (0: any free port); returns the bound port. A port in use

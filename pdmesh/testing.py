@@ -80,6 +80,7 @@ async def _prefill_main(cfg: EngineConfig, prompt: list[int], params, conn) -> N
 
     from pdmesh.engine.async_engine import AsyncEngine
     from pdmesh.engine.engine import LLMEngine
+    from pdmesh.transport.capability import prompt_hash
     from pdmesh.transport.lease import LeaseTable
     from pdmesh.transport.servicer import KVTransferServicer
     from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
@@ -95,7 +96,8 @@ async def _prefill_main(cfg: EngineConfig, prompt: list[int], params, conn) -> N
     try:
         first, desc = await prefill_held(eng, "r", prompt, params, worker_id="child", address=f"127.0.0.1:{port}",
                                          transport="cuda_ipc", incarnation="child")
-        leases.add("r", list(desc.block_ids), len(prompt))
+        lease = leases.add("r", list(desc.block_ids), len(prompt), prompt_hash=prompt_hash(prompt))
+        desc.lease_token, desc.prompt_hash = lease.token, lease.prompt_hash  # the reader's capability
         conn.send((first, desc.SerializeToString()))
         while leases.get("r") is not None:  # until EndRead
             await asyncio.sleep(0.01)
@@ -142,7 +144,7 @@ async def _decode_main(cfg: EngineConfig, prompt: list[int], params, first: int,
     try:
         tr = CudaIpcTransport(channels, dec.engine.device)
         handoff = KVHandoff(dec, {"cuda_ipc": tr}, lambda d, read_id, tp: release_held_kv(
-            channels, d.address, d.request_id, tp, 10.0, read_id), timeout=60.0)
+            channels, d.address, d.request_id, tp, 10.0, read_id=read_id, lease_token=d.lease_token), timeout=60.0)
         t0 = time.perf_counter()
         tokens, res = await decode_from(handoff, "r", prompt, first, params, pb.KVDescriptor.FromString(desc_bytes))
         total_ms = (time.perf_counter() - t0) * 1e3

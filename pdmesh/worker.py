@@ -40,6 +40,8 @@ from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.routing import LOCAL, KVTransportName
 from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.auth import Identity, InternalAuthConfig, build_authenticator
+from pdmesh.rpc.ownership import RequestOwners
 from pdmesh.rpc.registration import Registration
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.transport.faults import FaultPlan
@@ -123,6 +125,7 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     add_flags(parser, WorkerConfig)
     add_flags(parser, TracingConfig)
     add_flags(parser, TlsConfig)
+    add_flags(parser, InternalAuthConfig)
     parser.set_defaults(port=default_port, metrics_port=_METRICS_PORTS[role])
     EngineConfig.add_flags(parser)
     return parser
@@ -132,11 +135,15 @@ class WorkerRuntime:
     """Engine + server + registration for one worker; the role adds servicers."""
 
     def __init__(self, role: pb.Role, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
-                 tls: TlsConfig = PLAINTEXT) -> None:
+                 tls: TlsConfig = PLAINTEXT, acfg: Optional[InternalAuthConfig] = None) -> None:
         self.role = role
         self.tls = tls
-        self.channels = ChannelPool(tls)
-        """Channels to peers (prefill workers, for decode), over TLS when configured."""
+        self.auth = build_authenticator(acfg or InternalAuthConfig(), tls, ROLE_NAMES[role], lambda: Identity(ROLE_NAMES[role], self.worker_id))
+        """This worker's identity on its calls, and the check of its callers' (its id: the worker id)."""
+        self.channels = ChannelPool(tls, self.auth)
+        """Channels to peers (prefill workers, for decode), over TLS when configured, with credentials."""
+        self.owners = RequestOwners()
+        """The identity that started each live request here (only it may abort it)."""
         self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), ROLE_NAMES[role])
         self.wcfg = wcfg
         self.ecfg = ecfg
@@ -245,7 +252,7 @@ class WorkerRuntime:
         if warm == "on" or (warm == "auto" and self.llm.device.type == "cuda"):
             log.info("warming up: compiling the kernels of every step kind before registering")
             await self.engine.call(warm_up)
-        self.server = make_server()  # grpc.aio objects belong to the running loop
+        self.server = make_server(self.auth, self._refused)  # grpc.aio objects belong to the running loop
         self.port = bind(self.server, self.wcfg.host, self.wcfg.port, self.tls)  # the worker id carries the bound port
         self.metrics = ServiceMetrics(self.llm.resolved.served_name, ROLE_NAMES[self.role], self.worker_id)
         if self.wcfg.metrics_port >= 0:
@@ -256,7 +263,7 @@ class WorkerRuntime:
         await self.server.start()
         await self.health.set_serving(True)
         self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout, self.tls,
-                                         self.kv_events)
+                                         self.auth, self.kv_events)
         self._registration_task = asyncio.create_task(self.registration.run())
         tasks = [self._registration_task, asyncio.create_task(self._refresh_gauges()),
                  asyncio.create_task(watch_event_loop(self.metrics))]
@@ -311,6 +318,10 @@ class WorkerRuntime:
                 fatal.set_result(why)
                 return
             await asyncio.sleep(interval)
+
+    def _refused(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.refused_call(method, code)
 
     def _on_step(self, outputs, dt: float, kind: str) -> None:
         """Per-step metrics (loop thread): step time by kind, tokens, and for requests whose
@@ -378,13 +389,14 @@ class WorkerRuntime:
 
 
 def build_configs(role: str, default_port: int, argv: Optional[list[str]]
-                  ) -> tuple[WorkerConfig, EngineConfig, TracingConfig, TlsConfig]:
+                  ) -> tuple[WorkerConfig, EngineConfig, TracingConfig, TlsConfig, InternalAuthConfig]:
     ns = worker_parser(role, default_port).parse_args(argv)
     ecfg = EngineConfig.from_flags(ns)
     _require(role != "decode" or ecfg.cache.kv_offload_cpu_gb == 0, "kv_offload_cpu_gb",
              "lower KV tiers serve prompts computed here: give them to prefill and colocated ('both') workers "
              "(a decode worker reuses its device prefix cache only)")
-    return from_flags(WorkerConfig, ns), ecfg, from_flags(TracingConfig, ns), from_flags(TlsConfig, ns)
+    return (from_flags(WorkerConfig, ns), ecfg, from_flags(TracingConfig, ns), from_flags(TlsConfig, ns),
+            from_flags(InternalAuthConfig, ns))
 
 
 def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], Awaitable[None]],
@@ -395,5 +407,5 @@ def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], A
     from pdmesh.log import configure_logging, run_async
 
     configure_logging(role)
-    wcfg, ecfg, tcfg, tls = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
-    run_async(lambda: serve(WorkerRuntime(ROLES[role], wcfg, ecfg, tcfg, tls)))
+    wcfg, ecfg, tcfg, tls, acfg = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
+    run_async(lambda: serve(WorkerRuntime(ROLES[role], wcfg, ecfg, tcfg, tls, acfg)))

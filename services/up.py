@@ -9,12 +9,16 @@ Lifecycle
    every fixed port (in use by another process?).
 2. Start a scheduler, N prefill, M decode and K colocated workers (free ports, each on its GPUs
    with its memory share), and a gateway. API keys reach the gateway in a file (mode 0600), never
-   on a command line that ``ps`` shows.
+   on a command line that ``ps`` shows; so does the mesh secret that authenticates every internal
+   call (a fresh random one, or ``--mesh-secret-file``), and ``--tls-*`` reach every service.
 3. Ready when every child has printed its READY line (``services.procs``) and our own gateway
    answers ``/health``; then print every listener: gateway HTTP, public gRPC, every metrics port,
    each worker's address and device.
-4. Ctrl-C/SIGTERM stops them all (gateway first, scheduler last; SIGKILL after a grace period);
-   children die with ``pdmesh up`` (PR_SET_PDEATHSIG). A child that exits stops the mesh.
+4. While the mesh runs, a child that exits (a crash, an OOM kill) is restarted with back-off and
+   the others keep serving (``services.procs.Supervisor``); before it is up, one that exits stops
+   everything with one line.
+5. Ctrl-C/SIGTERM stops them all (gateway first, scheduler last; SIGKILL after a grace period);
+   children die with ``pdmesh up`` (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -38,7 +43,8 @@ from pdmesh.config import ConfigError, ModelConfig, _require, add_flags, from_fl
 from pdmesh.env import ENV
 from pdmesh.kv.shards import local_kv_heads
 from pdmesh.models import check_tensor_parallel
-from services.procs import Child, ProcessGroup
+from pdmesh.rpc.tls import TlsConfig
+from services.procs import Child, ProcessGroup, Supervisor
 
 MODULES = {"gateway": "services.gateway", "scheduler": "services.scheduler", "prefill": "services.prefill",
            "decode": "services.decode", "both": "services.decode.both"}
@@ -99,6 +105,10 @@ class UpConfig:
     prefer --api-key-file or PDMESH_API_KEY: a flag shows in 'ps')."""
     api_key_file: Optional[str] = None
     """File holding the gateway's API keys (one per line)."""
+    mesh_secret_file: Optional[str] = None
+    """File holding the mesh secret every service authenticates its internal calls with (to let
+    services started elsewhere join); default: a fresh random secret in a file only this user can
+    read, removed when 'pdmesh up' exits."""
     worker_args: str = ""
     """More flags for every worker, parsed with shell quoting (see 'pdmesh prefill --help')."""
     prefill_args: str = ""
@@ -151,7 +161,17 @@ def up_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdmesh up", description="Start a whole mesh on this host as separate processes.")
     add_flags(p, UpConfig)
     add_flags(p, ModelConfig)
+    add_flags(p, TlsConfig)
     return p
+
+
+def _tls_flags(tls: TlsConfig) -> list[str]:
+    """The --tls-* flags of every service (each presents the same certificate)."""
+    out = []
+    for name in ("tls_cert", "tls_key", "tls_ca", "tls_server_name"):
+        if getattr(tls, name):
+            out += ["--" + name.replace("_", "-"), str(getattr(tls, name))]
+    return out
 
 
 def _model_flags(m: ModelConfig, gateway: bool) -> list[str]:
@@ -255,6 +275,19 @@ def _api_key_file(cfg: UpConfig, tmp: Path) -> Optional[str]:
     return str(path)
 
 
+def _mesh_secret_file(cfg: UpConfig, tmp: Path) -> str:
+    """The given --mesh-secret-file, or a fresh 256-bit secret in a file readable only by this user."""
+    if cfg.mesh_secret_file:
+        if not Path(cfg.mesh_secret_file).is_file():
+            raise UpError(f"--mesh-secret-file {cfg.mesh_secret_file}: no such file")
+        return cfg.mesh_secret_file
+    path = tmp / "mesh-secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return str(path)
+
+
 def _wait_health(url: str, group: ProcessGroup, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -297,7 +330,7 @@ def _listeners(children: list[Child], plan: dict[str, placement.WorkerPlacement]
 def up(argv: list[str]) -> int:
     try:
         ns = up_parser().parse_args(argv)
-        cfg, m = from_flags(UpConfig, ns), from_flags(ModelConfig, ns)
+        cfg, m, tls = from_flags(UpConfig, ns), from_flags(ModelConfig, ns), from_flags(TlsConfig, ns)
         for role in ("prefill", "decode", "both"):
             cfg.role_args(role)
         gateway_extra, scheduler_extra = split_args("gateway_args", cfg.gateway_args), split_args("scheduler_args", cfg.scheduler_args)
@@ -309,7 +342,7 @@ def up(argv: list[str]) -> int:
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="pdmesh-up-"))
     try:
-        return _run(cfg, m, plan, gateway_extra, scheduler_extra, tmp)
+        return _run(cfg, m, plan, gateway_extra, scheduler_extra, tmp, tls)
     except UpError as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)
         return 2
@@ -320,10 +353,12 @@ def up(argv: list[str]) -> int:
 
 
 def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], gateway_extra: list[str],
-         scheduler_extra: list[str], tmp: Path) -> int:
+         scheduler_extra: list[str], tmp: Path, tls: TlsConfig) -> int:
     sched = f"127.0.0.1:{cfg.scheduler_port}"
-    tracing = ["--tracing", cfg.tracing] if cfg.tracing else []
     key_file = _api_key_file(cfg, tmp)
+    # every service: tracing, TLS, and the mesh secret (its file's path shows in 'ps', never the secret)
+    common = (["--tracing", cfg.tracing] if cfg.tracing else []) + _tls_flags(tls) + \
+        ["--mesh-secret-file", _mesh_secret_file(cfg, tmp)]
     group = ProcessGroup()
     stopping = {"flag": False}
 
@@ -339,12 +374,12 @@ def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], g
     ep = ["--enable-expert-parallel"] if cfg.enable_expert_parallel else []
     try:
         spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(cfg.scheduler_port),
-                                         "--metrics-port", str(cfg.scheduler_metrics_port), *tracing, *scheduler_extra])
+                                         "--metrics-port", str(cfg.scheduler_metrics_port), *common, *scheduler_extra])
         for w in plan:
             spawn(w.name, w.role, ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--scheduler", sched,
-                                   *_model_flags(m, False), *tracing, *w.flags(), *ep, *cfg.role_args(w.role)])
+                                   *_model_flags(m, False), *common, *w.flags(), *ep, *cfg.role_args(w.role)])
         gw = ["--host", cfg.host, "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port),
-              "--grpc-port", str(cfg.grpc_port), "--scheduler", sched, *_model_flags(m, True), *tracing, *gateway_extra]
+              "--grpc-port", str(cfg.grpc_port), "--scheduler", sched, *_model_flags(m, True), *common, *gateway_extra]
         if key_file:
             gw += ["--api-key-file", key_file]
         spawn("gateway", "gateway", gw)
@@ -354,12 +389,9 @@ def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], g
         print(f"pdmesh is up: {url}/v1 ({cfg.prefill} prefill, {cfg.decode} decode, {cfg.colocated} colocated). "
               f"Ctrl-C stops it.\n{_listeners(group.children, {w.name: w for w in plan}, url.split('//')[1].rsplit(':', 1)[0])}",
               flush=True)
+        supervisor = Supervisor(group)
         while not stopping["flag"]:
-            err = group.failed()
-            if err:
-                print(f"pdmesh up: {err}; stopping the mesh", file=sys.stderr)
-                group.stop()
-                return 1
+            supervisor.poll()
             time.sleep(0.2)
     except (RuntimeError, TimeoutError) as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)

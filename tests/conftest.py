@@ -11,6 +11,8 @@ def pytest_addoption(parser):
     parser.addoption("--soak-seconds", type=float, default=45.0, help="length of the fault suite's soak run")
     parser.addoption("--fault-report", default=None,
                      help="where the fault suite writes its figures (default: the run's temporary directory)")
+    parser.addoption("--security-report", default=None,
+                     help="where the security suite (tests/security) writes its figures (default: the run's temporary directory)")
     parser.addoption(
         "--deploy", choices=("auto", "require"), default="auto",
         help="tests/deploy (builds the CPU image and runs the compose stack with podman): 'auto' skips it, "

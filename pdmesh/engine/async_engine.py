@@ -44,6 +44,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped (shutdown or a fatal error)."""
 
 
+class RequestAborted(RuntimeError):
+    """Raised by a request's output stream when ``abort()`` ended the request: the stream ends
+    with an error instead of waiting forever for outputs that will never come."""
+
+
 class AsyncEngine:
     def __init__(self, factory: Callable[[], LLMEngine], device: Optional[torch.device] = None) -> None:
         self._factory = factory
@@ -216,14 +221,26 @@ class AsyncEngine:
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
-    async def iterate_batches(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[list[RequestOutput]]:
+    async def iterate_batches(self, request_id: str, q: asyncio.Queue, idle: Optional[float] = None
+                              ) -> AsyncIterator[list[RequestOutput]]:
         """Outputs of a request until it finishes, as lists: whatever steps finished while the
         consumer was busy arrive together (one message per batch downstream, not per token).
-        If the consumer stops early (cancellation, error), the request is aborted."""
+        With ``idle``, an empty list comes whenever nothing arrived for ``idle`` seconds (the
+        consumer's cue to tell its peer that the request is alive).  If the consumer stops early
+        (cancellation, error), the request is aborted."""
         finished = False
         try:
             while not finished:
-                batch = [await q.get()]
+                if idle is not None and q.empty():
+                    try:
+                        async with asyncio.timeout(idle):
+                            first = await q.get()
+                    except TimeoutError:
+                        yield []
+                        continue
+                else:
+                    first = await q.get()
+                batch = [first]
                 while not q.empty():
                     batch.append(q.get_nowait())
                 for item in batch:
@@ -263,7 +280,12 @@ class AsyncEngine:
             yield out
 
     async def abort(self, request_id: str) -> bool:
-        return await self.call(lambda e: e.abort(request_id))
+        """Abort the request; its open output stream, if any, ends with ``RequestAborted``."""
+        found = await self.call(lambda e: e.abort(request_id))
+        q = self._streams.get(request_id)
+        if found and q is not None:
+            q.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
+        return found
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         with self._cv:

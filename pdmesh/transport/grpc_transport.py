@@ -118,8 +118,9 @@ class GrpcKVTransport(BaseKVTransport):
                 inbox.ended = True
                 continue
             call = self.channels.stub(desc.address, kgrpc.KVTransferStub).Pull(
-                kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids), rank=rank), timeout=timeout,
-                metadata=metadata)
+                kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids), rank=rank,
+                                lease_token=desc.lease_token, num_tokens=desc.num_tokens, prompt_hash=desc.prompt_hash),
+                timeout=timeout, metadata=metadata)
             inbox.task = asyncio.ensure_future(_receive(call, inbox, n_blocks, src.block_bytes, desc.address))
 
         def close() -> None:

@@ -47,7 +47,8 @@ async def begin_read(channels: ChannelPool, desc: pb.KVDescriptor, src_block_ids
     t0 = time.monotonic()
     try:
         r = await channels.stub(desc.address, kgrpc.KVTransferStub).BeginRead(
-            kpb.BeginReadRequest(request_id=desc.request_id, block_ids=list(src_block_ids), max_seconds=timeout),
+            kpb.BeginReadRequest(request_id=desc.request_id, block_ids=list(src_block_ids), max_seconds=timeout,
+                                 lease_token=desc.lease_token, num_tokens=desc.num_tokens, prompt_hash=desc.prompt_hash),
             timeout=min(timeout, 10.0), metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         raise TransferError(f"no read pin from {desc.address}: {exc.code().name}: {exc.details()}") from exc

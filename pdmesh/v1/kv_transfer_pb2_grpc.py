@@ -65,7 +65,9 @@ class KVTransferServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Pull(self, request, context):
-        """Streams the requested blocks (all layers) in chunks; extends the request's lease.
+        """Streams the requested blocks (all layers) in chunks; extends the request's lease (never past
+        its hard limit, which ends an open pull). PERMISSION_DENIED without the lease's token, for
+        another prompt, or for another decode worker than the lease's holder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -11,6 +11,7 @@ decode never took the KV, releases it on prefill.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -84,6 +85,9 @@ class MeshClient:
     rpc_timeout: float = 10.0
     channels: ChannelPool = field(default_factory=ChannelPool)
     max_attempts: int = 3
+    stream_idle_timeout: float = 10.0
+    """Seconds a worker's stream may stay silent (workers send a heartbeat every second while a
+    request waits) before the request ends with UNAVAILABLE: the worker is stuck or frozen."""
 
     def _scheduler(self) -> sgrpc.SchedulerStub:
         return self.channels.stub(self.scheduler, sgrpc.SchedulerStub)
@@ -145,7 +149,7 @@ class MeshClient:
             timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
         messages = call.__aiter__()
         try:
-            first = await messages.__anext__()
+            first = await self._next_message(messages, route.decode.worker_id)
         except StopAsyncIteration:
             call.cancel()
             raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token") from None
@@ -195,7 +199,12 @@ class MeshClient:
                                         params=params_to_proto(params), kv=pre.kv),
                     timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
                 try:
-                    async for msg in call:
+                    messages = call.__aiter__()
+                    while True:
+                        try:
+                            msg = await self._next_message(messages, decode.worker_id)
+                        except StopAsyncIteration:
+                            break
                         if msg.HasField("transfer"):
                             took_kv = True
                             t = msg.transfer
@@ -224,7 +233,21 @@ class MeshClient:
                 await self._end_early(decode, rid, trace)
                 call.cancel()
             if not took_kv:
-                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
+                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout,
+                                lease_token=pre.kv.lease_token)
+
+    async def _next_message(self, messages: AsyncIterator[dpb.GenerateResponse], worker_id: str) -> dpb.GenerateResponse:
+        """The worker's next message that carries something (heartbeats skipped); UNAVAILABLE when
+        the stream stays silent for ``stream_idle_timeout``. StopAsyncIteration at the stream's end."""
+        while True:
+            try:
+                async with asyncio.timeout(self.stream_idle_timeout):
+                    msg = await messages.__anext__()
+            except TimeoutError:
+                raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {worker_id} sent nothing for "
+                                f"{self.stream_idle_timeout:.0f}s: it is stuck or frozen") from None
+            if msg.token_ids or msg.finished or msg.HasField("transfer"):
+                return msg
 
     async def _end_early(self, worker: pb.WorkerInfo, rid: str, trace: RequestTrace) -> None:
         """Before cancelling a stream the gateway ends by a stop string, say so (the worker then counts
@@ -252,7 +275,7 @@ class MeshClient:
                 if finished:
                     return
                 try:
-                    msg = await local.messages.__anext__()
+                    msg = await self._next_message(local.messages, route.decode.worker_id)
                 except StopAsyncIteration:
                     raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream early") from None
                 except grpc.aio.AioRpcError as exc:
