@@ -40,7 +40,6 @@ is released when its sequence finishes or is aborted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -52,6 +51,7 @@ from pdmesh.config import EngineConfig
 from pdmesh.distributed.devices import rank_devices
 from pdmesh.distributed.group import TPGroup
 from pdmesh.distributed.ranks import RankGroup
+from pdmesh.engine.devices import on_device, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
 from pdmesh.engine.offload import LOAD_TIMEOUT_S, KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
@@ -70,29 +70,6 @@ from pdmesh.transport.cuda_ipc import open_share
 from pdmesh.tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of ``--device`` (rank 0's when it lists one GPU per rank)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name.split(",")[0])
-
-
-def on_device(device: torch.device):
-    """A context making ``device`` the calling thread's current CUDA device (a no-op on CPU).
-    Work that takes the current device implicitly (event records, Triton launches, library
-    wrappers) then runs on the engine's GPU whichever thread calls the engine."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
 
 def _launchable(seq: Sequence) -> bool:
     """A sequence whose next step can be launched before the host sees its previous token (a
