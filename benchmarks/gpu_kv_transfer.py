@@ -42,11 +42,13 @@ def _pool(device: str, blocks: int):
     return KVCachePool(arch, blocks, BLOCK, torch.bfloat16, torch.device(device))
 
 
-def _ids(n: int) -> tuple[list[int], list[int]]:
+def _ids(n: int, contiguous: bool = False) -> tuple[list[int], list[int]]:
+    if contiguous:  # as in a fresh pool: NIXL merges adjacent descriptors into one region per layer
+        return list(range(n)), list(range(2 * n, 3 * n))
     return list(range(0, 2 * n, 2)), list(range(3 * n, 2 * n, -1))[:n]  # scattered pages, as after real traffic
 
 
-def _owner(device: str, blocks: int, conn) -> None:
+def _owner(device: str, blocks: int, conn, contiguous: bool = False) -> None:
     """Child: a source pool with random KV, offered by CUDA IPC handle and NIXL metadata."""
     from pdmesh.transport.cuda_ipc import export_handle
     from pdmesh.transport.nixl import NixlAgent
@@ -55,7 +57,7 @@ def _owner(device: str, blocks: int, conn) -> None:
     pool.kv.normal_()
     agent = NixlAgent("bench-src", pool, "src")
     handle = export_handle(pool, "src").SerializeToString() if pool.kv.is_cuda else b""
-    conn.send((handle, agent.metadata().SerializeToString(), None if pool.kv.is_cuda else pool.kv[:, _ids(blocks // 4)[0]]))
+    conn.send((handle, agent.metadata().SerializeToString(), None if pool.kv.is_cuda else pool.kv[:, _ids(blocks // 4, contiguous)[0]]))
     conn.recv()
 
 
@@ -69,9 +71,10 @@ def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
     return statistics.median(ts) * 1e3
 
 
-def pulls(src_dev: str, dst_dev: str, which: list[str]) -> list[dict]:
+def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, contiguous: bool = False) -> list[dict]:
     import torch
 
+    from pdmesh.kv.shards import plan_pieces
     from pdmesh.transport.base import TransferState
     from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
     from pdmesh.transport.nixl import NixlAgent, NixlKVTransport
@@ -80,37 +83,44 @@ def pulls(src_dev: str, dst_dev: str, which: list[str]) -> list[dict]:
     n = -(-TOKENS // BLOCK)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    p = ctx.Process(target=_owner, args=(src_dev, 4 * n, child))
+    p = ctx.Process(target=_owner, args=(src_dev, 4 * n, child, contiguous))
     p.start()
     out = []
     try:
         h_bytes, md_bytes, cpu_want = parent.recv()
         dst = _pool(dst_dev, 4 * n)
-        src_ids, dst_ids = _ids(n)
+        src_ids, dst_ids = _ids(n, contiguous)
         nbytes = n * dst.layout.block_bytes
         remote = open_handle(kpb.CudaIpcHandle.FromString(h_bytes)) if h_bytes else None
         want = remote[:, src_ids].cpu() if remote is not None else cpu_want
         a = torch.empty(nbytes, dtype=torch.uint8, device=src_dev)
         b = torch.empty(nbytes, dtype=torch.uint8, device=dst_dev)
 
-        def contiguous():
+        def copy_whole():
             b.copy_(a)
             if b.is_cuda:
                 torch.cuda.synchronize(dst_dev)
 
-        ref_ms = _median_ms(contiguous)
+        ref_ms = _median_ms(copy_whole)
         base = {"model": PRESET, "tokens": TOKENS, "bytes": nbytes, "src": src_dev, "dst": dst_dev,
                 "contiguous_copy_ms": ref_ms, "contiguous_gbps": nbytes / ref_ms / 1e6,
-                "ucx_tls": os.environ.get("UCX_TLS", "")}
+                "ucx_tls": os.environ.get("UCX_TLS", ""),
+                "blocks": "contiguous" if contiguous else "scattered"}
         if "cuda_ipc" in which:
             tr = CudaIpcTransport(None, torch.device(dst_dev))  # type: ignore[arg-type]
             dst.kv.zero_()
-            ms = _median_ms(lambda: tr.launch(remote, src_ids, dst_ids, dst).event.synchronize())
+            whole = plan_pieces(dst.layout.num_kv_heads, 1, 1)  # TP 1 to TP 1: every head, rank 0 to rank 0
+
+            def ipc_pull() -> None:
+                for _, ev in tr.launch({0: remote}, [0], whole, src_ids, dst_ids, dst).timings:
+                    ev.synchronize()
+
+            ms = _median_ms(ipc_pull)
             out.append({**base, "transport": "cuda_ipc", "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
                         "fraction_of_copy_bw": ref_ms / ms, "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
         if "nixl" in which:
             t0 = time.perf_counter()
-            agent = NixlAgent("bench-dst", dst, "dst")
+            agent = NixlAgent("bench-dst", dst, "dst", num_threads=nixl_threads)
             tr = NixlKVTransport(None, agent)  # type: ignore[arg-type]
             peer = tr._open_peer(kpb.NixlMetadata.FromString(md_bytes))
             setup_ms = (time.perf_counter() - t0) * 1e3
@@ -123,7 +133,7 @@ def pulls(src_dev: str, dst_dev: str, which: list[str]) -> list[dict]:
 
             dst.kv.zero_()
             ms = _median_ms(read)
-            out.append({**base, "transport": "nixl", "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
+            out.append({**base, "transport": "nixl", "nixl_threads": nixl_threads, "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
                         "fraction_of_copy_bw": ref_ms / ms, "agent_and_peer_setup_ms": setup_ms,
                         "descriptors_per_pull": n * dst.kv.shape[0],
                         "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
@@ -152,7 +162,7 @@ def mesh(tok: str) -> dict:
     grpc_port = free_port()
     svc = Services(Path(tempfile.mkdtemp()), prefill=0, decode=0, worker_args=common,
                    workers=(("prefill-0", ("--device", "cuda:0")), ("decode-0", ("--device", "cuda:1"))),
-                   gateway_args=("--grpc-port", str(grpc_port)))
+                   gateway_args=("--grpc-port", str(grpc_port), *common[:8]))  # the gateway's model and tokenizer
     out: dict = {"model": model, "placement": "prefill cuda:0, decode cuda:1", "transport": "nixl"}
     got = []
     try:
@@ -192,23 +202,50 @@ def main() -> None:
     ap.add_argument("--tok", default=".gpu_tok")
     ap.add_argument("--tcp-tls", default="tcp,cuda_copy", help="UCX_TLS of the NIXL-over-TCP measurement")
     ap.add_argument("--devices", nargs=2, default=["cuda:0", "cuda:1"], help="source and destination (cpu cpu: a CPU check of the nixl path)")
+    ap.add_argument("--nixl-threads", type=int, nargs="+", default=[0, 8],
+                    help="NIXL UCX backend worker threads to measure (each a child process with the default UCX_TLS)")
+    ap.add_argument("--nixl-tls", nargs="*", default=["cuda_ipc,cuda_copy,tcp,self"],
+                    help="further UCX_TLS settings to measure NIXL's GPU-to-GPU pull under (with the most threads)")
+    ap.add_argument("--contiguous", action="store_true", help=argparse.SUPPRESS)  # child run: consecutive block ids
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)  # child run: 'nixl' pulls alone, as JSON
     a = ap.parse_args()
     if a.only:
-        print(json.dumps(pulls(*a.devices, [a.only])))
+        print(json.dumps(pulls(*a.devices, [a.only], a.nixl_threads[0], a.contiguous)))
         return
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     if "pulls" in a.stages:
         cpu = a.devices[0] == "cpu"
-        res["pulls"] = pulls(*a.devices, ["nixl"] if cpu else ["cuda_ipc", "nixl"])
-        env = dict(os.environ, UCX_TLS="tcp" if cpu else a.tcp_tls)
-        r = subprocess.run([sys.executable, __file__, "--only", "nixl", "--devices", *a.devices], env=env, capture_output=True, text=True, timeout=300)
-        print(r.stdout[-4000:] + r.stderr[-4000:], flush=True)
-        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
-        res["pulls"] += json.loads(lines[-1]) if lines else [{"transport": "nixl", "ucx_tls": a.tcp_tls, "error": r.stderr[-2000:]}]
+        res["pulls"] = pulls(*a.devices, ["cuda_ipc"]) if not cpu else []
+        most = max(a.nixl_threads)
+        variants = [(t, None, False) for t in a.nixl_threads] + [(most, tls, False) for tls in ([] if cpu else a.nixl_tls)]
+        variants.append((most, "tcp" if cpu else a.tcp_tls, False))  # the stand-in for a link between hosts
+        variants.append((most, None, True))  # consecutive blocks on both sides (merged descriptors)
+        for threads, tls, contiguous in variants:  # each in a child: UCX reads UCX_TLS once per process
+            env = dict(os.environ, UCX_PROTO_INFO="y")
+            if tls is not None:
+                env["UCX_TLS"] = tls
+            r = subprocess.run([sys.executable, __file__, "--only", "nixl", "--devices", *a.devices, "--nixl-threads", str(threads)]
+                               + (["--contiguous"] if contiguous else []),
+                               env=env, capture_output=True, text=True, timeout=300)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
+            # UCX_PROTO_INFO: the protocol table UCX chose for the remote reads (which link moved the bytes)
+            text = (r.stdout + r.stderr).splitlines()
+            proto = [ln.split("]", 1)[-1].strip() for i, ln in enumerate(text)
+                     if any("remote memory read" in x for x in text[max(0, i - 4):i + 1])][:12]
+            got = json.loads(lines[-1]) if lines else [{"transport": "nixl", "ucx_tls": tls or "", "nixl_threads": threads,
+                                                       "error": r.stderr[-2000:]}]
+            for g in got:
+                g["ucx_protocols"] = proto
+            res["pulls"] += got
+            print(json.dumps(got)[:1500], flush=True)
     if "mesh" in a.stages:
         try:
+            if not Path(a.tok).exists():  # a synthetic byte-level tokenizer of the model's vocabulary
+                from benchmarks.synthetic_tokenizer import write as write_tokenizer
+                from pdmesh.models.arch import arch_from_hf_config
+                from pdmesh.models.presets import PRESETS
+                write_tokenizer(arch_from_hf_config(PRESETS["qwen2.5-0.5b"]).vocab_size, Path(a.tok))
             res["mesh"] = mesh(a.tok)
         except Exception as exc:  # noqa: BLE001 - report, keep the pull figures
             res["mesh"] = {"error": repr(exc)}
@@ -216,7 +253,8 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     for r in res.get("pulls", []):
         if "pull_ms" in r:
-            print(f"{r['transport']:9s} UCX_TLS={r['ucx_tls'] or '-':14s} {r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
+            print(f"{r['transport']:9s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} "
+                  f"{r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
                   f"= {r['fraction_of_copy_bw']:.2f} of the contiguous copy ({r['contiguous_gbps']:.0f} GB/s) data_equal={r['data_equal']}")
 
 

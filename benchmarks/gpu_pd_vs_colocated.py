@@ -73,6 +73,11 @@ def main() -> None:
                     help="what the meshes' tokens are checked against: one engine on cuda:0 (a child process), or, "
                          "to save its start-up, the first colocated mesh (one engine per replica): every mesh must "
                          "give the disaggregated mesh's tokens")
+    ap.add_argument("--layouts", nargs="+", choices=("disagg", "colocated"), default=["disagg", "colocated"],
+                    help="which meshes to measure (one call per layout fits the GPU machine's 10-minute limit)")
+    ap.add_argument("--reference-file", default=None,
+                    help="with --reference engine: read the reference tokens from this file when it exists, else "
+                         "compute and write them (a later call measuring another layout checks the same tokens)")
     args = ap.parse_args()
     if args.cpu_smoke:
         args.model, args.shape, args.concurrency, args.chunks, args.sweep_concurrency = "smollm2-135m", "48:6", [2, 3], [64, 32], 2
@@ -88,9 +93,16 @@ def main() -> None:
     tok = Tokenizer(str(tok_dir))
     prompts = [prompt(inp, s, vocab) for s in (11, 12)]
     ref: list[list[int]] = []
-    if args.reference == "engine":
+    ref_file = Path(args.reference_file) if args.reference_file else None
+    if args.reference == "engine" and ref_file is not None and ref_file.exists():
+        ref = json.loads(ref_file.read_text())
+        log(f"reference tokens from {ref_file}")
+    elif args.reference == "engine":
         log("reference tokens on cuda:0")
         ref = reference(args.model, prompts, 48, 8192, tok, own_caches=False, device="cpu" if args.cpu_smoke else "cuda:0")
+        if ref_file is not None:
+            ref_file.parent.mkdir(parents=True, exist_ok=True)
+            ref_file.write_text(json.dumps(ref) + "\n")
     model = ["--model", args.model, "--load-format", "dummy", "--tokenizer", str(tok_dir), "--max-model-len", "8192"]
     if args.cpu_smoke:
         model += ["--dtype", "float32", "--worker-args", "--cpu-threads 1 --kv-cache-memory 268435456"]
@@ -115,12 +127,16 @@ def main() -> None:
                 raise SystemExit(f"disagg: {pulled} pulls logged for {len(prompts)} requests, or a failed pull: not measuring")
         return up
 
-    up = mesh("disagg", [])
-    try:
-        run_points(up, "disagg", tok_dir, inp, 32, [1], args, summary)  # pulls alone
-        run_points(up, "disagg", tok_dir, inp, out, args.concurrency, args, summary)
-    finally:
-        up.stop()
+    if "disagg" in args.layouts:
+        up = mesh("disagg", [])
+        try:
+            run_points(up, "disagg", tok_dir, inp, 32, [1], args, summary)  # pulls alone
+            run_points(up, "disagg", tok_dir, inp, out, args.concurrency, args, summary)
+        finally:
+            up.stop()
+    if "colocated" not in args.layouts:
+        log("done")
+        return
     best = (0.0, args.chunks[0])
     rest = [c for c in args.concurrency if c != args.sweep_concurrency]
     for chunk in args.chunks:

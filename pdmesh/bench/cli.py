@@ -14,7 +14,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypedDict
 
 from pdmesh.bench.datasets import jsonl_dataset, random_dataset, shared_prefix_dataset
 from pdmesh.bench.metrics import parse_goodput, summarize
@@ -46,11 +46,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-per-group", type=int, default=100, help="shared-prefix: prompts per group")
     p.add_argument("--prefix-len", type=int, default=2048, help="shared-prefix: shared prefix tokens")
     p.add_argument("--suffix-len", type=int, default=6144, help="shared-prefix: per-prompt suffix tokens")
-    p.add_argument("--output-len", type=int, default=None, help="shared-prefix/jsonl output tokens (default: --random-output-len)")
+    p.add_argument("--output-len", type=int, default=None, help="shared-prefix/jsonl output tokens (default: 2 for "
+                   "shared-prefix, as its source workload; --random-output-len for jsonl)")
     p.add_argument("--dataset-path", default=None, help="jsonl: one {'prompt': str|[ids], 'output_len': n} per line")
     p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
                    help="requests/s (Poisson arrivals; several values sweep; inf: all at once)")
-    p.add_argument("--max-concurrency", type=int, nargs="+", default=None, help="requests in flight at most (several sweep)")
+    p.add_argument("--max-concurrency", type=int, nargs="+", default=None, help="requests in flight at most (several "
+                   "sweep; shared-prefix: 8 unless --request-rate or this is given)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of inter-arrival gaps (1: Poisson)")
     p.add_argument("--num-warmups", type=int, default=2, help="requests sent (and discarded) before each run")
     p.add_argument("--goodput", nargs="*", default=[], help="SLOs in ms: ttft:MS tpot:MS e2el:MS itl:MS (each "
@@ -70,6 +72,26 @@ def _tokenizer(path: Optional[str]):
     from pdmesh.tokenizer import Tokenizer
 
     return Tokenizer(path or resolve(ModelConfig()).tokenizer_path)
+
+
+class _SourceDefaults(TypedDict):
+    output_len: int
+    max_concurrency: list[int]
+
+
+SHARED_PREFIX_SOURCE: _SourceDefaults = {"output_len": 2, "max_concurrency": [8]}
+"""The shared-prefix workload of the multi-level KV cache deployment it reproduces (30 groups x 100
+prompts, a 2,048-token prefix per group, 6,144-token suffixes: the flags' defaults), for what its
+flags leave unset."""
+
+
+def apply_dataset_defaults(a: argparse.Namespace) -> argparse.Namespace:
+    """shared-prefix: the source workload's output length and concurrency where not given."""
+    if a.dataset == "shared-prefix":
+        a.output_len = a.output_len or SHARED_PREFIX_SOURCE["output_len"]
+        if a.max_concurrency is None and a.request_rate == [float("inf")]:
+            a.max_concurrency = list(SHARED_PREFIX_SOURCE["max_concurrency"])
+    return a
 
 
 def build_dataset(a: argparse.Namespace, tok) -> list:
@@ -159,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from pdmesh.bench.plot import main as plot_main
 
         return plot_main(argv[1:])
-    a = parser().parse_args(argv)
+    a = apply_dataset_defaults(parser().parse_args(argv))
     try:
         points = bench(a)
     except ValueError as exc:

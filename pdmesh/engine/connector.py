@@ -20,6 +20,13 @@ changes hands while a transfer may still write it.
 The source is told when the transfer has *stopped* (``on_stopped``), not when the request's
 outcome is known: a one-sided read keeps its pin on the source lease until then.
 
+Copies between the pool and the lower KV tiers (``pdmesh.engine.offload``) are the same kind of
+engine state and go through the same connector: a *load* (host or disk into a request's blocks)
+is an entry like a pull (a ``TierLoadJob``, settled by the engine, stopped or quarantined like a
+pull when the request goes away); an *offload* (blocks copied out of the pool to the host tier) is
+a *hold*: the blocks it reads are owned by a connector key (``block_manager.pin``) until the copy
+has stopped, then freed (cached still), like a quarantine that waits instead of cancelling.
+
 Engine thread only.
 """
 
@@ -83,9 +90,9 @@ class PullJob:
     local prefix-cache hits)."""
     policy: str = "recompute"
     """'recompute' or 'fail': what a failed pull does to the request."""
-    on_outcome: Callable[[PullReport], None] = lambda r: None
+    on_outcome: Callable[[PullReport], object] = lambda r: None
     """Called once (engine thread) when the request's fate is known."""
-    on_stopped: Callable[[], None] = lambda: None
+    on_stopped: Callable[[], object] = lambda: None
     """Called once (engine thread) when the transfer has certainly stopped writing."""
     expect_checksums: list[int] = field(default_factory=list)
     """Per-block checksums of the source KV (``--kv-audit``), compared when the KV lands."""
@@ -94,7 +101,8 @@ class PullJob:
 
 @dataclass
 class _Active:
-    job: PullJob
+    job: Any
+    """A ``PullJob``, or a ``TierLoadJob`` (``request_id``, ``on_stopped``, ``error``)."""
     transfer: Optional[BaseTransfer]
     started: float
     deadline: float
@@ -109,13 +117,15 @@ class KVConnector:
         self.active: dict[str, _Active] = {}
         self.stopping: dict[str, tuple[BaseTransfer, Callable[[], None]]] = {}
         """Quarantine key -> (transfer still possibly writing, its on_stopped)."""
+        self.holds: dict[str, tuple[BaseTransfer, Callable[[], None]]] = {}
+        """Hold key -> (a copy reading the key's blocks out of the pool, its on_stopped)."""
         self._seq = 0
         self.quarantined_total = 0
         """Transfers whose blocks had to wait in quarantine (counter)."""
 
     @property
     def pending(self) -> bool:
-        return bool(self.active or self.stopping)
+        return bool(self.active or self.stopping or self.holds)
 
     def has(self, request_id: str) -> bool:
         return request_id in self.active
@@ -123,11 +133,19 @@ class KVConnector:
     def quarantined_blocks(self) -> int:
         return sum(len(self.blocks.block_table(k)) for k in self.stopping if self.blocks.has_request(k))
 
-    def add(self, job: PullJob, transfer: Optional[BaseTransfer], blocks: int, started: float) -> None:
-        """Track a started pull (``transfer`` None: it could not start); ``started``: monotonic
-        time before the transport's ``start`` (a copy may complete inside it)."""
-        deadline = job.prepared.deadline if job.prepared is not None else started
+    def add(self, job: Any, transfer: Optional[BaseTransfer], blocks: int, started: float,
+            deadline: Optional[float] = None) -> None:
+        """Track a started pull or tier load (``transfer`` None: it could not start); ``started``:
+        monotonic time before the transport's ``start`` (a copy may complete inside it);
+        ``deadline``: by default the prepared pull's."""
+        if deadline is None:
+            deadline = job.prepared.deadline if job.prepared is not None else started
         self.active[job.request_id] = _Active(job, transfer, started, deadline, blocks)
+
+    def hold(self, key: str, copy: BaseTransfer, on_stopped: Callable[[], None]) -> None:
+        """The blocks ``key`` holds (``block_manager.pin``) are read by ``copy``: free them, then call
+        ``on_stopped``, once it has stopped (never cancelled: it runs to its end)."""
+        self.holds[key] = (copy, on_stopped)
 
     def poll(self, now: Optional[float] = None) -> list[tuple[_Active, Optional[str]]]:
         """Advance every transfer.  Returns the pulls that ended as (entry, error or None for
@@ -147,6 +165,11 @@ class KVConnector:
         for key, (xfer, on_stopped) in list(self.stopping.items()):
             if self._cancel(xfer):
                 del self.stopping[key]
+                self.blocks.free(key)
+                on_stopped()
+        for key, (xfer, on_stopped) in list(self.holds.items()):
+            if xfer.poll() is not TransferState.RUNNING:
+                del self.holds[key]
                 self.blocks.free(key)
                 on_stopped()
         return ended
@@ -201,4 +224,4 @@ class KVConnector:
         return a
 
     def info(self) -> dict[str, Any]:
-        return {"active": len(self.active), "stopping": len(self.stopping)}
+        return {"active": len(self.active), "stopping": len(self.stopping), "holds": len(self.holds)}

@@ -11,7 +11,8 @@ it.  Roles in the mesh:
   cache hits) and returns which of them must be filled; ``start_pull`` hands the transfer to the
   KV connector (``pdmesh.engine.connector``), which polls it between steps and, when it ends,
   queues the request to generate from its first token (pulled), to compute its prompt here
-  (recomputed) or drops it (failed).  ``pdmesh.transport.handoff`` drives this from asyncio.
+  (recomputed) or drops it (failed) (``pdmesh.engine.arrivals``, which lower-tier loads go through
+  too).  ``pdmesh.transport.handoff`` drives this from asyncio.
 
 KV ownership: every allocated block belongs to exactly the request ids in the block manager;
 ``abort``/``release``/finishing free them at once — except that blocks of a request that a
@@ -26,11 +27,24 @@ plan) overlaps N on the GPU and each call returns step N's outputs (one step beh
 tokens are placeholders in ``Sequence.token_ids`` until collected (see ``runner``).  Whenever the
 next step could not be launched that way (prompt tokens to run, waiting requests, too few free
 blocks to grow every sequence without preempting, a sequence that ends by length at step N, or
-one with penalties, logprobs or a grammar), ``step()`` first collects N and goes on synchronously.
+one with penalties or logprobs), ``step()`` first collects N and goes on synchronously.
 
 Structured outputs: a request whose params carry a ``GrammarSpec`` gets a grammar state from the
 engine's ``GrammarEngine`` (compiled against this worker's tokenizer, cached per spec); its logits
-are masked before sampling and every emitted token advances the state (see ``grammar``).
+are masked before sampling and every emitted token advances the state (see ``grammar``).  With
+async scheduling a batch with grammars is launched behind too, in two parts: step N+1's forward
+(which needs no mask) before step N is collected, its sampling after — once N's tokens have
+advanced the grammars and N+1's mask is filled, while the device runs N+1's forward.  A row whose
+sequence ended at step N (or was aborted) is left unmasked and its token dropped; a grammar state
+is released when its sequence finishes or is aborted.
+
+Speculative decoding (``--speculative-config``, ``spec_decode``): before a synchronous step every
+running sequence that may speculate gets n-gram draft tokens; the step verifies them (1 + K rows
+sampled) and ``postprocess`` keeps the accepted drafts plus one token, returning blocks that hold
+only rejected drafts' KV at once.  A step with drafts is never launched behind, and a sequence that
+may propose keeps the next step from being launched behind (its proposal needs its last token).
+Constrained, penalised and prefill-only sequences never get drafts; they share verify steps with
+those that do (a constrained sequence's one row is masked there).
 """
 
 from __future__ import annotations
@@ -38,72 +52,55 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
-from pdmesh.engine.device import on_device, pick_device, pick_dtype  # noqa: F401 (re-exported)
+from pdmesh.distributed.devices import rank_devices
+from pdmesh.distributed.group import TPGroup
+from pdmesh.distributed.ranks import RankGroup
+from pdmesh.engine.devices import on_device, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
+from pdmesh.engine.arrivals import Arrivals
+from pdmesh.engine.offload import KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
-from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
+from pdmesh.engine.runner import LaunchedStep, placeholder
 from pdmesh.engine.scheduler import Scheduler
+from pdmesh.engine.stats import EngineStats, RemoteAdmission  # noqa: F401 (re-exported)
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
-from pdmesh.engine.spec_decode import SpecDecoder, SpecStats, may_propose
+from pdmesh.engine.spec_decode import SpecDecoder, may_propose
 from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager
-from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
-from pdmesh.models.loader import ResolvedModel, load_model, resolve
+from pdmesh.kv.events import KVEventLog
+from pdmesh.engine.shard import build_shard
+from pdmesh.models import check_tensor_parallel
+from pdmesh.models.loader import ResolvedModel, resolve
+from pdmesh.models.quant import check_quantization
 from pdmesh.transport.base import TransferError
+from pdmesh.transport.cuda_ipc import open_share
 from pdmesh.tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
 
 def _launchable(seq: Sequence) -> bool:
-    """A sequence whose next token can be sampled without the host seeing the previous one (a
-    grammar's mask depends on the previous token, so constrained sequences go one step at a time)."""
-    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None and seq.grammar is None
+    """A sequence whose next step can be launched before the host sees its previous token (a
+    grammar's mask needs that token, but only the sampling waits for it: see ``LLMEngine._step``)."""
+    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None
 
 
 class RequestRejected(ValueError):
     """A request can never run here (too long, or larger than the whole KV pool)."""
 
 
-@dataclass(frozen=True)
-class RemoteAdmission:
-    """Decode side: where a remote prompt's KV must land."""
-
-    block_ids: list[int]
-    """All local blocks of the prompt, in token order."""
-    num_cached_blocks: int
-    """Leading blocks already present from the local prefix cache (not to be pulled)."""
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_waiting_for_kv: int
-    num_held: int
-    free_blocks: int
-    total_blocks: int
-    held_blocks: int
-    prefix_queries: int
-    prefix_hits: int
-    audit_mismatches: int = 0
-    transfers_stopping: int = 0
-    """Stopped KV transfers whose blocks wait until they certainly write no more."""
-    quarantined_blocks: int = 0
-    spec: Optional[SpecStats] = None
-    """Speculative decoding counters (a copy), when it is on."""
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, resolved: Optional[ResolvedModel] = None) -> None:
+    def __init__(self, config: EngineConfig, resolved: Optional[ResolvedModel] = None,
+                 kv_events: Optional[KVEventLog] = None) -> None:
         self.config = config
         self.device = pick_device(config.device.device)
+        self.kv_events = kv_events
+        """Where the prefix hashes this engine holds, per tier, are recorded as they change (workers
+        whose prompts are routed by cached prefix publish them); None: not recorded."""
         with on_device(self.device):
             self._build(config, resolved)
 
@@ -115,12 +112,23 @@ class LLMEngine:
         arch = self.resolved.arch
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
-        t0 = time.perf_counter()
-        log.info("loading %s (%s weights, %.1f B parameters) on %s", self.resolved.served_name, self.resolved.load_format,
-                 arch.num_parameters() / 1e9, self.device)
-        self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed,
-                                config.model.quantization)
-        log.info("weights loaded in %.1f s", time.perf_counter() - t0)
+        tp_size = config.device.tensor_parallel_size
+        check_tensor_parallel(arch, tp_size, config.device.enable_expert_parallel)
+        check_quantization(arch, config.model.quantization)
+        self.ranks: Optional[RankGroup] = None
+        """The other ranks of this worker's tensor-parallel group (None without TP)."""
+        if tp_size > 1:
+            devices = rank_devices(config.device.device, tp_size)
+            self.device = devices[0]
+            self.ranks = RankGroup(config, self.resolved, devices)
+        try:
+            self.tp = self.ranks.join() if self.ranks is not None else TPGroup.single(self.device)
+            shard = build_shard(config, self.resolved, self.tp, self.dtype, self.max_model_len)
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.pool, self.backend, self.runner = shard.model, shard.pool, shard.backend, shard.runner
+        num_blocks = shard.num_blocks
         path = self.resolved.tokenizer_path
         self.tokenizer: Optional[Tokenizer] = Tokenizer(path) if has_tokenizer(path) else None
         """The model's tokenizer (None for token-id-only models): its EOS ids, and grammars."""
@@ -129,23 +137,19 @@ class LLMEngine:
         """Ids that end a request: the model config's, the tokenizer's and generation_config.json's."""
         self._grammars: Optional[GrammarEngine] = None
         self._grammars_lock = threading.Lock()
-        self.kv_dtype = torch.float8_e4m3fn if config.cache.kv_cache_dtype == "fp8" else self.dtype
-        """Element type of the KV pool (``--kv-cache-dtype``)."""
-        num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
-        self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.kv_dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.runner.blocks = self.blocks
+        if self.ranks is not None:
+            try:
+                shares = self.ranks.wait_ready()
+                self.pool.attach_ranks([open_share(x) for x in shares], shares)
+            except BaseException:
+                self.close()
+                raise
+            self.runner.followers = self.ranks
         self.audit: Optional[KVAudit] = KVAudit(self.pool) if config.cache.kv_audit else None
         """Checksums of prompt KV (``--kv-audit``), verified when blocks are freed."""
-        self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
-                                      arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention,
-                                      self.kv_dtype)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        if self.device.type == "cuda" and config.device.fused_kernels and self.backend.name == "flashinfer":
-            self.model.enable_fused_kernels()
-        self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
-        if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
-            log.info("capturing decode CUDA graphs (first use compiles the decode kernels)")
-            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         mode = config.scheduler.async_scheduling
         self.async_scheduling = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         self._inflight: Optional[LaunchedStep] = None
@@ -155,30 +159,37 @@ class LLMEngine:
         self._deferred_frees: list[tuple[LaunchedStep, str]] = []
         """Requests whose blocks are freed once that step is collected."""
         self.held: dict[str, Sequence] = {}
-        self.remote: dict[str, Sequence] = {}
-        """Requests waiting for (or receiving) their prompt's KV from another worker."""
         self.connector = KVConnector(self.blocks)
-        """Pulls in flight, polled between steps."""
+        """Pulls, tier loads and offloads in flight, polled between steps."""
         self.spec: Optional[SpecDecoder] = SpecDecoder(config.speculative, self.max_model_len) if config.speculative else None
         """Speculative decoding (n-gram proposals, verify steps); None when off."""
+        on_event = self.kv_events.record if self.kv_events is not None else None
+        if on_event is not None:
+            self.blocks.on_cache_event = lambda h, added: on_event("device", h, added)
+        self.tiers: Optional[KVTiers] = None
+        """Host-memory and disk KV tiers under the pool (``--kv-offload-cpu-gb``, ``--kv-offload-disk-*``)."""
+        if config.cache.kv_offload_cpu_gb > 0:
+            self.tiers = KVTiers(config.cache, config.model, self.pool, self.blocks, self.connector, self.device, on_event)
+        self.arrivals = Arrivals(self.blocks, self.scheduler, self.connector, self.audit, self.tiers)
+        self.remote = self.arrivals.waiting
+        """Requests waiting for (or receiving) their prompt's KV from another worker or a lower tier."""
+        if self.tiers is not None:
+            self.scheduler.prefetch = self.arrivals.start_load
         self.num_steps = 0
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
         latest step that ran a batch (step-time metrics by kind)."""
-        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, attention=%s",
-                 arch.architecture, self.device, self.dtype, num_blocks, config.cache.block_size, self.backend.name)
+        log.info("engine ready: %s on %s/%s%s, %d KV blocks of %d tokens, attention=%s",
+                 arch.architecture, self.device, self.dtype, f" (TP {tp_size})" if tp_size > 1 else "", num_blocks,
+                 config.cache.block_size, self.backend.name)
 
-    def _size_kv(self, config: EngineConfig) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            mine = torch.cuda.memory_reserved(self.device)  # this process's weights so far
-            # This worker's share of the GPU, minus what it holds, minus room for activations and
-            # graphs; never more than what is actually free (other processes may share the GPU).
-            budget = min(int(total * config.cache.gpu_memory_utilization) - mine, free) - (2 << 30)
-            if budget <= 0:
-                raise RuntimeError("no GPU memory left for the KV cache; raise --gpu-memory-utilization")
-            return num_blocks_for_memory(self.arch, config.cache.block_size, self.kv_dtype, budget)
-        return num_blocks_for_memory(self.arch, config.cache.block_size, self.kv_dtype, config.cache.kv_cache_memory)
+    def close(self) -> None:
+        """Stop the other ranks and leave the process group (engine thread; idempotent)."""
+        if self.ranks is not None:
+            self.ranks.stop()
+            self.ranks = None
+            if getattr(self, "tp", None) is not None:
+                self.tp.destroy()
 
     # ------------------------------------------------------------------ grammars
     @property
@@ -208,7 +219,14 @@ class LLMEngine:
             raise RequestRejected(str(exc)) from None
 
     def _mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """The grammar mask of a step's rows.  A sequence that ended (by the step collected since
+        this one was launched, or aborted) has no grammar state any more: its row is left unmasked
+        and its token dropped."""
         self.grammars.apply(logits, [s.grammar for s in seqs])
+
+    @staticmethod
+    def _constrained(seqs: list[Sequence]) -> bool:
+        return any(s.grammar is not None for s in seqs)
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
@@ -270,13 +288,23 @@ class LLMEngine:
                     job.prepared.close()
         self.connector.add(job, transfer, len(dst), started)
 
+    def transfers_pending(self) -> bool:
+        """KV pulls, tier copies or disk I/O in flight, or released blocks not yet offloaded."""
+        t = self.tiers
+        return self.connector.pending or (t is not None and (t.busy or bool(self.blocks.released)))
+
     def poll_transfers(self) -> bool:
-        """Advance the KV pulls in flight and settle the requests whose pull ended; True while
-        any transfer (or a stopped one still quiescing) remains."""
+        """Copy released blocks down to the lower tiers, advance the KV pulls and tier copies in
+        flight and settle the requests whose pull or load ended; True while anything remains."""
+        if self.tiers is not None:
+            self.tiers.step()
         if not self.connector.pending:
-            return False
+            return self.transfers_pending()
         now = time.monotonic()
         for a, err in self.connector.poll(now):
+            if isinstance(a.job, TierLoadJob):
+                self.arrivals.settle_load(a.job, a.transfer, err)
+                continue
             job, rid = a.job, a.job.request_id
             name, secs = job.transport.name, now - a.started
             if err is None:
@@ -284,51 +312,24 @@ class LLMEngine:
                 if self.audit is not None and seq is not None:
                     self.audit.expect(rid, self.blocks.block_table(rid), seq.num_prompt_tokens, job.first_block,
                                       job.expect_checksums)
-                self._activate_remote(rid)
+                self.arrivals.landed(rid)
                 report = PullReport(PullOutcome.PULLED, name, a.transfer.nbytes if a.transfer else 0, a.blocks, secs,
                                     a.transfer.device_seconds() if a.transfer else None)
             else:
                 log.warning("KV pull of %s via %s failed: %s (policy: %s)", rid, name, err, job.policy)
-                if job.policy == "recompute" and self._recompute_remote(rid):
+                if job.policy == "recompute" and self.arrivals.recompute(rid):
                     report = PullReport(PullOutcome.RECOMPUTED, name, seconds=secs, error=err)
                 else:
                     self.abort(rid)
                     report = PullReport(PullOutcome.FAILED, name, seconds=secs, error=err)
             job.on_outcome(report)
-        return self.connector.pending
-
-    def _activate_remote(self, request_id: str) -> bool:
-        """The remote KV has landed: queue the request for decoding. False if it was aborted."""
-        seq = self.remote.pop(request_id, None)
-        if seq is None:
-            return False
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        self.blocks.cache_full_blocks(request_id, seq.token_ids, seq.num_computed_tokens)
-        if self.audit is not None:
-            self.audit.record(request_id, self.blocks.block_table(request_id), seq.num_prompt_tokens)
-        self.scheduler.add(seq)
-        return True
-
-    def _recompute_remote(self, request_id: str) -> bool:
-        """The remote KV could not be had (failed pull): free what was allocated for it and queue the
-        request to compute its prompt here — like a preempted request, it re-prefills prompt + token 0
-        and goes on from token 1.  False if it was aborted meanwhile."""
-        seq = self.remote.pop(request_id, None)
-        if seq is None:
-            return False
-        if self.audit is not None:
-            self.audit.forget(request_id)
-        self.blocks.free(request_id)
-        seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
-        self.scheduler.add(seq)
-        return True
+        return self.transfers_pending()
 
     def abort(self, request_id: str) -> bool:
         """Drop the request wherever it is and free its blocks at once (blocks that its stopped
         KV transfer may still write go to the connector's quarantine instead)."""
         pulling = self.connector.abort(request_id)
-        if pulling is not None:
+        if pulling is not None and isinstance(pulling.job, PullJob):
             pulling.job.on_outcome(PullReport(PullOutcome.FAILED, pulling.job.transport.name, error="aborted", aborted=True))
         seq = self.scheduler.remove(request_id) or self.remote.pop(request_id, None) or self.held.pop(request_id, None)
         had_blocks = self.blocks.has_request(request_id)
@@ -336,6 +337,7 @@ class LLMEngine:
         if seq is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
+            seq.grammar = None  # the matcher goes now, even while a launched step still names the sequence
         return seq is not None or had_blocks
 
     def _free(self, request_id: str) -> None:
@@ -374,6 +376,7 @@ class LLMEngine:
         try:
             seq = Sequence(rid, list(token_ids), len(token_ids), SamplingParams(), self.eos_token_ids)
             logits, _ = self.runner.forward(ScheduledBatch([seq], [len(token_ids)]))
+            assert logits is not None  # the step computed all of seq's tokens
             return logits[0]
         finally:
             self.blocks.free(rid)
@@ -395,11 +398,16 @@ class LLMEngine:
             if not self._can_launch_behind():
                 return self._collect(prev)
             batch = self.scheduler.schedule()
-            nxt = self.runner.launch(batch, prev) if batch.seqs else None
+            nxt = self.runner.launch_forward(batch, prev) if batch.seqs else None
             self.num_steps_launched_behind += nxt is not None
             self._inflight = nxt  # frees that collecting prev asks for wait for nxt too
-            outputs = self._collect(prev)
+            masked = nxt is not None and self._constrained(nxt.sample_seqs)
+            if nxt is not None and not masked:
+                self.runner.launch_sample(nxt)
+            outputs = self._collect(prev)  # advances the grammars by prev's tokens
             if nxt is not None:
+                if masked:  # nxt's mask needs prev's tokens; its forward runs meanwhile
+                    self.runner.launch_sample(nxt, self._mask)
                 self._launched(nxt)
             return outputs
         if self.spec is not None:
@@ -413,12 +421,13 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
+        mask = self._mask if self._constrained(batch.seqs) else None
         if (self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs))
                 and not any(s.spec_token_ids for s in batch.seqs)):
-            self._inflight = self.runner.launch(batch)
+            self._inflight = self.runner.launch(batch, mask=mask)
             self._launched(self._inflight)
             return []
-        result = self.runner.run(batch, self._mask if any(s.grammar is not None for s in batch.seqs) else None)
+        result = self.runner.run(batch, mask)
         return self.postprocess(batch, result)
 
     def _can_launch_behind(self) -> bool:
@@ -476,14 +485,16 @@ class LLMEngine:
         now = time.monotonic()
         for seq, lps in result.prompt_logprobs:
             seq.prompt_logprobs.extend(lps)
-        if result.targets is not None:
-            return self._postprocess_verify(batch, result, now)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            self._computed(seq, seq.num_computed_tokens + n)
+        rows = {id(s): i for i, s in enumerate(result.sampled_seqs)}
         outputs = []
-        for seq, tok, lp in zip(result.sampled_seqs, result.token_ids, result.logprobs):
-            seq.token_ids.append(tok)
-            outputs.append(self._emit(seq, tok, lp, now))
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            i = rows.get(id(seq))
+            if i is None:  # a prompt chunk that samples nothing yet
+                self._computed(seq, seq.num_computed_tokens + n)
+            elif result.targets is None:
+                outputs.append(self._advance(seq, n, [result.token_ids[i]], [result.logprobs[i]], now))
+            else:  # a verify step (speculative decoding)
+                outputs.append(self._advance(seq, n, result.targets[i], result.target_logprobs[i], now))
         return outputs
 
     def _computed(self, seq: Sequence, num_computed: int) -> None:
@@ -493,31 +504,27 @@ class LLMEngine:
         if self.audit is not None and num_computed >= seq.num_prompt_tokens:
             self.audit.record(seq.request_id, self.blocks.block_table(seq.request_id), seq.num_prompt_tokens)
 
-    def _postprocess_verify(self, batch, result, now: float) -> list[RequestOutput]:
-        """A verify step (``spec_decode``): each sampled sequence gets its accepted drafts plus one
-        token (fewer if one of them ends it); its KV counts as computed through the last accepted
-        draft, and blocks holding only rejected drafts' KV are freed at once."""
-        assert self.spec is not None
-        got = {id(s): (t, lp) for s, t, lp in zip(result.sampled_seqs, result.targets, result.target_logprobs)}
-        outputs = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            if id(seq) not in got:  # a prompt chunk that samples nothing yet
-                self._computed(seq, seq.num_computed_tokens + n)
-                continue
-            targets, lps = got[id(seq)]
-            emit = self.spec.accept(seq, targets)
-            computed = seq.num_computed_tokens + n - len(targets) + emit
-            for i, tok in enumerate(targets[:emit]):
-                seq.token_ids.append(tok)
-                if self._finish_reason(seq, tok) is not None:
-                    break
-            self._computed(seq, min(computed, seq.num_tokens))
+    def _advance(self, seq: Sequence, n: int, targets: list[int], lps: list[Optional[TokenLogprob]],
+                 now: float) -> RequestOutput:
+        """``seq`` computed ``n`` more tokens and sampled ``targets`` (one per row: 1 + its drafts).
+        It gets the accepted drafts plus one token (``spec_decode``; fewer if one of them ends it),
+        its KV counts as computed through the last accepted draft, and blocks holding only rejected
+        drafts' KV are freed at once.  Without drafts: its one sampled token."""
+        drafts = len(seq.spec_token_ids)
+        emit = self.spec.accept(seq, targets) if self.spec is not None else 1
+        i, tok = 0, targets[0]
+        for i, tok in enumerate(targets[:emit]):
+            seq.token_ids.append(tok)
+            if i + 1 < emit and self._finish_reason(seq, tok) is not None:
+                break
+        self._computed(seq, min(seq.num_computed_tokens + n - len(targets) + emit, seq.num_tokens))
+        if drafts:
             self.blocks.trim(seq.request_id, seq.num_computed_tokens)
-            out = self._emit(seq, tok, lps[i], now)
+        out = self._emit(seq, tok, lps[i], now)
+        if i:
             out.new_token_ids = targets[:i + 1]
-            out.logprobs = lps[:i + 1] if lps[i] is not None else None
-            outputs.append(out)
-        return outputs
+            out.logprobs = [lp for lp in lps[:i + 1] if lp is not None] if lps[i] is not None else None
+        return out
 
     def _emit(self, seq: Sequence, tok: int, lp: Optional[TokenLogprob], now: float) -> RequestOutput:
         """The output for ``seq``'s newest token ``tok``; finishes or holds the sequence as due."""
@@ -527,6 +534,7 @@ class LLMEngine:
         else:
             reason = self._finish_reason(seq, tok)
         first = seq.num_output_tokens == 1
+        assert seq.first_scheduled_time is not None  # a sequence with a token was scheduled
         out = RequestOutput(
             seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
             seq.num_prompt_tokens, seq.num_cached_tokens,
@@ -543,6 +551,7 @@ class LLMEngine:
                 out.held_block_checksums = self.audit.record(seq.request_id, out.held_block_ids, seq.num_prompt_tokens)
             self.scheduler.remove(seq.request_id)
             seq.status = SequenceStatus.HELD
+            seq.grammar = None  # the decode worker replays token 0 into its own matcher
             self.held[seq.request_id] = seq
         return out
 
@@ -564,6 +573,7 @@ class LLMEngine:
         self._free(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.grammar = None
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> EngineStats:
@@ -582,4 +592,5 @@ class LLMEngine:
             transfers_stopping=len(self.connector.stopping),
             quarantined_blocks=self.connector.quarantined_blocks(),
             spec=self.spec.stats.copy() if self.spec is not None else None,
+            tiers=self.tiers.snapshot() if self.tiers is not None else None,
         )

@@ -10,7 +10,9 @@ Each step gets a token budget (``max_num_batched_tokens``) and a sequence cap (`
    sequence's draft tokens are dropped before anyone is preempted for it.
 2. Then waiting sequences, FIFO, while budget, cap and blocks allow.  A sequence admitted for the
    first time looks up its prefix in the cache and only computes the rest (unless it asked for
-   prompt logprobs, which need every prompt position computed).
+   prompt logprobs, which need every prompt position computed).  With lower KV tiers, a sequence
+   whose prefix goes on in host memory or on disk is handed to ``prefetch`` instead: it leaves the
+   queue while its blocks load and comes back at the front with them computed.
 
 The scheduler changes ``num_computed_tokens`` only when admitting (prefix hits) or preempting;
 the engine advances it after the step ran.
@@ -20,11 +22,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from pdmesh.config import SchedulerConfig
 from pdmesh.engine.sequence import Sequence, SequenceStatus
-from pdmesh.kv.block_manager import PrefixCachingBlockManager
+from pdmesh.kv.block_manager import PrefixCachingBlockManager, PrefixHit
 
 
 @dataclass
@@ -51,10 +53,17 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         """Sequences preempted (recompute) so far (counter)."""
+        self.prefetch: Optional[Callable[[Sequence, PrefixHit], bool]] = None
+        """Lower KV tiers (the engine's): given a sequence admitted for the first time and its device
+        prefix hit, True when it took the sequence to load more of its prefix (blocks allocated,
+        the sequence out of the queue until the engine requeues it with those tokens computed)."""
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, front: bool = False) -> None:
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def remove(self, request_id: str) -> Optional[Sequence]:
         """Take a sequence out of both queues (blocks untouched); None if absent."""
@@ -116,6 +125,9 @@ class Scheduler:
             first = not self.blocks.has_request(seq.request_id)
             # prompt logprobs need every prompt position computed: no prefix-cache hits then
             hit = self.blocks.lookup_prefix(seq.token_ids) if first and not seq.wants_prompt_logprobs else None
+            if hit is not None and self.prefetch is not None and self.prefetch(seq, hit):
+                self.waiting.popleft()
+                continue
             computed = hit.num_tokens if hit is not None else seq.num_computed_tokens
             remaining = seq.num_tokens - computed
             n = min(remaining, budget) if chunked else remaining

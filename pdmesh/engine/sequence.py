@@ -151,6 +151,8 @@ class Sequence:
     the scheduler gives the sequence 1 + len(drafts) new tokens; cleared when the step is done)."""
     spec_state: Optional["SpecState"] = None
     """Speculative decoding: the proposer's per-sequence state (token history, back-off)."""
+    tiers_looked_up: bool = False
+    """Its prefix was looked up in the lower KV tiers (counted once in their hit/miss counters)."""
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -52,16 +52,16 @@ def _copy_kernels(eng: LLMEngine) -> None:
     buffer (the cross-GPU path), all on the null block, which no request owns."""
     from pdmesh.kv.copy import copy_blocks
 
-    kv = eng.pool.kv
     null = eng.pool.null_block
-    with on_device(eng.device):
-        for n in (1, 2, 16):
-            src = torch.full((n,), null, dtype=torch.int64, device=kv.device)
-            copy_blocks(kv, src, kv, src)
-            staged = torch.empty((kv.shape[0], n) + tuple(kv.shape[2:]), dtype=kv.dtype, device=kv.device)
-            copy_blocks(kv, src, staged, torch.arange(n, device=kv.device))
-        if kv.device.type == "cuda":
-            torch.cuda.synchronize(kv.device)
+    for kv in eng.pool.ranks:  # with tensor parallelism rank 0 copies into every rank's pool, on its GPU
+        with on_device(kv.device):
+            for n in (1, 2, 16):
+                src = torch.full((n,), null, dtype=torch.int64, device=kv.device)
+                copy_blocks(kv, src, kv, src)
+                staged = torch.empty((kv.shape[0], n) + tuple(kv.shape[2:]), dtype=kv.dtype, device=kv.device)
+                copy_blocks(kv, src, staged, torch.arange(n, device=kv.device))
+            if kv.device.type == "cuda":
+                torch.cuda.synchronize(kv.device)
 
 
 def warm_up(eng: LLMEngine) -> float:
@@ -69,6 +69,9 @@ def warm_up(eng: LLMEngine) -> float:
     if eng.has_work() or eng.blocks.requests or eng.held or eng.remote:
         raise RuntimeError("warm-up needs an idle engine")
     t0 = time.perf_counter()
+    tiers, eng.tiers = eng.tiers, None  # dummy blocks stay out of the lower KV tiers
+    events, eng.blocks.on_cache_event = eng.blocks.on_cache_event, None  # and out of routing hints
+    eng.scheduler.prefetch = None
     vocab, bs = eng.arch.vocab_size, eng.pool.block_size
     budget = eng.config.scheduler.max_num_batched_tokens
     plen = max(2, min(2 * bs + 7, eng.max_model_len - 8))
@@ -91,12 +94,15 @@ def warm_up(eng: LLMEngine) -> float:
     for i in range(batch):
         rid = f"{_PREFIX}remote-{i}"
         if eng.admit_remote(rid, _tokens(plen, vocab, 10 + i), 1, greedy.with_updates(max_tokens=6 + i)) is not None:
-            eng._activate_remote(rid)  # as if its KV had landed (the KV contents do not matter here)
+            eng.arrivals.landed(rid)  # as if its KV had landed (the KV contents do not matter here)
     _drain(eng)
     _copy_kernels(eng)
     if eng.blocks.requests or eng.held or eng.remote:
         raise RuntimeError("warm-up left requests behind")
     eng.blocks.reset()
+    eng.tiers, eng.blocks.on_cache_event = tiers, events
+    if tiers is not None:
+        eng.scheduler.prefetch = eng.arrivals.start_load
     eng.num_steps = 0
     eng.num_steps_launched_behind = 0
     if eng.spec is not None:  # verify steps run the prompt kernels compiled above

@@ -16,6 +16,11 @@ Algorithm
   hash), to the *back* if it is cached.  So cached blocks are evicted least-recently-freed first,
   and within one request its tail before its head.
 * Popping a cached block from the free queue for reuse evicts it (its hash is forgotten).
+* With lower KV tiers (``pdmesh.engine.offload``), every cached block whose ref count drops to 0
+  is also recorded in ``released`` (block, hash) for the engine to copy down to the host tier
+  while it is still on the device; ``pin`` holds blocks under an extra owner while a copy reads
+  them.  ``on_cache_event(hash, added)`` hears every hash entering or leaving ``cached`` (the
+  worker publishes them for routing by cached prefix).
 
 Invariants (checked by ``check_invariants``)
 --------------------------------------------
@@ -31,7 +36,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -80,6 +85,11 @@ class PrefixCachingBlockManager:
         """Tokens looked up in the prefix cache (counter)."""
         self.prefix_hits = 0
         """Tokens found in the prefix cache (counter)."""
+        self.released: Optional[list[tuple[int, bytes]]] = None
+        """When a list (lower tiers on): cached blocks whose ref count dropped to 0, in order, for the
+        engine to drain."""
+        self.on_cache_event: Optional[Callable[[bytes, bool], None]] = None
+        """Called with (hash, True) when a block is cached under ``hash``, (hash, False) when it is evicted."""
 
     # ---------------------------------------------------------------- queries
     @property
@@ -185,6 +195,8 @@ class PrefixCachingBlockManager:
             if h not in self.cached and self.block_hash[b] is None:
                 self.cached[h] = b
                 self.block_hash[b] = h
+                if self.on_cache_event is not None:
+                    self.on_cache_event(h, True)
             req.hashes.append(h)
             parent = h
 
@@ -198,8 +210,11 @@ class PrefixCachingBlockManager:
             assert self.ref_count[b] >= 0, f"block {b} ref count underflow"
             if self.ref_count[b] == 0:
                 self.free_queue[b] = None
-                if self.block_hash[b] is None:
+                h = self.block_hash[b]
+                if h is None:
                     self.free_queue.move_to_end(b, last=False)
+                elif self.released is not None:
+                    self.released.append((b, h))
         return len(req.blocks)
 
     def trim(self, request_id: str, num_tokens: int) -> list[int]:
@@ -221,6 +236,17 @@ class PrefixCachingBlockManager:
         req.array = None
         return freed
 
+    def pin(self, owner: str, block_ids: Sequence[int]) -> None:
+        """Make ``owner`` (a fresh id) hold ``block_ids`` too (ref count + 1 each; a free block
+        leaves the free queue, keeping its hash): a copy out of the pool reads them meanwhile.
+        ``free(owner)`` lets go."""
+        if owner in self.requests:
+            raise ValueError(f"{owner!r} already holds blocks")
+        req = self.requests[owner] = _Request()
+        for b in block_ids:
+            self._incref(b)
+            req.blocks.append(b)
+
     def reset(self) -> None:
         """Forget every cached block and the counters, as a new manager (block ids are handed out
         from 0 again); only while no request holds blocks (after a warm-up)."""
@@ -229,8 +255,13 @@ class PrefixCachingBlockManager:
         self.ref_count = [0] * self.num_blocks
         self.block_hash = [None] * self.num_blocks
         self.free_queue = OrderedDict((b, None) for b in range(self.num_blocks))
+        if self.on_cache_event is not None:
+            for h in self.cached:
+                self.on_cache_event(h, False)
         self.cached = {}
         self.prefix_queries = self.prefix_hits = 0
+        if self.released is not None:
+            self.released = []
 
     def reassign(self, request_id: str, new_owner: str) -> None:
         """Hand every block of ``request_id`` to ``new_owner`` (a fresh id), ref counts unchanged:
@@ -253,6 +284,8 @@ class PrefixCachingBlockManager:
         if h is not None:
             if self.cached.get(h) == b:
                 del self.cached[h]
+                if self.on_cache_event is not None:
+                    self.on_cache_event(h, False)
             self.block_hash[b] = None
         return b
 

@@ -1,18 +1,26 @@
 """Layers shared by every model family: RMSNorm, rotary embedding (with rope scaling), gated MLP,
 GQA attention.  Tensors are flat over tokens: ``T`` is the number of tokens in the step's batch.
+
+Tensor parallelism (``tp``, a ``TPGroup``): the qkv and gate/up projections are column-parallel
+(each rank computes its heads and its slice of the MLP width), o and down are row-parallel (each
+rank's partial product, summed by one all-reduce; a bias is added by rank 0 only).  KV heads are
+split like the query heads, or replicated when there are fewer than ranks (``pdmesh.kv.shards``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdmesh.distributed.group import TPGroup
+from pdmesh.kv.shards import local_kv_heads
 from pdmesh.models.arch import ModelArch
 from pdmesh.models.gemv import gemv, gemv_applies
+from pdmesh.models.quant import QuantLinear
 
 
 class AttentionContext(Protocol):
@@ -163,69 +171,91 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rot * sin
 
 
-def project(x: torch.Tensor, lin: nn.Module, fused: bool, silu_mul: bool = False) -> torch.Tensor:
-    """``lin(x)`` for x [T, K] (``lin``: nn.Linear or a quantized ``QuantLinear``); ``fused`` and one
-    row on CUDA: a Triton GEMV (weight-only for a quantized layer), which can also take x as
-    [1, 2K] gate|up and apply SiLU*mul first (``silu_mul``)."""
-    if fused and gemv_applies(x):
-        return gemv(x, lin.weight, lin.bias, silu_mul=silu_mul, scale=getattr(lin, "weight_scale", None))
-    assert not silu_mul, "silu_mul is the one-row GEMV's prologue"
-    return lin(x)
+Projection = Union[nn.Linear, QuantLinear]
+"""A projection layer: full precision, or quantized at load (``--quantization``)."""
+
+
+def linear(x: torch.Tensor, lin: Projection, bias: Optional[torch.Tensor], use_gemv: bool, silu_mul: bool = False) -> torch.Tensor:
+    """``x @ W^T + bias`` for x [T, K] and ``lin``'s weight W [N, K] (``lin``: nn.Linear, or a
+    ``QuantLinear`` with 1-byte weights, ``--quantization``); ``use_gemv`` and one row on CUDA: a
+    Triton GEMV (weight-only for a quantized layer).  ``silu_mul``: x is [T, 2K] gate|up and
+    SiLU(gate)*up is applied first (inside the GEMV, else FlashInfer's kernel)."""
+    if use_gemv and gemv_applies(x):
+        return gemv(x, lin.weight, bias, silu_mul=silu_mul, scale=getattr(lin, "weight_scale", None))
+    if silu_mul:
+        from flashinfer.activation import silu_and_mul
+
+        x = silu_and_mul(x)
+    if isinstance(lin, QuantLinear):
+        return lin.matmul(x, bias)
+    return F.linear(x, lin.weight, bias)
+
+
+def row_parallel(x: torch.Tensor, lin: Projection, tp: TPGroup, use_gemv: bool, silu_mul: bool = False,
+                 reduce: bool = True) -> torch.Tensor:
+    """A row-parallel projection: this rank's partial product (its bias only on rank 0), summed
+    over the ranks (``reduce=False``: not summed; the caller sums it, e.g. with the next norm).
+    A quantized layer's scales are this rank's own (its slice of K), which the sum composes."""
+    y = linear(x, lin, lin.bias if tp.rank == 0 else None, use_gemv, silu_mul)
+    return tp.all_reduce(y) if reduce else y
 
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul; ``fused`` (CUDA):
-    FlashInfer's SiLU*mul kernel, and at one row Triton GEMVs with SiLU*mul inside the down one."""
+    FlashInfer's SiLU*mul kernel, and at one row Triton GEMVs with SiLU*mul inside the down one.
+    Under TP each rank holds ``intermediate_size / tp`` of the width (gate and up alike)."""
 
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__()
-        self.inter = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias, dtype=dtype)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+        self.tp = tp
+        self.inter = arch.intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.inter, bias=arch.mlp_bias, dtype=dtype)
+        self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""
         if self.fused and gemv_applies(x):  # one row: GEMVs, the activation inside the down one
-            gu = project(x, self.gate_up_proj, True)
-            return project(gu, self.down_proj, True, silu_mul=True)
+            gu = linear(x, self.gate_up_proj, self.gate_up_proj.bias, True)
+            return row_parallel(gu, self.down_proj, self.tp, True, silu_mul=True, reduce=reduce)
         gu = self.gate_up_proj(x)
         if self.fused:
-            from flashinfer.activation import silu_and_mul
-
-            return self.down_proj(silu_and_mul(gu))
+            return row_parallel(gu, self.down_proj, self.tp, False, silu_mul=True, reduce=reduce)
         gate, up = gu.split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return row_parallel(F.silu(gate) * up, self.down_proj, self.tp, False, reduce=reduce)
 
 
 class Attention(nn.Module):
-    """GQA self-attention with fused qkv, optional per-head q/k RMSNorm (Qwen3) and rotary."""
+    """GQA self-attention with fused qkv, optional per-head q/k RMSNorm (Qwen3) and rotary; under TP
+    over this rank's query and KV heads."""
 
-    def __init__(self, arch: ModelArch, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, layer_idx: int, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.hq, self.hkv, self.d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.tp = tp
+        self.hq, self.hkv, self.d = arch.num_heads // tp.size, local_kv_heads(arch.num_kv_heads, tp.size), arch.head_dim
         self.qkv_proj = nn.Linear(arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=arch.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=arch.o_bias, dtype=dtype)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
+            self.q_norm: Optional[RMSNorm] = RMSNorm(self.d, arch.rms_norm_eps, dtype)
+            self.k_norm: Optional[RMSNorm] = RMSNorm(self.d, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.fused = False
         """CUDA: one-row projections run as Triton GEMVs (``pdmesh.models.gemv``)."""
 
-    def _project(self, x: torch.Tensor, lin: nn.Module) -> torch.Tensor:
-        return project(x, lin, self.fused)
+    def _project(self, x: torch.Tensor, lin: Projection) -> torch.Tensor:
+        return linear(x, lin, lin.bias, self.fused)
 
-    def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext, reduce: bool = True) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""
         t = x.shape[0]
         q, k, v = self._project(x, self.qkv_proj).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = q.view(t, self.hq, self.d)
         k = k.view(t, self.hkv, self.d)
         v = v.view(t, self.hkv, self.d)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (arch.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, k)
         out = ctx.attend(self.layer_idx, q, k, v)
-        return self._project(out.reshape(t, self.hq * self.d), self.o_proj)
+        return row_parallel(out.reshape(t, self.hq * self.d), self.o_proj, self.tp, self.fused, reduce=reduce)

@@ -22,7 +22,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from pdmesh.config import DEFAULT_MODEL, ModelConfig
+from pdmesh.config import DEFAULT_MODEL, ModelConfig, Quantization
+from pdmesh.distributed.group import TPGroup
 from pdmesh.env import ENV
 from pdmesh.models import build_model
 from pdmesh.models.arch import ModelArch, arch_from_hf_config, load_hf_config
@@ -174,7 +175,9 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 @torch.no_grad()
 def fill_dummy(model: CausalLM, seed: int) -> None:
-    """Deterministic random weights: the same seed gives the same weights in every process."""
+    """Deterministic random weights: the same seed gives the same weights in every process, and
+    under tensor parallelism each rank holds its slices of exactly the TP-1 weights (drawn whole,
+    then sharded)."""
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
@@ -183,14 +186,18 @@ def fill_dummy(model: CausalLM, seed: int) -> None:
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF)
         bound = 0.02 if param.dim() > 1 else 0.01
         # drawn in float32 and cast, so every dtype gets the same (rounded) weights
-        param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).uniform_(-bound, bound, generator=gen))
+        full = torch.empty(model.full_shape(name, param), dtype=torch.float32, device=param.device).uniform_(-bound, bound, generator=gen)
+        if model.tp.size == 1:
+            param.copy_(full)
+        else:
+            model.copy_shard(name, param, full)
 
 
 def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0,
-               quantization: Optional[str] = None) -> CausalLM:
-    """Build the model on ``device`` and fill it (checkpoint or dummy weights); ``quantization``
+               tp: Optional[TPGroup] = None, expert_parallel: bool = False, quantization: Optional[Quantization] = None) -> CausalLM:
+    """Build (this rank's shard of) the model on ``device`` and fill its weights; ``quantization``
     ('fp8', 'int8'): then replace its projections by quantized ones (``pdmesh.models.quant``)."""
-    model = build_model(res.arch, dtype)
+    model = build_model(res.arch, dtype, tp, expert_parallel)
     model.materialize(device, max_len)
     if res.weights_dir is None:
         fill_dummy(model, seed)
@@ -202,7 +209,7 @@ def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max
     if quantization:
         from pdmesh.models.quant import quantize_model
 
-        n = quantize_model(model, quantization)  # type: ignore[arg-type]
+        n = quantize_model(model, quantization)
         log.info("quantized %d linear layers to %s (weights per channel, activations per token)", n, quantization)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the full-precision weights' memory goes back for the KV cache

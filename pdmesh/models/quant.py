@@ -18,19 +18,27 @@ Kernels, on CUDA and CPU alike (torch 2.11+ has both on both):
   (``pdmesh.models.gemv`` reads the 1-byte weights and applies ``w_scale`` per row; the activation
   stays in the model dtype), because at one row a projection is a pure weight stream.
 
+Tensor parallelism: every rank quantizes its own shard after loading it, so a column-parallel
+layer (qkv, gate/up) has the scales of its output rows, a row-parallel one (o, down) scales over
+its slice of K, and its activations are quantized per token over that slice (the all-reduce then
+sums dequantized partial products).  Mixture-of-experts models are refused (``check_quantization``).
+
 ``quant_error`` is what the tests bound: the relative error of a quantized layer against the same
 layer in float32.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QuantMethod = Literal["fp8", "int8"]
+from pdmesh.config import Quantization
+from pdmesh.models.arch import ModelArch
+
+QuantMethod = Quantization
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -84,6 +92,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, K] -> [T, N] in x's dtype."""
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: [..., K] -> [..., N] in x's dtype, plus ``bias`` [N] (or none: a row-parallel shard's
+        partial product on ranks other than 0)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         x_q, x_scale = quantize_rows(x2, self.qdtype)
@@ -99,18 +112,35 @@ class QuantLinear(nn.Module):
             acc = torch._int_mm(x_q, self.weight.t())[:rows]
             y = acc.float() * x_scale * self.weight_scale[None, :]
         y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+        if bias is not None:
+            y = y + bias
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def check_quantization(arch: ModelArch, method: Optional[QuantMethod]) -> None:
+    """ValueError naming --quantization when ``method`` cannot quantize this model: mixture-of-experts
+    models are refused (their experts, most of the weights, are fused grouped tensors that no
+    quantized kernel here reads; quantizing only the attention would be a silent half measure)."""
+    if method is None:
+        return
+    if method not in ("fp8", "int8"):
+        raise ValueError(f"--quantization: unknown method {method!r} (fp8 or int8)")
+    if arch.num_experts > 0:
+        raise ValueError(f"--quantization {method}: mixture-of-experts models ({arch.architecture}, {arch.num_experts} "
+                         "experts) are not supported: their expert layers have no quantized kernel; serve it without "
+                         "--quantization (--kv-cache-dtype fp8 works)")
+
+
 def quantize_model(model: nn.Module, method: Optional[QuantMethod]) -> int:
-    """Replace every projection of ``QUANTIZED_LAYERS`` in ``model`` by a ``QuantLinear`` (in place,
-    freeing the full-precision weights); returns how many were replaced.  ``None``: nothing."""
+    """Replace every projection of ``QUANTIZED_LAYERS`` in ``model`` (a ``CausalLM``, whose ``arch``
+    must pass ``check_quantization``) by a ``QuantLinear`` in place, freeing the full-precision
+    weights; returns how many were replaced.  ``None``: nothing.  Under tensor parallelism each
+    rank quantizes its own shard (column-parallel: its output rows; row-parallel: its slice of K)."""
+    arch = getattr(model, "arch", None)
+    if arch is not None:
+        check_quantization(arch, method)
     if method is None:
         return 0
-    if method not in ("fp8", "int8"):
-        raise ValueError(f"unknown quantization {method!r} (fp8 or int8)")
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if name in QUANTIZED_LAYERS and isinstance(child, nn.Linear)]
     with torch.no_grad():

@@ -25,35 +25,41 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"8\n\x0fRegisterRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"V\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x10\n\x08lease_ms\x18\x03 \x01(\x05\"\\\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"d\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12\x65xclude_worker_ids\x18\x04 \x03(\t\"\x94\x01\n\rRouteResponse\x12&\n\x07prefill\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12%\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tcolocated\x18\x05 \x01(\x08\"\x14\n\x12ListWorkersRequest\"\x88\x01\n\x0cWorkerStatus\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.WorkerStatus2\xf1\x02\n\tScheduler\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse(\x01\x30\x01\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12:\n\x05Route\x12\x17.pdmesh.v1.RouteRequest\x1a\x18.pdmesh.v1.RouteResponse\x12L\n\x0bListWorkers\x12\x1d.pdmesh.v1.ListWorkersRequest\x1a\x1e.pdmesh.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pdmesh/v1/scheduler.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"8\n\x0fRegisterRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\"V\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x10\n\x08lease_ms\x18\x03 \x01(\x05\"\xb4\x01\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x10\n\x08\x64raining\x18\x03 \x01(\x08\x12\x15\n\rkv_events_seq\x18\x04 \x01(\x04\x12\x17\n\x0fkv_events_reset\x18\x05 \x01(\x08\x12&\n\tkv_events\x18\x06 \x03(\x0b\x32\x13.pdmesh.v1.KVEvents\"8\n\x08KVEvents\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\x0c\x12\x0f\n\x07removed\x18\x03 \x03(\x0c\"5\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x11\n\tkv_resync\x18\x02 \x01(\x08\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"~\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12\x65xclude_worker_ids\x18\x04 \x03(\t\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\"\x94\x01\n\rRouteResponse\x12&\n\x07prefill\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12%\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12\x11\n\ttransport\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tcolocated\x18\x05 \x01(\x08\"\x14\n\x12ListWorkersRequest\"\xf3\x01\n\x0cWorkerStatus\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.pdmesh.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.pdmesh.v1.WorkerLoad\x12\x1c\n\x14last_heartbeat_age_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x38\n\tkv_hashes\x18\x05 \x03(\x0b\x32%.pdmesh.v1.WorkerStatus.KvHashesEntry\x1a/\n\rKvHashesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"?\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.pdmesh.v1.WorkerStatus2\xf1\x02\n\tScheduler\x12\x43\n\x08Register\x12\x1a.pdmesh.v1.RegisterRequest\x1a\x1b.pdmesh.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1b.pdmesh.v1.HeartbeatRequest\x1a\x1c.pdmesh.v1.HeartbeatResponse(\x01\x30\x01\x12I\n\nDeregister\x12\x1c.pdmesh.v1.DeregisterRequest\x1a\x1d.pdmesh.v1.DeregisterResponse\x12:\n\x05Route\x12\x17.pdmesh.v1.RouteRequest\x1a\x18.pdmesh.v1.RouteResponse\x12L\n\x0bListWorkers\x12\x1d.pdmesh.v1.ListWorkersRequest\x1a\x1e.pdmesh.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WORKERSTATUS_KVHASHESENTRY']._loaded_options = None
+  _globals['_WORKERSTATUS_KVHASHESENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERREQUEST']._serialized_start=64
   _globals['_REGISTERREQUEST']._serialized_end=120
   _globals['_REGISTERRESPONSE']._serialized_start=122
   _globals['_REGISTERRESPONSE']._serialized_end=208
-  _globals['_HEARTBEATREQUEST']._serialized_start=210
-  _globals['_HEARTBEATREQUEST']._serialized_end=302
-  _globals['_HEARTBEATRESPONSE']._serialized_start=304
-  _globals['_HEARTBEATRESPONSE']._serialized_end=338
-  _globals['_DEREGISTERREQUEST']._serialized_start=340
-  _globals['_DEREGISTERREQUEST']._serialized_end=378
-  _globals['_DEREGISTERRESPONSE']._serialized_start=380
-  _globals['_DEREGISTERRESPONSE']._serialized_end=400
-  _globals['_ROUTEREQUEST']._serialized_start=402
-  _globals['_ROUTEREQUEST']._serialized_end=502
-  _globals['_ROUTERESPONSE']._serialized_start=505
-  _globals['_ROUTERESPONSE']._serialized_end=653
-  _globals['_LISTWORKERSREQUEST']._serialized_start=655
-  _globals['_LISTWORKERSREQUEST']._serialized_end=675
-  _globals['_WORKERSTATUS']._serialized_start=678
-  _globals['_WORKERSTATUS']._serialized_end=814
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=816
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=879
-  _globals['_SCHEDULER']._serialized_start=882
-  _globals['_SCHEDULER']._serialized_end=1251
+  _globals['_HEARTBEATREQUEST']._serialized_start=211
+  _globals['_HEARTBEATREQUEST']._serialized_end=391
+  _globals['_KVEVENTS']._serialized_start=393
+  _globals['_KVEVENTS']._serialized_end=449
+  _globals['_HEARTBEATRESPONSE']._serialized_start=451
+  _globals['_HEARTBEATRESPONSE']._serialized_end=504
+  _globals['_DEREGISTERREQUEST']._serialized_start=506
+  _globals['_DEREGISTERREQUEST']._serialized_end=544
+  _globals['_DEREGISTERRESPONSE']._serialized_start=546
+  _globals['_DEREGISTERRESPONSE']._serialized_end=566
+  _globals['_ROUTEREQUEST']._serialized_start=568
+  _globals['_ROUTEREQUEST']._serialized_end=694
+  _globals['_ROUTERESPONSE']._serialized_start=697
+  _globals['_ROUTERESPONSE']._serialized_end=845
+  _globals['_LISTWORKERSREQUEST']._serialized_start=847
+  _globals['_LISTWORKERSREQUEST']._serialized_end=867
+  _globals['_WORKERSTATUS']._serialized_start=870
+  _globals['_WORKERSTATUS']._serialized_end=1113
+  _globals['_WORKERSTATUS_KVHASHESENTRY']._serialized_start=1066
+  _globals['_WORKERSTATUS_KVHASHESENTRY']._serialized_end=1113
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1115
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1178
+  _globals['_SCHEDULER']._serialized_start=1181
+  _globals['_SCHEDULER']._serialized_end=1550
 # @@protoc_insertion_point(module_scope)

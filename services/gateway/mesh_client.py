@@ -11,10 +11,11 @@ decode never took the KV, releases it on prefill.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncGenerator, AsyncIterator, Optional
 
 import grpc
 
@@ -84,6 +85,9 @@ class MeshClient:
     rpc_timeout: float = 10.0
     channels: ChannelPool = field(default_factory=ChannelPool)
     max_attempts: int = 3
+    stream_idle_timeout: float = 10.0
+    """Seconds a worker's stream may stay silent (workers send a heartbeat every second while a
+    request waits) before the request ends with UNAVAILABLE: the worker is stuck or frozen."""
 
     def _scheduler(self) -> sgrpc.SchedulerStub:
         return self.channels.stub(self.scheduler, sgrpc.SchedulerStub)
@@ -91,16 +95,18 @@ class MeshClient:
     async def list_workers(self, timeout: float = 2.0) -> spb.ListWorkersResponse:
         return await self._scheduler().ListWorkers(spb.ListWorkersRequest(), timeout=timeout)
 
-    async def _route(self, rid: str, model: str, prompt_len: int, exclude: list[str], deadline: float,
+    async def _route(self, rid: str, model: str, prompt: list[int], exclude: list[str], deadline: float,
                      trace: RequestTrace) -> spb.RouteResponse:
         try:
             return await self._scheduler().Route(
-                spb.RouteRequest(request_id=rid, model=model, prompt_tokens=prompt_len, exclude_worker_ids=exclude),
+                spb.RouteRequest(request_id=rid, model=model, prompt_tokens=len(prompt), exclude_worker_ids=exclude,
+                                 prompt_token_ids=prompt),
                 timeout=min(self.route_timeout, max(0.01, deadline - time.monotonic())),
                 metadata=tracecontext.metadata(trace.traceparent))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
+            unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "")
+            msg = "the scheduler is unreachable" if unreachable else exc.details()
             raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
 
     async def _start(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
@@ -112,10 +118,10 @@ class MeshClient:
         for attempt in range(self.max_attempts):
             trace.attempts = attempt + 1
             try:
-                route = await self._route(rid, model, len(prompt), exclude, deadline, trace)
-            except MeshError:
+                route = await self._route(rid, model, prompt, exclude, deadline, trace)
+            except MeshError as exc:
                 if last is not None:  # no other worker left: the earlier refusal says why
-                    raise last
+                    raise last from exc
                 raise
             trace.prefill_worker, trace.decode_worker, trace.route_reason = route.prefill.worker_id, route.decode.worker_id, route.reason
             try:
@@ -143,20 +149,20 @@ class MeshClient:
             timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
         messages = call.__aiter__()
         try:
-            first = await messages.__anext__()
+            first = await self._next_message(messages, route.decode.worker_id)
         except StopAsyncIteration:
             call.cancel()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token") from None
         except BaseException:
             call.cancel()
             raise
         return _LocalCall(rid, call, messages, first)
 
-    async def _other_decode(self, rid: str, model: str, prompt_len: int, kv, exclude: list[str], deadline: float,
+    async def _other_decode(self, rid: str, model: str, prompt: list[int], kv, exclude: list[str], deadline: float,
                             trace: RequestTrace) -> Optional[pb.WorkerInfo]:
         """Another decode worker that can pull ``kv`` (same transport, usable from the source's host), or None."""
         try:
-            route = await self._route(rid, model, prompt_len, exclude, deadline, trace)
+            route = await self._route(rid, model, prompt, exclude, deadline, trace)
         except MeshError:
             return None
         d = route.decode
@@ -165,7 +171,7 @@ class MeshClient:
         return d
 
     async def stream(self, rid: str, model: str, prompt: list[int], params: SamplingParams, timeout: float,
-                     trace: Optional[RequestTrace] = None) -> AsyncIterator[TokenEvent]:
+                     trace: Optional[RequestTrace] = None) -> AsyncGenerator[TokenEvent, None]:
         trace = trace or RequestTrace()
         trace.traceparent = trace.traceparent or tracecontext.new()
         deadline = time.monotonic() + timeout
@@ -193,7 +199,12 @@ class MeshClient:
                                         params=params_to_proto(params), kv=pre.kv),
                     timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
                 try:
-                    async for msg in call:
+                    messages = call.__aiter__()
+                    while True:
+                        try:
+                            msg = await self._next_message(messages, decode.worker_id)
+                        except StopAsyncIteration:
+                            break
                         if msg.HasField("transfer"):
                             took_kv = True
                             t = msg.transfer
@@ -209,7 +220,7 @@ class MeshClient:
                     refused = not took_kv and _refused(exc)
                     if refused:
                         tried.append(decode.worker_id)
-                        nxt = await self._other_decode(rid, model, len(prompt), pre.kv, tried, deadline, trace) \
+                        nxt = await self._other_decode(rid, model, prompt, pre.kv, tried, deadline, trace) \
                             if len(tried) < self.max_attempts else None
                         if nxt is not None:
                             log.info("decode %s refused %s (%s); trying %s", decode.worker_id, rid, exc.code().name, nxt.worker_id)
@@ -222,7 +233,21 @@ class MeshClient:
                 await self._end_early(decode, rid, trace)
                 call.cancel()
             if not took_kv:
-                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
+                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout,
+                                lease_token=pre.kv.lease_token)
+
+    async def _next_message(self, messages: AsyncIterator[dpb.GenerateResponse], worker_id: str) -> dpb.GenerateResponse:
+        """The worker's next message that carries something (heartbeats skipped); UNAVAILABLE when
+        the stream stays silent for ``stream_idle_timeout``. StopAsyncIteration at the stream's end."""
+        while True:
+            try:
+                async with asyncio.timeout(self.stream_idle_timeout):
+                    msg = await messages.__anext__()
+            except TimeoutError:
+                raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {worker_id} sent nothing for "
+                                f"{self.stream_idle_timeout:.0f}s: it is stuck or frozen") from None
+            if msg.token_ids or msg.finished or msg.HasField("transfer"):
+                return msg
 
     async def _end_early(self, worker: pb.WorkerInfo, rid: str, trace: RequestTrace) -> None:
         """Before cancelling a stream the gateway ends by a stop string, say so (the worker then counts
@@ -250,7 +275,7 @@ class MeshClient:
                 if finished:
                     return
                 try:
-                    msg = await local.messages.__anext__()
+                    msg = await self._next_message(local.messages, route.decode.worker_id)
                 except StopAsyncIteration:
                     raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream early") from None
                 except grpc.aio.AioRpcError as exc:

@@ -2,7 +2,9 @@
 decode worker, both with --quantization int8, the decode worker also with --speculative-config
 (decode speculates, prefill is unchanged), behind the gateway.  The text of greedy and seeded
 requests, streamed or not, equals one engine with the same quantization and no speculation; the
-decode worker's spec_decode counters show the drafts it verified; every block is free afterwards.
+decode worker's spec_decode counters show the drafts it verified; a structured-output request
+(JSON schema) through the speculating decode worker gives the constrained text of one engine;
+every block is free afterwards.
 
 (Not fp8 here: W8A8 fp8 and the fp8 KV cache make this small model's logits move by up to ~0.3
 with float-level differences between computation orders (batched vs single, prefix-cache hit or
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import openai
 import pytest
 
@@ -79,4 +82,21 @@ def test_seeded_sampling_equals_decoding_without_speculation(svc, client, plain)
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0.8, seed=42,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].text == want
+    wait_idle(svc.scheduler, expect=2)
+
+
+def test_structured_output_through_the_speculating_decode_worker(svc, client, plain):
+    """A grammar-constrained request never gets drafts (its mask depends on every token) but runs
+    on the speculating decode worker next to ones that do: the text of one engine, valid JSON."""
+    from pdmesh.engine.grammar import GrammarSpec
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
+              "properties": {"city": {"type": "string", "maxLength": 12}, "country": {"type": "string", "maxLength": 12}}}
+    msgs = [{"role": "user", "content": "Where is the Eiffel Tower? Answer in JSON with city and country."}]
+    want = plain.chat([msgs], SamplingParams(temperature=0, max_tokens=60,
+                                             grammar=GrammarSpec("json_schema", json.dumps(schema))))[0].outputs[0].text
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=60, temperature=0,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}})
+    assert r.choices[0].message.content == want
+    jsonschema.validate(json.loads(want), schema)
     wait_idle(svc.scheduler, expect=2)

@@ -77,3 +77,52 @@ def test_a_second_server_on_a_taken_port_is_an_error_not_a_shared_listener():
 
     err = asyncio.run(main())
     assert err is not None and str(err), "a second server bound a port already in use"
+
+
+def test_prefix_hash_events_reach_the_scheduler_and_a_lost_one_is_resent_in_full():
+    """kv-aware routing's hints: a prefill worker's events arrive in heartbeats; when the scheduler
+    misses one (a lost or late message: its sequence number jumps) it drops that worker's hints,
+    answers kv_resync, and the worker sends everything it holds again, changes made meanwhile included."""
+    from pdmesh.kv.events import KVEventLog
+    from pdmesh.routing import KVAwarePolicy, Prompt, route
+
+    info = pb.WorkerInfo()
+    info.CopyFrom(INFO)
+    info.worker_id, info.role = "p1", pb.ROLE_PREFILL
+    prompt = list(range(1, 14))  # 3 full blocks of 4 before the last token
+    hs = Prompt(prompt).hashes(4)
+
+    async def wait_for(cond, what):
+        for _ in range(100):
+            if cond():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(what)
+
+    async def main():
+        port = free_port()
+        server, servicer = await start_scheduler(port)
+        log = KVEventLog()
+        log.record("device", hs[0], True)  # held before registering: the first snapshot carries it
+        reg = Registration(f"127.0.0.1:{port}", info, pb.WorkerLoad, rpc_timeout=2, kv_events=log)
+        task = asyncio.create_task(reg.run())
+        kv = lambda: servicer.registry.workers["p1"].kv if "p1" in servicer.registry.workers else None  # noqa: E731
+        await wait_for(lambda: kv() == {"device": {hs[0]}}, "the snapshot reaches the scheduler")
+        log.record("device", hs[1], True)
+        log.record("host", hs[2], True)
+        await wait_for(lambda: kv() == {"device": {hs[0], hs[1]}, "host": {hs[2]}}, "events reach the scheduler")
+        entry = servicer.registry.workers["p1"]
+        entry.kv_seq -= 1  # as if a heartbeat got lost: the next one is out of sequence
+        log.record("host", hs[2], False)  # a change the resync must carry
+        log.record("disk", hs[2], True)
+        await wait_for(lambda: kv() == {"device": {hs[0], hs[1]}, "disk": {hs[2]}}, "everything is sent again")
+        reg2 = pb.WorkerInfo()
+        reg2.CopyFrom(INFO)  # a decode worker to pair with
+        servicer.registry.register(reg2)
+        p, _, _, why = route(servicer.registry, KVAwarePolicy(0.1), "m", len(prompt), prompt_ids=prompt)
+        assert p.worker_id == "p1" and "cached=3 blocks" in why
+        await reg.stop()
+        await asyncio.wait_for(task, 5)
+        await server.stop(0)
+
+    asyncio.run(main())

@@ -86,3 +86,15 @@ def test_poisson_arrivals_have_the_requested_mean_rate():
 
     span = asyncio.run(gaps())
     assert 0.15 < span < 0.6  # 59 gaps of mean 5 ms
+
+
+def test_shared_prefix_defaults_are_the_source_workload():
+    from pdmesh.bench.cli import apply_dataset_defaults, parser
+
+    a = apply_dataset_defaults(parser().parse_args(["--dataset", "shared-prefix"]))
+    assert (a.num_groups, a.prompts_per_group, a.prefix_len, a.suffix_len, a.output_len, a.max_concurrency) == \
+        (30, 100, 2048, 6144, 2, [8])
+    a = apply_dataset_defaults(parser().parse_args(["--dataset", "shared-prefix", "--output-len", "5", "--request-rate", "3"]))
+    assert (a.output_len, a.max_concurrency) == (5, None)
+    a = apply_dataset_defaults(parser().parse_args(["--dataset", "random"]))
+    assert (a.output_len, a.max_concurrency) == (None, None)

@@ -13,11 +13,11 @@ from torch import nn
 
 from pdmesh.attention.paged import to_kv_dtype
 from pdmesh.config import CacheConfig, ConfigError, EngineConfig, ModelConfig
-from pdmesh.kv.copy import copy_blocks
+from pdmesh.kv.copy import copy_blocks, copy_heads
 from pdmesh.kv.pool import KVCachePool, KVLayout
 from pdmesh.models.arch import arch_from_hf_config
 from pdmesh.models.presets import PRESETS
-from pdmesh.models.quant import FP8, QuantLinear, quant_error, quantize_model, quantize_rows
+from pdmesh.models.quant import FP8, QuantLinear, check_quantization, quant_error, quantize_model, quantize_rows
 
 BOUND = {"int8": 0.02, "fp8": 0.06}
 
@@ -80,10 +80,25 @@ def test_quantize_model_replaces_the_projections_only():
     layer = model.model.layers[0]
     for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
         assert isinstance(m, QuantLinear) and m.method == "int8"
-    assert isinstance(model.model.embed_tokens, nn.Embedding) and model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and model.model.norm.weight.dtype == torch.float32
+    assert not any(isinstance(m, QuantLinear) for m in (model.model.embed_tokens, model.model.norm))
     assert quantize_model(model, None) == 0
-    with pytest.raises(ValueError, match="unknown quantization"):
-        quantize_model(model, "nf4")
+    with pytest.raises(ValueError, match="--quantization: unknown method 'nf4'"):
+        quantize_model(model, "nf4")  # type: ignore[arg-type]
+
+
+def test_mixture_of_experts_models_are_refused_naming_the_flag():
+    """Experts (most of an MoE model's weights) have no quantized kernel: refused, never half done."""
+    from pdmesh.engine.engine import LLMEngine
+    from pdmesh.testing import engine_config
+
+    arch = arch_from_hf_config(PRESETS["qwen3-30b-a3b"])
+    with pytest.raises(ValueError, match=r"--quantization int8: mixture-of-experts models \(Qwen3MoeForCausalLM"):
+        check_quantization(arch, "int8")
+    check_quantization(arch, None)
+    check_quantization(arch_from_hf_config(PRESETS["smollm2-135m"]), "fp8")
+    with pytest.raises(ValueError, match="--quantization fp8: mixture-of-experts"):  # before any weight is built
+        LLMEngine(engine_config("qwen3-30b-a3b", device="cpu", dtype="float32", quantization="fp8", num_kv_blocks=4))
 
 
 def test_flags_and_validation():
@@ -115,9 +130,13 @@ def test_fp8_pool_moves_blocks_exactly():
     a = KVCachePool(arch, 6, 4, FP8, torch.device("cpu"))
     b = KVCachePool(arch, 6, 4, FP8, torch.device("cpu"))
     a.kv.copy_(to_kv_dtype(torch.randn(a.kv.shape), FP8))
-    ids = torch.tensor([4, 1])
-    b.scatter_blocks(torch.tensor([0, 5]), a.gather_blocks(ids))
+    b.write_heads(0, [0, 5], None, a.read_heads(0, [4, 1]))
     assert torch.equal(b.kv[:, [0, 5]].view(torch.uint8), a.kv[:, [4, 1]].view(torch.uint8))
+    b.write_heads(0, [1], (1, 3), a.read_heads(0, [2], (1, 3)))  # some heads (tensor parallelism of other sizes)
+    assert torch.equal(b.kv[:, 1, :, :, 1:3].view(torch.uint8), a.kv[:, 2, :, :, 1:3].view(torch.uint8))
+    copy_heads(a.kv, torch.tensor([3]), (0, 2), b.kv, torch.tensor([2]), (1, 3))
+    assert torch.equal(b.kv[:, 2, :, :, 1:3].view(torch.uint8), a.kv[:, 3, :, :, 0:2].view(torch.uint8))
+    assert torch.equal(a.logical_block(4, 3).view(torch.uint8), a.kv[:, 4, :, :3].view(torch.uint8))
     copy_blocks(a.kv, torch.tensor([2]), b.kv, torch.tensor([3]))
     assert torch.equal(b.kv[:, 3].view(torch.uint8), a.kv[:, 2].view(torch.uint8))
     assert a.layout.dtype == "float8_e4m3fn"

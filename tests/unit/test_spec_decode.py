@@ -92,7 +92,8 @@ def test_token_history_appends_what_is_new():
 
 
 # ---------------------------------------------------------------- scheduling and rollback
-def running_seq(rid, prompt, outputs, bm, params=SamplingParams(temperature=0, max_tokens=50)):
+def running_seq(rid, prompt, outputs, bm, params=None):
+    params = params or SamplingParams(temperature=0, max_tokens=50)
     s = Sequence(rid, list(prompt) + list(outputs), len(prompt), params, frozenset())
     s.num_computed_tokens = s.num_tokens - 1
     s.status = SequenceStatus.RUNNING

@@ -1,4 +1,5 @@
-"""Which device and dtype an engine runs on, and making its device current on a thread."""
+"""Which device and dtype an engine runs on (``--device``, ``--dtype``), and making its GPU current
+on a thread."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of ``--device`` (rank 0's when it lists one GPU per rank)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(name.split(",")[0])
 
 
 def on_device(device: torch.device):
