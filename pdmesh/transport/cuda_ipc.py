@@ -54,7 +54,7 @@ def open_handle(h: kpb.CudaIpcHandle) -> torch.Tensor:
     return t
 
 
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+def copy_stream(device: torch.device) -> torch.cuda.Stream:
     """A stream of the highest priority on ``device``: the GPU's block scheduler dispatches its
     kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode step's), so a
     pull under load is not queued behind them."""
@@ -103,7 +103,7 @@ class CudaIpcTransport(OneSidedTransport):
     def __init__(self, channels: ChannelPool, device: torch.device, faults: FaultPlan | None = None) -> None:
         super().__init__(channels, faults)
         self.device = torch.device(device)
-        self.stream = _copy_stream(self.device)
+        self.stream = copy_stream(self.device)
         """High-priority side stream of this worker's device: every pull's copy runs on it, ahead of
         the decode steps' queued kernels (a pull is short; the request waits for it)."""
         self._src_streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -119,7 +119,7 @@ class CudaIpcTransport(OneSidedTransport):
     def _peer_blocks(self, peer: torch.Tensor) -> int:
         return peer.shape[1]
 
-    def launch(self, remote: torch.Tensor, src: Sequence[int], dst: Sequence[int], pool: KVCachePool) -> CudaCopy:
+    def launch(self, remote: torch.Tensor, src: Sequence[int], dst: Sequence[int], pool: KVCachePool, first: int = 0) -> CudaCopy:
         """Queue the copy of blocks ``src`` of ``remote`` into blocks ``dst`` of ``pool`` on the side
         stream; returns at once.  The destination blocks are fresh (never in a launched step), so
         the copy need not wait for the compute stream."""
@@ -141,7 +141,7 @@ class CudaIpcTransport(OneSidedTransport):
             return CudaCopy(event, nbytes, (s_idx, d_idx), begin)
         src_stream = self._src_streams.get(remote.device)
         if src_stream is None:
-            src_stream = self._src_streams[remote.device] = _copy_stream(remote.device)
+            src_stream = self._src_streams[remote.device] = copy_stream(remote.device)
         shape = (remote.shape[0], n) + tuple(remote.shape[2:])
         with torch.cuda.device(dev):
             begin.record(self.stream)  # both timing events on the destination's stream: elapsed_time needs one device
