@@ -45,7 +45,7 @@ def hbm_bandwidth() -> float:
     x = torch.empty(4 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     t = cuda_time(lambda: y.copy_(x), iters=10)
-    del x, y
+    x = y = None  # free the memory (closures above still name them)
     torch.cuda.empty_cache()
     return 2 * (4 << 30) / t
 
@@ -111,7 +111,7 @@ def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hb
                     "mean_context": mean_ctx, "step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor})
         for s in list(eng.scheduler.running):
             eng.abort(s.request_id)
-    del eng
+    eng = None  # free the memory (closures above still name them)
     _release()
     return out
 
@@ -142,7 +142,7 @@ def profile_decode(preset: str, batch: int, steps: int = 200) -> dict:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
     print(buf.getvalue(), flush=True)
-    del eng
+    eng = None  # free the memory (closures above still name them)
     _release()
     return {"model": preset, "batch": batch, "profiled_step_ms": per_step * 1e3}
 
@@ -206,7 +206,7 @@ def decode_breakdown(preset: str, batch: int, steps: int = 20) -> dict:
     print(f"{'us/step':>8} {'calls/step':>10} {'us/call':>8}  kernel", flush=True)
     for name, ts in rows[:28]:
         print(f"{sum(ts) / steps:8.1f} {len(ts) / steps:10.1f} {statistics.mean(ts):8.2f}  {name[:110]}", flush=True)
-    del eng
+    eng = None  # free the memory (closures above still name them)
     _release()
     return out
 
@@ -228,7 +228,7 @@ def prefill_time(preset: str, tokens: int, flops_peak: float) -> dict:
             eng.step()
     t = statistics.median(times[1:])
     floor = flops / flops_peak
-    del eng
+    eng = None  # free the memory (closures above still name them)
     _release()
     return {"model": preset, "tokens": tokens, "prefill_ms": t * 1e3, "floor_ms": floor * 1e3, "ratio": t / floor,
             "achieved_tflops": flops / t / 1e12}
@@ -251,6 +251,7 @@ def kv_pull(preset: str, tokens: int, src_dev: str, dst_dev: str) -> dict:
     from pdmesh.kv.pool import KVCachePool
     from pdmesh.config import ModelConfig
     from pdmesh.models.loader import resolve
+    from pdmesh.kv.shards import plan_pieces
     from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
     from pdmesh.v1 import kv_transfer_pb2 as kpb
 
@@ -273,7 +274,8 @@ def kv_pull(preset: str, tokens: int, src_dev: str, dst_dev: str) -> dict:
         ts = []
         for _ in range(25):
             t0 = time.perf_counter()
-            tr.launch(remote, src_ids, dst_ids, dst).event.synchronize()
+            for _, ev in tr.launch({0: remote}, [0], plan_pieces(dst.layout.num_kv_heads, 1, 1), src_ids, dst_ids, dst).timings:
+                ev.synchronize()
             ts.append(time.perf_counter() - t0)
         pull = statistics.median(ts[3:])
         ok = torch.equal(dst.kv[:, dst_ids].cpu(), remote[:, src_ids].cpu())

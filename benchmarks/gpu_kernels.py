@@ -100,7 +100,7 @@ def attention(model: str, batch: int, ctx: int, kernel: str, tensor_cores: bool 
     err = ((fn(0).float() - ref).norm() / ref.norm()).item()
     us = graph_time_us(fn, layers)
     nbytes = batch * ctx * 2 * hkv * d * 2
-    del kv, setup
+    kv = setup = None  # free the memory (closures above still name them)
     torch.cuda.empty_cache()
     return {"what": "attention", "model": model, "batch": batch, "ctx": ctx, "kernel": kernel,
             "tensor_cores": tensor_cores if kernel == "flashinfer" else None,
@@ -127,7 +127,7 @@ def gemm(model: str, name: str, n_out: int, k: int, m: int, form: str) -> dict:
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     us = graph_time_us(fn, layers)
     nbytes = n_out * k * 2
-    del ws
+    ws = None  # free the memory (closures above still name them)
     torch.cuda.empty_cache()
     return {"what": "gemm", "model": model, "name": name, "n": n_out, "k": k, "m": m, "form": form,
             "us_per_layer": us, "tb_per_s": nbytes / us / 1e6, "max_rel_err": err}
@@ -144,7 +144,7 @@ def triton_gemv(model: str, name: str, n_out: int, k: int, silu_mul: bool, bias:
     ref = F.linear(xin, ws[0], b).float()
     err = ((gemv(x, ws[0], b, silu_mul, config).float() - ref).abs().max() / ref.abs().max()).item()
     us = graph_time_us(lambda i: gemv(x, ws[i], b, silu_mul, config), layers)
-    del ws
+    ws = None  # free the memory (closures above still name them)
     torch.cuda.empty_cache()
     return {"what": "triton_gemv", "model": model, "name": name, "n": n_out, "k": k, "silu_mul": silu_mul, "bias": bias,
             "config": list(config) if config else "default", "us_per_layer": us, "tb_per_s": n_out * k * 2 / us / 1e6,

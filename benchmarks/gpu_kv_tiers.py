@@ -283,7 +283,7 @@ def main() -> None:
     runs = res["runs"]
     if "none" in runs:
         base = runs["none"]["mean_ttft_ms"]
-        for k, r in runs.items():
+        for r in runs.values():
             r["mean_ttft_vs_none"] = r["mean_ttft_ms"] / base if base else None
     save()
     print("KVTIERS " + json.dumps(res), flush=True)

@@ -66,7 +66,6 @@ def _owner(device: str, blocks: int, conn, contiguous: bool = False) -> None:
     arena and answers (region, pack ms), freeing the extent at the next message, until 'bye'."""
     from pdmesh.transport.cuda_ipc import export_handle
     from pdmesh.transport.nixl import NixlAgent
-    from pdmesh.v1 import kv_transfer_pb2 as kpb
 
     pool = _pool(device, blocks)
     pool.kv.normal_()
@@ -79,8 +78,7 @@ def _owner(device: str, blocks: int, conn, contiguous: bool = False) -> None:
         assert ext is not None, "the staging arena is too small for the pull"
         agent.pack(ext, ids)
         ms = (time.perf_counter() - t0) * 1e3
-        conn.send((kpb.NixlStagedRegion(address=agent.arena.address + ext.offset, num_blocks=len(ids),
-                                        nbytes=agent.staged_bytes(len(ids))).SerializeToString(), ms))
+        conn.send((agent.staged_region(ext, len(ids)).SerializeToString(), ms))
         conn.recv()  # the read has ended
         agent.arena.free(ext)
 
@@ -100,6 +98,7 @@ def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
 def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, contiguous: bool = False) -> list[dict]:
     import torch
 
+    from pdmesh.kv.shards import plan_pieces
     from pdmesh.transport.base import TransferState
     from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
     from pdmesh.transport.nixl import NixlAgent, NixlKVTransport, NixlSource
@@ -121,20 +120,26 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
         a = torch.empty(nbytes, dtype=torch.uint8, device=src_dev)
         b = torch.empty(nbytes, dtype=torch.uint8, device=dst_dev)
 
-        def copy_ref():  # (named so as not to shadow ``contiguous``, the block-id choice)
+        def copy_whole():  # (named so as not to shadow ``contiguous``, the block-id choice)
             b.copy_(a)
             if b.is_cuda:
                 torch.cuda.synchronize(dst_dev)
 
-        ref_ms = _median_ms(copy_ref)
+        ref_ms = _median_ms(copy_whole)
         base = {"model": PRESET, "tokens": TOKENS, "bytes": nbytes, "src": src_dev, "dst": dst_dev,
                 "contiguous_copy_ms": ref_ms, "contiguous_gbps": nbytes / ref_ms / 1e6,
                 "ucx_tls": os.environ.get("UCX_TLS", ""),
                 "blocks": "contiguous" if contiguous else "scattered"}
+        whole = plan_pieces(dst.layout.num_kv_heads, 1, 1)  # TP 1 to TP 1: every head, rank 0 to rank 0
         if "cuda_ipc" in which:
             tr = CudaIpcTransport(None, torch.device(dst_dev))  # type: ignore[arg-type]
             dst.kv.zero_()
-            ms = _median_ms(lambda: tr.launch(remote, src_ids, dst_ids, dst).event.synchronize())
+
+            def ipc_pull() -> None:
+                for _, ev in tr.launch({0: remote}, [0], whole, src_ids, dst_ids, dst).timings:
+                    ev.synchronize()
+
+            ms = _median_ms(ipc_pull)
             out.append({**base, "transport": "cuda_ipc", "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
                         "fraction_of_copy_bw": ref_ms / ms, "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
         if "nixl" in which:
@@ -160,7 +165,7 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
                 parent.send(src_ids)
                 region, pack_ms = parent.recv()
                 t1 = time.perf_counter()
-                run(tr.launch(NixlSource(peer, kpb.NixlStagedRegion.FromString(region)), src_ids, dst_ids, dst))
+                run(tr.launch(NixlSource(peer, kpb.NixlStagedRegion.FromString(region)), [0], whole, src_ids, dst_ids, dst))
                 split["read_ms"].append((time.perf_counter() - t1) * 1e3)
                 split["pack_ms"].append(pack_ms)
                 parent.send("done")
@@ -290,7 +295,8 @@ def main() -> None:
     for r in res.get("pulls", []):
         if "pull_ms" in r:
             kind = ("staged" if r.get("staged") else "unstaged") if r["transport"] == "nixl" else "-"
-            print(f"{r['transport']:9s} {kind:8s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} {r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
+            print(f"{r['transport']:9s} {kind:8s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} "
+                  f"{r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
                   f"= {r['fraction_of_copy_bw']:.2f} of the contiguous copy ({r['contiguous_gbps']:.0f} GB/s) data_equal={r['data_equal']}")
 
 

@@ -31,7 +31,7 @@ def main() -> None:
             t0 = time.perf_counter()
             first = None
             n = 0
-            for c in client.completions.create(model=model, prompt=[(i * 31 + j) % 5000 + 10 for j in range(1500)],
+            for _chunk in client.completions.create(model=model, prompt=[(i * 31 + j) % 5000 + 10 for j in range(1500)],
                                                max_tokens=64, temperature=0, stream=True, extra_body={"ignore_eos": True}):
                 if first is None:
                     first = time.perf_counter() - t0

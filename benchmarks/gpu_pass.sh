@@ -2,7 +2,8 @@
 # The whole GPU check-and-measure pass on the GPU machine, in one command (see results/README.md).
 # Needs .whl/ (../shared/gpu/fetch-wheels.sh click h11), optionally .ficache.tgz (FlashInfer's
 # compile cache from an earlier pass) and .gpu_tok/ (a tokenizer dir for the mesh smoke test).
-# Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [tests|bench|grammar|mesh|kv|kvtiers ...]   (default: tests bench grammar mesh)
+# Usage: OUT=/some/dir bash benchmarks/gpu_pass.sh [tests|bench|grammar|mesh|kv|kvtiers|moe ...]   (default: tests bench grammar mesh)
+# 'moe' (mixture of experts: benchmarks/gpu_moe.py, needs 2 GPUs for its TP/EP part; gpu_moe.sh runs it with its tests).
 # The grammar stage needs xgrammar's wheel in .whl/ (fetch-wheels.sh xgrammar==0.2.9).
 # 'kvtiers' (multi-level KV cache and prefix routing, one H200, about 8 minutes with a cold compile cache; run it alone)
 # needs only .whl/; its JSON and the services' logs land in $OUT (kv_tiers.json, kv_tiers-*.log).
@@ -24,6 +25,7 @@ for s in $stages; do
     bench) timeout 420 python3 benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" --commit "${PDMESH_COMMIT:-}" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.log" ;;
     grammar) timeout 420 python3 benchmarks/gpu_grammar.py --preset llama-3.1-8b --batch 64 --ctx 1024 \
              --out "$OUT/gpu_grammar.json" 2>&1 | tee "$OUT/gpu_grammar.log" ;;
+    moe)   timeout 480 python3 benchmarks/gpu_moe.py --out "$OUT" --budget 420 2>&1 | grep -v "INFO rank" | tee "$OUT/moe.log" | grep "^\[" ;;
     mesh)  timeout 240 python3 benchmarks/gpu_mesh_smoke.py qwen2.5-0.5b .gpu_tok 2>&1 | tail -40 | tee "$OUT/gpu_mesh.log" ;;
     kv)    timeout 480 python3 benchmarks/gpu_kv_transfer.py pulls mesh --out "$OUT/kv_transfer.json" --tok .gpu_tok 2>&1 \
              | grep -v "NIXL INFO" | tail -60 | tee "$OUT/kv_transfer.log" ;;

@@ -146,7 +146,8 @@ def main() -> int:
                 print(f"[{a.layout}] {in_len}:{out_len} conc={conc:<3} n={n:<4} ok={m['completed']:.0f} fail={m['failed']:.0f} "
                       f"{m['request_throughput']:.2f} req/s {m['output_throughput_per_gpu']:.0f} tok/s/GPU "
                       f"TTFT med {m['median_ttft_ms']:.1f} TPOT med {m['median_tpot_ms']:.2f} ms "
-                      f"decode step {wk['mean_decode_step_ms'] or 0:.2f} ms per token {wk['token_weighted_step_ms'] or 0:.2f} ms prefill {wk['mean_prefill_time_ms'] or 0:.1f} ms",
+                      f"decode step {wk['mean_decode_step_ms'] or 0:.2f} ms per token {wk['token_weighted_step_ms'] or 0:.2f} ms "
+                      f"prefill {wk['mean_prefill_time_ms'] or 0:.1f} ms",
                       flush=True)
             doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": a.commit,
                    "layout": a.layout, "num_gpus": num_gpus, "gpus": a.gpus, "model": a.model, "dtype": "bfloat16",

@@ -95,7 +95,7 @@ def table(docs: dict) -> str:
     for (lay, in_len), doc in sorted(docs.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
         for pt in doc["points"]:
             m, w = pt["metrics"], pt["worker"]
-            trio = lambda k, s=1.0: "/".join(fmt(m[f"{p}_{k}_ms"] * s, ".1f" if s == 1.0 else ".2f")  # noqa: E731
+            trio = lambda k, s=1.0, m=m: "/".join(fmt(m[f"{p}_{k}_ms"] * s, ".1f" if s == 1.0 else ".2f")  # noqa: E731
                                               for p in ("mean", "median", "p99"))
             rows.append(f"| {lay} | {in_len}:{doc['output_len']} | {pt['max_concurrency']} | {m['completed']:.0f}"
                         f"{'' if not m['failed'] else ' (' + format(m['failed'], '.0f') + ' failed)'} | {m['request_throughput']:.2f} "

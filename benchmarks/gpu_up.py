@@ -52,17 +52,19 @@ def ids_of(text: str) -> list[int]:
 
 
 def reference(model: str, prompts: list[list[int]], out: int, max_len: int, tok, own_caches: bool = True,
-              device: str = "cuda:0") -> list[list[int]]:
-    """Greedy tokens of one engine on cuda:0, in a child process (with compile caches of its own
-    when ``own_caches``, so that a mesh started later still starts from empty ones)."""
+              device: str = "cuda:0", tp: int = 1) -> list[list[int]]:
+    """Greedy tokens of one engine on ``device`` (``tp`` ranks: 'cuda:0,1'), in a child process (with
+    compile caches of its own when ``own_caches``, so that a mesh started later still starts from
+    empty ones)."""
     code = f"""
 import json, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pdmesh.engine import SamplingParams
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.testing import engine_config
-eng = LLMEngine(engine_config({model!r}, device={device!r}, dtype={"float32" if device == "cpu" else "bfloat16"!r}, num_kv_blocks=1024, max_model_len={max_len}, max_num_seqs=128,
-                              max_tokens_step=2048))
+eng = LLMEngine(engine_config({model!r}, device={device!r}, dtype={"float32" if device == "cpu" else "bfloat16"!r}, num_kv_blocks=1024,
+                              max_model_len={max_len}, max_num_seqs=128,
+                              max_tokens_step=2048, tensor_parallel_size={tp}))
 res = []
 for i, p in enumerate(json.loads(sys.stdin.read())):
     eng.add_request(f"r{{i}}", p, SamplingParams(temperature=0, max_tokens={out}, ignore_eos=True))
@@ -71,6 +73,7 @@ for i, p in enumerate(json.loads(sys.stdin.read())):
         for o in eng.step():
             ids += o.new_token_ids
     res.append(ids)
+eng.close()
 print("REF " + json.dumps(res))
 """
     scratch = Path(tempfile.mkdtemp())

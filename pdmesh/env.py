@@ -51,6 +51,8 @@ class _Registry:
         Path.home() / ".cache" / "pdmesh",
         "Where dequantized GGUF weights and tokenizer files are cached (safetensors).",
     )
+    MESH_SECRET = EnvVar("PDMESH_MESH_SECRET", str, "", "The mesh secret every service proves its internal calls "
+                         "with (instead of --mesh-secret-file; at least 32 characters).")
     LOG_LEVEL = EnvVar("PDMESH_LOG_LEVEL", str, "INFO", "Python logging level of every service.")
     EMBEDDED_GGUF = EnvVar(
         "PDMESH_EMBEDDED_GGUF",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Hashable
 
 from pdmesh.env import ENV
 
@@ -41,3 +43,23 @@ def run_async(main) -> None:
         logging.getLogger("startup").debug("start-up failed", exc_info=True)
         print(f"{Path(sys.argv[0]).name}: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+class RateLimitedLog:
+    """At most one warning per key every ``every`` seconds, saying how many were left out since the
+    last one (an attack or a storm of refusals must not flood the log, nor go unlogged)."""
+
+    def __init__(self, logger: logging.Logger, every: float = 5.0) -> None:
+        self.logger = logger
+        self.every = every
+        self._last: dict[Hashable, list] = {}
+
+    def warning(self, key: Hashable, msg: str, *args) -> None:
+        now = time.monotonic()
+        slot = self._last.setdefault(key, [float("-inf"), 0])
+        if now - slot[0] < self.every:
+            slot[1] += 1
+            return
+        more = f" (and {slot[1]} more like it since the last report)" if slot[1] else ""
+        self.logger.warning(msg + more, *args)
+        slot[0], slot[1] = now, 0

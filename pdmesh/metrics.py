@@ -63,24 +63,38 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache.", (), None),
     "kv_transfer_bytes_total": ("counter", "KV bytes moved between workers, by transport.", ("transport",), None),
     "kv_transfer_failures_total": ("counter", "Decode: KV pulls that failed, by what was done (recompute, fail).", ("action",), None),
-    "kv_nixl_staging_fallbacks_total": ("counter", "NIXL reads moved one region per (layer, block) because a staging arena (--nixl-staging-mb) was full, by side (source, destination).", ("side",), None),
-    "kv_nixl_reads_total": ("counter", "Decode: NIXL READs posted, by kind: unstaged (one region per (layer, block) of the peer's pool), staged (a packed region into this worker's arena, then one scatter), direct (a packed region straight into consecutive blocks), fallback (a packed region block by block: this arena full).", ("kind",), None),
+    "kv_nixl_staging_fallbacks_total": ("counter", "NIXL reads that found a staging arena (--nixl-staging-mb) full, by side: source (read "
+                                        "from its pool block by block), destination (block by block into the pool, or, between "
+                                        "tensor-parallel sizes, through a buffer registered for the pull).", ("side",), None),
+    "kv_nixl_reads_total": ("counter", "Decode: NIXL READs posted (one per source rank of a pull), by kind: unstaged (from the peer's "
+                            "pool, one region per (layer, block)), staged (a packed region into this worker's arena, then landed), "
+                            "direct (a packed region straight into consecutive blocks), fallback (a packed region with this arena "
+                            "full).", ("kind",), None),
     "kv_nixl_staging_used_bytes": ("gauge", "Bytes of this worker's NIXL staging arena taken by reads in flight (prefill: by leases).", (), None),
     "kv_tier_hits_total": ("counter", "Prompt tokens loaded from a lower KV tier (host, disk) instead of recomputed.", ("tier",), None),
     "kv_tier_misses_total": ("counter", "Prompt tokens looked up in a lower KV tier (past the tiers above it) and not found there.", ("tier",), None),
-    "kv_tier_offload_bytes_total": ("counter", "KV bytes written into a lower tier (host: from the device; disk: from host memory).", ("tier",), None),
+    "kv_tier_offload_bytes_total": ("counter", "KV bytes written into a lower tier (host: from the device; disk: from host memory).",
+                                    ("tier",), None),
     "kv_tier_offload_seconds_total": ("counter", "Time spent copying KV into a lower tier (bytes over it: GB/s).", ("tier",), None),
     "kv_tier_load_bytes_total": ("counter", "KV bytes loaded out of a lower tier (host: to the device; disk: to host memory).", ("tier",), None),
     "kv_tier_load_seconds_total": ("counter", "Time spent loading KV out of a lower tier (bytes over it: GB/s).", ("tier",), None),
     "kv_tier_dropped_blocks_total": ("counter", "KV blocks not written into a lower tier (full of blocks in use, or disk behind).", ("tier",), None),
-    "kv_tier_corrupt_blocks_total": ("counter", "Disk KV blocks refused on read (checksum, truncated, header): misses, never served.", ("tier",), None),
+    "kv_tier_corrupt_blocks_total": ("counter", "Disk KV blocks refused on read (checksum, truncated, header): misses, never served.",
+                                     ("tier",), None),
     "kv_tier_usage_bytes": ("gauge", "Bytes of KV held in a lower tier.", ("tier",), None),
     "kv_tier_capacity_bytes": ("gauge", "Size limit of a lower KV tier.", ("tier",), None),
-    "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).", (), None),
+    "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).",
+                                  (), None),
     "kv_transfer_faults_injected_total": ("counter", "Prefill: KV pulls corrupted by --inject-kv-faults.", ("mode",), None),
     "requests_received_total": ("counter", "Gateway: generation requests received (before validation).", (), None),
     "requests_finished_total": ("counter", "Gateway: requests that reached the mesh and ended, by outcome (ok, error, aborted).", ("outcome",), None),
     "requests_rejected_total": ("counter", "Gateway: requests refused before reaching the mesh, by HTTP status.", ("status",), None),
+    "internal_calls_refused_total": ("counter", "Internal gRPC calls refused: UNAUTHENTICATED (no or bad credentials) or "
+                                     "PERMISSION_DENIED (role not allowed), by method.", ("method", "code"), None),
+    "http_connections": ("gauge", "Gateway: open client HTTP connections.", (), None),
+    "http_connections_closed_total": ("counter", "Gateway: client connections it closed, by reason (over_limit: "
+                                      "--max-connections reached; header_timeout: headers not sent within "
+                                      "--header-timeout).", ("reason",), None),
     "event_loop_lag_seconds": ("histogram", "How late the asyncio event loop ran a timer (stalls).", (), _LATENCY),
     "event_loop_lag_max_seconds": ("gauge", "Largest event-loop lag seen since start.", (), None),
     "asyncio_tasks": ("gauge", "asyncio tasks alive in this process.", (), None),
@@ -113,10 +127,11 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_open_fds, ...
         self.base = {"model_name": model_name, "role": role, "instance": instance}
-        self._m = {}
+        self._m: dict[str, Counter | Gauge | Histogram] = {}
         for name, (kind, doc, extra, buckets) in SPECS.items():
             labels = LABELS + extra
             if kind == "histogram":
+                assert buckets is not None  # every histogram in SPECS names its buckets
                 self._m[name] = Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
             elif kind == "counter":
                 self._m[name] = Counter(PREFIX + name.removesuffix("_total"), doc, labels, registry=self.registry)
@@ -143,6 +158,10 @@ class ServiceMetrics:
         h = self._get(name)
         for v in values:
             h.observe(v)
+
+    def refused_call(self, method: str, code) -> None:
+        """An internal call refused by authentication or authorization (``AuthInterceptor``)."""
+        self.inc("internal_calls_refused_total", method=method.rsplit(".", 1)[-1], code=code.name)
 
     def serve(self, port: int, host: str = "0.0.0.0", flag: str = "--metrics-port") -> int:
         """Serve /metrics on ``port`` (0: any free port); returns the bound port. A port in use

@@ -6,10 +6,19 @@ Invariants
   out, and it is not draining.  ``expire`` removes workers whose lease ran out.
 * Workers serving the same model must agree on dtype and KV layout (block size, heads, head dim,
   layers): registration of an incompatible worker is refused, so any prefill/decode pair the
-  scheduler hands out can exchange KV.
+  scheduler hands out can exchange KV.  Their tensor-parallel sizes may differ (the layout's
+  ``tensor_parallel_size``): a pair is formed only when each side's heads split validly over its
+  ranks (``kv_convertible``), and the decode worker regroups the heads as it pulls.
 * A pair is only formed when the two share a transport they can use between them (``cuda_ipc``
   only within one host; ``nixl`` and ``grpc`` anywhere); among those, the one both workers rank
   best in their ``--kv-transports`` lists, ties broken by ``KV_TRANSPORTS`` order.
+* A worker id belongs to the identity that first registered it (its *owner*): only the owner may
+  register it again, heartbeat or deregister it.  The binding outlives the worker's lease by
+  ``binding_ttl`` seconds (a restarted worker, same identity, takes its id back; another identity
+  cannot take over a dead worker's id meanwhile) and ends when the owner deregisters.
+* Registrations are bounded: ``validate_worker_info`` limits every field, ``max_workers`` the
+  number of workers, ``MAX_KV_HINTS`` the prefix hashes each may publish (known tiers, 16-byte
+  hashes only), so ``ListWorkers`` and the scheduler's memory stay bounded.
 * Routing by cached prefix (``KVAwarePolicy``) only ever *prefers* a worker: the prefix hashes a
   worker published (``apply_kv_events``) are hints that may be late, lost or stale; the worker
   itself looks every block up by hash, so a wrong hint costs a miss, never a wrong answer.  After
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence, get_args
 
 from pdmesh.kv.block_manager import hash_block
+from pdmesh.kv.events import TIER_NAMES
 from pdmesh.v1 import common_pb2 as pb
 
 KVTransportName = Literal["cuda_ipc", "nixl", "grpc"]
@@ -41,6 +51,45 @@ LOCAL = "local"
 
 class RegistrationRefused(ValueError):
     """The worker cannot join: it disagrees with registered peers of the same model."""
+
+
+class NotOwner(PermissionError):
+    """The worker id belongs to another identity."""
+
+
+class RegistryFull(RuntimeError):
+    """``max_workers`` workers are registered already."""
+
+
+MAX_WORKER_INFO_BYTES = 4096
+"""Largest serialized ``WorkerInfo`` a registration may carry."""
+MAX_KV_HINTS = 1_000_000
+"""Prefix hashes (all tiers) the scheduler keeps for one worker; hashes beyond it, of unknown tiers
+or of another length than ``HASH_BYTES`` are not kept (hints: a missing one costs a cache miss)."""
+HASH_BYTES = 16
+"""Length of a block's chained prefix hash (``pdmesh.kv.block_manager.hash_block``)."""
+_FIELD_LIMITS = {"worker_id": 128, "address": 255, "model": 256, "dtype": 32, "host_id": 255}
+
+
+def validate_worker_info(info: pb.WorkerInfo) -> None:
+    """Raise ``RegistrationRefused`` for a registration that is incomplete or out of bounds."""
+    if not info.worker_id or not info.address or info.role == pb.ROLE_UNSPECIFIED:
+        raise RegistrationRefused("worker_id, address and role are required")
+    if info.role not in (pb.ROLE_PREFILL, pb.ROLE_DECODE, pb.ROLE_BOTH):
+        raise RegistrationRefused(f"unknown role {info.role}")
+    size = info.ByteSize()
+    if size > MAX_WORKER_INFO_BYTES:
+        raise RegistrationRefused(f"registration of {size} bytes exceeds {MAX_WORKER_INFO_BYTES}")
+    for name, limit in _FIELD_LIMITS.items():
+        if len(getattr(info, name)) > limit:
+            raise RegistrationRefused(f"{name} is longer than {limit} characters")
+    if not info.worker_id.isprintable():
+        raise RegistrationRefused("worker_id must be printable")
+    host, _, port = info.address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RegistrationRefused(f"address {info.address!r} is not host:port")
+    if len(info.transports) > 8 or any(len(t) > 32 for t in info.transports):
+        raise RegistrationRefused("at most 8 transports of at most 32 characters")
 
 
 class NoRoute(LookupError):
@@ -70,6 +119,17 @@ def _compat_key(info: pb.WorkerInfo) -> tuple:
     return (info.dtype, lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype, lay.layout)
 
 
+def kv_convertible(a: pb.KVLayout, b: pb.KVLayout) -> bool:
+    """Whether KV moves between pools of these layouts: same shape of KV, and on each side the KV
+    heads split over its tensor-parallel ranks (evenly, or replicated when fewer)."""
+    def split_ok(x: pb.KVLayout) -> bool:
+        tp = max(1, x.tensor_parallel_size)
+        return x.num_kv_heads > 0 and (x.num_kv_heads % tp == 0 or tp % x.num_kv_heads == 0)
+
+    key = lambda x: (x.num_layers, x.num_kv_heads, x.head_dim, x.block_size, x.dtype, x.layout)  # noqa: E731
+    return key(a) == key(b) and split_ok(a) and split_ok(b)
+
+
 def can_use(transport: str, worker: pb.WorkerInfo, peer_host_id: str) -> bool:
     """Whether ``worker`` offers ``transport`` and can use it with a peer on ``peer_host_id``."""
     return transport in worker.transports and (transport not in SAME_HOST_ONLY or worker.host_id == peer_host_id)
@@ -88,31 +148,50 @@ def shared_transport(p: pb.WorkerInfo, d: pb.WorkerInfo) -> Optional[str]:
 
 
 class Registry:
-    def __init__(self, lease_s: float = 3.0) -> None:
+    def __init__(self, lease_s: float = 3.0, max_workers: int = 1024, binding_ttl: float = 600.0) -> None:
         self.lease_s = lease_s
+        self.max_workers = max_workers
+        self.binding_ttl = binding_ttl
         self.workers: dict[str, WorkerEntry] = {}
+        self.owners: dict[str, tuple[str, float]] = {}
+        """worker id -> (owner identity, when the binding was last used), in first-use order."""
 
-    def register(self, info: pb.WorkerInfo) -> WorkerEntry:
-        if not info.worker_id or not info.address or info.role == pb.ROLE_UNSPECIFIED:
-            raise RegistrationRefused("worker_id, address and role are required")
+    def _check_owner(self, worker_id: str, owner: str) -> None:
+        bound = self.owners.get(worker_id)
+        if bound is not None and bound[0] != owner:
+            raise NotOwner(f"worker id {worker_id!r} belongs to another identity")
+
+    def register(self, info: pb.WorkerInfo, owner: str = "", now: Optional[float] = None) -> WorkerEntry:
+        """Add or replace worker ``info.worker_id`` for ``owner`` (the caller's identity). Raises
+        ``RegistrationRefused``, ``NotOwner`` or ``RegistryFull``."""
+        validate_worker_info(info)
+        self._check_owner(info.worker_id, owner)
+        if info.worker_id not in self.workers and len(self.workers) >= self.max_workers:
+            raise RegistryFull(f"{self.max_workers} workers are registered already (--max-workers)")
         for other in self.workers.values():
             if other.info.model == info.model and other.worker_id != info.worker_id and _compat_key(other.info) != _compat_key(info):
                 raise RegistrationRefused(
                     f"worker {info.worker_id} ({_compat_key(info)}) is incompatible with {other.worker_id} "
                     f"({_compat_key(other.info)}) serving {info.model!r}"
                 )
-        entry = WorkerEntry(info)
+        now = time.monotonic() if now is None else now
+        entry = WorkerEntry(info, last_seen=now)
         self.workers[info.worker_id] = entry
+        self.owners[info.worker_id] = (owner, now)
         return entry
 
-    def heartbeat(self, worker_id: str, load: pb.WorkerLoad, draining: bool, now: Optional[float] = None) -> bool:
+    def heartbeat(self, worker_id: str, load: pb.WorkerLoad, draining: bool, now: Optional[float] = None,
+                  owner: str = "") -> bool:
+        """Renew ``worker_id``'s lease; False when it is not registered. Raises ``NotOwner``."""
         entry = self.workers.get(worker_id)
         if entry is None:
             return False
+        self._check_owner(worker_id, owner)
         entry.load = load
         entry.draining = draining
         entry.pending = 0
         entry.last_seen = time.monotonic() if now is None else now
+        self.owners[worker_id] = (owner, entry.last_seen)
         return True
 
     def apply_kv_events(self, worker_id: str, seq: int, reset: bool, events) -> bool:
@@ -129,19 +208,33 @@ class Registry:
             return True
         entry.kv_seq = seq
         for ev in events:
+            if ev.tier not in TIER_NAMES:
+                continue
             held = entry.kv.setdefault(ev.tier, set())
-            held.update(ev.added)
             held.difference_update(ev.removed)
+            room = MAX_KV_HINTS - sum(len(h) for h in entry.kv.values())
+            held.update([h for h in ev.added if len(h) == HASH_BYTES][:max(0, room)])
         return False
 
-    def remove(self, worker_id: str) -> bool:
+    def remove(self, worker_id: str, owner: Optional[str] = None) -> bool:
+        """Deregister (``owner`` given: only as the id's owner, else ``NotOwner``); the id is free again."""
+        if owner is not None:
+            self._check_owner(worker_id, owner)
+        self.owners.pop(worker_id, None)
         return self.workers.pop(worker_id, None) is not None
 
     def expire(self, now: Optional[float] = None) -> list[str]:
+        """Drop workers whose lease ran out (their ids stay bound for ``binding_ttl``); forget
+        bindings unused for ``binding_ttl``, and the oldest unused ones beyond ``max_workers``."""
         now = time.monotonic() if now is None else now
         dead = [w for w, e in self.workers.items() if now - e.last_seen > self.lease_s]
         for w in dead:
             del self.workers[w]
+        idle = [w for w, (_, used) in self.owners.items() if w not in self.workers]
+        stale = [w for w in idle if now - self.owners[w][1] > self.binding_ttl]
+        stale += [w for w in idle if w not in stale][:max(0, len(self.owners) - len(stale) - 2 * self.max_workers)]
+        for w in stale:
+            del self.owners[w]
         return dead
 
     def routable(self, role: int, model: str, exclude: Sequence[str] = ()) -> list[WorkerEntry]:
@@ -184,10 +277,18 @@ class BaseRoutingPolicy(ABC):
         """Returns (worker, reason) among non-empty ``workers`` (ROLE_BOTH)."""
 
 
+def pair_transport(p: WorkerEntry, d: WorkerEntry) -> Optional[str]:
+    """The transport prefill ``p`` hands KV to decode ``d`` over, or None when they cannot pair
+    (no transport in common, or KV layouts that do not convert)."""
+    if not kv_convertible(p.info.kv_layout, d.info.kv_layout):
+        return None
+    return shared_transport(p.info, d.info)
+
+
 def _pairs(prefills: list[WorkerEntry], decodes: list[WorkerEntry]):
     for p in prefills:
         for d in decodes:
-            t = shared_transport(p.info, d.info)
+            t = pair_transport(p, d)
             if t is not None:
                 yield p, d, t
 
@@ -301,11 +402,11 @@ class KVAwarePolicy(LeastLoadedPolicy):
     def choose(self, prefills, decodes, prompt_tokens, prompt=None):
         if prompt is None:
             return super().choose(prefills, decodes, prompt_tokens)
-        pairable = [p for p in prefills if any(shared_transport(p.info, d.info) for d in decodes)]
+        pairable = [p for p in prefills if any(pair_transport(p, d) for d in decodes)]
         if not pairable:
             raise NoRoute("no prefill/decode pair shares a transport")
         p, why = self._best(pairable, prompt, lambda e: self.prefill_score(e)[0])
-        d, t = min(((d, t) for d in decodes if (t := shared_transport(p.info, d.info)) is not None),
+        d, t = min(((d, t) for d in decodes if (t := pair_transport(p, d)) is not None),
                    key=lambda x: (self.decode_score(x[0]), transport_rank(x[1], p.info, x[0].info)))
         return p, d, t, f"{self.name}: prefill {p.worker_id} {why}, decode {d.worker_id} load={self.decode_score(d)[0]}, transport={t}"
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pdmesh.config import _require, check_choices
 from pdmesh.env import ENV
 from pdmesh.rpc import tracecontext
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Tracer
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +59,18 @@ class Telemetry:
         self.service = service
         self.enabled = cfg.mode() != "off"
         self.every = cfg.trace_token_events
-        self._provider = None
-        self._tracer = None
+        self._provider: Optional[TracerProvider] = None
+        self._tracer: Optional[Tracer] = None
         if self.enabled:
             self._setup(cfg.mode())
 
     def _setup(self, mode: str) -> None:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
         provider = TracerProvider(resource=Resource.create({"service.name": f"pdmesh-{self.service}"}))
+        exporter: SpanExporter
         if mode == "console":
             exporter = ConsoleSpanExporter()
         else:
@@ -93,9 +98,10 @@ class Telemetry:
             return trace.INVALID_SPAN
         ctx = None
         if tracecontext.valid(parent):
-            _, t, s, f = parent.split("-")  # type: ignore[union-attr]
+            _, t, s, f = parent.split("-")
             sc = trace.SpanContext(int(t, 16), int(s, 16), is_remote=True, trace_flags=trace.TraceFlags(int(f, 16)))
             ctx = trace.set_span_in_context(trace.NonRecordingSpan(sc))
+        assert self._tracer is not None  # _setup made it: tracing is enabled
         return self._tracer.start_span(name, context=ctx, kind=trace.SpanKind.SERVER, attributes=attributes or {})
 
     def child_span(self, name: str, parent_span, attributes: Optional[dict[str, Any]] = None):
@@ -103,6 +109,7 @@ class Telemetry:
 
         if not self.enabled:
             return trace.INVALID_SPAN
+        assert self._tracer is not None  # _setup made it: tracing is enabled
         return self._tracer.start_span(name, context=trace.set_span_in_context(parent_span), attributes=attributes or {})
 
     def traceparent(self, span, fallback: Optional[str]) -> str:

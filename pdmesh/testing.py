@@ -8,23 +8,29 @@ import asyncio
 import json
 import multiprocessing as mp
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdmesh.config import (AsyncScheduling, AttentionBackendName, CacheConfig, DecodeAttention, DeviceConfig, Dtype, EngineConfig,
+                           ModelConfig, SchedulerConfig, TPAllReduce)
+
+if TYPE_CHECKING:
+    from pdmesh.transport.handoff import HandoffResult
 
 
-def engine_config(model: str, device: str = "cuda", dtype: str = "bfloat16", backend: str = "auto", eager: bool = False,
+def engine_config(model: str, device: str = "cuda", dtype: Dtype = "bfloat16", backend: AttentionBackendName = "auto", eager: bool = False,
                   num_kv_blocks: Optional[int] = None, max_num_seqs: int = 16, max_tokens_step: int = 4096,
                   max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9,
-                  fused: bool = True, async_scheduling: str = "auto", decode_attention: str = "auto",
-                  tokenizer: Optional[str] = None) -> EngineConfig:
+                  fused: bool = True, async_scheduling: AsyncScheduling = "auto", decode_attention: DecodeAttention = "auto",
+                  tokenizer: Optional[str] = None, tensor_parallel_size: int = 1, tp_all_reduce: TPAllReduce = "auto",
+                  enable_expert_parallel: bool = False) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer),
         cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_step,
                                   async_scheduling=async_scheduling),
         device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=eager, fused_kernels=fused,
-                            decode_attention=decode_attention),
+                            decode_attention=decode_attention, tensor_parallel_size=tensor_parallel_size,
+                            tp_all_reduce=tp_all_reduce, enable_expert_parallel=enable_expert_parallel),
     )
 
 
@@ -36,8 +42,9 @@ async def prefill_held(prefill, rid: str, prompt: list[int], params, **desc_fiel
     from pdmesh.v1 import common_pb2 as pb
 
     out = None
-    async for out in prefill.generate(rid, prompt, params, prefill_only=True):
+    async for out in prefill.generate(rid, prompt, params, prefill_only=True):  # noqa: B007 - the last output is kept
         pass
+    assert out is not None  # generate yields at least the first token
     if out.held_block_ids is None:
         return out.new_token_ids[0], None
     return out.new_token_ids[0], pb.KVDescriptor(
@@ -45,7 +52,7 @@ async def prefill_held(prefill, rid: str, prompt: list[int], params, **desc_fiel
         layout=layout_to_proto(prefill.engine.pool.layout), **desc_fields)
 
 
-async def decode_from(handoff, rid: str, prompt: list[int], first: int, params, desc) -> tuple[list[int], object]:
+async def decode_from(handoff, rid: str, prompt: list[int], first: int, params, desc) -> tuple[list[int], HandoffResult]:
     """Take ``desc`` through ``handoff`` (a ``KVHandoff``) and decode to the end: (tokens with the
     first, the ``HandoffResult``).  Raises RuntimeError when the pull failed."""
     from pdmesh.engine.connector import PullOutcome
@@ -73,12 +80,14 @@ async def _prefill_main(cfg: EngineConfig, prompt: list[int], params, conn) -> N
 
     from pdmesh.engine.async_engine import AsyncEngine
     from pdmesh.engine.engine import LLMEngine
+    from pdmesh.transport.capability import prompt_hash
     from pdmesh.transport.lease import LeaseTable
     from pdmesh.transport.servicer import KVTransferServicer
     from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
 
     eng = AsyncEngine(lambda: LLMEngine(cfg))
     await eng.start()
+    assert eng.engine is not None  # built by start()
     leases = LeaseTable(lambda rid: eng.call_nowait(lambda e: e.release(rid)), ttl=120)
     server = grpc.aio.server()
     kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(eng.engine.pool, leases, "child"), server)
@@ -87,7 +96,8 @@ async def _prefill_main(cfg: EngineConfig, prompt: list[int], params, conn) -> N
     try:
         first, desc = await prefill_held(eng, "r", prompt, params, worker_id="child", address=f"127.0.0.1:{port}",
                                          transport="cuda_ipc", incarnation="child")
-        leases.add("r", list(desc.block_ids), len(prompt))
+        lease = leases.add("r", list(desc.block_ids), len(prompt), prompt_hash=prompt_hash(prompt))
+        desc.lease_token, desc.prompt_hash = lease.token, lease.prompt_hash  # the reader's capability
         conn.send((first, desc.SerializeToString()))
         while leases.get("r") is not None:  # until EndRead
             await asyncio.sleep(0.01)
@@ -129,11 +139,12 @@ async def _decode_main(cfg: EngineConfig, prompt: list[int], params, first: int,
 
     dec = AsyncEngine(lambda: LLMEngine(cfg))
     await dec.start()
+    assert dec.engine is not None  # built by start()
     channels = ChannelPool()
     try:
         tr = CudaIpcTransport(channels, dec.engine.device)
         handoff = KVHandoff(dec, {"cuda_ipc": tr}, lambda d, read_id, tp: release_held_kv(
-            channels, d.address, d.request_id, tp, 10.0, read_id), timeout=60.0)
+            channels, d.address, d.request_id, tp, 10.0, read_id=read_id, lease_token=d.lease_token), timeout=60.0)
         t0 = time.perf_counter()
         tokens, res = await decode_from(handoff, "r", prompt, first, params, pb.KVDescriptor.FromString(desc_bytes))
         total_ms = (time.perf_counter() - t0) * 1e3
@@ -180,9 +191,9 @@ def write_byte_level(vocab_size: int, out: Path, special_ids: tuple[int, ...] = 
             vocab[specials[next_id]] = next_id
             next_id += 1
             continue
-        tok = next(candidates, None) or gen()
-        if tok not in vocab:
-            vocab[tok] = next_id
+        piece = next(candidates, None) or gen()
+        if piece not in vocab:
+            vocab[piece] = next_id
             next_id += 1
     tok = Tokenizer(models.BPE(vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return cast(str, self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))  # one id sequence: one string
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: Optional[list[dict[str, Any]]] = None, continue_final_message: bool = False,
@@ -66,8 +66,11 @@ class Tokenizer:
         ``add_special_tokens``); ``tools`` and ``continue_final_message`` as in transformers."""
         if not self.hf.chat_template:
             raise ValueError("this model's tokenizer has no chat template; use /v1/completions or --chat-template")
-        text = self.hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           continue_final_message=continue_final_message, **template_kwargs)
+        # transformers types ``tools`` as an invariant list of dict | Callable (it only reads it), and the
+        # result as any of its forms: with tokenize=False it is the rendered text
+        text = cast(str, self.hf.apply_chat_template(
+            messages, tools=tools, tokenize=False,  # type: ignore[arg-type]
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message, **template_kwargs))
         return self.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> "IncrementalDetokenizer":

@@ -8,6 +8,10 @@ Lifecycle of a worker process
 3. Register with the scheduler and heartbeat load; re-register by itself if the scheduler restarts.
 4. On SIGTERM/SIGINT: health NOT_SERVING, heartbeats say ``draining`` (no new routes), refuse new
    requests, wait up to ``--drain-timeout`` for in-flight ones, deregister, stop, exit 0.
+5. If the engine stops (its thread failed) or, with ``--tensor-parallel-size``, a rank process dies:
+   in-flight requests end with an error, the worker deregisters, stops at once and exits with
+   status 1 (the other ranks are killed): the mesh sees a dead worker (routing drops it; prefill
+   leases of KV it was pulling expire), never a half-alive one.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import shlex
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, Optional
+from typing import Any, Awaitable, Callable, Coroutine, Literal, Optional
 
 import grpc
 
@@ -36,6 +40,8 @@ from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.routing import LOCAL, KVTransportName
 from pdmesh.rpc.convert import layout_to_proto
 from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.auth import Identity, InternalAuthConfig, build_authenticator
+from pdmesh.rpc.ownership import RequestOwners
 from pdmesh.rpc.registration import Registration
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.transport.faults import FaultPlan
@@ -125,6 +131,7 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     add_flags(parser, WorkerConfig)
     add_flags(parser, TracingConfig)
     add_flags(parser, TlsConfig)
+    add_flags(parser, InternalAuthConfig)
     parser.set_defaults(port=default_port, metrics_port=_METRICS_PORTS[role])
     EngineConfig.add_flags(parser)
     return parser
@@ -133,12 +140,16 @@ def worker_parser(role: str, default_port: int) -> argparse.ArgumentParser:
 class WorkerRuntime:
     """Engine + server + registration for one worker; the role adds servicers."""
 
-    def __init__(self, role: int, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
-                 tls: TlsConfig = PLAINTEXT) -> None:
+    def __init__(self, role: pb.Role, wcfg: WorkerConfig, ecfg: EngineConfig, tcfg: Optional[TracingConfig] = None,
+                 tls: TlsConfig = PLAINTEXT, acfg: Optional[InternalAuthConfig] = None) -> None:
         self.role = role
         self.tls = tls
-        self.channels = ChannelPool(tls)
-        """Channels to peers (prefill workers, for decode), over TLS when configured."""
+        self.auth = build_authenticator(acfg or InternalAuthConfig(), tls, ROLE_NAMES[role], lambda: Identity(ROLE_NAMES[role], self.worker_id))
+        """This worker's identity on its calls, and the check of its callers' (its id: the worker id)."""
+        self.channels = ChannelPool(tls, self.auth)
+        """Channels to peers (prefill workers, for decode), over TLS when configured, with credentials."""
+        self.owners = RequestOwners()
+        """The identity that started each live request here (only it may abort it)."""
         self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), ROLE_NAMES[role])
         self.wcfg = wcfg
         self.ecfg = ecfg
@@ -241,13 +252,13 @@ class WorkerRuntime:
                                 trailing)
 
     async def run(self, add_servicers: Callable[["WorkerRuntime"], list[str]],
-                  background: Callable[["WorkerRuntime"], list[Awaitable]] = lambda rt: []) -> None:
+                  background: Callable[["WorkerRuntime"], list[Coroutine[Any, Any, Any]]] = lambda rt: []) -> None:
         await self.engine.start()
         warm = self.ecfg.device.warmup
         if warm == "on" or (warm == "auto" and self.llm.device.type == "cuda"):
             log.info("warming up: compiling the kernels of every step kind before registering")
             await self.engine.call(warm_up)
-        self.server = make_server()  # grpc.aio objects belong to the running loop
+        self.server = make_server(self.auth, self._refused)  # grpc.aio objects belong to the running loop
         self.port = bind(self.server, self.wcfg.host, self.wcfg.port, self.tls)  # the worker id carries the bound port
         self.metrics = ServiceMetrics(self.llm.resolved.served_name, ROLE_NAMES[self.role], self.worker_id)
         if self.wcfg.metrics_port >= 0:
@@ -258,22 +269,65 @@ class WorkerRuntime:
         await self.server.start()
         await self.health.set_serving(True)
         self.registration = Registration(self.wcfg.scheduler, self.info(), self.load, self.wcfg.rpc_timeout, self.tls,
-                                         self.kv_events)
+                                         self.auth, self.kv_events)
         self._registration_task = asyncio.create_task(self.registration.run())
         tasks = [self._registration_task, asyncio.create_task(self._refresh_gauges()),
                  asyncio.create_task(watch_event_loop(self.metrics))]
         tasks += [asyncio.create_task(c) for c in background(self)]
+        fatal: asyncio.Future = asyncio.get_running_loop().create_future()
+        tasks.append(asyncio.create_task(self._watch_engine(fatal)))
         log.info("%s serving on %s (pid %d)", self.worker_id, self.address, os.getpid())
         metrics = self.metrics.port if self.wcfg.metrics_port >= 0 else -1
-        print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}", flush=True)
-        await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain)
+        tp = self.ecfg.device.tensor_parallel_size
+        print(f"READY {shlex.quote(self.worker_id)} {self.address} metrics={metrics} device={self.llm.device}"
+              + (f" tp={tp} devices={self.ecfg.device.device} all_reduce={self.llm.tp.all_reduce_impl}" if tp > 1 else ""),
+              flush=True)
+        why = await serve_until_signal(self.server, self.health, self.wcfg.drain_timeout, self._drain, fatal)
+        if why is not None:  # the engine or a rank is gone: fail what is in flight, leave the mesh, exit 1
+            self.engine.fail(why)
+            if self.llm.ranks is not None:
+                self.llm.ranks.kill()
         await self.registration.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.engine.shutdown()
+        await self.engine.shutdown(timeout=5.0 if why is not None else 30.0)
         await self.channels.close()
         self.tel.shutdown()
+        if why is not None:
+            # Exit now: a process group whose peer died may abort in its destructors at interpreter exit.
+            logging.shutdown()
+            os._exit(1)
+
+    async def _watch_engine(self, fatal: asyncio.Future, interval: float = 0.2) -> None:
+        """When the engine thread has stopped or a rank process died: refuse new requests, leave
+        routing (deregister), then resolve ``fatal`` (the server stops)."""
+        ranks = self.llm.ranks  # kept: the engine lets go of it when it closes
+        while not fatal.done():
+            why = ranks.dead() if ranks is not None else None
+            if why is None and not self.engine.alive:
+                why = f"the engine stopped: {self.engine.error!r}"
+                if ranks is not None:
+                    for _ in range(10):  # a collective fails as soon as a rank dies
+                        await asyncio.sleep(0.1)
+                        dead = ranks.dead()
+                        if dead:
+                            why = f"{dead}; {why}"
+                            break
+            if why is not None:
+                log.error("%s: leaving the mesh", why)
+                self.draining = True
+                if self.registration is not None and self._registration_task is not None:
+                    self.registration.draining = True
+                    await self.registration.stop()
+                    await asyncio.wait([self._registration_task], timeout=self.wcfg.rpc_timeout)
+                fatal.set_result(why)
+                return
+            await asyncio.sleep(interval)
+
+    def _refused(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.refused_call(method, code)
 
     def _on_step(self, outputs, dt: float, kind: str) -> None:
         """Per-step metrics (loop thread): step time by kind, tokens, and for requests whose
@@ -344,13 +398,14 @@ class WorkerRuntime:
 
 
 def build_configs(role: str, default_port: int, argv: Optional[list[str]]
-                  ) -> tuple[WorkerConfig, EngineConfig, TracingConfig, TlsConfig]:
+                  ) -> tuple[WorkerConfig, EngineConfig, TracingConfig, TlsConfig, InternalAuthConfig]:
     ns = worker_parser(role, default_port).parse_args(argv)
     ecfg = EngineConfig.from_flags(ns)
     _require(role != "decode" or ecfg.cache.kv_offload_cpu_gb == 0, "kv_offload_cpu_gb",
              "lower KV tiers serve prompts computed here: give them to prefill and colocated ('both') workers "
              "(a decode worker reuses its device prefix cache only)")
-    return from_flags(WorkerConfig, ns), ecfg, from_flags(TracingConfig, ns), from_flags(TlsConfig, ns)
+    return (from_flags(WorkerConfig, ns), ecfg, from_flags(TracingConfig, ns), from_flags(TlsConfig, ns),
+            from_flags(InternalAuthConfig, ns))
 
 
 def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], Awaitable[None]],
@@ -361,5 +416,5 @@ def worker_main(role: str, default_port: int, serve: Callable[[WorkerRuntime], A
     from pdmesh.log import configure_logging, run_async
 
     configure_logging(role)
-    wcfg, ecfg, tcfg, tls = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
-    run_async(lambda: serve(WorkerRuntime(ROLES[role], wcfg, ecfg, tcfg, tls)))
+    wcfg, ecfg, tcfg, tls, acfg = build_configs(role, default_port, sys.argv[1:] if argv is None else argv)
+    run_async(lambda: serve(WorkerRuntime(ROLES[role], wcfg, ecfg, tcfg, tls, acfg)))

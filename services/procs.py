@@ -1,4 +1,5 @@
-"""The child processes of ``pdmesh up``: spawned, watched for their ``READY`` line, stopped.
+"""The child processes of ``pdmesh up``: spawned, watched for their ``READY`` line, restarted with
+back-off when they exit while the mesh runs (``Supervisor``), stopped.
 
 Every service prints one line ``READY <name> <address> [key=value ...]`` (shell-quoted) on stdout once it
 serves (workers after binding and starting to register, the gateway once both its listeners are
@@ -58,21 +59,36 @@ class ReadyLine:
 class Child:
     """One service process, its stdout forwarded line by line, its READY line kept."""
 
-    def __init__(self, name: str, cmd: list[str], out: IO[str]) -> None:
+    def __init__(self, name: str, cmd: list[str], out: IO[str], env: Optional[dict[str, str]] = None) -> None:
         self.name = name
-        self.ready: Optional[ReadyLine] = None
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_pdeathsig)
+        self.cmd = cmd
+        self.env = env
         self._out = out
-        self._reader = threading.Thread(target=self._forward, name=f"stdout-{name}", daemon=True)
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        self.ready: Optional[ReadyLine] = None
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=_pdeathsig,
+                                     env=self.env)
+        self._reader = threading.Thread(target=self._forward, name=f"stdout-{self.name}", daemon=True)
         self._reader.start()
+
+    def respawn(self) -> None:
+        """Start the same command again (after this process exited)."""
+        assert self.exited() is not None
+        self.restarts += 1
+        self._start()
 
     @property
     def role(self) -> str:
         return self.name.split("-")[0]
 
     def _forward(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        for line in stdout:
             if self.ready is None:
                 self.ready = ReadyLine.parse(line)
             self._out.write(line)
@@ -89,8 +105,8 @@ class ProcessGroup:
         self.children: list[Child] = []
         self._out = out
 
-    def spawn(self, name: str, cmd: list[str]) -> Child:
-        child = Child(name, cmd, self._out)
+    def spawn(self, name: str, cmd: list[str], env: Optional[dict[str, str]] = None) -> Child:
+        child = Child(name, cmd, self._out, env)
         self.children.append(child)
         return child
 
@@ -129,3 +145,48 @@ class ProcessGroup:
                 c.proc.wait()
         codes = [c.proc.returncode for c in self.children]
         return 0 if not any(codes) else max(max(codes), 1)  # killed by a signal (negative): 1
+
+
+class Supervisor:
+    """Keeps a running mesh's children alive: a child that exits is started again with the same
+    command after a back-off (``initial`` seconds, doubling per consecutive failure up to
+    ``maximum``; a child that stayed up ``stable_after`` seconds starts over at ``initial``), while
+    the others keep serving.  Every exit, restart and return is one line on ``err``."""
+
+    def __init__(self, group: ProcessGroup, err: IO[str] = sys.stderr, initial: float = 1.0, maximum: float = 30.0,
+                 stable_after: float = 60.0) -> None:
+        self.group = group
+        self.err = err
+        self.initial, self.maximum, self.stable_after = initial, maximum, stable_after
+        self._failures: dict[str, int] = {}
+        self._restart_at: dict[str, float] = {}
+        self._back: set[str] = set()
+        """Restarted children whose READY line has not been reported yet."""
+
+    def _say(self, text: str) -> None:
+        self.err.write(f"pdmesh up: {text}\n")
+        self.err.flush()
+
+    def poll(self, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        for c in self.group.children:
+            rc = c.exited()
+            if rc is None:
+                if c.name in self._back and c.ready is not None:
+                    self._back.discard(c.name)
+                    self._say(f"{c.name} is back: {c.ready.address}")
+                if self._failures.get(c.name) and now - c.started >= self.stable_after:
+                    self._failures[c.name] = 0
+                continue
+            at = self._restart_at.get(c.name)
+            if at is None:
+                n = self._failures[c.name] = self._failures.get(c.name, 0) + 1
+                delay = min(self.maximum, self.initial * 2 ** (n - 1))
+                self._restart_at[c.name] = now + delay
+                self._say(f"{c.name} exited with code {rc}; restarting it in {delay:g}s "
+                          f"({'the rest keep serving' if len(self.group.children) > 1 else 'nothing else runs'})")
+            elif now >= at:
+                del self._restart_at[c.name]
+                c.respawn()
+                self._back.add(c.name)
+                self._say(f"restarted {c.name} (pid {c.proc.pid}, restart {c.restarts})")

@@ -9,12 +9,16 @@ Lifecycle
    every fixed port (in use by another process?).
 2. Start a scheduler, N prefill, M decode and K colocated workers (free ports, each on its GPUs
    with its memory share), and a gateway. API keys reach the gateway in a file (mode 0600), never
-   on a command line that ``ps`` shows.
+   on a command line that ``ps`` shows; so does the mesh secret that authenticates every internal
+   call (a fresh random one, or ``--mesh-secret-file``), and ``--tls-*`` reach every service.
 3. Ready when every child has printed its READY line (``services.procs``) and our own gateway
    answers ``/health``; then print every listener: gateway HTTP, public gRPC, every metrics port,
    each worker's address and device.
-4. Ctrl-C/SIGTERM stops them all (gateway first, scheduler last; SIGKILL after a grace period);
-   children die with ``pdmesh up`` (PR_SET_PDEATHSIG). A child that exits stops the mesh.
+4. While the mesh runs, a child that exits (a crash, an OOM kill) is restarted with back-off and
+   the others keep serving (``services.procs.Supervisor``); before it is up, one that exits stops
+   everything with one line.
+5. Ctrl-C/SIGTERM stops them all (gateway first, scheduler last; SIGKILL after a grace period);
+   children die with ``pdmesh up`` (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import secrets
 import shlex
 import signal
 import socket
@@ -36,7 +41,10 @@ from typing import Optional
 from pdmesh import placement
 from pdmesh.config import ConfigError, ModelConfig, _require, add_flags, from_flags
 from pdmesh.env import ENV
-from services.procs import Child, ProcessGroup
+from pdmesh.kv.shards import local_kv_heads
+from pdmesh.models import check_tensor_parallel
+from pdmesh.rpc.tls import TlsConfig
+from services.procs import Child, ProcessGroup, Supervisor
 
 MODULES = {"gateway": "services.gateway", "scheduler": "services.scheduler", "prefill": "services.prefill",
            "decode": "services.decode", "both": "services.decode.both"}
@@ -77,6 +85,19 @@ class UpConfig:
     """GPUs of the decode workers (as --prefill-devices)."""
     colocated_devices: Optional[str] = None
     """GPUs of the colocated workers (as --prefill-devices)."""
+    tensor_parallel_size: int = 1
+    """Ranks of every worker (one GPU each: a worker of TP N takes a group of N GPUs, listed in
+    --prefill-devices & co as one group per worker, e.g. '0,1'); the per-role flags override it."""
+    prefill_tensor_parallel_size: Optional[int] = None
+    """Ranks of each prefill worker (default: --tensor-parallel-size)."""
+    decode_tensor_parallel_size: Optional[int] = None
+    """Ranks of each decode worker (default: --tensor-parallel-size); may differ from prefill's: KV
+    moves between TP sizes."""
+    colocated_tensor_parallel_size: Optional[int] = None
+    """Ranks of each colocated worker (default: --tensor-parallel-size)."""
+    enable_expert_parallel: bool = False
+    """Mixture-of-experts models: every worker of TP N holds whole experts per rank (num_experts / N
+    each) instead of a slice of every expert (the workers' --enable-expert-parallel)."""
     gpu_memory_utilization: float = 0.9
     """Fraction of each GPU the mesh may use; workers sharing a GPU split it evenly."""
     api_key: tuple[str, ...] = ()
@@ -84,6 +105,10 @@ class UpConfig:
     prefer --api-key-file or PDMESH_API_KEY: a flag shows in 'ps')."""
     api_key_file: Optional[str] = None
     """File holding the gateway's API keys (one per line)."""
+    mesh_secret_file: Optional[str] = None
+    """File holding the mesh secret every service authenticates its internal calls with (to let
+    services started elsewhere join); default: a fresh random secret in a file only this user can
+    read, removed when 'pdmesh up' exits."""
     worker_args: str = ""
     """More flags for every worker, parsed with shell quoting (see 'pdmesh prefill --help')."""
     prefill_args: str = ""
@@ -105,10 +130,18 @@ class UpConfig:
     def __post_init__(self) -> None:
         counts = (self.prefill, self.decode, self.colocated)
         _require(min(counts) >= 0, "prefill", "worker counts are >= 0")
-        _require((self.prefill == 0) == (self.decode == 0) and (self.prefill or self.colocated), "prefill",
+        _require((self.prefill == 0) == (self.decode == 0) and bool(self.prefill or self.colocated), "prefill",
                  "need --prefill >= 1 and --decode >= 1, or --colocated >= 1 (with --prefill 0 --decode 0 or with both)")
         _require(not (self.api_key and self.api_key_file), "api_key_file", "give --api-key or --api-key-file, not both")
         _require(self.startup_timeout > 0, "startup_timeout", "must be > 0")
+        for role in ("prefill", "decode", "both"):
+            _require(1 <= self.tp(role) <= 64, "tensor_parallel_size", "must be in 1..64")
+
+    def tp(self, role: str) -> int:
+        """Tensor-parallel size of the role's workers."""
+        own = {"prefill": self.prefill_tensor_parallel_size, "decode": self.decode_tensor_parallel_size,
+               "both": self.colocated_tensor_parallel_size}[role]
+        return own or self.tensor_parallel_size
 
     def role_args(self, role: str) -> list[str]:
         """Every-worker flags then the role's own, split with shell quoting."""
@@ -128,7 +161,17 @@ def up_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdmesh up", description="Start a whole mesh on this host as separate processes.")
     add_flags(p, UpConfig)
     add_flags(p, ModelConfig)
+    add_flags(p, TlsConfig)
     return p
+
+
+def _tls_flags(tls: TlsConfig) -> list[str]:
+    """The --tls-* flags of every service (each presents the same certificate)."""
+    out = []
+    for name in ("tls_cert", "tls_key", "tls_ca", "tls_server_name"):
+        if getattr(tls, name):
+            out += ["--" + name.replace("_", "-"), str(getattr(tls, name))]
+    return out
 
 
 def _model_flags(m: ModelConfig, gateway: bool) -> list[str]:
@@ -165,21 +208,33 @@ def plan_workers(cfg: UpConfig, m: ModelConfig, res) -> list[placement.WorkerPla
     counts = {"prefill": cfg.prefill, "decode": cfg.decode, "both": cfg.colocated}
     flags = {"prefill": cfg.prefill_devices, "decode": cfg.decode_devices, "both": cfg.colocated_devices}
     devices = {r: placement.parse_devices(placement.ROLE_FLAGS[r], v) for r, v in flags.items() if v}
+    tps = {r: cfg.tp(r) for r in counts}
     for role in counts:
         own = [a.split("=")[0] for a in cfg.role_args(role)]
+        try:
+            if counts[role]:
+                check_tensor_parallel(res.arch, tps[role], cfg.enable_expert_parallel or "--enable-expert-parallel" in own)
+        except ValueError as err:
+            flag = {"prefill": "--prefill", "decode": "--decode", "both": "--colocated"}[role]
+            raise UpError(f"{err} ({flag} workers of --model {m.model})") from None
+        if "--tensor-parallel-size" in own:
+            raise UpError("--tensor-parallel-size in the worker args: use pdmesh up's --tensor-parallel-size or "
+                          "--prefill-/--decode-/--colocated-tensor-parallel-size (placement needs it)")
         for flag in ("--device", "--gpu-memory-utilization"):
             if flag in own:
                 if devices:
                     raise UpError(f"{flag} in the worker args conflicts with --prefill-devices/--decode-devices/"
                                   "--colocated-devices: use one or the other")
-                return placement.plan(counts, 0)  # the user places workers by hand
+                return placement.plan(counts, 0, gpus_per_worker=tps)  # the user places workers by hand
     gpus = placement.visible_gpu_memory()
-    plan = placement.plan(counts, len(gpus), devices, cfg.gpu_memory_utilization)
+    plan = placement.plan(counts, len(gpus), devices, cfg.gpu_memory_utilization, gpus_per_worker=tps)
     if gpus:
         dtype_bytes = 4 if m.dtype == "float32" else 2
         arch = res.arch
-        need = placement.memory_needed(arch.num_parameters() * dtype_bytes, arch.kv_bytes_per_token(dtype_bytes),
-                                       m.max_model_len or arch.max_position_embeddings)
+        need = {tp: placement.memory_needed(arch.num_parameters() * dtype_bytes,
+                                            2 * arch.num_layers * local_kv_heads(arch.num_kv_heads, tp) * arch.head_dim * dtype_bytes,
+                                            m.max_model_len or arch.max_position_embeddings, tp)
+                for tp in set(tps.values())}
         placement.check_fit(plan, gpus, need, res.served_name)
     return plan
 
@@ -220,6 +275,19 @@ def _api_key_file(cfg: UpConfig, tmp: Path) -> Optional[str]:
     return str(path)
 
 
+def _mesh_secret_file(cfg: UpConfig, tmp: Path) -> str:
+    """The given --mesh-secret-file, or a fresh 256-bit secret in a file readable only by this user."""
+    if cfg.mesh_secret_file:
+        if not Path(cfg.mesh_secret_file).is_file():
+            raise UpError(f"--mesh-secret-file {cfg.mesh_secret_file}: no such file")
+        return cfg.mesh_secret_file
+    path = tmp / "mesh-secret"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return str(path)
+
+
 def _wait_health(url: str, group: ProcessGroup, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -249,7 +317,9 @@ def _listeners(children: list[Child], plan: dict[str, placement.WorkerPlacement]
             rows.append((c.name, f"{r.address}/v1", grpc, metrics))
         else:
             p = plan.get(c.name)
-            where = r.extra.get("device", "")
+            where = r.extra.get("devices", r.extra.get("device", ""))
+            if r.extra.get("tp"):
+                where += f" (TP {r.extra['tp']})"
             if p is not None and p.gpu_memory_utilization is not None:
                 where += f" ({p.gpu_memory_utilization:.2f} of the GPU)"
             rows.append((c.name, r.address, where, metrics))
@@ -260,7 +330,7 @@ def _listeners(children: list[Child], plan: dict[str, placement.WorkerPlacement]
 def up(argv: list[str]) -> int:
     try:
         ns = up_parser().parse_args(argv)
-        cfg, m = from_flags(UpConfig, ns), from_flags(ModelConfig, ns)
+        cfg, m, tls = from_flags(UpConfig, ns), from_flags(ModelConfig, ns), from_flags(TlsConfig, ns)
         for role in ("prefill", "decode", "both"):
             cfg.role_args(role)
         gateway_extra, scheduler_extra = split_args("gateway_args", cfg.gateway_args), split_args("scheduler_args", cfg.scheduler_args)
@@ -272,7 +342,7 @@ def up(argv: list[str]) -> int:
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="pdmesh-up-"))
     try:
-        return _run(cfg, m, plan, gateway_extra, scheduler_extra, tmp)
+        return _run(cfg, m, plan, gateway_extra, scheduler_extra, tmp, tls)
     except UpError as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)
         return 2
@@ -283,10 +353,12 @@ def up(argv: list[str]) -> int:
 
 
 def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], gateway_extra: list[str],
-         scheduler_extra: list[str], tmp: Path) -> int:
+         scheduler_extra: list[str], tmp: Path, tls: TlsConfig) -> int:
     sched = f"127.0.0.1:{cfg.scheduler_port}"
-    tracing = ["--tracing", cfg.tracing] if cfg.tracing else []
     key_file = _api_key_file(cfg, tmp)
+    # every service: tracing, TLS, and the mesh secret (its file's path shows in 'ps', never the secret)
+    common = (["--tracing", cfg.tracing] if cfg.tracing else []) + _tls_flags(tls) + \
+        ["--mesh-secret-file", _mesh_secret_file(cfg, tmp)]
     group = ProcessGroup()
     stopping = {"flag": False}
 
@@ -299,14 +371,15 @@ def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], g
     def spawn(name: str, role: str, args: list[str]) -> None:
         group.spawn(name, [sys.executable, "-m", MODULES[role], *args])
 
+    ep = ["--enable-expert-parallel"] if cfg.enable_expert_parallel else []
     try:
         spawn("scheduler", "scheduler", ["--host", "127.0.0.1", "--port", str(cfg.scheduler_port),
-                                         "--metrics-port", str(cfg.scheduler_metrics_port), *tracing, *scheduler_extra])
+                                         "--metrics-port", str(cfg.scheduler_metrics_port), *common, *scheduler_extra])
         for w in plan:
             spawn(w.name, w.role, ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--scheduler", sched,
-                                   *_model_flags(m, False), *tracing, *w.flags(), *cfg.role_args(w.role)])
+                                   *_model_flags(m, False), *common, *w.flags(), *ep, *cfg.role_args(w.role)])
         gw = ["--host", cfg.host, "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port),
-              "--grpc-port", str(cfg.grpc_port), "--scheduler", sched, *_model_flags(m, True), *tracing, *gateway_extra]
+              "--grpc-port", str(cfg.grpc_port), "--scheduler", sched, *_model_flags(m, True), *common, *gateway_extra]
         if key_file:
             gw += ["--api-key-file", key_file]
         spawn("gateway", "gateway", gw)
@@ -316,12 +389,9 @@ def _run(cfg: UpConfig, m: ModelConfig, plan: list[placement.WorkerPlacement], g
         print(f"pdmesh is up: {url}/v1 ({cfg.prefill} prefill, {cfg.decode} decode, {cfg.colocated} colocated). "
               f"Ctrl-C stops it.\n{_listeners(group.children, {w.name: w for w in plan}, url.split('//')[1].rsplit(':', 1)[0])}",
               flush=True)
+        supervisor = Supervisor(group)
         while not stopping["flag"]:
-            err = group.failed()
-            if err:
-                print(f"pdmesh up: {err}; stopping the mesh", file=sys.stderr)
-                group.stop()
-                return 1
+            supervisor.poll()
             time.sleep(0.2)
     except (RuntimeError, TimeoutError) as exc:
         print(f"pdmesh up: {exc}", file=sys.stderr)

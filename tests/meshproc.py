@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -15,9 +16,31 @@ from typing import Any, Callable, Optional
 import grpc
 import httpx
 
+from pdmesh.rpc.auth import Identity, MeshSecretAuthenticator
+from pdmesh.rpc.channels import open_channel
+from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.v1 import scheduler_pb2 as spb
 from services.cli import MODULES, STOP_ORDER
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
+
+MESH_SECRET = secrets.token_hex(32)
+"""The mesh secret of every mesh this test process starts (as 'pdmesh up' makes one for its children)."""
+
+
+def mesh_secret_file(directory: Path) -> str:
+    """A file (mode 0600) in ``directory`` holding ``MESH_SECRET``: every service started by the
+    tests gets it as ``--mesh-secret-file``."""
+    path = directory / "mesh-secret"
+    if not path.exists() or path.read_text().strip() != MESH_SECRET:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(MESH_SECRET + "\n")
+    return str(path)
+
+
+def mesh_auth(role: str = "gateway", ident: str = "test-client") -> MeshSecretAuthenticator:
+    """Credentials of the test process on the mesh's internal APIs (by default: a gateway's)."""
+    return MeshSecretAuthenticator(MESH_SECRET.encode(), lambda: Identity(role, ident))
 
 
 _HANDED_OUT: set[int] = set()
@@ -88,11 +111,14 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: flo
         time.sleep(interval)
 
 
-def wait_http(url: str, proc: Proc, timeout: float = 240.0) -> None:
+def wait_http(url: str, proc: Proc, timeout: float = 240.0, others: tuple[Proc, ...] = ()) -> None:
+    """Wait for ``url`` to answer 200; fail at once when ``proc`` or any of ``others`` (the services
+    it needs) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not proc.alive():
-            raise RuntimeError(f"process exited:\n{proc.tail()}")
+        for p in (proc, *others):
+            if not p.alive():
+                raise RuntimeError(f"process exited:\n{p.tail()}")
         try:
             if httpx.get(url, timeout=1.0).status_code == 200:
                 return
@@ -102,9 +128,10 @@ def wait_http(url: str, proc: Proc, timeout: float = 240.0) -> None:
     raise TimeoutError(f"{url} not ready in {timeout}s:\n{proc.tail()}")
 
 
-def list_workers(scheduler: str) -> list[spb.WorkerStatus]:
+def list_workers(scheduler: str, tls: TlsConfig = PLAINTEXT) -> list[spb.WorkerStatus]:
+    """The scheduler's workers, asked as a gateway (with the mesh secret; with ``tls``, over TLS)."""
     async def go():
-        async with grpc.aio.insecure_channel(scheduler) as ch:
+        async with open_channel(scheduler, tls, auth=mesh_auth()) as ch:
             return list((await sgrpc.SchedulerStub(ch).ListWorkers(spb.ListWorkersRequest(), timeout=5)).workers)
 
     return asyncio.run(go())
@@ -116,7 +143,8 @@ def _idle(w: spb.WorkerStatus) -> bool:
             and ld.waiting_for_kv == 0 and ld.inflight == 0)
 
 
-def wait_idle(scheduler: str, timeout: float = 15.0, expect: Optional[int] = None) -> list[spb.WorkerStatus]:
+def wait_idle(scheduler: str, timeout: float = 15.0, expect: Optional[int] = None,
+              tls: TlsConfig = PLAINTEXT) -> list[spb.WorkerStatus]:
     """Until every registered worker (``expect`` of them, when given) reports all KV blocks free,
     nothing held for transfer, nothing running, waiting or in flight.  The scheduler itself keeps no
     per-request state (routing is stateless), so the workers' reports are the whole picture."""
@@ -124,7 +152,7 @@ def wait_idle(scheduler: str, timeout: float = 15.0, expect: Optional[int] = Non
     ws: list = []
     while time.monotonic() < deadline:
         try:
-            ws = list_workers(scheduler)
+            ws = list_workers(scheduler, tls)
         except grpc.RpcError:
             ws = []
         if ws and (expect is None or len(ws) == expect) and all(_idle(w) for w in ws):
@@ -181,9 +209,11 @@ class Services:
     def __init__(self, tmp: Path, prefill: int = 1, decode: int = 1, worker_args: tuple = (),
                  gateway_args: tuple = (), scheduler_args: tuple = (), env: Optional[dict] = None,
                  role_args: Optional[dict[str, tuple]] = None, both: int = 0,
-                 workers: tuple[tuple[str, tuple], ...] = ()) -> None:
-        """``workers``: more (name, extra flags) to start before the gateway, e.g. each on its own GPU."""
-        self.tmp, self.env = tmp, env
+                 workers: tuple[tuple[str, tuple], ...] = (), mesh_secret: bool = True) -> None:
+        """``workers``: more (name, extra flags) to start before the gateway, e.g. each on its own GPU.
+        ``mesh_secret``: give every service ``--mesh-secret-file`` (False: their flags must give them
+        TLS identities or --insecure-internal)."""
+        self.tmp, self.env, self.mesh_secret = tmp, env, mesh_secret
         self.role_args = {k: list(v) for k, v in (role_args or {}).items()}
         self.worker_args, self.gateway_args, self.scheduler_args = list(worker_args), list(gateway_args), list(scheduler_args)
         self.procs: dict[str, Proc] = {}
@@ -203,7 +233,8 @@ class Services:
             for name, extra in workers:
                 self.start(name, extra)
             self.start("gateway")
-            wait_http(self.base + "/health", self.procs["gateway"], timeout=420)
+            wait_http(self.base + "/health", self.procs["gateway"], timeout=420,
+                      others=tuple(p for n, p in self.procs.items() if n != "gateway"))
         except BaseException:
             self.stop_all()
             raise
@@ -224,6 +255,8 @@ class Services:
                                 free_port())
         port, mport = self.ports[name]
         common = ["--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(mport)]
+        if self.mesh_secret:
+            common += ["--mesh-secret-file", mesh_secret_file(self.tmp)]
         if role == "scheduler":
             args = common + self.scheduler_args
         elif role == "gateway":
@@ -281,7 +314,7 @@ class Mesh:
         args = [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--scheduler-port",
                 str(self.sched_port), "--metrics-port", str(self.metrics_port), "--scheduler-metrics-port",
                 str(self.sched_metrics_port), "--grpc-port", str(self.grpc_port), "--prefill", str(prefill), "--decode", str(decode),
-                "--colocated", str(colocated),
+                "--colocated", str(colocated), "--mesh-secret-file", mesh_secret_file(tmp),
                 "--worker-args", f"--cpu-threads 1 --kv-cache-memory 268435456 {worker_args}".strip(), *(extra or [])]
         self.proc = Proc(args, tmp / f"mesh-{self.port}.log", env)
         self.proc.wait_log("pdmesh is up", timeout=420)  # every child READY and the gateway healthy

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 
@@ -30,7 +32,7 @@ class BatchLayout:
     """New tokens per sequence this step (1 for a decode)."""
     context_lens: list[int]
     """Tokens in the cache per sequence after this step."""
-    block_tables: Sequence[Sequence[int]]
+    block_tables: Sequence[Union[Sequence[int], npt.NDArray[np.int32]]]
     """KV block ids per sequence, covering context_lens (int32 arrays from the runner)."""
     slot_mapping: torch.Tensor
     """[T] int64 on the model's device: cache slot of each new token (block * block_size + offset)."""

@@ -198,8 +198,10 @@ class DecodeAttention:
         if self.graph_batch is None:
             self.meta = torch.empty(n, dtype=torch.int32, device=self.device)
             self._size(b)
-        elif n > self.meta.shape[0]:
-            raise ValueError(f"{m.kv_indices.shape[0]} pages exceed the captured buffer")
+        else:
+            assert self.meta is not None  # graph mode: allocated in __init__
+            if n > self.meta.shape[0]:
+                raise ValueError(f"{m.kv_indices.shape[0]} pages exceed the captured buffer")
         self.meta[:n].copy_(staged, non_blocking=True)
 
     def run(self, q: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import datetime
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypedDict
 
 from pdmesh.bench.datasets import jsonl_dataset, random_dataset, shared_prefix_dataset
 from pdmesh.bench.metrics import parse_goodput, summarize
@@ -74,7 +74,12 @@ def _tokenizer(path: Optional[str]):
     return Tokenizer(path or resolve(ModelConfig()).tokenizer_path)
 
 
-SHARED_PREFIX_SOURCE = {"output_len": 2, "max_concurrency": [8]}
+class _SourceDefaults(TypedDict):
+    output_len: int
+    max_concurrency: list[int]
+
+
+SHARED_PREFIX_SOURCE: _SourceDefaults = {"output_len": 2, "max_concurrency": [8]}
 """The shared-prefix workload of the multi-level KV cache deployment it reproduces (30 groups x 100
 prompts, a 2,048-token prefix per group, 6,144-token suffixes: the flags' defaults), for what its
 flags leave unset."""

@@ -12,7 +12,10 @@ Lifecycle
    on a condition variable — but while KV pulls are in flight and nothing else is to be done, it
    only waits ``TRANSFER_POLL_S`` before polling them again (a pull that lands starts decoding
    within that, not at the next command); the same for copies to and from the lower KV tiers.
-3. ``shutdown()`` stops the loop after the current step; pending callers get ``EngineDeadError``.
+3. ``shutdown()`` stops the loop after the current step; pending callers get ``EngineDeadError``;
+   the engine then closes (a tensor-parallel engine stops its other ranks).  ``fail(why)`` ends
+   every pending caller and stream at once from the loop, for a worker that must stop although the
+   engine thread may be stuck (a rank died inside a collective).
 
 All engine state is touched only on the engine thread; asyncio callers go through ``call()``.
 """
@@ -39,6 +42,11 @@ TRANSFER_POLL_S = 0.0005
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (shutdown or a fatal error)."""
+
+
+class RequestAborted(RuntimeError):
+    """Raised by a request's output stream when ``abort()`` ended the request: the stream ends
+    with an error instead of waiting forever for outputs that will never come."""
 
 
 class AsyncEngine:
@@ -135,6 +143,10 @@ class AsyncEngine:
                     break
                 self.stats = eng.stats()
         self._fail_all()
+        try:
+            eng.close()
+        except Exception:  # noqa: BLE001 - stopping anyway
+            log.exception("closing the engine failed")
 
     def _fail_all(self) -> None:
         err = EngineDeadError(f"engine stopped: {self._error!r}" if self._error else "engine stopped")
@@ -162,6 +174,29 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._error is None
 
+    @property
+    def error(self) -> Optional[BaseException]:
+        """Why the engine thread stopped (None while it runs or after a clean shutdown)."""
+        return self._error
+
+    def fail(self, why: str) -> None:
+        """Loop thread: the engine can serve no more (``why``): every pending call and open stream
+        ends with ``EngineDeadError`` now, whatever the engine thread is doing; new calls are refused."""
+        if self._error is None:
+            self._error = EngineDeadError(why)
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        err = EngineDeadError(f"engine stopped: {why}")
+        with self._cv:
+            cmds = list(self._cmds)
+            self._cmds.clear()
+        for _, fut in cmds:
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+        for q in self._streams.values():
+            q.put_nowait(err)
+
     def call_nowait(self, fn: Callable[[LLMEngine], Any]) -> None:
         """Queue ``fn(engine)`` without waiting for it (used from finally blocks)."""
         with self._cv:
@@ -186,14 +221,26 @@ class AsyncEngine:
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
-    async def iterate_batches(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[list[RequestOutput]]:
+    async def iterate_batches(self, request_id: str, q: asyncio.Queue, idle: Optional[float] = None
+                              ) -> AsyncIterator[list[RequestOutput]]:
         """Outputs of a request until it finishes, as lists: whatever steps finished while the
         consumer was busy arrive together (one message per batch downstream, not per token).
-        If the consumer stops early (cancellation, error), the request is aborted."""
+        With ``idle``, an empty list comes whenever nothing arrived for ``idle`` seconds (the
+        consumer's cue to tell its peer that the request is alive).  If the consumer stops early
+        (cancellation, error), the request is aborted."""
         finished = False
         try:
             while not finished:
-                batch = [await q.get()]
+                if idle is not None and q.empty():
+                    try:
+                        async with asyncio.timeout(idle):
+                            first = await q.get()
+                    except TimeoutError:
+                        yield []
+                        continue
+                else:
+                    first = await q.get()
+                batch = [first]
                 while not q.empty():
                     batch.append(q.get_nowait())
                 for item in batch:
@@ -233,11 +280,16 @@ class AsyncEngine:
             yield out
 
     async def abort(self, request_id: str) -> bool:
-        return await self.call(lambda e: e.abort(request_id))
+        """Abort the request; its open output stream, if any, ends with ``RequestAborted``."""
+        found = await self.call(lambda e: e.abort(request_id))
+        q = self._streams.get(request_id)
+        if found and q is not None:
+            q.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
+        return found
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, timeout: float = 30.0) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify()
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+            await asyncio.to_thread(self._thread.join, timeout)

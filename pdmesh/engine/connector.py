@@ -90,9 +90,9 @@ class PullJob:
     local prefix-cache hits)."""
     policy: str = "recompute"
     """'recompute' or 'fail': what a failed pull does to the request."""
-    on_outcome: Callable[[PullReport], None] = lambda r: None
+    on_outcome: Callable[[PullReport], object] = lambda r: None
     """Called once (engine thread) when the request's fate is known."""
-    on_stopped: Callable[[], None] = lambda: None
+    on_stopped: Callable[[], object] = lambda: None
     """Called once (engine thread) when the transfer has certainly stopped writing."""
     expect_checksums: list[int] = field(default_factory=list)
     """Per-block checksums of the source KV (``--kv-audit``), compared when the KV lands."""

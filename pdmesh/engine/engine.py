@@ -26,16 +26,20 @@ plan) overlaps N on the GPU and each call returns step N's outputs (one step beh
 tokens are placeholders in ``Sequence.token_ids`` until collected (see ``runner``).  Whenever the
 next step could not be launched that way (prompt tokens to run, waiting requests, too few free
 blocks to grow every sequence without preempting, a sequence that ends by length at step N, or
-one with penalties, logprobs or a grammar), ``step()`` first collects N and goes on synchronously.
+one with penalties or logprobs), ``step()`` first collects N and goes on synchronously.
 
 Structured outputs: a request whose params carry a ``GrammarSpec`` gets a grammar state from the
 engine's ``GrammarEngine`` (compiled against this worker's tokenizer, cached per spec); its logits
-are masked before sampling and every emitted token advances the state (see ``grammar``).
+are masked before sampling and every emitted token advances the state (see ``grammar``).  With
+async scheduling a batch with grammars is launched behind too, in two parts: step N+1's forward
+(which needs no mask) before step N is collected, its sampling after — once N's tokens have
+advanced the grammars and N+1's mask is filled, while the device runs N+1's forward.  A row whose
+sequence ended at step N (or was aborted) is left unmasked and its token dropped; a grammar state
+is released when its sequence finishes or is aborted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -43,51 +47,34 @@ from typing import Optional
 
 import torch
 
-from pdmesh.attention import select_backend
 from pdmesh.config import EngineConfig
+from pdmesh.distributed.devices import rank_devices
+from pdmesh.distributed.group import TPGroup
+from pdmesh.distributed.ranks import RankGroup
+from pdmesh.engine.devices import on_device, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
 from pdmesh.engine.offload import LOAD_TIMEOUT_S, KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
-from pdmesh.engine.runner import LaunchedStep, ModelRunner, placeholder
+from pdmesh.engine.runner import LaunchedStep, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.stats import EngineStats, RemoteAdmission  # noqa: F401 (re-exported)
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
 from pdmesh.kv.audit import KVAudit
 from pdmesh.kv.block_manager import PrefixCachingBlockManager, PrefixHit
 from pdmesh.kv.events import KVEventLog
-from pdmesh.kv.pool import KVCachePool, num_blocks_for_memory
-from pdmesh.models.loader import ResolvedModel, load_model, resolve
+from pdmesh.engine.shard import build_shard
+from pdmesh.models import check_tensor_parallel
+from pdmesh.models.loader import ResolvedModel, resolve
 from pdmesh.transport.base import TransferError
+from pdmesh.transport.cuda_ipc import open_share
 from pdmesh.tokenizer import Tokenizer, has_tokenizer
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def on_device(device: torch.device):
-    """A context making ``device`` the calling thread's current CUDA device (a no-op on CPU).
-    Work that takes the current device implicitly (event records, Triton launches, library
-    wrappers) then runs on the engine's GPU whichever thread calls the engine."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
 def _launchable(seq: Sequence) -> bool:
-    """A sequence whose next token can be sampled without the host seeing the previous one (a
-    grammar's mask depends on the previous token, so constrained sequences go one step at a time)."""
-    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None and seq.grammar is None
+    """A sequence whose next step can be launched before the host sees its previous token (a
+    grammar's mask needs that token, but only the sampling waits for it: see ``LLMEngine._step``)."""
+    return not seq.prefill_only and not seq.params.has_penalties and seq.params.logprobs is None
 
 
 class RequestRejected(ValueError):
@@ -113,11 +100,22 @@ class LLMEngine:
         arch = self.resolved.arch
         self.arch = arch
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
-        t0 = time.perf_counter()
-        log.info("loading %s (%s weights, %.1f B parameters) on %s", self.resolved.served_name, self.resolved.load_format,
-                 arch.num_parameters() / 1e9, self.device)
-        self.model = load_model(self.resolved, self.dtype, self.device, self.max_model_len, config.model.seed)
-        log.info("weights loaded in %.1f s", time.perf_counter() - t0)
+        tp_size = config.device.tensor_parallel_size
+        check_tensor_parallel(arch, tp_size, config.device.enable_expert_parallel)
+        self.ranks: Optional[RankGroup] = None
+        """The other ranks of this worker's tensor-parallel group (None without TP)."""
+        if tp_size > 1:
+            devices = rank_devices(config.device.device, tp_size)
+            self.device = devices[0]
+            self.ranks = RankGroup(config, self.resolved, devices)
+        try:
+            self.tp = self.ranks.join() if self.ranks is not None else TPGroup.single(self.device)
+            shard = build_shard(config, self.resolved, self.tp, self.dtype, self.max_model_len)
+        except BaseException:
+            self.close()
+            raise
+        self.model, self.pool, self.backend, self.runner = shard.model, shard.pool, shard.backend, shard.runner
+        num_blocks = shard.num_blocks
         path = self.resolved.tokenizer_path
         self.tokenizer: Optional[Tokenizer] = Tokenizer(path) if has_tokenizer(path) else None
         """The model's tokenizer (None for token-id-only models): its EOS ids, and grammars."""
@@ -126,20 +124,19 @@ class LLMEngine:
         """Ids that end a request: the model config's, the tokenizer's and generation_config.json's."""
         self._grammars: Optional[GrammarEngine] = None
         self._grammars_lock = threading.Lock()
-        num_blocks = config.cache.num_kv_blocks or self._size_kv(config)
-        self.pool = KVCachePool(arch, num_blocks, config.cache.block_size, self.dtype, self.device)
         self.blocks = PrefixCachingBlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.runner.blocks = self.blocks
+        if self.ranks is not None:
+            try:
+                shares = self.ranks.wait_ready()
+                self.pool.attach_ranks([open_share(x) for x in shares], shares)
+            except BaseException:
+                self.close()
+                raise
+            self.runner.followers = self.ranks
         self.audit: Optional[KVAudit] = KVAudit(self.pool) if config.cache.kv_audit else None
         """Checksums of prompt KV (``--kv-audit``), verified when blocks are freed."""
-        self.backend = select_backend(config.device.attention_backend, self.device, arch.num_heads, arch.num_kv_heads,
-                                      arch.head_dim, self.dtype, config.cache.block_size, config.device.decode_attention)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        if self.device.type == "cuda" and config.device.fused_kernels and self.backend.name == "flashinfer":
-            self.model.enable_fused_kernels()
-        self.runner = ModelRunner(self.model, self.pool, self.blocks, self.backend, self.device)
-        if self.device.type == "cuda" and self.backend.name == "flashinfer" and not config.device.enforce_eager:
-            log.info("capturing decode CUDA graphs (first use compiles the decode kernels)")
-            self.runner.capture_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         mode = config.scheduler.async_scheduling
         self.async_scheduling = mode == "on" or (mode == "auto" and self.device.type == "cuda")
         self._inflight: Optional[LaunchedStep] = None
@@ -165,20 +162,17 @@ class LLMEngine:
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
         latest step that ran a batch (step-time metrics by kind)."""
-        log.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, attention=%s",
-                 arch.architecture, self.device, self.dtype, num_blocks, config.cache.block_size, self.backend.name)
+        log.info("engine ready: %s on %s/%s%s, %d KV blocks of %d tokens, attention=%s",
+                 arch.architecture, self.device, self.dtype, f" (TP {tp_size})" if tp_size > 1 else "", num_blocks,
+                 config.cache.block_size, self.backend.name)
 
-    def _size_kv(self, config: EngineConfig) -> int:
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            mine = torch.cuda.memory_reserved(self.device)  # this process's weights so far
-            # This worker's share of the GPU, minus what it holds, minus room for activations and
-            # graphs; never more than what is actually free (other processes may share the GPU).
-            budget = min(int(total * config.cache.gpu_memory_utilization) - mine, free) - (2 << 30)
-            if budget <= 0:
-                raise RuntimeError("no GPU memory left for the KV cache; raise --gpu-memory-utilization")
-            return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, budget)
-        return num_blocks_for_memory(self.arch, config.cache.block_size, self.dtype, config.cache.kv_cache_memory)
+    def close(self) -> None:
+        """Stop the other ranks and leave the process group (engine thread; idempotent)."""
+        if self.ranks is not None:
+            self.ranks.stop()
+            self.ranks = None
+            if getattr(self, "tp", None) is not None:
+                self.tp.destroy()
 
     # ------------------------------------------------------------------ grammars
     @property
@@ -208,7 +202,14 @@ class LLMEngine:
             raise RequestRejected(str(exc)) from None
 
     def _mask(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """The grammar mask of a step's rows.  A sequence that ended (by the step collected since
+        this one was launched, or aborted) has no grammar state any more: its row is left unmasked
+        and its token dropped."""
         self.grammars.apply(logits, [s.grammar for s in seqs])
+
+    @staticmethod
+    def _constrained(seqs: list[Sequence]) -> bool:
+        return any(s.grammar is not None for s in seqs)
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_len: int, params: SamplingParams) -> None:
@@ -312,6 +313,7 @@ class LLMEngine:
         device, allocate its blocks and start loading them (True: the sequence waits in
         ``remote`` until ``_settle_load``); else False, and it is computed as usual."""
         tiers = self.tiers
+        assert tiers is not None  # the scheduler prefetches only when tiers exist
         rid = seq.request_id
         plan = tiers.plan(seq.token_ids, hit)
         count = seq.num_preemptions == 0 and not seq.tiers_looked_up
@@ -335,6 +337,7 @@ class LLMEngine:
     def _settle_load(self, job: TierLoadJob, load, err: Optional[str]) -> None:
         """A tier load ended: requeue its request (at the front) with the blocks that arrived
         computed; the rest of its prompt is computed as usual."""
+        assert self.tiers is not None  # tier loads exist only when tiers do
         n = self.tiers.loaded(job, load) if err is None else 0
         if err is not None:
             log.warning("KV tier load of %s failed: %s (computing its prompt)", job.request_id, err)
@@ -391,6 +394,7 @@ class LLMEngine:
         if seq is not None:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"
+            seq.grammar = None  # the matcher goes now, even while a launched step still names the sequence
         return seq is not None or had_blocks
 
     def _free(self, request_id: str) -> None:
@@ -429,6 +433,7 @@ class LLMEngine:
         try:
             seq = Sequence(rid, list(token_ids), len(token_ids), SamplingParams(), self.eos_token_ids)
             logits, _ = self.runner.forward(ScheduledBatch([seq], [len(token_ids)]))
+            assert logits is not None  # the step computed all of seq's tokens
             return logits[0]
         finally:
             self.blocks.free(rid)
@@ -450,11 +455,16 @@ class LLMEngine:
             if not self._can_launch_behind():
                 return self._collect(prev)
             batch = self.scheduler.schedule()
-            nxt = self.runner.launch(batch, prev) if batch.seqs else None
+            nxt = self.runner.launch_forward(batch, prev) if batch.seqs else None
             self.num_steps_launched_behind += nxt is not None
             self._inflight = nxt  # frees that collecting prev asks for wait for nxt too
-            outputs = self._collect(prev)
+            masked = nxt is not None and self._constrained(nxt.sample_seqs)
+            if nxt is not None and not masked:
+                self.runner.launch_sample(nxt)
+            outputs = self._collect(prev)  # advances the grammars by prev's tokens
             if nxt is not None:
+                if masked:  # nxt's mask needs prev's tokens; its forward runs meanwhile
+                    self.runner.launch_sample(nxt, self._mask)
                 self._launched(nxt)
             return outputs
         batch = self.scheduler.schedule()
@@ -466,11 +476,12 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
+        mask = self._mask if self._constrained(batch.seqs) else None
         if self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs)):
-            self._inflight = self.runner.launch(batch)
+            self._inflight = self.runner.launch(batch, mask=mask)
             self._launched(self._inflight)
             return []
-        result = self.runner.run(batch, self._mask if any(s.grammar is not None for s in batch.seqs) else None)
+        result = self.runner.run(batch, mask)
         return self.postprocess(batch, result)
 
     def _can_launch_behind(self) -> bool:
@@ -545,6 +556,7 @@ class LLMEngine:
         else:
             reason = self._finish_reason(seq, tok)
         first = seq.num_output_tokens == 1
+        assert seq.first_scheduled_time is not None  # a sequence with a token was scheduled
         out = RequestOutput(
             seq.request_id, [tok], reason is not None, reason, [lp] if lp is not None else None,
             seq.num_prompt_tokens, seq.num_cached_tokens,
@@ -561,6 +573,7 @@ class LLMEngine:
                 out.held_block_checksums = self.audit.record(seq.request_id, out.held_block_ids, seq.num_prompt_tokens)
             self.scheduler.remove(seq.request_id)
             seq.status = SequenceStatus.HELD
+            seq.grammar = None  # the decode worker replays token 0 into its own matcher
             self.held[seq.request_id] = seq
         return out
 
@@ -582,6 +595,7 @@ class LLMEngine:
         self._free(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.grammar = None
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> EngineStats:

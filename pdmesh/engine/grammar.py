@@ -16,7 +16,8 @@ Ownership and lifecycle
 * ``GrammarEngine.apply`` masks a batch's logits in place before sampling: one bitmask row per
   sampled sequence, filled on the host for the constrained rows (in parallel threads), copied to
   the logits' device and applied by one kernel (CPU or CUDA).  The runner calls it after launching
-  the forward pass, so on CUDA the host work overlaps the GPU's.
+  the forward pass, so on CUDA the host work overlaps the GPU's; with async scheduling the engine
+  calls it for step N+1 once step N's tokens are accepted, while N+1's forward runs.
 
 A grammar decides where the output ends: once the matcher accepts a stop token (EOS) it is
 terminated and the request finishes with ``stop``.
@@ -159,6 +160,8 @@ class GrammarEngine:
         """Specs compiled so far (counter; a cache hit does not count)."""
         self._host: Optional[torch.Tensor] = None
         """[rows, ceil(vocab/32)] int32 host bitmask (pinned on CUDA), grown to the largest batch."""
+        self._copied: Optional[torch.cuda.Event] = None
+        """Recorded after the latest copy of ``_host`` to the device: the next fill waits for it."""
 
     def compile(self, spec: GrammarSpec) -> "xgrammar.CompiledGrammar":
         """The compiled grammar of ``spec``, from the cache or compiled now (raises GrammarError)."""
@@ -191,17 +194,24 @@ class GrammarEngine:
     def apply(self, logits: torch.Tensor, states: Sequence[Optional[GrammarState]]) -> None:
         """Mask ``logits`` in place: logits [B, V] float32 on the model's device, ``states`` [B] the
         rows' grammar states (None: unconstrained row, left as is).  Disallowed tokens get -inf.
-        Only for steps whose sampled ids the host reads before the next step (the pinned bitmask is
-        reused by the next call)."""
+        The copy to the device is asynchronous; the next call waits for it before it refills the
+        pinned bitmask (at once in the engine, which has collected the masked step by then)."""
         rows = [i for i, s in enumerate(states) if s is not None]
         if not rows:
             return
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
         batch = logits.shape[0]
         if self._host is None or self._host.shape[0] < batch:
             shape = self._xgr.get_bitmask_shape(max(batch, 64), self.vocab_size)
             self._host = torch.empty(shape, dtype=torch.int32, pin_memory=logits.is_cuda)
         host = self._host[:batch]
         self._batch.batch_fill_next_token_bitmask([states[i].matcher for i in rows], host, rows)  # type: ignore[union-attr]
-        mask = host.to(logits.device, non_blocking=True) if logits.is_cuda else host
+        mask = host
+        if logits.is_cuda:
+            mask = host.to(logits.device, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(logits.device))
         self._xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=min(self.vocab_size, logits.shape[1]),
-                                              indices=rows)
+                                              indices=rows if len(rows) < batch else None)

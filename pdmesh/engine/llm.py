@@ -6,7 +6,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdmesh.config import (AsyncScheduling, AttentionBackendName, CacheConfig, DeviceConfig, Dtype, EngineConfig, LoadFormat,
+                           ModelConfig, SchedulerConfig)
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
 from pdmesh.tokenizer import StopStringMatcher, Tokenizer
@@ -36,13 +37,13 @@ def child_seed(seed: Optional[int], index: int) -> Optional[int]:
 
 
 class LLM:
-    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, load_format: str = "auto",
-                 dtype: str = "auto", max_model_len: Optional[int] = None, seed: int = 0, block_size: int = 32,
+    def __init__(self, model: Optional[str] = None, tokenizer: Optional[str] = None, load_format: LoadFormat = "auto",
+                 dtype: Dtype = "auto", max_model_len: Optional[int] = None, seed: int = 0, block_size: int = 32,
                  num_kv_blocks: Optional[int] = None, kv_cache_memory: int = 512 << 20,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
-                 enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: str = "auto",
-                 enforce_eager: bool = False, async_scheduling: str = "auto",
-                 engine_config: Optional[EngineConfig] = None) -> None:
+                 enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: AttentionBackendName = "auto",
+                 enforce_eager: bool = False, async_scheduling: AsyncScheduling = "auto", tensor_parallel_size: int = 1,
+                 enable_expert_parallel: bool = False, cpu_threads: int = 0, engine_config: Optional[EngineConfig] = None) -> None:
         if engine_config is None:
             mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
                              **({"model": model} if model else {}))
@@ -52,10 +53,22 @@ class LLM:
                                   enable_prefix_caching=enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                           enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling),
-                device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager),
+                device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager,
+                                    tensor_parallel_size=tensor_parallel_size, cpu_threads=cpu_threads,
+                                    enable_expert_parallel=enable_expert_parallel),
             )
         self.engine = LLMEngine(engine_config)
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks (nothing to do without TP)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -101,7 +114,7 @@ class LLM:
                 st = live.get(out.request_id)
                 if st is None:
                     continue
-                comp: Completion = st["comp"]
+                comp = st["comp"]  # a Completion, as declared above
                 st["res"].num_cached_tokens = out.num_cached_tokens
                 if out.prompt_logprobs is not None:
                     st["res"].prompt_logprobs = out.prompt_logprobs

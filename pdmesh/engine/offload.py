@@ -94,7 +94,7 @@ class Copier:
         self.after_compute = after_compute
         """Order the copy after the compute stream's queued work (it reads blocks a step wrote)."""
         if device.type == "cuda":
-            high, low = torch.cuda.Stream.priority_range()
+            high, low = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod at runtime; torch's stub omits it
             self.stream = torch.cuda.Stream(device, priority=high if high_priority else low)
         else:
             self.thread = ThreadPoolExecutor(1, thread_name_prefix="kv-copy")
@@ -114,7 +114,7 @@ class Copier:
             begin.record(self.stream)
             copy_blocks(src, idx[0], dst, idx[1])
             event.record(self.stream)
-        return CudaCopy(event, nbytes, (ids, idx), begin)
+        return CudaCopy([(begin, event)], nbytes, (ids, idx))
 
 
 @dataclass
@@ -304,6 +304,7 @@ class KVTiers:
             disk.touch(h)
         elif disk is not None and len(self._writes) < MAX_DISK_WRITES and (doomed := disk.begin_write(h)) is not None:
             self.host.add_reader(slot)
+            assert self.io is not None  # made with the disk tier
             fut = self.io.submit(write_block_file, disk.path(h), h, self.host.slot_bytes(slot), doomed)
             self._writes[h] = (fut, slot, time.monotonic())
             return
@@ -319,13 +320,14 @@ class KVTiers:
                 ok = fut.exception() is None
                 if not ok:
                     log.warning("writing KV block %s to disk failed: %r", h.hex(), fut.exception())
+                assert self.disk is not None  # disk writes exist only with a disk tier
                 self.disk.end_write(h, ok)
                 self.host.done_reading(slot)
                 if ok:
                     c = self.counters["disk"]
                     c.offload_bytes += fut.result()
                     c.offload_seconds += now - t0
-        for h, (fut, slot, t0) in list(self._reads.items()):
+        for h, (fut, _slot, t0) in list(self._reads.items()):
             if fut.done():
                 del self._reads[h]
                 why = fut.exception() or fut.result()
@@ -336,6 +338,7 @@ class KVTiers:
                     c = self.counters["disk"]
                     c.load_bytes += self.host.block_bytes
                     c.load_seconds += now - t0
+                assert self.disk is not None  # disk reads exist only with a disk tier
                 self.disk.end_read(h, why is None)
                 self.host.commit(h, why is None)
 
@@ -377,6 +380,7 @@ class KVTiers:
                 self.host.touch(h)
         slots: list[int] = []
         reads: list[Optional[Future]] = []
+        slot: Optional[int]
         for i, (h, tier) in enumerate(plan):
             if tier == "host":
                 slot = self.host.index[h]
@@ -388,6 +392,7 @@ class KVTiers:
                         if t2 == "host":
                             self.host.done_reading(self.host.index[h2])
                     break
+                assert self.disk is not None and self.io is not None  # plan() lists disk blocks only with a disk tier
                 path = self.disk.begin_read(h)
                 fut = self.io.submit(read_block_file, path, h, self.host.slot_bytes(slot))
                 self._reads[h] = (fut, slot, time.monotonic())
@@ -396,7 +401,12 @@ class KVTiers:
             slots.append(slot)
         n = len(slots)
         job = TierLoadJob(request_id, first_block, [h for h, _ in plan[:n]], [t for _, t in plan[:n]])
-        job.on_stopped = lambda: [self.host.done_reading(s) for s in slots]
+
+        def stopped() -> None:
+            for s in slots:
+                self.host.done_reading(s)
+
+        job.on_stopped = stopped
 
         def launch(src_slots: list[int], dst_ids: list[int]) -> BaseTransfer:
             return self.loader.launch(self.host.view, src_slots, self.pool.kv, dst_ids, len(src_slots) * self.host.block_bytes)
@@ -407,6 +417,7 @@ class KVTiers:
         """A load ended: count it; returns the blocks that arrived (0 for a failed one)."""
         n = load.loaded if load is not None and load.copy is not None and load.copy.poll() is TransferState.DONE else 0
         if n:
+            assert load is not None and load.copy is not None  # n > 0 only then
             c = self.counters["host"]
             c.load_bytes += load.copy.nbytes
             c.load_seconds += load.copy.device_seconds() or (time.monotonic() - job.started)
@@ -419,6 +430,7 @@ class KVTiers:
         keeps the hottest longest), within ``seconds`` in all.  Returns the blocks written."""
         if self.disk is None or seconds <= 0:
             return 0
+        assert self.io is not None  # made with the disk tier
         deadline = time.monotonic() + seconds
         while poll() and time.monotonic() < deadline:
             time.sleep(0.002)
@@ -449,6 +461,6 @@ class KVTiers:
             tier = self.host if t == "host" else self.disk
             if tier is None:
                 continue
-            used, cap = (tier.used_bytes, tier.capacity_bytes) if t == "host" else (tier.used_bytes, tier.capacity)
+            used, cap = tier.used_bytes, tier.capacity_bytes if isinstance(tier, HostTier) else tier.capacity
             out[t] = TierCounters(**{**c.__dict__, "used_bytes": used, "capacity_bytes": cap})
         return out

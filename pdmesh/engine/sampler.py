@@ -140,6 +140,7 @@ class Sampler:
             counts = None
         if b.repetition is not None:
             seen = torch.zeros((nb, vocab + 1), dtype=torch.bool, device=logits.device)
+            assert b.prompt_ids is not None  # built with repetition (build_sampling_batch)
             seen.scatter_(1, b.prompt_ids, True)
             if b.output_ids is not None:
                 seen.scatter_(1, b.output_ids, True)
@@ -147,6 +148,7 @@ class Sampler:
             penalised = torch.where(logits > 0, logits / b.repetition, logits * b.repetition)
             logits = torch.where(seen, penalised, logits)
         if counts is not None:
+            assert b.frequency is not None and b.presence is not None  # built with output_ids
             logits = logits - b.frequency * counts - b.presence * (counts > 0).float()
         return logits
 
@@ -175,8 +177,8 @@ class Sampler:
         chosen = raw.gather(1, ids[:, None]).squeeze(1).tolist()
         k = max(b.max_logprobs, 0)
         top_v, top_i = (raw.topk(k, dim=-1) if k > 0 else (None, None))
-        top_v = top_v.tolist() if top_v is not None else None
-        top_i = top_i.tolist() if top_i is not None else None
+        top_vals = top_v.tolist() if top_v is not None else None
+        top_ids = top_i.tolist() if top_i is not None else None
         out: list[Optional[TokenLogprob]] = []
         id_list = ids.tolist()
         for row, s in enumerate(seqs):
@@ -184,7 +186,7 @@ class Sampler:
             if n is None:
                 out.append(None)
                 continue
-            top = list(zip(top_i[row][:n], top_v[row][:n])) if n and top_i is not None else []
+            top = list(zip(top_ids[row][:n], top_vals[row][:n])) if n and top_ids is not None and top_vals is not None else []
             out.append(TokenLogprob(id_list[row], chosen[row], top))
         return out
 

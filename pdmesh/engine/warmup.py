@@ -52,16 +52,16 @@ def _copy_kernels(eng: LLMEngine) -> None:
     buffer (the cross-GPU path), all on the null block, which no request owns."""
     from pdmesh.kv.copy import copy_blocks
 
-    kv = eng.pool.kv
     null = eng.pool.null_block
-    with on_device(eng.device):
-        for n in (1, 2, 16):
-            src = torch.full((n,), null, dtype=torch.int64, device=kv.device)
-            copy_blocks(kv, src, kv, src)
-            staged = torch.empty((kv.shape[0], n) + tuple(kv.shape[2:]), dtype=kv.dtype, device=kv.device)
-            copy_blocks(kv, src, staged, torch.arange(n, device=kv.device))
-        if kv.device.type == "cuda":
-            torch.cuda.synchronize(kv.device)
+    for kv in eng.pool.ranks:  # with tensor parallelism rank 0 copies into every rank's pool, on its GPU
+        with on_device(kv.device):
+            for n in (1, 2, 16):
+                src = torch.full((n,), null, dtype=torch.int64, device=kv.device)
+                copy_blocks(kv, src, kv, src)
+                staged = torch.empty((kv.shape[0], n) + tuple(kv.shape[2:]), dtype=kv.dtype, device=kv.device)
+                copy_blocks(kv, src, staged, torch.arange(n, device=kv.device))
+            if kv.device.type == "cuda":
+                torch.cuda.synchronize(kv.device)
 
 
 def warm_up(eng: LLMEngine) -> float:

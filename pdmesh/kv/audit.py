@@ -28,14 +28,15 @@ log = logging.getLogger(__name__)
 
 def block_checksums(pool: KVCachePool, block_ids: Sequence[int], num_tokens: int) -> list[int]:
     """One 64-bit checksum per block of ``block_ids`` (in token order) over the slots of the first
-    ``num_tokens`` tokens (all layers, K and V)."""
+    ``num_tokens`` tokens (all layers, K and V, every KV head once: the same on any TP layout, so a
+    decode worker of another TP size compares what it pulled with the source's checksums)."""
     bs = pool.block_size
     out = []
     for j, b in enumerate(block_ids):
         slots = min(bs, num_tokens - j * bs)
         if slots <= 0:
             break
-        data = pool.kv[:, b, :, :slots].contiguous().cpu()
+        data = pool.logical_block(b, slots)
         out.append(int.from_bytes(hashlib.blake2b(data.numpy().tobytes(), digest_size=8).digest(), "little"))
     return out
 

@@ -83,3 +83,57 @@ def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst
     grid = (L * n, triton.cdiv(x, block))
     _copy_rows_kernel[grid](s3, d3, src_ids, dst_ids, n, s3.stride(0), s3.stride(1), d3.stride(0), d3.stride(1), x,
                             BLOCK=block, num_warps=8)
+
+
+def _full(t: torch.Tensor, heads: tuple[int, int]) -> bool:
+    return heads == (0, t.shape[4])
+
+
+def gather_heads(src: torch.Tensor, src_ids: torch.Tensor, heads: tuple[int, int]) -> torch.Tensor:
+    """Contiguous ``[L, n, 2, bs, h, D]`` copy of blocks ``src_ids`` of pool ``src`` (its local heads
+    ``heads``), on ``src``'s device and current stream."""
+    n = src_ids.numel()
+    if _full(src, heads):
+        out = torch.empty((src.shape[0], n) + tuple(src.shape[2:]), dtype=src.dtype, device=src.device)
+        copy_blocks(src, src_ids, out, torch.arange(n, device=src.device))
+        return out
+    return src.index_select(1, src_ids)[:, :, :, :, heads[0]:heads[1]].contiguous()
+
+
+def scatter_heads(data: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor, heads: tuple[int, int]) -> None:
+    """Write ``data`` [L, n, 2, bs, h, D] (on ``dst``'s device) into blocks ``dst_ids`` of pool ``dst``
+    (its local heads ``heads``), on the current stream: one block-copy kernel when ``data`` is whole
+    contiguous blocks on a GPU, else ``index_copy_`` into the heads' (strided) view."""
+    if _full(dst, heads) and data.is_contiguous() and _on_gpu(data, dst):
+        copy_blocks(data, torch.arange(data.shape[1], device=data.device), dst, dst_ids)
+    else:
+        dst[:, :, :, :, heads[0]:heads[1]].index_copy_(1, dst_ids, data)
+
+
+def copy_heads(src: torch.Tensor, src_ids: torch.Tensor, src_heads: tuple[int, int], dst: torch.Tensor,
+               dst_ids: torch.Tensor, dst_heads: tuple[int, int]) -> None:
+    """``dst[:, dst_ids, ..., dst_heads] = src[:, src_ids, ..., src_heads]`` for pools on one device:
+    one block-copy kernel when both sides are whole blocks, else a gather of the heads and a
+    scatter (tensor parallelism of different sizes)."""
+    if _full(src, src_heads) and _full(dst, dst_heads):
+        copy_blocks(src, src_ids, dst, dst_ids)
+    else:
+        scatter_heads(gather_heads(src, src_ids, src_heads), dst, dst_ids, dst_heads)
+
+
+class SideStreams:
+    """A stream of the highest priority per GPU, made on first use: the GPU's block scheduler
+    dispatches its kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode
+    step's), so a pull under load is not queued behind them.  Used from any thread: two threads
+    racing on a device's first use make one stream each, and one of them is kept."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __call__(self, device: torch.device) -> torch.cuda.Stream:
+        st = self._streams.get(device)
+        if st is None:
+            # (greatest, least): lower numbers are higher priority
+            high, _ = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod at runtime; torch's stub omits it
+            st = self._streams[device] = torch.cuda.Stream(device, priority=high)
+        return st

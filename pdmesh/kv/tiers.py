@@ -41,7 +41,7 @@ import struct
 import zlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -111,7 +111,8 @@ class HostTier:
 
     def slot_bytes(self, slot: int) -> memoryview:
         """The slot's bytes (I/O threads write a file from them or read one into them)."""
-        return memoryview(self.data[slot].view(torch.uint8).numpy()).cast("B")
+        # numpy's stubs give ndarray __buffer__ only on Python >= 3.12; it is a buffer on every version
+        return memoryview(self.data[slot].view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- changes
     def touch(self, h: bytes) -> None:
@@ -294,7 +295,7 @@ class DiskTier:
 
 
 # ---------------------------------------------------------------- I/O threads
-def write_block_file(path: Path, key: bytes, payload: memoryview, doomed: list[Path] = ()) -> int:
+def write_block_file(path: Path, key: bytes, payload: memoryview, doomed: Iterable[Path] = ()) -> int:
     """Delete ``doomed`` files, then write ``payload`` under ``path`` (temporary name, renamed when
     complete).  Returns the bytes written; raises OSError."""
     for p in doomed:

@@ -1,16 +1,23 @@
 """Layers shared by every model family: RMSNorm, rotary embedding (with rope scaling), gated MLP,
 GQA attention.  Tensors are flat over tokens: ``T`` is the number of tokens in the step's batch.
+
+Tensor parallelism (``tp``, a ``TPGroup``): the qkv and gate/up projections are column-parallel
+(each rank computes its heads and its slice of the MLP width), o and down are row-parallel (each
+rank's partial product, summed by one all-reduce; a bias is added by rank 0 only).  KV heads are
+split like the query heads, or replicated when there are fewer than ranks (``pdmesh.kv.shards``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdmesh.distributed.group import TPGroup
+from pdmesh.kv.shards import local_kv_heads
 from pdmesh.models.arch import ModelArch
 from pdmesh.models.gemv import gemv, gemv_applies
 
@@ -163,42 +170,61 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rot * sin
 
 
-class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul; ``fused`` (CUDA):
-    FlashInfer's SiLU*mul kernel, and at one row Triton GEMVs with SiLU*mul inside the down one."""
-
-    def __init__(self, arch: ModelArch, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.inter = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=arch.mlp_bias, dtype=dtype)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
-        self.fused = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and gemv_applies(x):  # one row: GEMVs, the activation inside the down one
-            gu = gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-            return gemv(gu, self.down_proj.weight, self.down_proj.bias, silu_mul=True)
-        gu = self.gate_up_proj(x)
-        if self.fused:
+def row_parallel(x: torch.Tensor, lin: nn.Linear, tp: TPGroup, use_gemv: bool, silu_mul: bool = False,
+                 reduce: bool = True) -> torch.Tensor:
+    """A row-parallel projection: this rank's partial product (its bias only on rank 0), summed
+    over the ranks (``reduce=False``: not summed; the caller sums it, e.g. with the next norm)."""
+    bias = lin.bias if tp.rank == 0 else None
+    if use_gemv and gemv_applies(x):
+        y = gemv(x, lin.weight, bias, silu_mul=silu_mul)
+    else:
+        if silu_mul:
             from flashinfer.activation import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gu))
+            x = silu_and_mul(x)
+        y = F.linear(x, lin.weight, bias)
+    return tp.all_reduce(y) if reduce else y
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul; ``fused`` (CUDA):
+    FlashInfer's SiLU*mul kernel, and at one row Triton GEMVs with SiLU*mul inside the down one.
+    Under TP each rank holds ``intermediate_size / tp`` of the width (gate and up alike)."""
+
+    def __init__(self, arch: ModelArch, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.inter = arch.intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * self.inter, bias=arch.mlp_bias, dtype=dtype)
+        self.down_proj = nn.Linear(self.inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+        self.fused = False
+
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""
+        if self.fused and gemv_applies(x):  # one row: GEMVs, the activation inside the down one
+            gu = gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+            return row_parallel(gu, self.down_proj, self.tp, True, silu_mul=True, reduce=reduce)
+        gu = self.gate_up_proj(x)
+        if self.fused:
+            return row_parallel(gu, self.down_proj, self.tp, False, silu_mul=True, reduce=reduce)
         gate, up = gu.split(self.inter, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return row_parallel(F.silu(gate) * up, self.down_proj, self.tp, False, reduce=reduce)
 
 
 class Attention(nn.Module):
-    """GQA self-attention with fused qkv, optional per-head q/k RMSNorm (Qwen3) and rotary."""
+    """GQA self-attention with fused qkv, optional per-head q/k RMSNorm (Qwen3) and rotary; under TP
+    over this rank's query and KV heads."""
 
-    def __init__(self, arch: ModelArch, layer_idx: int, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArch, layer_idx: int, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.hq, self.hkv, self.d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.tp = tp
+        self.hq, self.hkv, self.d = arch.num_heads // tp.size, local_kv_heads(arch.num_kv_heads, tp.size), arch.head_dim
         self.qkv_proj = nn.Linear(arch.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=arch.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(self.hq * self.d, arch.hidden_size, bias=arch.o_bias, dtype=dtype)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(self.d, arch.rms_norm_eps, dtype)
+            self.q_norm: Optional[RMSNorm] = RMSNorm(self.d, arch.rms_norm_eps, dtype)
+            self.k_norm: Optional[RMSNorm] = RMSNorm(self.d, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.fused = False
@@ -207,15 +233,15 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
         return gemv(x, lin.weight, lin.bias) if self.fused and gemv_applies(x) else lin(x)
 
-    def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext, reduce: bool = True) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""
         t = x.shape[0]
         q, k, v = self._project(x, self.qkv_proj).split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = q.view(t, self.hq, self.d)
         k = k.view(t, self.hkv, self.d)
         v = v.view(t, self.hkv, self.d)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (arch.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, k)
         out = ctx.attend(self.layer_idx, q, k, v)
-        return self._project(out.reshape(t, self.hq * self.d), self.o_proj)
+        return row_parallel(out.reshape(t, self.hq * self.d), self.o_proj, self.tp, self.fused, reduce=reduce)

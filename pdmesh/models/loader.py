@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from pdmesh.config import DEFAULT_MODEL, ModelConfig
+from pdmesh.distributed.group import TPGroup
 from pdmesh.env import ENV
 from pdmesh.models import build_model
 from pdmesh.models.arch import ModelArch, arch_from_hf_config, load_hf_config
@@ -174,7 +175,9 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 @torch.no_grad()
 def fill_dummy(model: CausalLM, seed: int) -> None:
-    """Deterministic random weights: the same seed gives the same weights in every process."""
+    """Deterministic random weights: the same seed gives the same weights in every process, and
+    under tensor parallelism each rank holds its slices of exactly the TP-1 weights (drawn whole,
+    then sharded)."""
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
@@ -183,11 +186,17 @@ def fill_dummy(model: CausalLM, seed: int) -> None:
         gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF_FFFF)
         bound = 0.02 if param.dim() > 1 else 0.01
         # drawn in float32 and cast, so every dtype gets the same (rounded) weights
-        param.copy_(torch.empty(param.shape, dtype=torch.float32, device=param.device).uniform_(-bound, bound, generator=gen))
+        full = torch.empty(model.full_shape(name, param), dtype=torch.float32, device=param.device).uniform_(-bound, bound, generator=gen)
+        if model.tp.size == 1:
+            param.copy_(full)
+        else:
+            model.copy_shard(name, param, full)
 
 
-def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0) -> CausalLM:
-    model = build_model(res.arch, dtype)
+def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0,
+               tp: Optional[TPGroup] = None, expert_parallel: bool = False) -> CausalLM:
+    """Build (this rank's shard of) the model on ``device`` and fill its weights."""
+    model = build_model(res.arch, dtype, tp, expert_parallel)
     model.materialize(device, max_len)
     if res.weights_dir is None:
         fill_dummy(model, seed)

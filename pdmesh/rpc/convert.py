@@ -57,8 +57,10 @@ def logprob_from_proto(m: pb.TokenLogprob) -> TokenLogprob:
 
 def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
     return pb.KVLayout(num_layers=layout.num_layers, num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                       block_size=layout.block_size, dtype=layout.dtype, layout=layout.layout)
+                       block_size=layout.block_size, dtype=layout.dtype, layout=layout.layout,
+                       tensor_parallel_size=layout.tp_size)
 
 
 def layout_from_proto(m: pb.KVLayout) -> KVLayout:
-    return KVLayout(m.num_layers, m.num_kv_heads, m.head_dim, m.block_size, m.dtype, m.layout)
+    return KVLayout(m.num_layers, m.num_kv_heads, m.head_dim, m.block_size, m.dtype, m.layout,
+                    tp_size=max(1, m.tensor_parallel_size))

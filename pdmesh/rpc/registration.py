@@ -20,16 +20,22 @@ from pdmesh.kv.events import KVEventLog
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import scheduler_pb2 as spb
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
+from pdmesh.rpc.auth import BaseAuthenticator
 from pdmesh.rpc.channels import open_channel
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 
 log = logging.getLogger(__name__)
+_REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class Registration:
     def __init__(self, scheduler_address: str, info: pb.WorkerInfo, load: Callable[[], pb.WorkerLoad],
-                 rpc_timeout: float = 5.0, tls: TlsConfig = PLAINTEXT, kv_events: Optional[KVEventLog] = None) -> None:
+                 rpc_timeout: float = 5.0, tls: TlsConfig = PLAINTEXT, auth: Optional[BaseAuthenticator] = None,
+                 kv_events: Optional[KVEventLog] = None) -> None:
         self.tls = tls
+        self.auth = auth
+        """This worker's credentials on its calls to the scheduler."""
         self.kv_events = kv_events
         self._resync = False
         self.scheduler_address = scheduler_address
@@ -44,7 +50,7 @@ class Registration:
 
     async def run(self) -> None:
         backoff = 0.2
-        async with open_channel(self.scheduler_address, self.tls) as ch:
+        async with open_channel(self.scheduler_address, self.tls, self.auth) as ch:
             stub = sgrpc.SchedulerStub(ch)
             while not self._stop.is_set():
                 try:
@@ -57,8 +63,8 @@ class Registration:
                     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.registered.is_set():
                         continue  # the stream's deadline: renew at once
                     self.registered.clear()
-                    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                        log.error("scheduler refused registration: %s", exc.details())
+                    if exc.code() in _REFUSALS:
+                        log.error("scheduler refused registration (%s): %s", exc.code().name, exc.details())
                     else:
                         log.info("scheduler unreachable (%s); retrying", exc.code().name)
                 except asyncio.CancelledError:

@@ -31,16 +31,18 @@ _pending: set[asyncio.Task] = set()  # strong references: the loop keeps only we
 
 
 def release_held_kv(channels: ChannelPool, address: str, request_id: str, traceparent: Optional[str],
-                    timeout: float, read_id: int = 0) -> None:
+                    timeout: float, *, read_id: int = 0, lease_token: str = "") -> None:
+    """``lease_token``: the descriptor's (prefill refuses a release or an EndRead without it)."""
     async def go() -> None:
         md = tracecontext.metadata(traceparent)
         try:
             if read_id:
                 await channels.stub(address, kgrpc.KVTransferStub).EndRead(
-                    kpb.EndReadRequest(request_id=request_id, read_id=read_id), timeout=timeout, metadata=md)
+                    kpb.EndReadRequest(request_id=request_id, read_id=read_id, lease_token=lease_token), timeout=timeout,
+                    metadata=md)
             else:
                 await channels.stub(address, pgrpc.PrefillStub).Release(
-                    ppb.ReleaseRequest(request_id=request_id), timeout=timeout, metadata=md)
+                    ppb.ReleaseRequest(request_id=request_id, lease_token=lease_token), timeout=timeout, metadata=md)
         except grpc.aio.AioRpcError as exc:
             log.info("release of %s on %s failed (%s); its lease will expire", request_id, address, exc.code().name)
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Optional
+from typing import Optional, TypeGuard
 
 KEY = "traceparent"
 _RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
-def valid(tp: Optional[str]) -> bool:
+def valid(tp: Optional[str]) -> TypeGuard[str]:
     m = _RE.match(tp or "")
-    return bool(m) and m.group(1) != "0" * 32 and m.group(2) != "0" * 16
+    return m is not None and m.group(1) != "0" * 32 and m.group(2) != "0" * 16
 
 
 def new() -> str:
@@ -28,7 +28,7 @@ def child(tp: Optional[str]) -> str:
     """Same trace, new span id (a fresh trace when ``tp`` is missing or malformed)."""
     if not valid(tp):
         return new()
-    _, trace, _, flags = tp.split("-")  # type: ignore[union-attr]
+    _, trace, _, flags = tp.split("-")
     return f"00-{trace}-{secrets.token_hex(8)}-{flags}"
 
 

@@ -22,6 +22,11 @@ Invariants:
   owns the source lease.
 * A one-sided read is trusted only if it completed before ``PreparedPull.deadline``, which is never
   later than the source's pin on the lease (so the source cannot have freed the blocks under it).
+
+Tensor parallelism (either side): the descriptor's layout says how the source's KV heads are split
+over its ranks; a pull reads the whole pools of the source ranks ``source_ranks`` names (each head
+once) and writes ``Piece``s into the destination ranks' pools (``pdmesh.kv.shards``), all from the
+destination's rank 0, which maps every local rank's pool.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from pdmesh.kv.pool import KVCachePool, KVLayout
+from pdmesh.kv.shards import Piece, plan_pieces, source_ranks
 from pdmesh.v1 import common_pb2 as pb
 
 
@@ -46,11 +52,23 @@ class TransferState(enum.Enum):
     FAILED = "failed"
 
 
-def check_layout(local: KVLayout, remote: pb.KVLayout) -> None:
-    want = (local.num_layers, local.num_kv_heads, local.head_dim, local.block_size, local.dtype, local.layout)
-    got = (remote.num_layers, remote.num_kv_heads, remote.head_dim, remote.block_size, remote.dtype, remote.layout)
-    if want != got:
-        raise TransferError(f"KV layout mismatch: local {want} vs remote {got}")
+def remote_layout(m: pb.KVLayout) -> KVLayout:
+    return KVLayout(m.num_layers, m.num_kv_heads, m.head_dim, m.block_size, m.dtype, m.layout, tp_size=max(1, m.tensor_parallel_size))
+
+
+def pull_pieces(local: KVLayout, remote: pb.KVLayout) -> list[Piece]:
+    """How KV of the ``remote`` layout lands in pools of the ``local`` one (TransferError when it
+    cannot: another model shape, block size or dtype)."""
+    src = remote_layout(remote)
+    if not local.convertible(src):
+        key = lambda x: (x.num_layers, x.num_kv_heads, x.head_dim, x.block_size, x.dtype, x.layout)  # noqa: E731
+        raise TransferError(f"KV layout mismatch: local {key(local)} vs remote {key(src)}")
+    return plan_pieces(local.num_kv_heads, src.tp_size, local.tp_size)
+
+
+def read_ranks(remote: pb.KVLayout) -> list[int]:
+    """The source ranks a pull reads (whole pools): the first holder of each head."""
+    return source_ranks(remote.num_kv_heads, max(1, remote.tensor_parallel_size))
 
 
 @dataclass
@@ -144,11 +162,15 @@ class BaseKVTransport(ABC):
     name: str = "base"
 
     @staticmethod
-    def check_start(prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> None:
-        """What ``start`` checks first: the layouts agree, and one destination per source block."""
-        check_layout(pool.layout, prepared.desc.layout)
+    def check_start(prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> list[Piece]:
+        """What ``start`` checks first: the layouts convert, and one destination per source block;
+        returns where each source rank's heads land."""
+        pieces = pull_pieces(pool.layout, prepared.desc.layout)
         if len(dst_block_ids) != len(prepared.src_block_ids):
             raise TransferError("source and destination block counts differ")
+        if len(pool.ranks) != pool.layout.tp_size:
+            raise TransferError("this worker's rank pools are not all mapped")
+        return pieces
 
     @abstractmethod
     async def prepare(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], timeout: float,
@@ -160,5 +182,5 @@ class BaseKVTransport(ABC):
     def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
         """Phase 2, engine thread: launch the copy (raises ``TransferError`` if it cannot)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: a transport without cached state has nothing to close
         """Release cached connections/handles."""

@@ -38,8 +38,8 @@ class FaultPlan:
                     raise ValueError
                 return FaultPlan(mode, every=every)
             if mode == "delay":
-                seconds, _, every = arg.partition(":")
-                delay, n = float(seconds), int(every or 1)
+                seconds, _, count = arg.partition(":")
+                delay, n = float(seconds), int(count or 1)
                 if delay < 0 or n < 1:
                     raise ValueError
                 return FaultPlan(mode, every=n, delay=delay)

@@ -6,6 +6,8 @@ each checked chunk into an inbox.  Writes into the pool happen only on the engin
 connector polls the transfer (``GrpcTransfer.poll`` scatters what has arrived), so cancelling is
 immediate and certain: once the engine stops polling, nothing writes the blocks any more.
 A chunk is a contiguous ``[L, n, 2, bs, Hkv, D]`` gather of ``n`` blocks (one scatter each).
+With tensor parallelism there is one stream per source rank read (its whole pool, ``Hkv`` its
+local heads); each chunk lands on the destination ranks holding those heads (``KVCachePool.land``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.rpc.channels import ChannelPool
-from pdmesh.rpc.convert import layout_from_proto
-from pdmesh.transport.base import BaseKVTransport, BaseTransfer, PreparedPull, TransferState
+from pdmesh.kv.shards import Piece
+from pdmesh.transport.base import BaseKVTransport, BaseTransfer, PreparedPull, TransferState, read_ranks, remote_layout
 from pdmesh.transport.faults import FaultPlan
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import kv_transfer_pb2 as kpb
@@ -46,11 +48,16 @@ class _Inbox:
 
 
 class GrpcTransfer(BaseTransfer):
-    def __init__(self, inbox: _Inbox, dst: Sequence[int], pool: KVCachePool, delay: float) -> None:
-        self.inbox = inbox
+    def __init__(self, inboxes: dict[int, _Inbox], heads: dict[int, int], pieces: list[Piece], dst: Sequence[int],
+                 pool: KVCachePool, delay: float) -> None:
+        self.inboxes = inboxes
+        """Source rank -> the chunks of its stream."""
+        self.heads = heads
+        """Source rank -> KV heads in its pool (a chunk's head axis)."""
+        self.pieces = pieces
         self.dst = list(dst)
         self.pool = pool
-        self.filled = 0
+        self.filled = {r: 0 for r in inboxes}
         self.delay = delay
         self.t0 = time.monotonic()
         self.applied = 0
@@ -59,31 +66,34 @@ class GrpcTransfer(BaseTransfer):
     def poll(self) -> TransferState:
         if self.cancelled:
             return TransferState.FAILED
-        box = self.inbox
         lay = self.pool.layout
         dtype = getattr(torch, lay.dtype)
-        while box.chunks:
-            if self.delay and time.monotonic() < self.t0 + (self.applied + 1) * self.delay:
-                return TransferState.RUNNING  # fault injection: this chunk lands later
-            first, n, data = box.chunks.popleft()
-            t = torch.frombuffer(data, dtype=dtype).view(lay.num_layers, n, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
-            self.pool.scatter_blocks(torch.tensor(self.dst[first:first + n], dtype=torch.int64), t)
-            self.filled += n
-            self.nbytes += len(data)
-            self.applied += 1
-        if box.error:
-            self.error = box.error
-            return TransferState.FAILED
-        if box.ended:
-            if self.filled != len(self.dst):
-                self.error = f"KV pull was truncated: {len(self.dst) - self.filled} of {len(self.dst)} blocks missing"
+        for rank, box in self.inboxes.items():
+            while box.chunks:
+                if self.delay and time.monotonic() < self.t0 + (self.applied + 1) * self.delay:
+                    return TransferState.RUNNING  # fault injection: this chunk lands later
+                first, n, data = box.chunks.popleft()
+                t = torch.frombuffer(data, dtype=dtype).view(lay.num_layers, n, 2, lay.block_size, self.heads[rank], lay.head_dim)
+                self.pool.land(self.pieces, rank, self.dst[first:first + n], t)
+                self.filled[rank] += n
+                self.nbytes += len(data)
+                self.applied += 1
+        for box in self.inboxes.values():
+            if box.error:
+                self.error = box.error
+                return TransferState.FAILED
+        if all(box.ended for box in self.inboxes.values()):
+            missing = sum(len(self.dst) - f for f in self.filled.values())
+            if missing:
+                self.error = f"KV pull was truncated: {missing} of {len(self.dst) * len(self.filled)} blocks missing"
                 return TransferState.FAILED
             return TransferState.DONE
         return TransferState.RUNNING
 
     def cancel(self) -> bool:
         self.cancelled = True
-        self.inbox.close()
+        for box in self.inboxes.values():
+            box.close()
         return True  # only poll() writes, on this thread: nothing writes after this
 
 
@@ -98,21 +108,32 @@ class GrpcKVTransport(BaseKVTransport):
     async def prepare(self, desc: pb.KVDescriptor, src_block_ids: Sequence[int], timeout: float,
                       metadata: tuple = ()) -> PreparedPull:
         delay = self.faults.delay if self.faults.next_pull() == "delay" else 0.0
-        inbox = _Inbox()
-        inbox.loop = asyncio.get_running_loop()
-        block_bytes = layout_from_proto(desc.layout).block_bytes
+        src = remote_layout(desc.layout)
         n_blocks = len(src_block_ids)
-        if n_blocks == 0:
-            inbox.ended = True
-        else:
+        inboxes = {}
+        for rank in read_ranks(desc.layout):
+            inbox = inboxes[rank] = _Inbox()
+            inbox.loop = asyncio.get_running_loop()
+            if n_blocks == 0:
+                inbox.ended = True
+                continue
             call = self.channels.stub(desc.address, kgrpc.KVTransferStub).Pull(
-                kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids)), timeout=timeout, metadata=metadata)
-            inbox.task = asyncio.ensure_future(_receive(call, inbox, n_blocks, block_bytes, desc.address))
-        return PreparedPull(desc, list(src_block_ids), time.monotonic() + timeout, delay=delay, state=inbox, close=inbox.close)
+                kpb.PullRequest(request_id=desc.request_id, block_ids=list(src_block_ids), rank=rank,
+                                lease_token=desc.lease_token, num_tokens=desc.num_tokens, prompt_hash=desc.prompt_hash),
+                timeout=timeout, metadata=metadata)
+            inbox.task = asyncio.ensure_future(_receive(call, inbox, n_blocks, src.block_bytes, desc.address))
+
+        def close() -> None:
+            for box in inboxes.values():
+                box.close()
+
+        return PreparedPull(desc, list(src_block_ids), time.monotonic() + timeout, delay=delay,
+                            state=(inboxes, src.local_kv_heads), close=close)
 
     def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
-        self.check_start(prepared, dst_block_ids, pool)
-        return GrpcTransfer(prepared.state, dst_block_ids, pool, prepared.delay)
+        pieces = self.check_start(prepared, dst_block_ids, pool)
+        inboxes, heads = prepared.state
+        return GrpcTransfer(inboxes, {r: heads for r in inboxes}, pieces, dst_block_ids, pool, prepared.delay)
 
     async def close(self) -> None:
         await self.channels.close()

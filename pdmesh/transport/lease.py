@@ -8,7 +8,8 @@ Reads pin the entry, so that blocks are never reused under a reader: a release o
 arrives meanwhile is carried out when the last pin goes.
 
 * A *stream pin* (``pin``/``unpin``) is taken by this process's own ``KVTransfer.Pull`` while it
-  serves chunks; the server checks the hard limit before each chunk and stops there.
+  serves chunks; the whole pull runs under the hard limit (a reader that stops reading cannot
+  hold it open past it: the server ends the call).
 * A *read pin* (``begin_read``/``end_read``) is taken for a one-sided reader (cuda_ipc, nixl) that
   this process cannot stop; it runs out at its own deadline, which never passes the lease's hard
   limit, and the reader trusts its copy only if it completed before then.
@@ -20,6 +21,9 @@ the same single path — never while a pin is live.
 Deadlines: a lease expires ``ttl`` seconds after it was made or last pinned (soft), and in any case
 ``max_ttl`` seconds after it was made (hard: ``--kv-lease-max-seconds``); no pin is granted or
 extended past the hard limit, so no read of the KV can outlive it.
+
+Each lease carries its capability (``pdmesh.transport.capability``): the token that Pull, BeginRead,
+EndRead and Release must present, the prompt hash, and the decode identity holding it once it read.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+from pdmesh.transport.capability import new_token
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,12 @@ class Lease:
     release_pending: bool = False
     checksums: list[int] = field(default_factory=list)
     """Per-block checksums of the held KV (``--kv-audit``), sent in the descriptor."""
+    token: str = ""
+    """The capability Pull, BeginRead, EndRead and Release must present."""
+    prompt_hash: bytes = b""
+    """SHA-256 of the prompt tokens whose KV the blocks hold."""
+    holder: Optional[str] = None
+    """The decode identity that read first (only it may read again)."""
     attached: list[Callable[[], None]] = field(default_factory=list)
     """Releases of what the lease owns besides its blocks (staging extents), called when it ends."""
 
@@ -69,9 +81,12 @@ class LeaseTable:
         """Releases that arrived during a read and took effect when it ended (counter)."""
         self._read_ids = itertools.count(1)
 
-    def add(self, request_id: str, block_ids: list[int], num_tokens: int, checksums: Optional[list[int]] = None) -> Lease:
+    def add(self, request_id: str, block_ids: list[int], num_tokens: int, checksums: Optional[list[int]] = None,
+            prompt_hash: bytes = b"") -> Lease:
+        """Hold ``block_ids`` for ``request_id`` under a fresh lease token."""
         now = time.monotonic()
-        lease = Lease(request_id, block_ids, num_tokens, now + self.ttl, now + self.max_ttl, checksums=list(checksums or ()))
+        lease = Lease(request_id, block_ids, num_tokens, now + self.ttl, now + self.max_ttl, checksums=list(checksums or ()),
+                      token=new_token(), prompt_hash=prompt_hash)
         self.leases[request_id] = lease
         return lease
 

@@ -7,10 +7,9 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-import torch
-
 from pdmesh.kv.pool import KVCachePool
-from pdmesh.transport.base import BaseKVTransport, BaseTransfer, DoneTransfer, PacedTransfer, PreparedPull, TransferError
+from pdmesh.transport.base import (BaseKVTransport, BaseTransfer, DoneTransfer, PacedTransfer, PreparedPull, TransferError,
+                                   read_ranks)
 from pdmesh.transport.servicer import blocks_per_chunk
 from pdmesh.v1 import common_pb2 as pb
 
@@ -31,14 +30,17 @@ class LoopbackTransport(BaseKVTransport):
         return PreparedPull(desc, list(src_block_ids), time.monotonic() + timeout, delay=self.delay, state=src)
 
     def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
-        self.check_start(prepared, dst_block_ids, pool)
+        pieces = self.check_start(prepared, dst_block_ids, pool)
         src: KVCachePool = prepared.state
         s, d = list(prepared.src_block_ids), list(dst_block_ids)
 
         def copy(a: int, b: int) -> BaseTransfer:
-            data = src.gather_blocks(torch.tensor(s[a:b], dtype=torch.int64))
-            pool.scatter_blocks(torch.tensor(d[a:b], dtype=torch.int64), data)
-            return DoneTransfer(data.numel() * data.element_size())
+            nbytes = 0
+            for rank in read_ranks(prepared.desc.layout):
+                data = src.read_heads(rank, s[a:b])
+                pool.land(pieces, rank, d[a:b], data)
+                nbytes += data.numel() * data.element_size()
+            return DoneTransfer(nbytes)
 
         if prepared.delay:
             return PacedTransfer(copy, len(s), blocks_per_chunk(pool.layout.block_bytes), prepared.delay)

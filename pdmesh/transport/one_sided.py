@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence
 import grpc
 
 from pdmesh.kv.pool import KVCachePool
+from pdmesh.kv.shards import Piece
 from pdmesh.rpc.channels import ChannelPool
-from pdmesh.transport.base import BaseKVTransport, BaseTransfer, PacedTransfer, PreparedPull, TransferError
+from pdmesh.transport.base import BaseKVTransport, BaseTransfer, PacedTransfer, PreparedPull, TransferError, read_ranks
 from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.servicer import blocks_per_chunk
 from pdmesh.v1 import common_pb2 as pb
@@ -50,6 +51,7 @@ async def begin_read(channels: ChannelPool, desc: pb.KVDescriptor, src_block_ids
     try:
         r = await channels.stub(desc.address, kgrpc.KVTransferStub).BeginRead(
             kpb.BeginReadRequest(request_id=desc.request_id, block_ids=list(src_block_ids), max_seconds=timeout,
+                                 lease_token=desc.lease_token, num_tokens=desc.num_tokens, prompt_hash=desc.prompt_hash,
                                  stage=stage),
             timeout=min(timeout, 10.0), metadata=metadata)
     except grpc.aio.AioRpcError as exc:
@@ -69,8 +71,9 @@ class OneSidedTransport(BaseKVTransport):
         self._lock = asyncio.Lock()
 
     @abstractmethod
-    async def _fetch_peer(self, address: str, timeout: float, metadata: tuple) -> tuple[str, Any]:
-        """(incarnation, what ``_open_peer`` needs), over ``KVTransfer`` (raises AioRpcError)."""
+    async def _fetch_peer(self, desc: pb.KVDescriptor, timeout: float, metadata: tuple) -> tuple[str, Any]:
+        """(incarnation, what ``_open_peer`` needs) of the worker ``desc`` names (every tensor-parallel
+        rank's pool its layout lists), over ``KVTransfer`` (raises AioRpcError)."""
 
     @abstractmethod
     def _open_peer(self, raw: Any) -> Any:
@@ -88,14 +91,16 @@ class OneSidedTransport(BaseKVTransport):
         """Whether ``BeginRead`` asks the source to pack the blocks (staged nixl reads)."""
         return False
 
-    def _pull_state(self, peer: Any, pin: ReadPin, src_block_ids: Sequence[int]) -> Any:
+    def _pull_state(self, desc: pb.KVDescriptor, peer: Any, pin: ReadPin, src_block_ids: Sequence[int]) -> Any:
         """What ``launch`` reads from (``PreparedPull.state``): by default the peer."""
         return peer
 
     @abstractmethod
-    def launch(self, peer: Any, src: Sequence[int], dst: Sequence[int], pool: KVCachePool, first: int = 0) -> BaseTransfer:
-        """Engine thread: start copying blocks ``src`` of the peer into ``dst`` of ``pool``;
-        ``first``: the index of ``src[0]`` in the pull's source blocks (a piece of a slowed pull)."""
+    def launch(self, peer: Any, ranks: list[int], pieces: list[Piece], src: Sequence[int], dst: Sequence[int],
+               pool: KVCachePool, first: int = 0) -> BaseTransfer:
+        """Engine thread: start copying blocks ``src`` of the peer's source ranks ``ranks`` into blocks
+        ``dst`` of ``pool``'s ranks, as ``pieces`` say; ``peer`` is ``PreparedPull.state``; ``first``:
+        the index of ``src[0]`` in the pull's source blocks (a piece of a slowed pull)."""
 
     async def peer(self, desc: pb.KVDescriptor, timeout: float, metadata: tuple = ()) -> Any:
         entry = self.peers.get(desc.address)
@@ -106,7 +111,7 @@ class OneSidedTransport(BaseKVTransport):
             if entry is not None and entry[0] == desc.incarnation:
                 return entry[1]
             try:
-                incarnation, raw = await self._fetch_peer(desc.address, timeout, metadata)
+                incarnation, raw = await self._fetch_peer(desc, timeout, metadata)
             except grpc.aio.AioRpcError as exc:
                 raise TransferError(f"no {self.name} peer info from {desc.address}: {exc.code().name}: {exc.details()}") from exc
             if incarnation != desc.incarnation:
@@ -130,15 +135,16 @@ class OneSidedTransport(BaseKVTransport):
         pin = await begin_read(self.channels, desc, src_block_ids, timeout, metadata, stage=self.stage_reads)
         delay = self.faults.delay if self.faults.next_pull() == "delay" else 0.0
         return PreparedPull(desc, list(src_block_ids), min(t0 + timeout, pin.deadline), read_id=pin.read_id, delay=delay,
-                            state=self._pull_state(peer, pin, src_block_ids))
+                            state=self._pull_state(desc, peer, pin, src_block_ids))
 
     def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
-        self.check_start(prepared, dst_block_ids, pool)
+        pieces = self.check_start(prepared, dst_block_ids, pool)
+        ranks = read_ranks(prepared.desc.layout)
         peer, src, dst = prepared.state, list(prepared.src_block_ids), list(dst_block_ids)
         if prepared.delay:
-            return PacedTransfer(lambda a, b: self.launch(peer, src[a:b], dst[a:b], pool, first=a), len(src),
+            return PacedTransfer(lambda a, b: self.launch(peer, ranks, pieces, src[a:b], dst[a:b], pool, first=a), len(src),
                                  blocks_per_chunk(pool.layout.block_bytes), prepared.delay)
-        return self.launch(peer, src, dst, pool)
+        return self.launch(peer, ranks, pieces, src, dst, pool)
 
     async def close(self) -> None:
         for _, peer in list(self.peers.values()):

@@ -95,23 +95,25 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class KVLayout(_message.Message):
-    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "layout")
+    __slots__ = ("num_layers", "num_kv_heads", "head_dim", "block_size", "dtype", "layout", "tensor_parallel_size")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_kv_heads: int
     head_dim: int
     block_size: int
     dtype: str
     layout: str
-    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ...) -> None: ...
+    tensor_parallel_size: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
 
 class KVDescriptor(_message.Message):
-    __slots__ = ("request_id", "worker_id", "address", "transport", "block_ids", "num_tokens", "layout", "lease_deadline_unix_ms", "host_id", "incarnation", "block_checksums")
+    __slots__ = ("request_id", "worker_id", "address", "transport", "block_ids", "num_tokens", "layout", "lease_deadline_unix_ms", "host_id", "incarnation", "block_checksums", "lease_token", "prompt_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +125,8 @@ class KVDescriptor(_message.Message):
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     BLOCK_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     worker_id: str
     address: str
@@ -134,7 +138,9 @@ class KVDescriptor(_message.Message):
     host_id: str
     incarnation: str
     block_checksums: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., transport: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., lease_deadline_unix_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., block_checksums: _Optional[_Iterable[int]] = ...) -> None: ...
+    lease_token: str
+    prompt_hash: bytes
+    def __init__(self, request_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., transport: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., lease_deadline_unix_ms: _Optional[int] = ..., host_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., block_checksums: _Optional[_Iterable[int]] = ..., lease_token: _Optional[str] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("free_blocks", "total_blocks", "running", "waiting", "held_blocks", "waiting_for_kv", "inflight", "requests_total")

@@ -7,16 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BeginReadRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "max_seconds", "stage")
+    __slots__ = ("request_id", "block_ids", "max_seconds", "stage", "lease_token", "num_tokens", "prompt_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     max_seconds: float
     stage: bool
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., max_seconds: _Optional[float] = ..., stage: _Optional[bool] = ...) -> None: ...
+    lease_token: str
+    num_tokens: int
+    prompt_hash: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., max_seconds: _Optional[float] = ..., stage: _Optional[bool] = ..., lease_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
 
 class BeginReadResponse(_message.Message):
     __slots__ = ("read_id", "granted_seconds", "staged")
@@ -29,22 +35,26 @@ class BeginReadResponse(_message.Message):
     def __init__(self, read_id: _Optional[int] = ..., granted_seconds: _Optional[float] = ..., staged: _Optional[_Union[NixlStagedRegion, _Mapping]] = ...) -> None: ...
 
 class NixlStagedRegion(_message.Message):
-    __slots__ = ("address", "num_blocks", "nbytes")
+    __slots__ = ("address", "num_blocks", "nbytes", "num_ranks")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_RANKS_FIELD_NUMBER: _ClassVar[int]
     address: int
     num_blocks: int
     nbytes: int
-    def __init__(self, address: _Optional[int] = ..., num_blocks: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    num_ranks: int
+    def __init__(self, address: _Optional[int] = ..., num_blocks: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_ranks: _Optional[int] = ...) -> None: ...
 
 class EndReadRequest(_message.Message):
-    __slots__ = ("request_id", "read_id")
+    __slots__ = ("request_id", "read_id", "lease_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     READ_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     read_id: int
-    def __init__(self, request_id: _Optional[str] = ..., read_id: _Optional[int] = ...) -> None: ...
+    lease_token: str
+    def __init__(self, request_id: _Optional[str] = ..., read_id: _Optional[int] = ..., lease_token: _Optional[str] = ...) -> None: ...
 
 class EndReadResponse(_message.Message):
     __slots__ = ("found",)
@@ -57,7 +67,7 @@ class NixlMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NixlMetadata(_message.Message):
-    __slots__ = ("agent_name", "agent_metadata", "incarnation", "mem_type", "device_id", "base_address", "num_layers", "blocks_per_layer", "block_bytes", "staging_address", "staging_bytes")
+    __slots__ = ("agent_name", "agent_metadata", "incarnation", "mem_type", "device_id", "base_address", "num_layers", "blocks_per_layer", "block_bytes", "rank_base_addresses", "rank_device_ids", "staging_address", "staging_bytes")
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +77,8 @@ class NixlMetadata(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RANK_BASE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    RANK_DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     STAGING_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     agent_name: str
@@ -78,13 +90,17 @@ class NixlMetadata(_message.Message):
     num_layers: int
     blocks_per_layer: int
     block_bytes: int
+    rank_base_addresses: _containers.RepeatedScalarFieldContainer[int]
+    rank_device_ids: _containers.RepeatedScalarFieldContainer[int]
     staging_address: int
     staging_bytes: int
-    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., incarnation: _Optional[str] = ..., mem_type: _Optional[str] = ..., device_id: _Optional[int] = ..., base_address: _Optional[int] = ..., num_layers: _Optional[int] = ..., blocks_per_layer: _Optional[int] = ..., block_bytes: _Optional[int] = ..., staging_address: _Optional[int] = ..., staging_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., incarnation: _Optional[str] = ..., mem_type: _Optional[str] = ..., device_id: _Optional[int] = ..., base_address: _Optional[int] = ..., num_layers: _Optional[int] = ..., blocks_per_layer: _Optional[int] = ..., block_bytes: _Optional[int] = ..., rank_base_addresses: _Optional[_Iterable[int]] = ..., rank_device_ids: _Optional[_Iterable[int]] = ..., staging_address: _Optional[int] = ..., staging_bytes: _Optional[int] = ...) -> None: ...
 
 class IpcHandleRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("rank",)
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    def __init__(self, rank: _Optional[int] = ...) -> None: ...
 
 class CudaIpcHandle(_message.Message):
     __slots__ = ("device", "handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "shape", "dtype", "incarnation")
@@ -113,12 +129,20 @@ class CudaIpcHandle(_message.Message):
     def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids")
+    __slots__ = ("request_id", "block_ids", "rank", "lease_token", "num_tokens", "prompt_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    rank: int
+    lease_token: str
+    num_tokens: int
+    prompt_hash: bytes
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., rank: _Optional[int] = ..., lease_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("first_index", "num_blocks", "data")

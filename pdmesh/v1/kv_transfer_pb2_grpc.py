@@ -65,15 +65,18 @@ class KVTransferServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Pull(self, request, context):
-        """Streams the requested blocks (all layers) in chunks; extends the request's lease.
+        """Streams the requested blocks (all layers) in chunks; extends the request's lease (never past
+        its hard limit, which ends an open pull). PERMISSION_DENIED without the lease's token, for
+        another prompt, or for another decode worker than the lease's holder.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetIpcHandle(self, request, context):
-        """CUDA IPC handle of the worker's whole KV pool (exported once per process; FAILED_PRECONDITION
-        when the pool is not on a GPU). Peers on the same host open it once and copy blocks directly.
+        """CUDA IPC handle of the worker's whole KV pool, of one tensor-parallel rank (exported once per
+        process; FAILED_PRECONDITION when the pool is not on a GPU). Peers on the same host open it once
+        and copy blocks directly.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

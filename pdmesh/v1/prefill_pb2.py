@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdmesh.v1 import common_pb2 as pdmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"|\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x11\n\ttransport\x18\x04 \x01(\t\"\xad\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12#\n\x02kv\x18\x06 \x01(\x0b\x32\x17.pdmesh.v1.KVDescriptor\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x08 \x01(\x01\x12\x30\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xc9\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponse\x12@\n\x07Release\x12\x19.pdmesh.v1.ReleaseRequest\x1a\x1a.pdmesh.v1.ReleaseResponse\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdmesh/v1/prefill.proto\x12\tpdmesh.v1\x1a\x16pdmesh/v1/common.proto\"|\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.pdmesh.v1.SamplingParams\x12\x11\n\ttransport\x18\x04 \x01(\t\"\xad\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12.\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x17.pdmesh.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12#\n\x02kv\x18\x06 \x01(\x0b\x32\x17.pdmesh.v1.KVDescriptor\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x08 \x01(\x01\x12\x30\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x17.pdmesh.v1.TokenLogprob\"9\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\n \x01(\t\" \n\x0fReleaseResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xc9\x01\n\x07Prefill\x12@\n\x07Prefill\x12\x19.pdmesh.v1.PrefillRequest\x1a\x1a.pdmesh.v1.PrefillResponse\x12@\n\x07Release\x12\x19.pdmesh.v1.ReleaseRequest\x1a\x1a.pdmesh.v1.ReleaseResponse\x12:\n\x05\x41\x62ort\x12\x17.pdmesh.v1.AbortRequest\x1a\x18.pdmesh.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=189
   _globals['_PREFILLRESPONSE']._serialized_end=490
   _globals['_RELEASEREQUEST']._serialized_start=492
-  _globals['_RELEASEREQUEST']._serialized_end=528
-  _globals['_RELEASERESPONSE']._serialized_start=530
-  _globals['_RELEASERESPONSE']._serialized_end=562
-  _globals['_PREFILL']._serialized_start=565
-  _globals['_PREFILL']._serialized_end=766
+  _globals['_RELEASEREQUEST']._serialized_end=549
+  _globals['_RELEASERESPONSE']._serialized_start=551
+  _globals['_RELEASERESPONSE']._serialized_end=583
+  _globals['_PREFILL']._serialized_start=586
+  _globals['_PREFILL']._serialized_end=787
 # @@protoc_insertion_point(module_scope)

@@ -64,7 +64,8 @@ class PrefillServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Frees held KV (decode pulled it, or gave up).
+        """Frees held KV (decode pulled it, or gave up); by the lease's token, from the request's gateway
+        or the lease's decode worker.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

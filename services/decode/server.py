@@ -28,12 +28,17 @@ from typing import Optional
 
 import grpc
 
+from pdmesh.engine.async_engine import RequestAborted
 from pdmesh.engine.connector import PullOutcome
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.authz import caller
+from pdmesh.rpc.peers import PeerDirectory
+from pdmesh.rpc.streams import STREAM_HEARTBEAT_S, with_heartbeats
 from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport
+from pdmesh.transport.capability import check_descriptor
 from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.grpc_transport import GrpcKVTransport
 from pdmesh.transport.handoff import HandoffError, HandoffRefused, KVHandoff
@@ -56,8 +61,10 @@ class _StreamState:
 
 
 class DecodeServicer(dgrpc.DecodeServicer):
-    def __init__(self, rt: WorkerRuntime, handoff: Optional[KVHandoff]) -> None:
+    def __init__(self, rt: WorkerRuntime, handoff: Optional[KVHandoff], peers: Optional[PeerDirectory] = None) -> None:
         self.rt = rt
+        self.peers = peers
+        """The prefill workers the scheduler lists: the only ones a descriptor may make us dial."""
         self._finished_by_caller: set[str] = set()
         """Live requests whose caller said they are done (a stop string): their cancelled streams
         count as finished, not aborted."""
@@ -65,7 +72,8 @@ class DecodeServicer(dgrpc.DecodeServicer):
         """None on a colocated worker (nothing to pull)."""
 
     def _release_prefill(self, desc: pb.KVDescriptor) -> None:
-        release_held_kv(self.rt.channels, desc.address, desc.request_id, None, self.rt.wcfg.rpc_timeout)
+        release_held_kv(self.rt.channels, desc.address, desc.request_id, None, self.rt.wcfg.rpc_timeout,
+                        lease_token=desc.lease_token)
 
     async def Generate(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext):
         colocated = not request.HasField("kv")
@@ -74,10 +82,13 @@ class DecodeServicer(dgrpc.DecodeServicer):
                                 f"decode worker {self.rt.worker_id} needs the prompt's KV descriptor (only 'both' workers compute prompts)")
         await self.rt.refuse_if_unable(context, () if colocated else REFUSED)
         rid = request.request_id
+        if not self.rt.owners.claim(rid, caller()):  # never replace a live request's stream
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is in use on {self.rt.worker_id}", REFUSED)
         tp = tracecontext.from_context(context)
         try:
             params = params_from_proto(request.params)
         except ValueError as exc:
+            self.rt.owners.drop(rid)
             if not colocated:
                 self._release_prefill(request.kv)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -92,16 +103,20 @@ class DecodeServicer(dgrpc.DecodeServicer):
         try:
             if colocated:
                 await self._compute_prompt(request, context, rid, params)
-            else:
-                async for msg in self._take_kv(request, context, rid, params, span, tp):
+            else:  # the pull may take a while: the stream stays audibly alive meanwhile
+                async for msg in with_heartbeats(self._take_kv(request, context, rid, params, span, tp), dpb.GenerateResponse):
                     yield msg
             async for msg in self._token_messages(rid, q, span, state):
                 yield msg
+        except RequestAborted as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
         finally:
             span.end()
             eng.close_stream(rid)
+            self.rt.owners.drop(rid)
             if not state.finished:
                 eng.call_nowait(lambda e: e.abort(rid))
+                assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
                 if rid in self._finished_by_caller:
                     self.rt.metrics.inc("request_success_total", finished_reason="stop")
                 else:
@@ -121,12 +136,25 @@ class DecodeServicer(dgrpc.DecodeServicer):
     async def _take_kv(self, request: dpb.GenerateRequest, context: grpc.aio.ServicerContext, rid: str, params, span,
                        tp: Optional[str]):
         """Disaggregated: the KV hand-off (``KVHandoff``: admit, pull in the engine, settle),
-        translated into RPC outcomes; yields the transfer stats message."""
+        translated into RPC outcomes; yields the transfer stats message.  The descriptor is checked
+        first: its prompt hash must be the prompt's (before anything is cached), and it must name a
+        prefill worker the scheduler lists (before anything is dialled); otherwise nothing is
+        dialled and nothing released."""
+        desc = request.kv
+        untrusted = check_descriptor(desc.num_tokens, desc.prompt_hash, request.prompt_token_ids)
+        if untrusted is None and self.peers is not None and not await self.peers.admits(desc.worker_id, desc.address):
+            untrusted = f"it names {desc.worker_id!r} at {desc.address!r}, not a prefill worker the scheduler lists"
+        if untrusted is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"KV descriptor refused: {untrusted}")
         try:
             await self.rt.engine.prepare(params)  # a grammar is compiled before the KV is touched
         except RequestRejected as exc:
             self._release_prefill(request.kv)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.handoff is None:  # a colocated worker: it computes prompts, it pulls no KV
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker {self.rt.worker_id} is colocated: it takes no KV descriptor")
+            return
         try:
             res = await self.handoff.take(rid, list(request.prompt_token_ids), request.first_token_id, params,
                                           request.kv, tp, span)
@@ -147,8 +175,8 @@ class DecodeServicer(dgrpc.DecodeServicer):
         """One message per batch of engine outputs (steps that finished while the consumer was busy
         travel together) until the request finishes."""
         tel = self.rt.tel
-        async for batch in self.rt.engine.iterate_batches(rid, q):
-            msg = dpb.GenerateResponse()
+        async for batch in self.rt.engine.iterate_batches(rid, q, STREAM_HEARTBEAT_S):
+            msg = dpb.GenerateResponse()  # empty when nothing happened for a while: the stream's heartbeat
             for out in batch:
                 if state.generated == 0:
                     msg.num_cached_tokens = out.num_cached_tokens
@@ -170,10 +198,15 @@ class DecodeServicer(dgrpc.DecodeServicer):
             if state.finished:
                 span.set_attributes({"gen_ai.response.finish_reasons": [msg.finish_reason or "stop"],
                                      "gen_ai.usage.output_tokens": state.generated})
+                assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
                 self.rt.metrics.inc("request_success_total", finished_reason=msg.finish_reason or "stop")
             yield msg
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if not self.rt.owners.may_control(request.request_id, caller()):
+            if self.rt.owners.owner(request.request_id) is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"request {request.request_id!r} belongs to another caller")
+            return pb.AbortResponse(found=False)
         found = await self.rt.engine.abort(request.request_id)
         if found and request.reason == FINISHED_BY_CALLER:
             self._finished_by_caller.add(request.request_id)
@@ -203,16 +236,19 @@ def make_handoff(rt: WorkerRuntime) -> KVHandoff:
     w = rt.wcfg
     return KVHandoff(rt.engine, make_transports(rt),
                      lambda desc, read_id, tp: release_held_kv(rt.channels, desc.address, desc.request_id, tp,
-                                                               w.rpc_timeout, read_id),
+                                                               w.rpc_timeout, read_id=read_id,
+                                                               lease_token=desc.lease_token),
                      w.kv_transfer_timeout, w.kv_load_failure_policy, rt.tel, rt.metrics)
 
 
 async def serve(rt: WorkerRuntime) -> None:
+    peers = PeerDirectory(rt.wcfg.scheduler, rt.channels)
+
     def add(r: WorkerRuntime) -> list[str]:
-        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, make_handoff(r)), r.server)
+        dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, make_handoff(r), peers), r.server)
         return ["pdmesh.v1.Decode"]
 
-    await rt.run(add)
+    await rt.run(add, lambda r: [peers.run()])
 
 
 async def serve_colocated(rt: WorkerRuntime) -> None:

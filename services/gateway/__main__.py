@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from pdmesh.log import StartupError, configure_logging, run_async
 from pdmesh.models.loader import resolve
+from pdmesh.rpc.auth import Identity, build_authenticator
 from pdmesh.rpc.server import ignore_further_signals
 from pdmesh.telemetry import Telemetry
 from pdmesh.tokenizer import Tokenizer
@@ -32,20 +34,27 @@ async def serve(argv: Optional[list[str]]) -> None:
     from services.gateway.app import build_app
     from services.gateway.config import build
     from services.gateway.core import Gateway
+    from services.gateway.front_door import FrontDoor, connection_budget
 
-    cfg, mcfg, tcfg, tls = build(argv)
+    cfg, mcfg, tcfg, tls, acfg = build(argv)
+    auth = build_authenticator(acfg, tls, "gateway", lambda: Identity("gateway", f"gateway@{socket.gethostname()}:{cfg.port}"))
     res = await asyncio.to_thread(resolve, mcfg)
     template = Path(cfg.chat_template).read_text() if cfg.chat_template else None
     tok = await asyncio.to_thread(Tokenizer, res.tokenizer_path, template)
     max_len = mcfg.max_model_len or res.arch.max_position_embeddings
-    gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"), tls, res.generation)
-    server = uvicorn.Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
-                                           loop="none", lifespan="on", timeout_graceful_shutdown=30, access_log=False,
-                                           ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile))
-    # Signals are ours (drain first: /health 503 and new requests 503 while in-flight ones finish,
-    # then stop listening); uvicorn would otherwise close the listener at the first SIGTERM.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    gw = Gateway(cfg, tok, res.served_name, max_len, Telemetry(tcfg, "gateway"), tls, res.generation, auth)
+    door = FrontDoor(connection_budget(cfg.max_connections), cfg.header_timeout, gw.metrics)
+
+    class _Server(uvicorn.Server):
+        # Signals are ours (drain first: /health 503 and new requests 503 while in-flight ones finish,
+        # then stop listening); uvicorn would otherwise close the listener at the first SIGTERM.
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server = _Server(uvicorn.Config(build_app(gw), host=cfg.host, port=cfg.port, log_level="warning",
+                                    loop="none", lifespan="on", timeout_graceful_shutdown=30, access_log=False,
+                                    ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile, http=door.protocol()))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -165,7 +165,7 @@ class HttpApi:
             raise _Disconnected()
         return work.result()
 
-    async def _sse(self, run: Launched) -> AsyncIterator[bytes]:
+    async def _sse(self, run: Launched) -> AsyncGenerator[bytes, None]:
         gw, req = self.gw, run.req
         w = ChunkWriter(req, run.rid, gw.served_name, gw.tok)
         outs = {c.index: c.out for c in run.choices}
@@ -203,11 +203,15 @@ class _ClosingStream(StreamingResponse):
     ends (a client that disconnects mid-stream included), so that the request's ``finally`` —
     aborting its choices in the mesh, freeing KV — runs now, not whenever the GC finalizes it."""
 
+    def __init__(self, content: AsyncGenerator[bytes, None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._content = content  # the body_iterator itself, typed as the generator it is
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[union-attr]
+            await self._content.aclose()
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -10,6 +10,8 @@ from typing import Literal, Optional
 from pdmesh.config import ModelConfig, _require, add_flags, check_choices, from_flags
 from pdmesh.env import ENV
 from pdmesh.openai.tools import ToolParserName
+from pdmesh.rpc.auth import InternalAuthConfig
+from pdmesh.rpc.streams import STREAM_HEARTBEAT_S
 from pdmesh.rpc.tls import TlsConfig
 from pdmesh.telemetry import TracingConfig
 
@@ -54,6 +56,19 @@ class GatewayConfig:
     """Seconds in-flight requests get to finish after SIGTERM."""
     reasoning_parser: Literal["auto", "think", "none"] = "auto"
     """'auto' (split <think> when the tokenizer has that token), 'think', or 'none'."""
+    stream_idle_timeout: float = 10.0
+    """Seconds a worker's token stream may stay silent (workers send a heartbeat every second while a
+    request waits) before the request ends with an error: the worker is stuck or frozen."""
+    keepalive: float = 3.0
+    """Seconds a connection to the scheduler or a worker may go without reads before the gateway
+    pings it, and the ping's own deadline: a frozen or unreachable peer fails its calls within twice
+    this (requests before their first token go to another worker, the others end with an error)."""
+    max_connections: int = 2048
+    """Client HTTP connections open at once; beyond it the connection that has waited longest for
+    its request headers is closed to make room, or, when every connection is busy, the new one."""
+    header_timeout: float = 10.0
+    """Seconds a client connection gets to send a request's headers (from connecting, or from its
+    previous response); slower ones are closed (slowloris), logged and counted."""
     tool_call_parser: Optional[ToolParserName] = None
     """How tool calls are read from the model's text when tool_choice is 'auto': 'hermes'
     (<tool_call>{...}</tool_call>: Qwen2.5, Qwen3, Hermes) or 'llama3_json' (Llama 3.1/3.2)."""
@@ -75,6 +90,11 @@ class GatewayConfig:
                  "needs --tool-call-parser")
         _require(self.chat_template is None or Path(self.chat_template).is_file(), "chat_template",
                  f"no such file: {self.chat_template}")
+        _require(self.stream_idle_timeout > 2 * STREAM_HEARTBEAT_S, "stream_idle_timeout",
+                 f"must exceed two worker heartbeats ({2 * STREAM_HEARTBEAT_S:g}s)")
+        _require(self.max_connections >= 1, "max_connections", "must be >= 1")
+        _require(self.keepalive >= 1, "keepalive", "must be >= 1 (peers refuse more frequent pings)")
+        _require(self.header_timeout > 0, "header_timeout", "must be > 0")
 
     def api_keys(self) -> frozenset[str]:
         """Every configured key: --api-key, --api-key-file and $PDMESH_API_KEY (comma-separated)."""
@@ -95,9 +115,11 @@ def parser() -> argparse.ArgumentParser:
     add_flags(p, ModelConfig, skip=("dtype", "seed"))
     add_flags(p, TracingConfig)
     add_flags(p, TlsConfig)
+    add_flags(p, InternalAuthConfig)
     return p
 
 
-def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig, TracingConfig, TlsConfig]:
+def build(argv: Optional[list[str]]) -> tuple[GatewayConfig, ModelConfig, TracingConfig, TlsConfig, InternalAuthConfig]:
     ns = parser().parse_args(argv)
-    return from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns), from_flags(TracingConfig, ns), from_flags(TlsConfig, ns)
+    return (from_flags(GatewayConfig, ns), from_flags(ModelConfig, ns), from_flags(TracingConfig, ns), from_flags(TlsConfig, ns),
+            from_flags(InternalAuthConfig, ns))

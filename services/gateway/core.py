@@ -30,7 +30,9 @@ from pdmesh.openai.responses import usage
 from pdmesh.openai.stream import TextPipeline
 from pdmesh.openai.tool_parsers import make_extractor
 from pdmesh.openai.tools import render_messages
+from pdmesh.rpc.auth import BaseAuthenticator
 from pdmesh.rpc.channels import ChannelPool
+from pdmesh.rpc.server import channel_options
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.telemetry import Telemetry, TracingConfig
 from pdmesh.tokenizer import Tokenizer
@@ -67,7 +69,7 @@ class Launched:
 class Gateway:
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, served_name: str, max_model_len: int,
                  tel: Optional[Telemetry] = None, tls: TlsConfig = PLAINTEXT,
-                 generation: Optional[GenerationDefaults] = None) -> None:
+                 generation: Optional[GenerationDefaults] = None, auth: Optional[BaseAuthenticator] = None) -> None:
         generation = generation or GenerationDefaults()
         self.cfg = cfg
         self.tel = tel or Telemetry(TracingConfig(tracing="off"), "gateway")
@@ -75,7 +77,9 @@ class Gateway:
         self.served_name = served_name
         self.max_model_len = max_model_len
         self.api_keys = cfg.api_keys()
-        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout, channels=ChannelPool(tls))
+        self.mesh = MeshClient(cfg.scheduler, route_timeout=cfg.route_timeout,
+                               channels=ChannelPool(tls, auth, options=channel_options(cfg.keepalive)),
+                               stream_idle_timeout=cfg.stream_idle_timeout)
         self.policy = RequestPolicy(max_model_len, cfg.max_n, cfg.max_stop, vocab_size=tokenizer.vocab_size,
                                     sampling_defaults=dict(generation.sampling), tool_call_parser=cfg.tool_call_parser,
                                     enable_auto_tool_choice=cfg.enable_auto_tool_choice)

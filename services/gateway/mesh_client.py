@@ -11,10 +11,11 @@ decode never took the KV, releases it on prefill.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncGenerator, AsyncIterator, Optional
 
 import grpc
 
@@ -84,6 +85,9 @@ class MeshClient:
     rpc_timeout: float = 10.0
     channels: ChannelPool = field(default_factory=ChannelPool)
     max_attempts: int = 3
+    stream_idle_timeout: float = 10.0
+    """Seconds a worker's stream may stay silent (workers send a heartbeat every second while a
+    request waits) before the request ends with UNAVAILABLE: the worker is stuck or frozen."""
 
     def _scheduler(self) -> sgrpc.SchedulerStub:
         return self.channels.stub(self.scheduler, sgrpc.SchedulerStub)
@@ -101,7 +105,8 @@ class MeshClient:
                 metadata=tracecontext.metadata(trace.traceparent))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            msg = "the scheduler is unreachable" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "") else exc.details()
+            unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and "worker" not in (exc.details() or "")
+            msg = "the scheduler is unreachable" if unreachable else exc.details()
             raise MeshError(grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.DEADLINE_EXCEEDED else code, msg or code.name) from exc
 
     async def _start(self, rid: str, model: str, prompt: list[int], params: SamplingParams, deadline: float,
@@ -114,9 +119,9 @@ class MeshClient:
             trace.attempts = attempt + 1
             try:
                 route = await self._route(rid, model, prompt, exclude, deadline, trace)
-            except MeshError:
+            except MeshError as exc:
                 if last is not None:  # no other worker left: the earlier refusal says why
-                    raise last
+                    raise last from exc
                 raise
             trace.prefill_worker, trace.decode_worker, trace.route_reason = route.prefill.worker_id, route.decode.worker_id, route.reason
             try:
@@ -144,10 +149,10 @@ class MeshClient:
             timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
         messages = call.__aiter__()
         try:
-            first = await messages.__anext__()
+            first = await self._next_message(messages, route.decode.worker_id)
         except StopAsyncIteration:
             call.cancel()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream before the first token") from None
         except BaseException:
             call.cancel()
             raise
@@ -166,7 +171,7 @@ class MeshClient:
         return d
 
     async def stream(self, rid: str, model: str, prompt: list[int], params: SamplingParams, timeout: float,
-                     trace: Optional[RequestTrace] = None) -> AsyncIterator[TokenEvent]:
+                     trace: Optional[RequestTrace] = None) -> AsyncGenerator[TokenEvent, None]:
         trace = trace or RequestTrace()
         trace.traceparent = trace.traceparent or tracecontext.new()
         deadline = time.monotonic() + timeout
@@ -194,7 +199,12 @@ class MeshClient:
                                         params=params_to_proto(params), kv=pre.kv),
                     timeout=max(0.01, deadline - time.monotonic()), metadata=tracecontext.metadata(trace.traceparent))
                 try:
-                    async for msg in call:
+                    messages = call.__aiter__()
+                    while True:
+                        try:
+                            msg = await self._next_message(messages, decode.worker_id)
+                        except StopAsyncIteration:
+                            break
                         if msg.HasField("transfer"):
                             took_kv = True
                             t = msg.transfer
@@ -223,7 +233,21 @@ class MeshClient:
                 await self._end_early(decode, rid, trace)
                 call.cancel()
             if not took_kv:
-                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout)
+                release_held_kv(self.channels, route.prefill.address, rid, trace.traceparent, self.rpc_timeout,
+                                lease_token=pre.kv.lease_token)
+
+    async def _next_message(self, messages: AsyncIterator[dpb.GenerateResponse], worker_id: str) -> dpb.GenerateResponse:
+        """The worker's next message that carries something (heartbeats skipped); UNAVAILABLE when
+        the stream stays silent for ``stream_idle_timeout``. StopAsyncIteration at the stream's end."""
+        while True:
+            try:
+                async with asyncio.timeout(self.stream_idle_timeout):
+                    msg = await messages.__anext__()
+            except TimeoutError:
+                raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {worker_id} sent nothing for "
+                                f"{self.stream_idle_timeout:.0f}s: it is stuck or frozen") from None
+            if msg.token_ids or msg.finished or msg.HasField("transfer"):
+                return msg
 
     async def _end_early(self, worker: pb.WorkerInfo, rid: str, trace: RequestTrace) -> None:
         """Before cancelling a stream the gateway ends by a stop string, say so (the worker then counts
@@ -251,7 +275,7 @@ class MeshClient:
                 if finished:
                     return
                 try:
-                    msg = await local.messages.__anext__()
+                    msg = await self._next_message(local.messages, route.decode.worker_id)
                 except StopAsyncIteration:
                     raise MeshError(grpc.StatusCode.UNAVAILABLE, f"worker {route.decode.worker_id} ended the stream early") from None
                 except grpc.aio.AioRpcError as exc:

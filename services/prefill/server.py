@@ -20,9 +20,12 @@ import time
 
 import grpc
 
+from pdmesh.engine.async_engine import RequestAborted
 from pdmesh.engine.engine import RequestRejected
 from pdmesh.rpc import tracecontext
+from pdmesh.rpc.authz import caller
 from pdmesh.rpc.convert import layout_to_proto, logprob_to_proto, params_from_proto
+from pdmesh.transport.capability import authorize_release, prompt_hash
 from pdmesh.transport.faults import FaultPlan
 from pdmesh.transport.lease import LeaseTable
 from pdmesh.transport.servicer import KVTransferServicer
@@ -43,6 +46,15 @@ class PrefillServicer(pgrpc.PrefillServicer):
     async def Prefill(self, request: ppb.PrefillRequest, context: grpc.aio.ServicerContext) -> ppb.PrefillResponse:
         await self.rt.refuse_if_unable(context)
         rid = request.request_id
+        if not self.rt.owners.claim(rid, caller()):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is in use on {self.rt.worker_id}")
+        try:
+            return await self._prefill(request, context, rid)
+        finally:
+            if self.leases.get(rid) is None:  # no KV held: the request is over here
+                self.rt.owners.drop(rid)
+
+    async def _prefill(self, request: ppb.PrefillRequest, context: grpc.aio.ServicerContext, rid: str) -> ppb.PrefillResponse:
         try:
             params = params_from_proto(request.params)
         except ValueError as exc:
@@ -54,16 +66,19 @@ class PrefillServicer(pgrpc.PrefillServicer):
         tel = self.rt.tel
         span = tel.start("pdmesh.prefill", tracecontext.from_context(context), attributes={
             "pdmesh.request_id": rid, "pdmesh.worker_id": self.rt.worker_id, "gen_ai.usage.input_tokens": len(prompt)})
+        assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
         try:
             out = None
             try:
-                async for out in self.rt.engine.generate(rid, prompt, params, prefill_only=True):
+                async for out in self.rt.engine.generate(rid, prompt, params, prefill_only=True):  # noqa: B007 - the last output is kept
                     pass
             except asyncio.CancelledError:
                 self.rt.metrics.inc("num_aborted_requests_total")  # the caller went away: aborted
                 raise
             except RequestRejected as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except RequestAborted as exc:
+                await context.abort(grpc.StatusCode.ABORTED, str(exc))
             assert out is not None
             resp = ppb.PrefillResponse(
                 first_token_id=out.new_token_ids[0], finish_reason=out.finish_reason or "",
@@ -87,7 +102,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
                 span.set_attribute("gen_ai.response.finish_reasons", [out.finish_reason])
                 self.rt.metrics.inc("request_success_total", finished_reason=out.finish_reason)
             if out.held_block_ids is not None:
-                lease = self.leases.add(rid, out.held_block_ids, len(prompt), out.held_block_checksums)
+                lease = self.leases.add(rid, out.held_block_ids, len(prompt), out.held_block_checksums, prompt_hash(prompt))
                 llm = self.rt.llm
                 resp.kv.CopyFrom(pb.KVDescriptor(
                     request_id=rid, worker_id=self.rt.worker_id, address=self.rt.address,
@@ -95,6 +110,7 @@ class PrefillServicer(pgrpc.PrefillServicer):
                     layout=layout_to_proto(llm.pool.layout),
                     lease_deadline_unix_ms=int((time.time() + (lease.deadline - time.monotonic())) * 1000),
                     host_id=self.rt.host_id, incarnation=self.rt.incarnation, block_checksums=lease.checksums,
+                    lease_token=lease.token, prompt_hash=lease.prompt_hash,
                 ))
             return resp
         finally:
@@ -102,14 +118,30 @@ class PrefillServicer(pgrpc.PrefillServicer):
             self.rt.inflight -= 1
 
     async def Release(self, request: ppb.ReleaseRequest, context: grpc.aio.ServicerContext) -> ppb.ReleaseResponse:
+        lease = self.leases.get(request.request_id)
+        if lease is None:
+            return ppb.ReleaseResponse(found=False)
+        owner = self.rt.owners.owner(request.request_id)
+        refused = authorize_release(lease, request.lease_token, str(caller()), str(owner) if owner else None)
+        if refused:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"release of {request.request_id!r}: {refused}")
         return ppb.ReleaseResponse(found=self.leases.release(request.request_id))
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         rid = request.request_id
+        assert self.rt.metrics is not None  # made by WorkerRuntime.run before the servicers
+        await self._only_owner(rid, context)
         self.rt.metrics.inc("num_aborted_requests_total")
         found = self.leases.release(rid)
         found_engine = await self.rt.engine.abort(rid) if not found else False
         return pb.AbortResponse(found=found or found_engine)
+
+
+    async def _only_owner(self, rid: str, context: grpc.aio.ServicerContext) -> None:
+        """PERMISSION_DENIED unless the caller started ``rid``."""
+        owner = self.rt.owners.owner(rid)
+        if owner is not None and owner != caller():
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"request {rid!r} belongs to another caller")
 
 
 def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
@@ -124,6 +156,9 @@ def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
 
 
 async def serve(rt: WorkerRuntime) -> None:
-    leases = LeaseTable(lambda rid: rt.engine.call_nowait(lambda e: e.release(rid)), rt.wcfg.kv_lease_seconds,
-                        rt.wcfg.kv_lease_max_seconds)
+    def free(rid: str) -> None:  # a lease ended: the blocks go back, and the request id with them
+        rt.owners.drop(rid)
+        rt.engine.call_nowait(lambda e: e.release(rid))
+
+    leases = LeaseTable(free, rt.wcfg.kv_lease_seconds, rt.wcfg.kv_lease_max_seconds)
     await rt.run(lambda r: add_servicers(r, leases), lambda r: [leases.reap_forever()])

@@ -13,12 +13,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     configure_logging("scheduler")
     from services.scheduler.server import SchedulerServiceConfig, parser, serve
 
+    from pdmesh.rpc.auth import InternalAuthConfig
     from pdmesh.rpc.tls import TlsConfig
     from pdmesh.telemetry import TracingConfig
 
     ns = parser().parse_args(argv)
     cfg, tcfg, tls = from_flags(SchedulerServiceConfig, ns), from_flags(TracingConfig, ns), from_flags(TlsConfig, ns)
-    run_async(lambda: serve(cfg, tcfg, tls))
+    acfg = from_flags(InternalAuthConfig, ns)
+    run_async(lambda: serve(cfg, tcfg, tls, acfg))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ import grpc
 
 from pdmesh.config import _require, add_flags, check_choices
 from pdmesh.metrics import ServiceMetrics, watch_event_loop
+from pdmesh.rpc.auth import InternalAuthConfig, Identity, build_authenticator
+from pdmesh.rpc.authz import caller
 from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from pdmesh.rpc import tracecontext
 from pdmesh.telemetry import Telemetry, TracingConfig
-from pdmesh.routing import POLICIES, KVAwarePolicy, NoRoute, PolicyName, Registry, RegistrationRefused, route
+from pdmesh.routing import (POLICIES, KVAwarePolicy, NoRoute, NotOwner, PolicyName, Registry, RegistrationRefused,
+                            RegistryFull, route)
 from pdmesh.rpc.server import Health, bind, make_server, serve_until_signal
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import scheduler_pb2 as spb
@@ -60,9 +63,12 @@ class SchedulerServiceConfig:
     """Conditional disaggregation, in a mesh with both colocated ('pdmesh both') workers and
     prefill/decode pairs: prompts shorter than this go to a colocated worker (a short prefill does
     not pay for a transfer), longer ones are disaggregated.  With one kind of worker, it serves all."""
+    max_workers: int = 1024
+    """Workers registered at once; beyond it registrations are refused (RESOURCE_EXHAUSTED)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
+        _require(self.max_workers >= 1, "max_workers", "must be >= 1")
         _require(self.colocate_below_tokens >= 0, "colocate_below_tokens", "must be >= 0")
         _require(self.kv_aware_load_weight >= 0, "kv_aware_load_weight", "must be >= 0")
         _require(self.lease > self.heartbeat_interval > 0, "lease", "must exceed --heartbeat-interval > 0")
@@ -72,22 +78,34 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
     def __init__(self, cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = None) -> None:
         self.cfg = cfg
         self.tel = Telemetry(tcfg or TracingConfig(tracing="off"), "scheduler")
-        self.registry = Registry(cfg.lease)
+        self.registry = Registry(cfg.lease, cfg.max_workers)
         self.policy = KVAwarePolicy(cfg.kv_aware_load_weight) if cfg.routing == "kv-aware" else POLICIES[cfg.routing]()
         self.metrics = ServiceMetrics("*", "scheduler", f"{cfg.host}:{cfg.port}")
 
     async def Register(self, request, context):
+        who = caller()
+        role = _ROLE_OF.get(request.worker.role)
+        if role is not None and who.role != role and who.role != "insecure":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{who} may not register a {role} worker")
         try:
-            entry = self.registry.register(request.worker)
+            entry = self.registry.register(request.worker, str(who))
         except RegistrationRefused as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except NotOwner as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except RegistryFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         log.info("registered %s (%s) at %s", entry.worker_id, pb.Role.Name(entry.info.role), entry.info.address)
         return spb.RegisterResponse(worker_id=entry.worker_id, heartbeat_interval_ms=int(self.cfg.heartbeat_interval * 1000),
                                     lease_ms=int(self.cfg.lease * 1000))
 
     async def Heartbeat(self, request_iterator, context):
+        owner = str(caller())
         async for beat in request_iterator:
-            known = self.registry.heartbeat(beat.worker_id, beat.load, beat.draining)
+            try:
+                known = self.registry.heartbeat(beat.worker_id, beat.load, beat.draining, owner=owner)
+            except NotOwner as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             resync = self.registry.apply_kv_events(beat.worker_id, beat.kv_events_seq, beat.kv_events_reset, beat.kv_events)
             if resync:
                 log.warning("missed prefix-cache events of %s; asked it for everything again", beat.worker_id)
@@ -96,7 +114,10 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
                 return
 
     async def Deregister(self, request, context):
-        self.registry.remove(request.worker_id)
+        try:
+            self.registry.remove(request.worker_id, str(caller()))
+        except NotOwner as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         log.info("deregistered %s", request.worker_id)
         return spb.DeregisterResponse()
 
@@ -134,9 +155,11 @@ class SchedulerServicer(sgrpc.SchedulerServicer):
                 log.warning("worker %s missed its heartbeats: removed from routing", w)
 
 
-async def serve(cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = None, tls: TlsConfig = PLAINTEXT) -> None:
-    server = make_server()
+async def serve(cfg: SchedulerServiceConfig, tcfg: Optional[TracingConfig] = None, tls: TlsConfig = PLAINTEXT,
+                acfg: Optional[InternalAuthConfig] = None) -> None:
+    auth = build_authenticator(acfg or InternalAuthConfig(), tls, "scheduler", lambda: Identity("scheduler", "scheduler"))
     servicer = SchedulerServicer(cfg, tcfg)
+    server = make_server(auth, servicer.metrics.refused_call)
     sgrpc.add_SchedulerServicer_to_server(servicer, server)
     health = Health(server, ["pdmesh.v1.Scheduler"])
     port = bind(server, cfg.host, cfg.port, tls)
@@ -159,4 +182,8 @@ def parser() -> argparse.ArgumentParser:
     add_flags(p, SchedulerServiceConfig)
     add_flags(p, TracingConfig)
     add_flags(p, TlsConfig)
+    add_flags(p, InternalAuthConfig)
     return p
+
+
+_ROLE_OF = {pb.ROLE_PREFILL: "prefill", pb.ROLE_DECODE: "decode", pb.ROLE_BOTH: "both"}

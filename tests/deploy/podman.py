@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -85,7 +86,7 @@ class Stack:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.log = log
         self.env = _env({"PDMESH_HTTP_PORT": str(http_port), "PDMESH_GRPC_PORT": str(grpc_port),
-                         "PDMESH_METRICS_PORT": str(metrics_port)})
+                         "PDMESH_METRICS_PORT": str(metrics_port), "PDMESH_MESH_SECRET": secrets.token_hex(32)})
         self.ids: set[str] = set()
         """Every container id this stack has had (for the leftover check)."""
 

@@ -19,7 +19,7 @@ from pdmesh.client import InferenceClient, collect
 from pdmesh.openai.fields import FIELDS
 from tests.certs import make_certs
 from tests.e2e.conftest import EXTRA_EOS, KEYS, MODEL
-from tests.meshproc import Proc, free_port, wait_http
+from tests.meshproc import Proc, free_port, mesh_secret_file, wait_http
 
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 REFUSED_SAMPLES = {
@@ -183,7 +183,7 @@ def test_tls_on_http_and_grpc(tmp_path, features):
                         "{% if add_generation_prompt %}<<assistant>>{% endif %}")
     proc = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port),
                  "--grpc-port", str(gport), "--metrics-port", "-1", "--scheduler", features.scheduler,
-                 "--chat-template", str(template),
+                 "--chat-template", str(template), "--mesh-secret-file", mesh_secret_file(tmp_path),
                  "--ssl-certfile", certs["cert.pem"], "--ssl-keyfile", certs["key.pem"]], tmp_path / "tls-gateway.log")
     try:
         proc.wait_log("READY gateway https://")

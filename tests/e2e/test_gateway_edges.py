@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.meshproc import Mesh, Proc, free_port, wait_http, wait_until
+from tests.meshproc import Mesh, Proc, free_port, mesh_secret_file, wait_http, wait_until
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -17,7 +17,7 @@ MODEL = "SmolLM2-135M-Instruct"
 def gateway(tmp_path, scheduler: str, *extra: str) -> tuple[Proc, str]:
     port = free_port()
     p = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "-1",
-              "--metrics-port", str(free_port()), "--scheduler", scheduler,
+              "--metrics-port", str(free_port()), "--scheduler", scheduler, "--mesh-secret-file", mesh_secret_file(tmp_path),
               *extra], tmp_path / f"gw-{port}.log")
     return p, f"http://127.0.0.1:{port}"
 

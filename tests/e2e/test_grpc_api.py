@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdmesh.client import AsyncInferenceClient, InferenceClient, collect
-from tests.meshproc import Proc, free_port
+from tests.meshproc import Proc, free_port, mesh_secret_file
 
 MODEL = "SmolLM2-135M-Instruct"
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
@@ -109,7 +109,8 @@ def test_reflection_and_health(mesh):
 def gateway_proc(tmp_path, scheduler: str, *extra: str) -> tuple[Proc, str, int]:
     port, gport = free_port(), free_port()
     p = Proc([sys.executable, "-m", "services.gateway", "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(gport),
-              "--metrics-port", "-1", "--scheduler", scheduler, *extra], tmp_path / f"gw-{port}.log")
+              "--metrics-port", "-1", "--scheduler", scheduler, "--mesh-secret-file", mesh_secret_file(tmp_path), *extra],
+             tmp_path / f"gw-{port}.log")
     p.wait_log("READY gateway")  # printed once both the HTTP and the gRPC listener are up
     return p, f"http://127.0.0.1:{port}", gport
 

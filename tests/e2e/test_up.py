@@ -1,6 +1,7 @@
 """``pdmesh up`` as a user runs it: failures before anything starts (one line naming the flag),
 per-role worker flags with shell quoting, every listener printed, metrics labels that carry the
-real ports, the API key kept off command lines, stop-string ends counted as finished."""
+real ports, the API key and the mesh secret kept off command lines, stop-string ends counted as
+finished, a crashed worker restarted while the rest keep serving."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.meshproc import Mesh, free_port, scrape
+from tests.meshproc import Mesh, free_port, scrape, wait_http
 
 KEY = "sk-up-test-4f1c9e"
 
@@ -147,3 +148,45 @@ def test_a_stop_string_end_counts_as_finished_not_aborted(upmesh):
     key = 'pdmesh:request_success_total{finished_reason="stop"}'
     assert after.get(key, 0) == before.get(key, 0) + 1
     assert after.get("pdmesh:num_aborted_requests_total", 0) == before.get("pdmesh:num_aborted_requests_total", 0)
+
+
+def test_the_mesh_secret_is_random_private_and_never_on_a_command_line(upmesh, tmp_path):
+    from services.up import UpConfig, _mesh_secret_file
+
+    made = []
+    for d in (tmp_path / "a", tmp_path / "b"):
+        d.mkdir()
+        made.append(Path(_mesh_secret_file(UpConfig(), d)))
+    texts = [p.read_text().strip() for p in made]
+    assert texts[0] != texts[1] and all(len(t) == 64 and int(t, 16) >= 0 for t in texts)  # 256 random bits each
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in made)
+    secret = Path(upmesh.proc.p.args[upmesh.proc.p.args.index("--mesh-secret-file") + 1]).read_text().strip()
+    for pid in upmesh.service_pids() + [upmesh.proc.p.pid]:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert secret not in cmd and ("--mesh-secret-file" in cmd or pid == upmesh.proc.p.pid)
+
+
+def test_a_crashed_worker_is_restarted_while_the_rest_keep_serving(upmesh):
+    """Last in this module: it changes the mesh's processes."""
+    decode = next(w for w in upmesh.workers() if w.info.role == 2)
+    pids = set(upmesh.service_pids())
+    victim = next(p for p in pids if "--port 0" in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                  and "services.decode" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"))
+    import os
+    import signal
+
+    os.kill(victim, signal.SIGKILL)
+    upmesh.proc.wait_log("decode-0 exited with code -9; restarting it in 1s (the rest keep serving)", 30)
+    upmesh.proc.wait_log("pdmesh up: decode-0 is back", 120)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the new one registered, the dead one left routing (3 s without heartbeats)
+        ids = [w.info.worker_id for w in upmesh.workers() if w.info.role == 2]
+        if ids and decode.info.worker_id not in ids:
+            break
+        time.sleep(0.5)
+    assert ids and decode.info.worker_id not in ids, ids
+    wait_http(upmesh.base + "/health", upmesh.proc)
+    r = httpx.post(upmesh.base + "/v1/completions", json={"prompt": "Hi", "max_tokens": 4}, headers=_auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    survivors = set(upmesh.service_pids())
+    assert pids - {victim} <= survivors and len(survivors) == len(pids)  # the others never restarted

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import json
+import os
+import platform
+import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import httpx
 
+from pdmesh.rpc.tls import PLAINTEXT, TlsConfig
 from tests.meshproc import gateway_books, scrape, wait_idle
 
 KV_LEASE = 8.0
@@ -124,10 +131,11 @@ def books_delta(before: dict, after: dict) -> dict:
 
 
 def nothing_lost(scheduler: str, gateway_metrics: Optional[str], tally: Tally, before_books: Optional[dict] = None,
-                 expect_workers: Optional[int] = None) -> int:
-    """Everything back at baseline within ``LOST_WITHIN`` s; the books balance.  Returns blocks leaked (0)."""
+                 expect_workers: Optional[int] = None, tls: TlsConfig = PLAINTEXT) -> int:
+    """Everything back at baseline within ``LOST_WITHIN`` s; the books balance.  Returns blocks leaked (0).
+    ``tls``: how to reach the scheduler."""
     tally.assert_balanced()
-    ws = wait_idle(scheduler, LOST_WITHIN, expect_workers)
+    ws = wait_idle(scheduler, LOST_WITHIN, expect_workers, tls)
     leaked = sum(w.load.total_blocks - w.load.free_blocks + w.load.held_blocks for w in ws)
     time.sleep(0.6)  # workers refresh their counters every 0.5 s
     for w in ws:
@@ -167,3 +175,76 @@ def greedy(svc, prompt: list[int], max_tokens: int) -> str:
                    json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
+
+
+class SuiteReport:
+    """The figures of a suite's run (one entry per test), written to ``path`` at the end of the
+    session (only when a test added one).  The committed results/cpu/*.json are refreshed only when
+    asked (``--fault-report``, ``--security-report``); otherwise ``path`` is in the run's temporary
+    directory, so that an ordinary run leaves the tree clean."""
+
+    def __init__(self, path: Path, command: str, tag: str) -> None:
+        self.path, self.command, self.tag = path, command, tag
+        self.entries: dict[str, dict] = {}
+
+    def add(self, name: str, tally: Tally, faults_injected: int, blocks_leaked: int, **extra) -> None:
+        self.entries[name] = {"faults_injected": faults_injected, **tally.summary(), "blocks_leaked": blocks_leaked, **extra}
+        print(f"\n[{self.tag}] {name}: {json.dumps(self.entries[name])}")
+
+    def write(self) -> None:
+        if not self.entries:
+            return
+        totals = {k: sum(e.get(k, 0) for e in self.entries.values())
+                  for k in ("faults_injected", "sent", "ok", "errors", "aborted", "blocks_leaked")}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
+            "commit": _commit(), "command": self.command,
+            "totals": totals, "tests": self.entries}, indent=1) + "\n")
+        print(f"\n[{self.tag}] figures written to {self.path}")
+
+
+def report_path(request, tmp_path_factory, option: str, name: str) -> Path:
+    """Where a suite writes its figures: the path given with ``option``, else ``name`` in the run's
+    temporary directory."""
+    given = request.config.getoption(option)
+    return Path(given) if given else tmp_path_factory.getbasetemp() / name
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+class Load:
+    """Streams from ``loops`` client loops in a background thread until ``finish()``; keeps
+    (time, outcome, status) of every request."""
+
+    def __init__(self, base: str, max_tokens: int = 24, loops: int = 4, api_key: Optional[str] = API_KEY) -> None:
+        self.base, self.max_tokens, self.loops, self.api_key = base, max_tokens, loops, api_key
+        self.tally = Tally()
+        self.timeline: list[tuple[float, str, int]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self.thread.start()
+
+    async def _main(self) -> None:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with httpx.AsyncClient(base_url=self.base, headers=headers, timeout=httpx.Timeout(60.0, connect=5.0)) as c:
+            async def loop_(i: int) -> None:
+                while not self.stop.is_set():
+                    o = await stream(c, self.tally, body(list(range(500 + i, 560 + i)), self.max_tokens), timeout=60)
+                    self.timeline.append((time.monotonic(), o.kind, o.status))
+                    if o.kind != "ok":
+                        await asyncio.sleep(0.2)
+
+            await asyncio.gather(*(loop_(i) for i in range(self.loops)))
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(90)
+        assert not self.thread.is_alive(), "load hung"

@@ -8,54 +8,17 @@ else to the run's temporary directory (the path is printed)."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import subprocess
-from pathlib import Path
-
 import pytest
 
-from tests.faults.client import API_KEY, Tally
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-class Report:
-    def __init__(self) -> None:
-        self.entries: dict[str, dict] = {}
-
-    def add(self, name: str, tally: Tally, faults_injected: int, blocks_leaked: int, **extra) -> None:
-        self.entries[name] = {"faults_injected": faults_injected, **tally.summary(), "blocks_leaked": blocks_leaked, **extra}
-        print(f"\n[fault-suite] {name}: {json.dumps(self.entries[name])}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=REPO).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+from tests.faults.client import API_KEY, SuiteReport, report_path
 
 
 @pytest.fixture(scope="session")
 def report(request, tmp_path_factory):
-    rep = Report()
+    rep = SuiteReport(report_path(request, tmp_path_factory, "--fault-report", "fault-suite.json"),
+                      "python -m pytest -q tests/faults --fault-report results/cpu/fault-suite.json", "fault-suite")
     yield rep
-    if not rep.entries:
-        return
-    option = request.config.getoption("--fault-report")
-    path = Path(option) if option else tmp_path_factory.getbasetemp() / "fault-suite.json"
-    totals = {k: sum(e.get(k, 0) for e in rep.entries.values())
-              for k in ("faults_injected", "sent", "ok", "errors", "aborted", "blocks_leaked")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}",
-        "commit": _commit(), "command": "python -m pytest -q tests/faults --fault-report results/cpu/fault-suite.json",
-        "totals": totals, "tests": rep.entries}, indent=1) + "\n")
-    print(f"\n[fault-suite] figures written to {path}")
+    rep.write()
 
 
 @pytest.fixture(scope="package")

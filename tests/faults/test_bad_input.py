@@ -61,7 +61,7 @@ def test_bad_inputs_get_their_status_and_the_mesh_keeps_serving(shared, report):
     before = gateway_books(shared.metrics_url("gateway"))
     tally = Tally()
     with httpx.Client(base_url=shared.base, timeout=30) as c:
-        for name, path, raw, headers, status, want in CASES:
+        for _name, path, raw, headers, status, want in CASES:
             tally.sent += 1 if path != "/v1/models" else 0
             r = c.get(path, headers=headers) if raw is None else c.post(path, content=raw, headers=headers)
             _check_error(r, status, want)

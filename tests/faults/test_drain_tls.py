@@ -11,41 +11,13 @@ import grpc
 import httpx
 import pytest
 
-from tests.certs import make_certs
-from tests.faults.client import WORKER_ARGS, Tally, body, make_client, nothing_lost, stream
+from tests.certs import make_pki, tls_flags
+from tests.faults.client import WORKER_ARGS, Load, Tally, body, make_client, nothing_lost, stream
 from tests.meshproc import Services, gateway_books, list_workers, wait_http
 from pdmesh.v1 import scheduler_pb2 as spb
 from pdmesh.v1 import scheduler_pb2_grpc as sgrpc
 
 KEY = "fault-suite-key"
-
-
-class Load:
-    """Streams from 4 client loops in a background thread until stopped; keeps (time, outcome)."""
-
-    def __init__(self, base: str, max_tokens: int = 24) -> None:
-        self.base, self.max_tokens = base, max_tokens
-        self.tally = Tally()
-        self.timeline: list[tuple[float, str, int]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self.thread.start()
-
-    async def _main(self) -> None:
-        async with make_client(self.base) as c:
-            async def loop_(i: int) -> None:
-                while not self.stop.is_set():
-                    o = await stream(c, self.tally, body(list(range(500 + i, 560 + i)), self.max_tokens), timeout=60)
-                    self.timeline.append((time.monotonic(), o.kind, o.status))
-                    if o.kind != "ok":
-                        await asyncio.sleep(0.2)
-
-            await asyncio.gather(*(loop_(i) for i in range(4)))
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(90)
-        assert not self.thread.is_alive(), "load hung"
 
 
 def test_sigterm_of_each_service_under_load_drains_and_exits_zero(tmp_path, embedded_dir, report):
@@ -113,8 +85,8 @@ def test_sigterm_of_each_service_under_load_drains_and_exits_zero(tmp_path, embe
 
 
 def test_internal_grpc_behind_mutual_tls(tmp_path, embedded_dir, report):
-    p = make_certs(tmp_path)
-    tls = ("--tls-cert", p["cert.pem"], "--tls-key", p["key.pem"], "--tls-ca", p["ca.pem"])
+    pki = make_pki(tmp_path, {"service": ("pdmesh-service", None)})  # one certificate, no pdmesh role: the mesh secret names callers
+    tls = tls_flags(pki["service"])
     svc = Services(tmp_path, prefill=1, decode=1, worker_args=(*WORKER_ARGS, *tls), gateway_args=tls, scheduler_args=tls)
     tally = Tally()
     try:
@@ -130,7 +102,7 @@ def test_internal_grpc_behind_mutual_tls(tmp_path, embedded_dir, report):
             list_workers(svc.scheduler)
 
         async def no_client_cert():
-            creds = grpc.ssl_channel_credentials(root_certificates=open(p["ca.pem"], "rb").read())
+            creds = grpc.ssl_channel_credentials(root_certificates=open(pki["ca"]["cert"], "rb").read())
             async with grpc.aio.secure_channel(svc.scheduler, creds) as ch:
                 await sgrpc.SchedulerStub(ch).ListWorkers(spb.ListWorkersRequest(), timeout=5)
 

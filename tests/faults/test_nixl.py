@@ -22,7 +22,9 @@ PROMPTS = [PROMPT, PROMPT[:40], [7] + PROMPT[1:200]]
 def nixl_pair(tmp_path_factory, embedded_dir):
     svc = Services(tmp_path_factory.mktemp("nixl"), prefill=1, decode=1, worker_args=WORKER_ARGS,
                    role_args={"prefill": ("--kv-transports", "nixl", "grpc"), "decode": ("--kv-transports", "nixl")},
-                   gateway_args=("--api-key", "fault-suite-key"), env={"UCX_TLS": "tcp"})
+                   # the restart test freezes decode for a prefill restart (seconds): the gateway must not give up on it
+                   gateway_args=("--api-key", "fault-suite-key", "--keepalive", "60", "--stream-idle-timeout", "120"),
+                   env={"UCX_TLS": "tcp"})
     yield svc
     rcs = svc.stop_all()
     assert all(rc == 0 for rc in rcs.values()), rcs

@@ -217,7 +217,8 @@ def test_triton_gemv_equals_linear(n, k, bias, silu_mul):
 def test_grammar_mask_on_cuda_is_obeyed_and_exact_with_async_scheduling(tmp_path):
     """Structured outputs on CUDA (bitmask copied to the GPU, applied by xgrammar's kernel, CUDA
     graphs on): every output obeys its schema, and a batch mixing constrained and free requests gives
-    the same tokens with async scheduling on and off."""
+    the same tokens with async scheduling on and off — on, constrained steps are launched behind (the
+    forward of step N+1 queued before step N's tokens reach the host, its mask filled after)."""
     import json
 
     from pdmesh.engine import SamplingParams
@@ -241,11 +242,14 @@ def test_grammar_mask_on_cuda_is_obeyed_and_exact_with_async_scheduling(tmp_path
             eng.add_request(f"r{i}", [(i * 37 + j) % 5000 + 300 for j in range(50 + i)], params)
         out: dict[str, list[int]] = {}
         reasons = {}
+        masked_behind = 0
         while eng.has_work():
             for o in eng.step():
                 out.setdefault(o.request_id, []).extend(o.new_token_ids)
                 if o.finished:
                     reasons[o.request_id] = o.finish_reason
+            masked_behind += eng._inflight is not None and any(s.grammar is not None for s in eng._inflight.sample_seqs)
+        assert (masked_behind > 10) == (mode == "on"), masked_behind
         for i in range(0, 12, 2):
             assert reasons[f"r{i}"] == "stop"
             obj = json.loads(eng.tokenizer.decode(out[f"r{i}"], skip_special_tokens=True))

@@ -12,6 +12,18 @@ PROMPTS = [[5, 17, 42, 7, 99, 3], [1, 2, 3], list(range(10, 80)), [200, 201, 5, 
 """Token-id prompts of assorted lengths (the tiny model's vocabulary is 256)."""
 
 
+def assert_same_logprobs(got: list, want: list, tol: float = 1e-4) -> None:
+    """Two runs' ``GenerationResult``s: the same tokens, the same top alternatives, logprobs (and
+    prompt logprobs, when asked for) within ``tol``."""
+    for a, b in zip(got, want, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert [t for t, _ in x.top] == [t for t, _ in y.top] and abs(x.logprob - y.logprob) < tol
+        if b.prompt_logprobs:
+            assert [p.token_id for p in a.prompt_logprobs] == [p.token_id for p in b.prompt_logprobs]
+            assert max(abs(p.logprob - q.logprob) for p, q in zip(a.prompt_logprobs, b.prompt_logprobs)) < tol
+
+
 def run_disaggregated(prefill: LLMEngine, decode: LLMEngine, rid: str, prompt: list[int], params: SamplingParams
                       ) -> list[int]:
     """One request split as the mesh splits it: ``prefill`` computes the prompt and token 0 and

@@ -59,13 +59,17 @@ def hf_greedy(hf, ids, n=32):
     return out[0, len(ids):].tolist()
 
 
-def test_random_models_logits_match_hf(random_pair):
-    kind, hf, llm = random_pair
+def assert_logits_match_hf(kind: str, hf, llm) -> None:
+    """Last-position logits of every prompt in PROMPTS_IDS within LOGIT_ATOL of transformers'."""
     for ids in PROMPTS_IDS:
         ours = llm.engine.score(ids)
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0, -1].float()
         assert torch.allclose(ours, ref, atol=LOGIT_ATOL, rtol=0), f"{kind}: max diff {(ours - ref).abs().max()}"
+
+
+def test_random_models_logits_match_hf(random_pair):
+    assert_logits_match_hf(*random_pair)
 
 
 def test_random_models_greedy_32_match_hf(random_pair):

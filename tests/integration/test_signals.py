@@ -7,13 +7,14 @@ import subprocess
 import sys
 import time
 
-from tests.meshproc import free_port
+from tests.meshproc import free_port, mesh_secret_file
 
 
 def test_repeated_sigterm_during_drain_still_exits_zero(tmp_path):
     log = open(tmp_path / "sched.log", "wb")
     p = subprocess.Popen([sys.executable, "-m", "services.scheduler", "--host", "127.0.0.1", "--port", str(free_port()),
-                          "--metrics-port", "-1", "--drain-timeout", "0.5"], stdout=log, stderr=subprocess.STDOUT)
+                          "--metrics-port", "-1", "--drain-timeout", "0.5",
+                          "--mesh-secret-file", mesh_secret_file(tmp_path)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while b"READY" not in (tmp_path / "sched.log").read_bytes():

@@ -1,8 +1,8 @@
 """Structured outputs, logit_bias and prompt logprobs in the engine, on the real embedded model:
 constrained text always parses and obeys its schema (greedy and sampled), a request split between
 a prefill and a decode engine gives exactly the tokens of one engine (the decode side replays
-token 0 into its own matcher), async scheduling falls back to one step at a time for constrained
-requests with the same tokens, grammars compile once per spec."""
+token 0 into its own matcher), async scheduling gives the same tokens (test_grammar_async.py
+covers it in depth), grammars compile once per spec."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_decode_side_replays_token_zero_and_refuses_a_foreign_one(llm):
     assert not llm.engine.blocks.has_request("foreign")
 
 
-def test_async_scheduling_runs_constrained_requests_one_step_at_a_time(embedded_dir, llm):
+def test_async_scheduling_gives_the_same_constrained_tokens(embedded_dir, llm):
     prompts = [chat_ids(llm), chat_ids(llm, [{"role": "user", "content": "Say hello."}])]
     mixed = [SamplingParams(temperature=0.8, seed=4, max_tokens=60, grammar=JSON),
              SamplingParams(temperature=0.8, seed=4, max_tokens=30, ignore_eos=True)]
@@ -93,8 +93,8 @@ def test_async_scheduling_runs_constrained_requests_one_step_at_a_time(embedded_
         got[name] = [toks[f"{name}{i}"] for i in range(2)]
     assert got["on"] == got["off"]
     json.loads(llm.tokenizer.decode(got["on"][0]))
-    # once the constrained request ended, the other one was launched behind
-    assert on.engine.num_steps_launched_behind > 0
+    # the constrained request's steps were launched behind too (its sampling waited for its mask)
+    assert on.engine.num_steps_launched_behind > 20
 
 
 def test_grammars_compile_once_per_spec_and_bad_ones_are_rejected(llm):

@@ -134,7 +134,7 @@ def test_compose_commands_ports_health_and_gpus():
     # Only the gateway is reached from the host, on ports PDMESH_*_PORT chooses.
     assert [n for n, s in services.items() if s.get("ports") and n in mine] == ["gateway"]
     gw = compose({"PDMESH_HTTP_PORT": "18000", "PDMESH_GRPC_PORT": "18050", "PDMESH_METRICS_PORT": "18080"})["services"]["gateway"]
-    assert gw["ports"] == ["18000:8000", "18050:50050", "18080:8080"]
+    assert gw["ports"] == ["18000:8000", "18050:50050", "127.0.0.1:18080:8080"]  # metrics: this host only
     for name in ("prefill", "decode"):
         s = services[name]
         dev = s["deploy"]["resources"]["reservations"]["devices"][0]
@@ -234,3 +234,89 @@ def test_build_scripts_parse(script):
     path = DEPLOY / script
     assert path.stat().st_mode & 0o111, "executable"
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+MESH_SECRET_REF = {"secretKeyRef": {"name": "pdmesh-mesh-secret", "key": "mesh-secret"}}
+
+
+def test_every_service_gets_the_mesh_secret_from_a_secret():
+    """Internal calls are authenticated: every pdmesh container reads PDMESH_MESH_SECRET from the
+    Kubernetes Secret (never a literal), every compose service from the environment (no default:
+    without it the services refuse to start), and no flag turns authentication off."""
+    for overlay in OVERLAYS:
+        for d in render(overlay):
+            if d["kind"] != "Deployment":
+                continue
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                env = {e["name"]: e for e in c.get("env", [])}
+                assert env.get("PDMESH_MESH_SECRET", {}).get("valueFrom") == MESH_SECRET_REF, (overlay, c["name"])
+                assert "--insecure-internal" not in c["args"]
+    services = compose()["services"]
+    for name, s in {**ours(services, "cpu"), **ours(services, "gpu")}.items():
+        assert s["environment"]["PDMESH_MESH_SECRET"] == "${PDMESH_MESH_SECRET}", name
+        assert "--insecure-internal" not in s["command"]
+
+
+def _allowed(policies: list[dict], labels: dict, port: int) -> list[dict]:
+    """The ``from`` peers allowed to reach ``port`` of a pod with ``labels`` ([{}]: anyone)."""
+    def selects(sel: dict) -> bool:
+        if not sel:
+            return True
+        ok = all(labels.get(k) == v for k, v in sel.get("matchLabels", {}).items())
+        return ok and all(labels.get(e["key"]) in e["values"] for e in sel.get("matchExpressions", []))
+
+    peers = []
+    for p in policies:
+        if not selects(p["spec"]["podSelector"]):
+            continue
+        for rule in p["spec"].get("ingress", []):
+            if any(pp["port"] == port for pp in rule.get("ports", [])) or not rule.get("ports"):
+                peers += rule.get("from") or [{}]
+    return peers
+
+
+def _apps(peers: list[dict]) -> set[str]:
+    out = set()
+    for peer in peers:
+        sel = peer.get("podSelector", {})
+        out |= {sel["matchLabels"]["app"]} if "matchLabels" in sel else set()
+        out |= {v for e in sel.get("matchExpressions", []) for v in e["values"]}
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_each_role_reach_only_what_it_needs(overlay):
+    docs = render(overlay)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"], "no default deny"
+    workers = "pdmesh-pd-pair" if overlay == "gpu-pd-pair" else None
+    prefill_app, decode_app = (workers, workers) if workers else ("pdmesh-prefill", "pdmesh-decode")
+    scraper = {"namespaceSelector": {"matchLabels": {"pdmesh.io/metrics-scraper": "true"}}}
+    want_internal = {
+        ("pdmesh-scheduler", 50051): {"pdmesh-gateway", "pdmesh-prefill", "pdmesh-decode", "pdmesh-pd-pair"},  # (base: both layouts)
+        (prefill_app, 50061): {"pdmesh-gateway", decode_app},
+        (decode_app, 50071): {"pdmesh-gateway"},
+    }
+    for d in (d for d in docs if d["kind"] == "Deployment"):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for port in (p["containerPort"] for p in c["ports"]):
+                peers = _allowed(policies, labels, port)
+                key = (labels["app"], port)
+                if labels["app"] == "pdmesh-gateway" and port in (8000, 50050):
+                    assert peers == [{}], (key, peers)  # the API is for clients
+                elif key in want_internal:
+                    assert {} not in peers and _apps(peers) == {a for a in want_internal[key] if a}, (key, peers)
+                    assert all("namespaceSelector" not in p for p in peers), (key, peers)
+                else:  # metrics
+                    assert peers == [scraper], (key, peers)
+
+
+def test_compose_publishes_only_the_gateway_and_observability_on_loopback():
+    services = compose()["services"]
+    for name, s in services.items():
+        for p in s.get("ports", []):
+            if name == "gateway" and not p.endswith(":8080"):
+                continue  # the API
+            assert p.startswith("127.0.0.1:"), (name, p)

@@ -136,8 +136,8 @@ def test_event_log_nets_changes_and_snapshots():
 
 
 def _worker(reg: Registry, wid: str, role=pb.ROLE_PREFILL, block_size=2):
-    reg.register(pb.WorkerInfo(worker_id=wid, role=role, address=wid, model="m", transports=["grpc"],
-                               kv_layout=pb.KVLayout(block_size=block_size)))
+    reg.register(pb.WorkerInfo(worker_id=wid, role=role, address=f"{wid}:1", model="m", transports=["grpc"],
+                               kv_layout=pb.KVLayout(block_size=block_size, num_layers=2, num_kv_heads=2, head_dim=4)))
 
 
 def test_kv_aware_routes_to_the_cached_prefix_weighted_by_tier_and_load():
@@ -180,6 +180,24 @@ def test_kv_events_gap_drops_hints_until_a_reset():
     assert not reg.apply_kv_events("p1", 0, False, [])  # a worker that publishes nothing
 
 
+def test_kv_hints_are_bounded(monkeypatch):
+    """A worker's published hashes stay within MAX_KV_HINTS, known tiers and 16-byte hashes: a
+    member flooding its heartbeats cannot grow the scheduler's memory without bound."""
+    import pdmesh.routing as routing
+
+    monkeypatch.setattr(routing, "MAX_KV_HINTS", 3)
+    reg = Registry()
+    _worker(reg, "p1")
+    junk = [spb.KVEvents(tier="elsewhere", added=[h(9)]), spb.KVEvents(tier="device", added=[b"short", h(1) + b"x"])]
+    assert not reg.apply_kv_events("p1", 1, True, junk)
+    assert reg.workers["p1"].kv == {"device": set()}
+    assert not reg.apply_kv_events("p1", 2, False, [spb.KVEvents(tier="device", added=[h(1), h(2)]),
+                                                    spb.KVEvents(tier="host", added=[h(3), h(4), h(5)])])
+    assert reg.workers["p1"].kv == {"device": {h(1), h(2)}, "host": {h(3)}}  # 3 kept, the rest dropped
+    assert not reg.apply_kv_events("p1", 3, False, [spb.KVEvents(tier="device", removed=[h(1)], added=[h(6)])])
+    assert reg.workers["p1"].kv == {"device": {h(2), h(6)}, "host": {h(3)}}  # a removal makes room
+
+
 @pytest.mark.parametrize("bad", [dict(kv_offload_cpu_gb=-1), dict(kv_offload_disk_path="/x"),
                                  dict(kv_offload_disk_gb=1.0), dict(kv_offload_disk_path="/x", kv_offload_disk_gb=1.0),
                                  dict(kv_offload_cpu_gb=1.0, enable_prefix_caching=False), dict(kv_offload_flush_seconds=-1)])
@@ -197,3 +215,16 @@ def test_decode_worker_refuses_tier_flags():
     with pytest.raises(ConfigError, match="prefill and colocated"):
         build_configs("decode", 0, ["--kv-offload-cpu-gb", "1"])
     assert build_configs("prefill", 0, ["--kv-offload-cpu-gb", "1"])[1].cache.kv_offload_cpu_gb == 1.0
+
+
+def test_kv_aware_never_pairs_layouts_that_do_not_convert():
+    """The worker holding the prefix is passed over when no decode worker can take its KV."""
+    reg = Registry()
+    for wid, role, tp in (("p1", pb.ROLE_PREFILL, 2), ("p2", pb.ROLE_PREFILL, 1), ("d1", pb.ROLE_DECODE, 1)):
+        reg.register(pb.WorkerInfo(worker_id=wid, role=role, address=f"{wid}:1", model="m", transports=["grpc"],
+                                   kv_layout=pb.KVLayout(block_size=2, num_layers=2, num_kv_heads=3, head_dim=4,
+                                                         tensor_parallel_size=tp)))  # p1: 3 heads do not split over 2 ranks
+    prompt = list(range(1, 12))
+    assert not reg.apply_kv_events("p1", 1, True, [spb.KVEvents(tier="device", added=Prompt(prompt).hashes(2))])
+    p, d, _, _ = route(reg, KVAwarePolicy(), "m", len(prompt), prompt_ids=prompt)
+    assert (p.worker_id, d.worker_id) == ("p2", "d1")

@@ -67,10 +67,36 @@ def test_cpu_host_and_bad_device_lists_are_clear_errors():
 def test_worker_flags_and_fit():
     p = plan({"prefill": 1, "decode": 1}, 1)
     assert p[1].flags() == ["--device", "cuda:0", "--gpu-memory-utilization", "0.4500"]
-    with pytest.raises(PlacementError, match="tensor parallelism"):
-        plan({"decode": 1}, 2, gpus_per_worker=2)[0].flags()
+    # a TP group: one GPU per rank, rank 0 on the first
+    assert plan({"decode": 1}, 2, gpus_per_worker=2)[0].flags() == [
+        "--device", "cuda:0,1", "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.9000"]
+    assert plan({"decode": 1}, 0, gpus_per_worker={"decode": 2})[0].flags() == ["--tensor-parallel-size", "2"]  # CPU ranks
+    with pytest.raises(PlacementError, match="2 GPUs for 1 tensor-parallel"):
+        WorkerPlacement("decode", 0, (0, 1), 0.9, 1).flags()
     # llama-3.1-8b in bf16 (16 GiB of weights), 8k context at 128 KiB of KV per token: 16 + 2 + 1 GiB
     assert memory_needed(16 * GiB, 131072, 8192) == 19 * GiB
+    # at TP 2 each GPU holds half the weights and (with per-rank KV bytes) half the KV
+    assert memory_needed(16 * GiB, 65536, 8192, tensor_parallel_size=2) == 10 * GiB + GiB // 2
+
+
+def test_tensor_parallel_groups_per_role():
+    # qwen3-32b: prefill TP 2 and decode TP 2 sharing two GPUs; prefill TP 1 on GPU 0 and decode TP 2 on both
+    assert where(plan({"prefill": 1, "decode": 1}, 2, gpus_per_worker={"prefill": 2, "decode": 2})) == {
+        "prefill-0": ((0, 1), 0.45), "decode-0": ((0, 1), 0.45)}
+    assert where(plan({"prefill": 1, "decode": 1}, 2, {"prefill": (0,), "decode": (0, 1)},
+                      gpus_per_worker={"decode": 2})) == {"prefill-0": ((0,), 0.45), "decode-0": ((0, 1), 0.45)}
+    # by default a TP group takes the least loaded GPUs
+    assert where(plan({"prefill": 1, "decode": 1}, 3, gpus_per_worker={"decode": 2})) == {
+        "prefill-0": ((0,), 0.9), "decode-0": ((1, 2), 0.9)}
+    with pytest.raises(PlacementError, match="lists 1 GPUs for 1 decode worker"):
+        plan({"decode": 1}, 2, {"decode": (1,)}, gpus_per_worker={"decode": 2})
+    with pytest.raises(PlacementError, match="needs 4 GPUs; 2 visible"):
+        plan({"prefill": 1, "decode": 1}, 2, gpus_per_worker={"decode": 4})
+    # fit by TP size: a TP-2 worker needs less of each GPU
+    pl = plan({"prefill": 1, "decode": 1}, 2, {"prefill": (0,), "decode": (0, 1)}, gpus_per_worker={"decode": 2})
+    check_fit(pl, [80 * GiB] * 2, {1: 30 * GiB, 2: 20 * GiB}, "m")
+    with pytest.raises(PlacementError, match="prefill-0 gets 0.45 of GPU 0"):
+        check_fit(pl, [80 * GiB] * 2, {1: 40 * GiB, 2: 20 * GiB}, "m")
 
 
 def test_fit_refuses_a_share_too_small_and_names_the_way_out():

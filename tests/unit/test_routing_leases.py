@@ -2,16 +2,16 @@
 
 import pytest
 
-from pdmesh.routing import (LeastLoadedPolicy, NoRoute, RegistrationRefused, Registry, RoundRobinPolicy, can_use, route,
-                            shared_transport)
+from pdmesh.routing import (LeastLoadedPolicy, NoRoute, RegistrationRefused, Registry, RoundRobinPolicy, _pairs, can_use,
+                            route, shared_transport)
 from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import common_pb2 as pb
 
 
-def info(wid, role, transports=("grpc",), host="h1", block_size=32, model="m"):
+def info(wid, role, transports=("grpc",), host="h1", block_size=32, model="m", tp=0):
     return pb.WorkerInfo(worker_id=wid, role=role, address=f"{wid}:1", model=model, dtype="float32",
                          kv_layout=pb.KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, block_size=block_size,
-                                               dtype="float32", layout="LNKBHD"),
+                                               dtype="float32", layout="LNKBHD", tensor_parallel_size=tp),
                          transports=list(transports), host_id=host, max_model_len=100)
 
 
@@ -21,6 +21,20 @@ def test_register_refuses_incompatible_layout():
     with pytest.raises(RegistrationRefused):
         r.register(info("d1", pb.ROLE_DECODE, block_size=16))
     r.register(info("d2", pb.ROLE_DECODE, block_size=16, model="other"))  # other model: fine
+
+
+def test_workers_of_different_tensor_parallel_sizes_pair():
+    r = Registry()
+    r.register(info("p-tp2", pb.ROLE_PREFILL, tp=2))
+    r.register(info("d-tp1", pb.ROLE_DECODE, tp=1))
+    r.register(info("d-tp4", pb.ROLE_DECODE, tp=4))  # 2 KV heads on 4 ranks: each replicated twice
+    pairs = {(p.worker_id, d.worker_id) for p, d, _ in _pairs(r.routable(pb.ROLE_PREFILL, "m"), r.routable(pb.ROLE_DECODE, "m"))}
+    assert pairs == {("p-tp2", "d-tp1"), ("p-tp2", "d-tp4")}
+    # 2 KV heads cannot be split over 3 ranks: such a worker is never half of a pair
+    r.register(info("d-tp3", pb.ROLE_DECODE, tp=3))
+    rr = RoundRobinPolicy()
+    seen = {route(r, rr, "m", 10)[1].worker_id for _ in range(6)}
+    assert seen == {"d-tp1", "d-tp4"}
 
 
 def test_least_loaded_spreads_a_burst():
