@@ -230,7 +230,7 @@ def make_transports(rt: WorkerRuntime) -> dict[str, BaseKVTransport]:
     if "nixl" in rt.transports:
         from pdmesh.transport.nixl import NixlKVTransport
 
-        out["nixl"] = NixlKVTransport(rt.channels, rt.nixl_agent, faults)
+        out["nixl"] = NixlKVTransport(rt.channels, rt.nixl_agent, faults, rt.metrics)
     return out
 
 
