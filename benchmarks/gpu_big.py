@@ -147,11 +147,12 @@ def stage_engines(s: Setup, model: str, prompts: list[list[int]], ep_flag: str, 
         modes = [("tp", False)]
     side_by_side = not s.cpu and not s.shared and len(modes) == 2
     procs, res = {}, {}
+    longest = max(s.ctx + 512, max(len(p) for p in prompts) + 64)  # tokens of a sequence in the engine
     for i, (mode, ep) in enumerate(modes):
         spec = {"mode": mode, "ep": ep, "cpu": s.cpu, "model": model, "tp": s.tp, "batches": s.batches, "ctx": s.ctx,
                 "devices": s.devices(i if side_by_side else 0), "prompts": prompts, "check_out": s.check_out,
                 "max_len": s.max_len, "step_tokens": 2048,  # the workers' max-model-len and default step budget
-                "kv_blocks": max(s.batches) * -(-max(s.ctx + 512, max(len(p) for p in prompts) + 64) // (16 if s.cpu else BLOCK)) + 64,
+                "kv_blocks": max(s.batches) * -(-longest // (16 if s.cpu else BLOCK)) + 64,
                 "prefill_tokens": s.prefill_tokens, "logits": str(work / f"logits-{mode}.pt")}
         cmd = [sys.executable, __file__, "--engine-child", json.dumps(spec)]
         procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(work / f"engine-{mode}.log", "w"), text=True)
@@ -170,7 +171,8 @@ def stage_engines(s: Setup, model: str, prompts: list[list[int]], ep_flag: str, 
                       f"EP logits vs TP rel diff {diff:.1e}")
     else:
         ep = "ep" in ok and "tp" not in ok
-        doc["why"] = f"--ep {ep_flag}" + (" (TP 1: no expert parallelism)" if s.tp == 1 else "")
+        doc["why"] = f"--ep {ep_flag}" + (" (TP 1: no expert parallelism)" if s.tp == 1 else "") + (
+            f"; failed: {sorted(set(res) - set(ok))}" if len(ok) < len(res) else "")
     doc["serve"] = "ep" if ep else "tp"
     if doc["serve"] not in ok:
         return dict(doc, error=f"the {doc['serve']} engine failed: nothing to check the meshes against")
@@ -238,42 +240,6 @@ class Point:
         self.scale = max(self.scale, 1.1 * (seconds - self.slack) / max(self.raw(inp, out, c), 1e-6))
 
 
-def measure_point(up, s: Setup, work: Path, layout: str, decoders: dict[str, str], parts: dict, arch, hbm: float,
-                  inp: int, out: int, c: int, n: int) -> dict:
-    """One ``pdmesh bench`` load point with the decode workers' own step times over it."""
-    from benchmarks.gpu_moe import decode_floor
-    from benchmarks.gpu_pd_report import goodput
-    from benchmarks.gpu_serving import worker_window
-    from benchmarks.gpu_up import bench, pull_stats
-    from tests.meshproc import scrape
-
-    path = work / f"bench-{layout}-{inp}_{out}-c{c}.json"
-    before = {w: scrape(u) for w, u in decoders.items()}
-    mark, t0 = len(up.text()), time.monotonic()
-    m = bench(up.base, work / "tok", c, n, inp, out, path, num_gpus=s.n)
-    wall = time.monotonic() - t0
-    wk = worker_window(list(decoders), before, {w: scrape(u) for w, u in decoders.items()})
-    recs = json.loads(path.read_text())["points"][0]["requests"]
-    keep = ("completed", "failed", "duration_s", "request_throughput", "output_throughput", "output_throughput_per_gpu")
-    row = {"shape": f"{inp}:{out}", "concurrency": c, "prompts": n, "wall_s": round(wall, 1), **{k: m[k] for k in keep},
-           **{k: v for k, v in m.items() if k.endswith(("_ttft_ms", "_tpot_ms", "_itl_ms"))},
-           **{f"goodput_tpot{slo:g}_req_s": goodput(recs, {"tpot_ms": slo}, m["duration_s"]) for slo in SLOS_MS},
-           "worker": {k: wk[k] for k in ("decode_steps", "mean_decode_step_ms", "decode_step_tokens", "mixed_steps",
-                                         "token_weighted_step_ms", "mean_kv_transfer_ms")}}
-    if wk["decode_steps"]:
-        batch = wk["decode_step_tokens"] / wk["decode_steps"]
-        fl = decode_floor(parts, expected_routed(arch, batch), batch, inp + out / 2, hbm)
-        row["decode_step_vs_floor"] = dict(fl, mean_batch=batch, mean_context=inp + out / 2,
-                                           ratio=(wk["mean_decode_step_ms"] or 0.0) / fl["floor_ms"])
-    if layout.startswith("disagg"):
-        row["pull_ms"] = pull_stats(up.text(), mark)
-    log(f"{layout} {inp}:{out} c={c}: {m['output_throughput_per_gpu']:.0f} tok/s/GPU, TTFT p50 {m['median_ttft_ms']:.0f} "
-        f"ms, TPOT p50 {m['median_tpot_ms']:.2f} ms, goodput TPOT 20/35 {row['goodput_tpot20_req_s']:.2f}/"
-        f"{row['goodput_tpot35_req_s']:.2f} req/s, decode step {wk['mean_decode_step_ms'] or 0:.2f} ms "
-        f"(floor ratio {row.get('decode_step_vs_floor', {}).get('ratio', float('nan')):.2f}), failed {m['failed']:.0f}")
-    return row
-
-
 @dataclass
 class Run:
     """What every mesh of a run shares: the setup, the model, the check prompts and their reference
@@ -293,6 +259,44 @@ class Run:
 
     def persist(self) -> None:
         save(self.out, "big.json", self.doc)
+
+
+def measure_point(r: Run, up, layout: str, decoders: dict[str, str], inp: int, out: int, c: int, n: int) -> dict:
+    """One ``pdmesh bench`` load point (``n`` prompts of ``inp`` tokens, ``out`` out, ``c`` at a time)
+    with the decode workers' own step times over it (``decoders``: name -> metrics URL)."""
+    from benchmarks.gpu_moe import decode_floor
+    from benchmarks.gpu_pd_report import goodput
+    from benchmarks.gpu_serving import worker_window
+    from benchmarks.gpu_up import bench, pull_stats
+    from tests.meshproc import scrape
+
+    eng = r.engines["modes"][r.engines["serve"]]
+    path = r.work / f"bench-{layout}-{inp}_{out}-c{c}.json"
+    before = {w: scrape(u) for w, u in decoders.items()}
+    mark, t0 = len(up.text()), time.monotonic()
+    m = bench(up.base, r.work / "tok", c, n, inp, out, path, num_gpus=r.s.n)
+    wall = time.monotonic() - t0
+    wk = worker_window(list(decoders), before, {w: scrape(u) for w, u in decoders.items()})
+    recs = json.loads(path.read_text())["points"][0]["requests"]
+    keep = ("completed", "failed", "duration_s", "request_throughput", "output_throughput", "output_throughput_per_gpu")
+    row = {"shape": f"{inp}:{out}", "concurrency": c, "prompts": n, "wall_s": round(wall, 1), **{k: m[k] for k in keep},
+           **{k: v for k, v in m.items() if k.endswith(("_ttft_ms", "_tpot_ms", "_itl_ms"))},
+           **{f"goodput_tpot{slo:g}_req_s": goodput(recs, {"tpot_ms": slo}, m["duration_s"]) for slo in SLOS_MS},
+           "worker": {k: wk[k] for k in ("decode_steps", "mean_decode_step_ms", "decode_step_tokens", "mixed_steps",
+                                         "token_weighted_step_ms", "mean_kv_transfer_ms")}}
+    if wk["decode_steps"]:
+        batch = wk["decode_step_tokens"] / wk["decode_steps"]
+        fl = decode_floor(eng["decode"][-1]["floor_parts"], expected_routed(r.arch, batch), batch, inp + out / 2,
+                          eng["hbm_bytes_per_s"])
+        row["decode_step_vs_floor"] = dict(fl, mean_batch=batch, mean_context=inp + out / 2,
+                                           ratio=(wk["mean_decode_step_ms"] or 0.0) / fl["floor_ms"])
+    if layout.startswith("disagg"):
+        row["pull_ms"] = pull_stats(up.text(), mark)
+    log(f"{layout} {inp}:{out} c={c}: {m['output_throughput_per_gpu']:.0f} tok/s/GPU, TTFT p50 {m['median_ttft_ms']:.0f} "
+        f"ms, TPOT p50 {m['median_tpot_ms']:.2f} ms, goodput TPOT 20/35 {row['goodput_tpot20_req_s']:.2f}/"
+        f"{row['goodput_tpot35_req_s']:.2f} req/s, decode step {wk['mean_decode_step_ms'] or 0:.2f} ms "
+        f"(floor ratio {row.get('decode_step_vs_floor', {}).get('ratio', float('nan')):.2f}), failed {m['failed']:.0f}")
+    return row
 
 
 def run_layout(r: Run, layout: str, res: dict, ready_s: float = 0.0) -> None:
@@ -340,8 +344,7 @@ def run_layout(r: Run, layout: str, res: dict, ready_s: float = 0.0) -> None:
                     res["points"].append({"shape": shape, "concurrency": c, "skipped": f"time budget (~{est:.0f} s)"})
                     continue
                 n = max(c, round(c * r.a.prompts_per_concurrency))
-                row = measure_point(up, s, r.work, layout, decoders, eng["decode"][-1]["floor_parts"], r.arch,
-                                    eng["hbm_bytes_per_s"], inp, out, c, n)
+                row = measure_point(r, up, layout, decoders, inp, out, c, n)
                 points.took(inp, out, c, row["wall_s"])
                 res["points"].append(row)
                 r.persist()
