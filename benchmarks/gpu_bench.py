@@ -176,9 +176,6 @@ def decode_breakdown(preset: str, batch: int, steps: int = 20) -> dict:
     the graph replay, the logits and the argmax alone on the GPU (CUDA events); and the kernels of
     ``steps`` steps (torch.profiler): per kernel calls and microseconds per step, the GPU's busy
     time (union of kernels) and the span, so idle gaps show."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     eng = LLMEngine(engine_config(preset, max_num_seqs=max(batch, 2), max_model_len=2560, max_tokens_step=8192))
     for i in range(batch):
         eng.add_request(f"kp{i}", [(i * 7 + j) % 30000 + 10 for j in range(2048)],
@@ -198,6 +195,20 @@ def decode_breakdown(preset: str, batch: int, steps: int = 20) -> dict:
             out["logits_ms"] = cuda_time(lambda: eng.model.compute_logits(hidden[:batch]), iters=30) * 1e3
             logits = eng.model.compute_logits(hidden[:batch])
             out["argmax_ms"] = cuda_time(lambda: logits.argmax(dim=-1), iters=30) * 1e3
+    out.update(kernel_profile(eng, f"{preset} batch {batch}", steps, out))
+    eng = None  # free the memory (closures above still name them)
+    _release()
+    return out
+
+
+def kernel_profile(eng: LLMEngine, label: str, steps: int = 20, head: dict | None = None, top: int = 28) -> dict:
+    """The kernels of ``steps`` steps of ``eng`` (its batch already decoding) under torch.profiler, in
+    this process (rank 0 of a TP engine): the GPU's busy time per step (union of kernels), the span
+    (so idle gaps show), kernels per step, and the ``top`` kernels by time (printed as a table, and
+    returned as [name, us per step, calls per step, us per call])."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -205,6 +216,7 @@ def decode_breakdown(preset: str, batch: int, steps: int = 20) -> dict:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     iv = [(e.time_range.start, e.time_range.end) for e in kernels]
+    out: dict = {}
     if iv:
         out["gpu_busy_ms_per_step"] = _busy_us(iv) / steps / 1e3
         out["gpu_span_ms_per_step"] = (max(b for _, b in iv) - min(a for a, _ in iv)) / steps / 1e3
@@ -212,13 +224,12 @@ def decode_breakdown(preset: str, batch: int, steps: int = 20) -> dict:
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
-    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
-    print(f"--- {preset} batch {batch}: {json.dumps(out)}", flush=True)
+    rows = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    out["top_kernels"] = [[name[:110], sum(ts) / steps, len(ts) / steps, statistics.mean(ts)] for name, ts in rows]
+    print(f"--- {label}: {json.dumps({**(head or {}), **{k: v for k, v in out.items() if k != 'top_kernels'}})}", flush=True)
     print(f"{'us/step':>8} {'calls/step':>10} {'us/call':>8}  kernel", flush=True)
-    for name, ts in rows[:28]:
-        print(f"{sum(ts) / steps:8.1f} {len(ts) / steps:10.1f} {statistics.mean(ts):8.2f}  {name[:110]}", flush=True)
-    eng = None  # free the memory (closures above still name them)
-    _release()
+    for name, per_step, calls, per_call in out["top_kernels"]:
+        print(f"{per_step:8.1f} {calls:10.1f} {per_call:8.2f}  {name}", flush=True)
     return out
 
 

@@ -1,4 +1,4 @@
-# Sourced by the one-command GPU scripts (gpu_tp.sh, gpu_moe.sh) once $smoke (0, or 1 for --cpu-smoke)
+# Sourced by the one-command GPU scripts (gpu_tp.sh, gpu_moe.sh, gpu_big.sh) once $smoke (0, or 1 for --cpu-smoke)
 # and $OUT are set.  On the GPU machine: installs .whl/ into /tmp/site, sets the environment
 # (FlashInfer's compile cache in .ficache, restored from .ficache.tgz.part-*; NVLink multicast off)
 # and prints the GPUs.  Sets $py; defines pack_cache, which returns FlashInfer's compile cache in

@@ -5,6 +5,10 @@
   ``cuda_ipc`` (our transport's launch + CUDA event), by NIXL with UCX's default transports
   (NVLink/cuda_ipc), and by NIXL forced onto TCP (``UCX_TLS``, a stand-in for a link between hosts) —
   against one contiguous peer copy of the same bytes; data checked, medians of 20 after warm-up.
+  Every NIXL setting is measured twice in one process: unstaged (one READ region per (layer,
+  block)) and staged (``--nixl-staging-mb``'s default arenas on both sides: the source packs the
+  blocks on request — a pipe round trip standing in for ``BeginRead`` — the reader does one READ and
+  one scatter, or READs straight into consecutive blocks); ``pack_ms`` and ``read_ms`` split it.
 * ``mesh``: scheduler, gateway, prefill on cuda:0 and decode on cuda:1 with ``--kv-transports
   nixl``; greedy token ids through the gRPC API compared with one engine in one process.
 
@@ -29,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOKENS, BLOCK, PRESET = 3500, 32, "llama-3.1-8b"
+CPU_CHECK = "cpu" in sys.argv
+"""``--devices cpu cpu``: a check of the code path, not a measurement."""
 
 
 def _pool(device: str, blocks: int):
@@ -48,20 +54,38 @@ def _ids(n: int, contiguous: bool = False) -> tuple[list[int], list[int]]:
     return list(range(0, 2 * n, 2)), list(range(3 * n, 2 * n, -1))[:n]  # scattered pages, as after real traffic
 
 
+def _staging_bytes() -> int:
+    from pdmesh.worker import WorkerConfig
+
+    return WorkerConfig.nixl_staging_mb << 20
+
+
 def _owner(device: str, blocks: int, conn, contiguous: bool = False) -> None:
-    """Child: a source pool with random KV, offered by CUDA IPC handle and NIXL metadata."""
+    """Child: a source pool with random KV, offered by CUDA IPC handle and NIXL metadata; then, as
+    ``BeginRead`` with ``stage`` does, packs the block ids it receives into an extent of its staging
+    arena and answers (region, pack ms), freeing the extent at the next message, until 'bye'."""
     from pdmesh.transport.cuda_ipc import export_handle
     from pdmesh.transport.nixl import NixlAgent
 
     pool = _pool(device, blocks)
     pool.kv.normal_()
-    agent = NixlAgent("bench-src", pool, "src")
+    agent = NixlAgent("bench-src", pool, "src", staging_bytes=_staging_bytes())
     handle = export_handle(pool, "src").SerializeToString() if pool.kv.is_cuda else b""
     conn.send((handle, agent.metadata().SerializeToString(), None if pool.kv.is_cuda else pool.kv[:, _ids(blocks // 4, contiguous)[0]]))
-    conn.recv()
+    while (ids := conn.recv()) != "bye":
+        t0 = time.perf_counter()
+        ext = agent.arena.alloc(agent.staged_bytes(len(ids)))
+        assert ext is not None, "the staging arena is too small for the pull"
+        agent.pack(ext, ids)
+        ms = (time.perf_counter() - t0) * 1e3
+        conn.send((agent.staged_region(ext, len(ids)).SerializeToString(), ms))
+        conn.recv()  # the read has ended
+        agent.arena.free(ext)
 
 
 def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    if CPU_CHECK:  # the CPU check of the code path: a few rounds of 461 MB on a small host are enough
+        iters, warmup = 3, 1
     ts = []
     for i in range(warmup + iters):
         t0 = time.perf_counter()
@@ -77,7 +101,7 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
     from pdmesh.kv.shards import plan_pieces
     from pdmesh.transport.base import TransferState
     from pdmesh.transport.cuda_ipc import CudaIpcTransport, open_handle
-    from pdmesh.transport.nixl import NixlAgent, NixlKVTransport
+    from pdmesh.transport.nixl import NixlAgent, NixlKVTransport, NixlSource
     from pdmesh.v1 import kv_transfer_pb2 as kpb
 
     n = -(-TOKENS // BLOCK)
@@ -96,7 +120,7 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
         a = torch.empty(nbytes, dtype=torch.uint8, device=src_dev)
         b = torch.empty(nbytes, dtype=torch.uint8, device=dst_dev)
 
-        def copy_whole():
+        def copy_whole():  # (named so as not to shadow ``contiguous``, the block-id choice)
             b.copy_(a)
             if b.is_cuda:
                 torch.cuda.synchronize(dst_dev)
@@ -106,10 +130,10 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
                 "contiguous_copy_ms": ref_ms, "contiguous_gbps": nbytes / ref_ms / 1e6,
                 "ucx_tls": os.environ.get("UCX_TLS", ""),
                 "blocks": "contiguous" if contiguous else "scattered"}
+        whole = plan_pieces(dst.layout.num_kv_heads, 1, 1)  # TP 1 to TP 1: every head, rank 0 to rank 0
         if "cuda_ipc" in which:
             tr = CudaIpcTransport(None, torch.device(dst_dev))  # type: ignore[arg-type]
             dst.kv.zero_()
-            whole = plan_pieces(dst.layout.num_kv_heads, 1, 1)  # TP 1 to TP 1: every head, rank 0 to rank 0
 
             def ipc_pull() -> None:
                 for _, ev in tr.launch({0: remote}, [0], whole, src_ids, dst_ids, dst).timings:
@@ -120,23 +144,40 @@ def pulls(src_dev: str, dst_dev: str, which: list[str], nixl_threads: int = 0, c
                         "fraction_of_copy_bw": ref_ms / ms, "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
         if "nixl" in which:
             t0 = time.perf_counter()
-            agent = NixlAgent("bench-dst", dst, "dst", num_threads=nixl_threads)
+            agent = NixlAgent("bench-dst", dst, "dst", num_threads=nixl_threads, staging_bytes=_staging_bytes())
             tr = NixlKVTransport(None, agent)  # type: ignore[arg-type]
             peer = tr._open_peer(kpb.NixlMetadata.FromString(md_bytes))
             setup_ms = (time.perf_counter() - t0) * 1e3
 
-            def read():
-                x = tr.read(peer, src_ids, dst_ids)
+            def run(x) -> None:
                 while (st := x.poll()) is TransferState.RUNNING:
                     pass
                 assert st is TransferState.DONE, x.error
 
             dst.kv.zero_()
-            ms = _median_ms(read)
-            out.append({**base, "transport": "nixl", "nixl_threads": nixl_threads, "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
-                        "fraction_of_copy_bw": ref_ms / ms, "agent_and_peer_setup_ms": setup_ms,
-                        "descriptors_per_pull": n * dst.kv.shape[0],
-                        "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
+            ms = _median_ms(lambda: run(tr.read(peer, src_ids, dst_ids)))
+            nixl = {**base, "transport": "nixl", "nixl_threads": nixl_threads, "agent_and_peer_setup_ms": setup_ms}
+            out.append({**nixl, "staged": False, "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6, "fraction_of_copy_bw": ref_ms / ms,
+                        "descriptors_per_pull": n * dst.kv.shape[0], "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
+            split: dict[str, list[float]] = {"pack_ms": [], "read_ms": []}
+
+            def staged() -> None:
+                parent.send(src_ids)
+                region, pack_ms = parent.recv()
+                t1 = time.perf_counter()
+                run(tr.launch(NixlSource(peer, kpb.NixlStagedRegion.FromString(region)), [0], whole, src_ids, dst_ids, dst))
+                split["read_ms"].append((time.perf_counter() - t1) * 1e3)
+                split["pack_ms"].append(pack_ms)
+                parent.send("done")
+
+            dst.kv.zero_()
+            before = dict(tr.reads_total)
+            ms = _median_ms(staged)
+            kinds = {k: v - before[k] for k, v in tr.reads_total.items() if v > before[k]}
+            out.append({**nixl, "staged": True, "read_kinds": kinds, "pull_ms": ms, "pull_gbps": nbytes / ms / 1e6,
+                        "fraction_of_copy_bw": ref_ms / ms, **{k: statistics.median(v) for k, v in split.items()},
+                        "descriptors_per_pull": 1 if "staged" in kinds else dst.kv.shape[0],
+                        "staging_mb": _staging_bytes() >> 20, "data_equal": torch.equal(dst.kv[:, dst_ids].cpu(), want)})
     finally:
         parent.send("bye")
         p.join(60)
@@ -253,7 +294,8 @@ def main() -> None:
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     for r in res.get("pulls", []):
         if "pull_ms" in r:
-            print(f"{r['transport']:9s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} "
+            kind = ("staged" if r.get("staged") else "unstaged") if r["transport"] == "nixl" else "-"
+            print(f"{r['transport']:9s} {kind:8s} {r['blocks']:10s} threads={r.get('nixl_threads', '-')} UCX_TLS={r['ucx_tls'] or '-':14s} "
                   f"{r['pull_ms']:8.2f} ms {r['pull_gbps']:7.1f} GB/s "
                   f"= {r['fraction_of_copy_bw']:.2f} of the contiguous copy ({r['contiguous_gbps']:.0f} GB/s) data_equal={r['data_equal']}")
 

@@ -161,29 +161,51 @@ def stage_kernel(shape: dict, sizes: list[int], cpu: bool, hbm: float, flops: fl
 
 
 # ---------------------------------------------------------------------------------------- engines
-def model_dir(work: Path, layers: int, cpu: bool) -> str:
-    """qwen3-30b-a3b's config with ``layers`` layers (a tiny Qwen3-MoE for --cpu-smoke)."""
-    cfg = dict(PRESETS[PRESET], num_hidden_layers=layers)
-    if cpu:
-        cfg.update(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-                   num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   max_position_embeddings=1024)
-    d = work / f"moe-{layers}"
+TINY_MOE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=1024)
+"""The shapes --cpu-smoke puts over a Qwen3-MoE preset: a tiny model that splits over 2 ranks both by
+expert width and by whole experts."""
+
+
+def preset_dir(work: Path, preset: str, layers: int, tiny: bool = False) -> str:
+    """A model directory holding ``preset``'s config.json cut to its first ``layers`` layers (with
+    ``TINY_MOE``'s shapes when ``tiny``), for ``--model DIR --load-format dummy``: dummy weights are
+    drawn per parameter name, so its layers are the full preset's first ``layers`` layers."""
+    full = PRESETS[preset]["num_hidden_layers"]
+    if not 1 <= layers <= full:
+        raise SystemExit(f"--layers {layers}: {preset} has {full} layers (1..{full})")
+    cfg = dict(PRESETS[preset], num_hidden_layers=layers)
+    cfg["mlp_only_layers"] = [i for i in cfg.get("mlp_only_layers", []) if i < layers]
+    if tiny:
+        cfg.update(TINY_MOE)
+    d = work / f"{preset}-{layers}l{'-tiny' if tiny else ''}"
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
     return str(d)
 
 
+def peak_rates(cpu: bool) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, matmul FLOP/s) of this device, measured now."""
+    if cpu:
+        return hbm_bandwidth(True), 2 * 512 ** 3 / timer(True)(lambda: torch.randn(512, 512) @ torch.randn(512, 512))
+    from benchmarks.gpu_bench import matmul_flops
+
+    rates = hbm_bandwidth(False), matmul_flops()
+    torch.cuda.empty_cache()  # the copy's 8 GiB back to the device before an engine sizes itself
+    return rates
+
+
 def build(model: str, cpu: bool, batch: int, max_len: int, devices: str = "cuda:0", tp: int = 1, ep: bool = False,
-          eager: bool = False):
+          eager: bool = False, step_tokens: int = 0, kv_blocks: int = 0):
     from pdmesh.engine.engine import LLMEngine
     from pdmesh.testing import engine_config
 
     cfg = engine_config(model, device="cpu" if cpu else devices, dtype="float32" if cpu else "bfloat16",
                         max_num_seqs=batch, max_model_len=max_len, eager=eager or cpu,
-                        max_tokens_step=4096 if not cpu else 512, tensor_parallel_size=tp, enable_expert_parallel=ep,
+                        max_tokens_step=step_tokens or (4096 if not cpu else 512), tensor_parallel_size=tp, enable_expert_parallel=ep,
                         block_size=16 if cpu else 32,
-                        num_kv_blocks=batch * -(-max_len // (16 if cpu else 32)) + 64)
+                        num_kv_blocks=kv_blocks or batch * -(-max_len // (16 if cpu else 32)) + 64)
     return LLMEngine(cfg)
 
 
@@ -251,16 +273,28 @@ def decode_point(eng, label: str, batch: int, ctx: int, hbm: float, cpu: bool, r
     kv_tok = eng.pool.layout.head_block_bytes(eng.pool.layout.local_kv_heads) // eng.pool.block_size
     split = eng.model.model.layers[0].mlp.experts.split if eng.arch.is_moe_layer(0) else None
     share = (split.count / split.num_experts) if split is not None else 1.0  # EP: rank 0's experts only
-    expert_bytes = sum(routed) * one * share
-    floor = (other + expert_bytes + batch * mean_ctx * kv_tok) / hbm
+    parts = {"other_bytes": other, "expert_bytes": one, "expert_share": share, "kv_bytes_per_token": kv_tok}
+    fl = decode_floor(parts, routed, batch, mean_ctx, hbm)
     drain(eng)
     row = {"label": label, "batch": batch, "context": ctx, "mean_context": mean_ctx, "step_ms": step * 1e3,
-           "experts_routed": routed, "experts_routed_per_layer": statistics.mean(routed), "floor_ms": floor * 1e3,
-           "floor_expert_ms": expert_bytes / hbm * 1e3, "ratio": step / floor, "tp": eng.tp.size,
-           "cuda_graphs": eng.runner.graphs is not None}
-    log(f"{label} decode batch {batch}: step {step * 1e3:.2f} ms, floor {floor * 1e3:.2f} ms "
-        f"(experts {expert_bytes / hbm * 1e3:.2f} ms, {row['experts_routed_per_layer']:.0f} routed/layer), ratio {step / floor:.2f}")
+           "experts_routed": routed, "experts_routed_per_layer": statistics.mean(routed), **fl,
+           "ratio": step * 1e3 / fl["floor_ms"], "tp": eng.tp.size, "cuda_graphs": eng.runner.graphs is not None,
+           "floor_parts": parts}
+    log(f"{label} decode batch {batch}: step {step * 1e3:.2f} ms, floor {fl['floor_ms']:.2f} ms "
+        f"(experts {fl['floor_expert_ms']:.2f} ms, {row['experts_routed_per_layer']:.0f} routed/layer), ratio {row['ratio']:.2f}")
     return row
+
+
+def decode_floor(parts: dict, routed: list[float], batch: float, mean_ctx: float, hbm: float) -> dict:
+    """A decode step's floor on one rank: (its weights besides the experts + the experts its tokens
+    are routed to (``routed``: distinct experts per sparse layer; under EP only this rank's share of
+    them) + the batch's KV) / copy bandwidth.  ``parts``: other_bytes, expert_bytes (one expert on
+    this rank), expert_share (1, or this rank's experts / all under EP), kv_bytes_per_token."""
+    experts = sum(routed) * parts["expert_bytes"] * parts["expert_share"]
+    kv = batch * mean_ctx * parts["kv_bytes_per_token"]
+    total = parts["other_bytes"] + experts + kv
+    return {"floor_ms": total / hbm * 1e3, "floor_expert_ms": experts / hbm * 1e3, "floor_kv_ms": kv / hbm * 1e3,
+            "floor_other_ms": parts["other_bytes"] / hbm * 1e3}
 
 
 def prefill_point(eng, label: str, tokens: int, flops: float, cpu: bool) -> dict:
@@ -468,13 +502,7 @@ def main() -> None:
             log("NOT MEASURED: " + doc["refused"])
             save(out, "moe.json", doc)
             sys.exit(2)
-    if not cpu:
-        from benchmarks.gpu_bench import matmul_flops
-
-        flops = matmul_flops()
-    else:
-        flops = 2 * 512 ** 3 / timer(True)(lambda: torch.randn(512, 512) @ torch.randn(512, 512))
-    hbm = hbm_bandwidth(cpu)
+    hbm, flops = peak_rates(cpu)
     doc.update(hbm_bytes_per_s=hbm, matmul_flops=flops)
     log(f"copy bandwidth {hbm / 1e12:.3f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
     work = Path(tempfile.mkdtemp())
@@ -482,11 +510,11 @@ def main() -> None:
         doc["kernel"] = stage_kernel(shape, sizes, cpu, hbm, flops, clock)
         save(out, "moe.json", doc)
     if "engine" in a.stages:
-        doc["engine"] = stage_engine(model_dir(work, a.layers, cpu), cpu, hbm, flops, clock, batches, ctx, prompt)
+        doc["engine"] = stage_engine(preset_dir(work, PRESET, a.layers, cpu), cpu, hbm, flops, clock, batches, ctx, prompt)
         save(out, "moe.json", doc)
     if "tpep" in a.stages:
         if cpu or torch.cuda.device_count() >= 2:
-            doc["tpep"] = stage_tpep(model_dir(work, a.tp_layers, cpu), cpu, hbm, flops, clock, batches, ctx, prompt)
+            doc["tpep"] = stage_tpep(preset_dir(work, PRESET, a.tp_layers, cpu), cpu, hbm, flops, clock, batches, ctx, prompt)
         else:
             doc["tpep"] = [{"label": "TP 2 / EP 2", "skipped": "needs 2 GPUs"}]
         save(out, "moe.json", doc)

@@ -53,7 +53,7 @@ def layout(name: str, gpus: list[int], util_1gpu_disagg: float, cpu: bool = Fals
     raise SystemExit(f"unknown layout {name!r}")
 
 
-def worker_window(svc: Services, names: list[str], before: dict[str, dict], after: dict[str, dict]) -> dict:
+def worker_window(names: list[str], before: dict[str, dict], after: dict[str, dict]) -> dict:
     """Worker-side figures over one load point (deltas of their Prometheus series)."""
     def d(name: str, key: str) -> float:
         return after[name].get(key, 0.0) - before[name].get(key, 0.0)
@@ -139,7 +139,7 @@ def main() -> int:
                 m = summarize(results, duration, PERCENTILES, SLOS["tpot35"], num_gpus)
                 m["request_goodput_tpot35"] = m.pop("request_goodput")
                 m["request_goodput_tpot40"] = summarize(results, duration, PERCENTILES, SLOS["tpot40"], num_gpus)["request_goodput"]
-                wk = worker_window(svc, names, before, after)
+                wk = worker_window(names, before, after)
                 points.append({"label": f"{a.layout} {in_len}:{out_len}", "request_rate": "inf", "max_concurrency": conc,
                                "burstiness": 1.0, "goodput_slo_ms": SLOS["tpot35"], "metrics": m, "worker": wk,
                                "errors": sorted({r.error for r in results if not r.success})[:5]})

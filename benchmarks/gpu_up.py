@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.synthetic_tokenizer import write as write_tokenizer  # noqa: E402
 from pdmesh.bench.metrics import percentile  # noqa: E402
-from tests.meshproc import free_port  # noqa: E402
+from tests.meshproc import free_port, mesh_secret_file  # noqa: E402
 
 PULL = re.compile(r"pulled (\d+) blocks \((\d+) cached locally\) (\d+) bytes via (\S+) in ([\d.]+)ms"
                   r"(?: \(copy ([\d.]+)ms on the GPU\))?")
@@ -88,15 +88,17 @@ print("REF " + json.dumps(res))
 
 
 class Up:
-    """`pdmesh up` with everything it prints in one log file."""
+    """`pdmesh up` with everything it prints in one log file; its scheduler at ``scheduler``, with the
+    mesh secret of ``tests.meshproc`` (so ``list_workers``/``wait_idle`` can ask it)."""
 
     def __init__(self, log: Path, args: list[str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.scheduler = f"127.0.0.1:{free_port()}"
         cmd = [sys.executable, "-m", "services.cli", "up", "--port", str(self.port), "--grpc-port", str(free_port()),
-               "--metrics-port", str(free_port()), "--scheduler-port", str(free_port()),
-               "--scheduler-metrics-port", str(free_port()), *args]
+               "--metrics-port", str(free_port()), "--scheduler-port", self.scheduler.rsplit(":", 1)[1],
+               "--scheduler-metrics-port", str(free_port()), "--mesh-secret-file", mesh_secret_file(log.parent), *args]
         self.t0 = time.monotonic()
         self.p = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -166,11 +168,13 @@ def pull_stats(log: str, start: int) -> dict:
     return out
 
 
-def bench(base: str, tok_dir: Path, conc: int, n: int, inp: int, out: int, result: Path) -> dict:
+def bench(base: str, tok_dir: Path, conc: int, n: int, inp: int, out: int, result: Path, num_gpus: int = 0) -> dict:
+    """One load point of ``pdmesh bench`` (random token-id prompts, ``ignore_eos``); its metrics (the
+    whole result, with every request's figures, in ``result``)."""
     p = subprocess.run([sys.executable, "-m", "services.cli", "bench", "--base-url", base, "--tokenizer", str(tok_dir),
                         "--dataset", "random", "--random-input-len", str(inp), "--random-output-len", str(out),
                         "--num-prompts", str(n), "--max-concurrency", str(conc), "--num-warmups", "0", "--no-progress",
-                        "--result-file", str(result)], capture_output=True, text=True, timeout=900)
+                        "--num-gpus", str(num_gpus), "--result-file", str(result)], capture_output=True, text=True, timeout=900)
     if p.returncode != 0:
         raise RuntimeError(p.stdout[-2000:] + p.stderr[-2000:])
     return json.loads(result.read_text())["points"][0]["metrics"]

@@ -65,6 +65,14 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache.", (), None),
     "kv_transfer_bytes_total": ("counter", "KV bytes moved between workers, by transport.", ("transport",), None),
     "kv_transfer_failures_total": ("counter", "Decode: KV pulls that failed, by what was done (recompute, fail).", ("action",), None),
+    "kv_nixl_staging_fallbacks_total": ("counter", "NIXL reads that found a staging arena (--nixl-staging-mb) full, by side: source (read "
+                                        "from its pool block by block), destination (block by block into the pool, or, between "
+                                        "tensor-parallel sizes, through a buffer registered for the pull).", ("side",), None),
+    "kv_nixl_reads_total": ("counter", "Decode: NIXL READs posted (one per source rank of a pull), by kind: unstaged (from the peer's "
+                            "pool, one region per (layer, block)), staged (a packed region into this worker's arena, then landed), "
+                            "direct (a packed region straight into consecutive blocks), fallback (a packed region with this arena "
+                            "full).", ("kind",), None),
+    "kv_nixl_staging_used_bytes": ("gauge", "Bytes of this worker's NIXL staging arena taken by reads in flight (prefill: by leases).", (), None),
     "kv_tier_hits_total": ("counter", "Prompt tokens loaded from a lower KV tier (host, disk) instead of recomputed.", ("tier",), None),
     "kv_tier_misses_total": ("counter", "Prompt tokens looked up in a lower KV tier (past the tiers above it) and not found there.", ("tier",), None),
     "kv_tier_offload_bytes_total": ("counter", "KV bytes written into a lower tier (host: from the device; disk: from host memory).",

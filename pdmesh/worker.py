@@ -92,6 +92,11 @@ class WorkerConfig:
     nixl_threads: int = 0
     """Worker threads of NIXL's UCX backend that post one transfer's descriptors in parallel
     (0: the backend's single progress thread). A pull is one descriptor per (layer, block)."""
+    nixl_staging_mb: int = 512
+    """NIXL staging arena in MB, on the KV pool's device, outside the KV pool (0: off): prefill packs the
+    blocks a nixl reader asks for into it (one gather) and decode reads them with one READ, then scatters
+    them with one kernel, instead of one READ region per (layer, block). Held only while a read is in
+    flight (prefill: until the lease ends); a full arena falls back to one region per (layer, block)."""
     max_pending_requests: int = 1024
     """Requests this worker takes at once (queued and running); beyond it new ones are refused with
     RESOURCE_EXHAUSTED, which the gateway answers with 429 (or retries elsewhere)."""
@@ -112,6 +117,7 @@ class WorkerConfig:
         _require(self.kv_transfer_timeout > 0, "kv_transfer_timeout", "must be > 0")
         _require(self.max_pending_requests >= 1, "max_pending_requests", "must be >= 1")
         _require(0 <= self.nixl_threads <= 64, "nixl_threads", "must be in 0..64")
+        _require(0 <= self.nixl_staging_mb <= 65536, "nixl_staging_mb", "must be in 0..65536 (MB; 0 turns staging off)")
         check_choices(self)
         FaultPlan.parse(self.inject_kv_faults)
         _require(len(set(self.kv_transports)) == len(self.kv_transports), "kv_transports", "lists a transport twice")
@@ -208,7 +214,7 @@ class WorkerRuntime:
         from pdmesh.transport.nixl import NixlAgent
 
         return NixlAgent(f"pdmesh-{ROLE_NAMES[self.role]}-{self.incarnation}", self.llm.pool, self.incarnation,
-                         num_threads=self.wcfg.nixl_threads)
+                         num_threads=self.wcfg.nixl_threads, staging_bytes=self.wcfg.nixl_staging_mb << 20)
 
     @property
     def llm(self) -> LLMEngine:
@@ -362,6 +368,9 @@ class WorkerRuntime:
                     self._export_tier(m, tier, c)
                 if s.spec is not None:
                     self._spec_counters(m, s.spec)
+            agent = self.__dict__.get("nixl_agent")  # made when the servicers were added, if nixl is offered
+            if m is not None and agent is not None and agent.arena is not None:
+                m.set("kv_nixl_staging_used_bytes", agent.arena.used_bytes)
             await asyncio.sleep(interval)
 
     _TIER_COUNTERS = {"hits": "kv_tier_hits_total", "misses": "kv_tier_misses_total",

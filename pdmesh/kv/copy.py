@@ -108,8 +108,9 @@ def gather_heads(src: torch.Tensor, src_ids: torch.Tensor, heads: tuple[int, int
 
 def scatter_heads(data: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor, heads: tuple[int, int]) -> None:
     """Write ``data`` [L, n, 2, bs, h, D] (on ``dst``'s device) into blocks ``dst_ids`` of pool ``dst``
-    (its local heads ``heads``), on the current stream."""
-    if _full(dst, heads):
+    (its local heads ``heads``), on the current stream: one block-copy kernel when ``data`` is whole
+    contiguous blocks on a GPU, else ``index_copy_`` into the heads' (strided) view."""
+    if _full(dst, heads) and data.is_contiguous() and _on_gpu(data, dst):
         copy_blocks(data, torch.arange(data.shape[1], device=data.device), dst, dst_ids)
     else:
         as_bytes(dst[:, :, :, :, heads[0]:heads[1]]).index_copy_(1, dst_ids, as_bytes(data))
@@ -124,3 +125,21 @@ def copy_heads(src: torch.Tensor, src_ids: torch.Tensor, src_heads: tuple[int, i
         copy_blocks(src, src_ids, dst, dst_ids)
     else:
         scatter_heads(gather_heads(src, src_ids, src_heads), dst, dst_ids, dst_heads)
+
+
+class SideStreams:
+    """A stream of the highest priority per GPU, made on first use: the GPU's block scheduler
+    dispatches its kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode
+    step's), so a pull under load is not queued behind them.  Used from any thread: two threads
+    racing on a device's first use make one stream each, and one of them is kept."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def __call__(self, device: torch.device) -> torch.cuda.Stream:
+        st = self._streams.get(device)
+        if st is None:
+            # (greatest, least): lower numbers are higher priority
+            high, _ = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod at runtime; torch's stub omits it
+            st = self._streams[device] = torch.cuda.Stream(device, priority=high)
+        return st

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmesh.kv.copy import as_bytes
+from pdmesh.kv.copy import as_bytes, scatter_heads
 from pdmesh.kv.shards import local_kv_heads, rank_heads, source_ranks
 from pdmesh.models.arch import ModelArch
 
@@ -97,11 +97,6 @@ class KVCachePool:
         self.ranks = [self.kv, *others]
         self.shares = [None, *shares]
 
-    def rank_view(self, rank: int, heads: tuple[int, int] | None = None) -> torch.Tensor:
-        """Rank ``rank``'s pool, or its local heads ``[a, b)`` (a strided view)."""
-        kv = self.ranks[rank]
-        return kv if heads is None or heads == (0, kv.shape[4]) else kv[:, :, :, :, heads[0]:heads[1]]
-
     @torch.no_grad()
     def read_heads(self, rank: int, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:
         """Contiguous ``[L, n, 2, bs, h, D]`` copy of blocks ``block_ids`` of rank ``rank`` (its local
@@ -114,10 +109,12 @@ class KVCachePool:
 
     @torch.no_grad()
     def write_heads(self, rank: int, block_ids: list[int], heads: tuple[int, int] | None, data: torch.Tensor) -> None:
-        """Write ``data`` [L, n, 2, bs, h, D] into blocks ``block_ids`` of rank ``rank`` (local heads ``heads``)."""
-        view = self.rank_view(rank, heads)
-        ids = torch.tensor(block_ids, dtype=torch.int64, device=view.device)
-        as_bytes(view).index_copy_(1, ids, as_bytes(data.to(view.device, view.dtype)))
+        """Write ``data`` [L, n, 2, bs, h, D] into blocks ``block_ids`` of rank ``rank`` (local heads
+        ``heads``), on the current stream of that rank's device (moved there first if it is elsewhere):
+        one block-copy kernel for whole blocks, a head slice otherwise (``scatter_heads``)."""
+        kv = self.ranks[rank]
+        ids = torch.tensor(block_ids, dtype=torch.int64, device=kv.device)
+        scatter_heads(data.to(kv.device, kv.dtype), kv, ids, heads or (0, kv.shape[4]))
 
     def land(self, pieces: list, src_rank: int, block_ids: list[int], data: torch.Tensor) -> None:
         """Write a source rank's blocks ``data`` [L, n, 2, bs, its heads, D] into local blocks

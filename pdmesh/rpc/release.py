@@ -24,6 +24,11 @@ REFUSED_KEY = "pdmesh-refused"
 """Trailing metadata of a decode worker's refusal that left the request's KV untouched on the
 prefill worker (draining, too many requests, no free blocks): the caller may offer the same KV
 to another decode worker, and releases it if none takes it."""
+ACCEPTED_KEY = "pdmesh-accepted"
+"""Initial metadata a decode worker sends once it has taken a disaggregated request on (before
+it touches the KV). A call that fails UNAVAILABLE without it never reached the worker's handler (the
+worker had stopped listening after a route to it was handed out): the KV is untouched, so the
+caller may offer it to another decode worker, as after a refusal."""
 FINISHED_BY_CALLER = "finished"
 """``AbortRequest.reason`` when the caller ended a request that is done by the caller's own rule (a
 stop string found in the text): the worker counts it as finished with reason 'stop', not aborted."""

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from pdmesh.kv.copy import copy_heads, gather_heads, scatter_heads
+from pdmesh.kv.copy import SideStreams, copy_heads, gather_heads, scatter_heads
 from pdmesh.kv.pool import KVCachePool
 from pdmesh.kv.shards import Piece
 from pdmesh.rpc.channels import ChannelPool
@@ -84,15 +84,6 @@ def open_handle(h: kpb.CudaIpcHandle) -> torch.Tensor:
     return t
 
 
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """A stream of the highest priority on ``device``: the GPU's block scheduler dispatches its
-    kernels before those of normal-priority streams (a busy prefill's GEMMs, a decode step's), so a
-    pull under load is not queued behind them."""
-    # (greatest, least): lower numbers are higher priority
-    high, _ = torch.cuda.Stream.priority_range()  # type: ignore[call-arg]  # a staticmethod at runtime; torch's stub omits it
-    return torch.cuda.Stream(device, priority=high)
-
-
 def _ids(ids: Sequence[int], device: torch.device) -> torch.Tensor:
     """Block ids on ``device`` through pinned memory, on the current stream (no host sync)."""
     return torch.tensor(list(ids), dtype=torch.int64).pin_memory().to(device, non_blocking=True)
@@ -135,16 +126,11 @@ class CudaIpcTransport(OneSidedTransport):
     def __init__(self, channels: ChannelPool, device: torch.device, faults: FaultPlan | None = None) -> None:
         super().__init__(channels, faults)
         self.device = torch.device(device)
-        self._streams: dict[torch.device, torch.cuda.Stream] = {self.device: _copy_stream(self.device)}
+        self._stream = SideStreams()
         """A high-priority side stream per GPU a copy touches (this worker's first): every pull's
         copies run there, ahead of the decode steps' queued kernels (a pull is short; the request
         waits for it)."""
-
-    def _stream(self, device: torch.device) -> torch.cuda.Stream:
-        st = self._streams.get(device)
-        if st is None:
-            st = self._streams[device] = _copy_stream(device)
-        return st
+        self._stream(self.device)
 
     async def _fetch_peer(self, desc: pb.KVDescriptor, timeout: float, metadata: tuple) -> tuple[str, dict[int, kpb.CudaIpcHandle]]:
         stub = self.channels.stub(desc.address, kgrpc.KVTransferStub)
@@ -162,7 +148,7 @@ class CudaIpcTransport(OneSidedTransport):
         return min(t.shape[1] for t in peer.values())
 
     def launch(self, peer: dict[int, torch.Tensor], ranks: list[int], pieces: list[Piece], src: Sequence[int],
-               dst: Sequence[int], pool: KVCachePool) -> CudaCopy:
+               dst: Sequence[int], pool: KVCachePool, first: int = 0) -> CudaCopy:
         """Queue every piece's copy (blocks ``src`` of the peer's source rank into blocks ``dst`` of the
         destination rank's pool) on side streams; returns at once.  The destination blocks are fresh
         (never in a launched step), so the copies need not wait for any compute stream."""

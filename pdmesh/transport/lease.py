@@ -14,6 +14,10 @@ arrives meanwhile is carried out when the last pin goes.
   this process cannot stop; it runs out at its own deadline, which never passes the lease's hard
   limit, and the reader trusts its copy only if it completed before then.
 
+Resources a read needs besides the blocks (a staged NIXL read's extent of the staging arena) are
+*attached* to the lease (``attach``) and released right after ``free_fn`` when the lease ends, by
+the same single path — never while a pin is live.
+
 Deadlines: a lease expires ``ttl`` seconds after it was made or last pinned (soft), and in any case
 ``max_ttl`` seconds after it was made (hard: ``--kv-lease-max-seconds``); no pin is granted or
 extended past the hard limit, so no read of the KV can outlive it.
@@ -58,6 +62,8 @@ class Lease:
     """SHA-256 of the prompt tokens whose KV the blocks hold."""
     holder: Optional[str] = None
     """The decode identity that read first (only it may read again)."""
+    attached: list[Callable[[], None]] = field(default_factory=list)
+    """Releases of what the lease owns besides its blocks (staging extents), called when it ends."""
 
     def pinned(self, now: float) -> bool:
         return self.pins > 0 or any(d > now for d in self.reads.values())
@@ -134,6 +140,15 @@ class LeaseTable:
         lease.reads.pop(read_id, None)
         return self.release(request_id)
 
+    def attach(self, request_id: str, release: Callable[[], None]) -> bool:
+        """Hand the lease something to ``release`` when it ends (a staging extent).  False when the
+        lease has ended already: the caller still owns it and releases it itself."""
+        lease = self.leases.get(request_id)
+        if lease is None:
+            return False
+        lease.attached.append(release)
+        return True
+
     def release(self, request_id: str) -> bool:
         """Free the request's held KV (now, or when the reads in progress end)."""
         lease = self.leases.get(request_id)
@@ -155,6 +170,9 @@ class LeaseTable:
     def _end(self, lease: Lease) -> None:
         if self.leases.pop(lease.request_id, None) is not None:
             self.free_fn(lease.request_id)
+            for release in lease.attached:
+                release()
+            lease.attached.clear()
 
     def reap(self, now: Optional[float] = None) -> int:
         """End leases that are released or expired and no longer pinned (read pins run out by

@@ -15,7 +15,7 @@ import logging
 import time
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import grpc
 
@@ -39,20 +39,24 @@ class ReadPin:
     read_id: int
     deadline: float
     """time.monotonic() here, no later than the pin on the source (measured from before the call)."""
+    staged: Optional[kpb.NixlStagedRegion] = None
+    """Where the source packed the blocks (a staged nixl read), valid as long as the pin."""
 
 
 async def begin_read(channels: ChannelPool, desc: pb.KVDescriptor, src_block_ids: Sequence[int], timeout: float,
-                     metadata: tuple = ()) -> ReadPin:
-    """Pin the source lease for a one-sided read of ``src_block_ids`` for at most ``timeout`` s."""
+                     metadata: tuple = (), stage: bool = False) -> ReadPin:
+    """Pin the source lease for a one-sided read of ``src_block_ids`` for at most ``timeout`` s
+    (``stage``: and ask the source to pack them into its staging arena)."""
     t0 = time.monotonic()
     try:
         r = await channels.stub(desc.address, kgrpc.KVTransferStub).BeginRead(
             kpb.BeginReadRequest(request_id=desc.request_id, block_ids=list(src_block_ids), max_seconds=timeout,
-                                 lease_token=desc.lease_token, num_tokens=desc.num_tokens, prompt_hash=desc.prompt_hash),
+                                 lease_token=desc.lease_token, num_tokens=desc.num_tokens, prompt_hash=desc.prompt_hash,
+                                 stage=stage),
             timeout=min(timeout, 10.0), metadata=metadata)
     except grpc.aio.AioRpcError as exc:
         raise TransferError(f"no read pin from {desc.address}: {exc.code().name}: {exc.details()}") from exc
-    return ReadPin(r.read_id, t0 + r.granted_seconds)
+    return ReadPin(r.read_id, t0 + r.granted_seconds, r.staged if r.HasField("staged") else None)
 
 
 class OneSidedTransport(BaseKVTransport):
@@ -82,11 +86,21 @@ class OneSidedTransport(BaseKVTransport):
     def _peer_blocks(self, peer: Any) -> int:
         """Blocks in the peer's pool."""
 
+    @property
+    def stage_reads(self) -> bool:
+        """Whether ``BeginRead`` asks the source to pack the blocks (staged nixl reads)."""
+        return False
+
+    def _pull_state(self, desc: pb.KVDescriptor, peer: Any, pin: ReadPin, src_block_ids: Sequence[int]) -> Any:
+        """What ``launch`` reads from (``PreparedPull.state``): by default the peer."""
+        return peer
+
     @abstractmethod
     def launch(self, peer: Any, ranks: list[int], pieces: list[Piece], src: Sequence[int], dst: Sequence[int],
-               pool: KVCachePool) -> BaseTransfer:
+               pool: KVCachePool, first: int = 0) -> BaseTransfer:
         """Engine thread: start copying blocks ``src`` of the peer's source ranks ``ranks`` into blocks
-        ``dst`` of ``pool``'s ranks, as ``pieces`` say."""
+        ``dst`` of ``pool``'s ranks, as ``pieces`` say; ``peer`` is ``PreparedPull.state``; ``first``:
+        the index of ``src[0]`` in the pull's source blocks (a piece of a slowed pull)."""
 
     async def peer(self, desc: pb.KVDescriptor, timeout: float, metadata: tuple = ()) -> Any:
         entry = self.peers.get(desc.address)
@@ -118,17 +132,17 @@ class OneSidedTransport(BaseKVTransport):
         peer = await self.peer(desc, timeout, metadata)
         if src_block_ids and max(src_block_ids) >= self._peer_blocks(peer):
             raise TransferError("source block id outside the peer's pool")
-        pin = await begin_read(self.channels, desc, src_block_ids, timeout, metadata)
+        pin = await begin_read(self.channels, desc, src_block_ids, timeout, metadata, stage=self.stage_reads)
         delay = self.faults.delay if self.faults.next_pull() == "delay" else 0.0
         return PreparedPull(desc, list(src_block_ids), min(t0 + timeout, pin.deadline), read_id=pin.read_id, delay=delay,
-                            state=peer)
+                            state=self._pull_state(desc, peer, pin, src_block_ids))
 
     def start(self, prepared: PreparedPull, dst_block_ids: Sequence[int], pool: KVCachePool) -> BaseTransfer:
         pieces = self.check_start(prepared, dst_block_ids, pool)
         ranks = read_ranks(prepared.desc.layout)
         peer, src, dst = prepared.state, list(prepared.src_block_ids), list(dst_block_ids)
         if prepared.delay:
-            return PacedTransfer(lambda a, b: self.launch(peer, ranks, pieces, src[a:b], dst[a:b], pool), len(src),
+            return PacedTransfer(lambda a, b: self.launch(peer, ranks, pieces, src[a:b], dst[a:b], pool, first=a), len(src),
                                  blocks_per_chunk(pool.layout.block_bytes), prepared.delay)
         return self.launch(peer, ranks, pieces, src, dst, pool)
 

@@ -5,9 +5,14 @@
   limit (a reader that stops reading is cut off there).
 * ``GetIpcHandle`` / ``GetNixlMetadata`` tell one-sided readers (``cuda_ipc``, ``nixl``) where the
   pool is, once per peer process (both carry this process's incarnation).
-* ``BeginRead`` / ``EndRead`` pin the lease around a one-sided read (see ``LeaseTable``).
+* ``BeginRead`` / ``EndRead`` pin the lease around a one-sided read (see ``LeaseTable``).  A nixl
+  reader may ask for the blocks staged (``stage``): under the pin, each source rank's blocks are
+  packed by one gather (in a thread: GPU work never runs on the loop) into one extent of this
+  worker's staging arena, which then belongs to the lease and is freed when it ends
+  (``pdmesh.transport.staging``).
 * Pull, BeginRead and EndRead present the lease's token (``pdmesh.transport.capability``): Pull and
-  BeginRead for the lease's prompt, by its holder; EndRead (which releases) by its holder.
+  BeginRead for the lease's prompt, by its holder; EndRead (which releases) by its holder.  Blocks
+  are packed only for a reader that passed that check.
 
 ``faults`` (``--inject-kv-faults``, tests only) may corrupt or slow the pulls served here.
 """
@@ -15,8 +20,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import grpc
 import torch
@@ -31,6 +37,11 @@ from pdmesh.transport.lease import LeaseTable
 from pdmesh.v1 import kv_transfer_pb2 as kpb
 from pdmesh.v1 import kv_transfer_pb2_grpc as kgrpc
 
+if TYPE_CHECKING:
+    from pdmesh.transport.nixl import NixlAgent
+
+log = logging.getLogger(__name__)
+
 CHUNK_BYTES = 4 << 20
 
 
@@ -42,14 +53,15 @@ def blocks_per_chunk(block_bytes: int) -> int:
 class KVTransferServicer(kgrpc.KVTransferServicer):
     def __init__(self, pool: KVCachePool, leases: LeaseTable, incarnation: str = "",
                  faults: Optional[FaultPlan] = None, metrics: Optional[ServiceMetrics] = None,
-                 nixl_metadata: Optional[Callable[[], kpb.NixlMetadata]] = None) -> None:
+                 nixl: Optional["NixlAgent"] = None) -> None:
         self.metrics = metrics
         self.pool = pool
         self.incarnation = incarnation
         self.leases = leases
         self.faults = faults or FaultPlan()
         self.per_chunk = blocks_per_chunk(pool.layout.block_bytes)
-        self.nixl_metadata = nixl_metadata
+        self.nixl = nixl
+        """This worker's ``NixlAgent`` when it offers nixl (metadata, staging arena)."""
 
     async def Pull(self, request: kpb.PullRequest, context: grpc.aio.ServicerContext) -> None:
         """Streams the blocks of rank ``request.rank``'s pool (``context.write``) under a stream pin,
@@ -105,7 +117,40 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV held for request {request.request_id!r} (released or expired)")
         assert got is not None  # context.abort raised otherwise
         read_id, granted = got
-        return kpb.BeginReadResponse(read_id=read_id, granted_seconds=granted)
+        staged = await self._stage(request) if request.stage and request.block_ids else None
+        return kpb.BeginReadResponse(read_id=read_id, granted_seconds=granted, staged=staged)
+
+    async def _stage(self, request: kpb.BeginReadRequest) -> Optional[kpb.NixlStagedRegion]:
+        """Pack the pinned blocks of every rank a reader reads into a staging extent, owned by this
+        call while the gathers write it, then by the lease.  None (the reader reads block by block):
+        no arena here, the arena is full (counted), or the lease ended during the gather (its pin
+        ran out)."""
+        agent = self.nixl
+        if agent is None or agent.arena is None:
+            return None
+        arena = agent.arena
+        ids = list(request.block_ids)
+        ext = arena.alloc(agent.staged_bytes(len(ids)))
+        if ext is None:
+            if self.metrics is not None:
+                self.metrics.inc("kv_nixl_staging_fallbacks_total", side="source")
+            log.info("NIXL staging arena full (%d of %d bytes in use): %s read block by block",
+                     arena.used_bytes, arena.capacity, request.request_id)
+            return None
+        gather = asyncio.ensure_future(asyncio.to_thread(agent.pack, ext, ids))
+        try:
+            await asyncio.shield(gather)
+        except asyncio.CancelledError:  # the caller went away: free the extent once the gather stopped
+            gather.add_done_callback(lambda _: arena.free(ext))
+            raise
+        except Exception:  # noqa: BLE001 - the gather failed (and stopped): read block by block
+            log.exception("packing %s for a staged NIXL read failed", request.request_id)
+            arena.free(ext)
+            return None
+        if not self.leases.attach(request.request_id, lambda: arena.free(ext)):
+            arena.free(ext)
+            return None
+        return agent.staged_region(ext, len(ids))
 
     async def EndRead(self, request: kpb.EndReadRequest, context: grpc.aio.ServicerContext) -> kpb.EndReadResponse:
         lease = self.leases.get(request.request_id)
@@ -125,10 +170,10 @@ class KVTransferServicer(kgrpc.KVTransferServicer):
             raise AssertionError("unreachable: context.abort raises") from exc
 
     async def GetNixlMetadata(self, request: kpb.NixlMetadataRequest, context: grpc.aio.ServicerContext) -> kpb.NixlMetadata:
-        if self.nixl_metadata is None:
+        if self.nixl is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker does not offer the nixl transport")
-        assert self.nixl_metadata is not None  # context.abort raised otherwise
-        return self.nixl_metadata()
+        assert self.nixl is not None  # context.abort raised otherwise
+        return self.nixl.metadata()
 
     def _read(self, rank: int, block_ids: list[int]) -> bytes:
         t = self.pool.read_heads(rank, block_ids)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdmesh/v1/kv_transfer.proto\x12\tpdmesh.v1\"\x8c\x01\n\x10\x42\x65ginReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x13\n\x0bmax_seconds\x18\x03 \x01(\x01\x12\x13\n\x0blease_token\x18\n \x01(\t\x12\x12\n\nnum_tokens\x18\x0b \x01(\x05\x12\x13\n\x0bprompt_hash\x18\x0c \x01(\x0c\"=\n\x11\x42\x65ginReadResponse\x12\x0f\n\x07read_id\x18\x01 \x01(\x04\x12\x17\n\x0fgranted_seconds\x18\x02 \x01(\x01\"J\n\x0e\x45ndReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07read_id\x18\x02 \x01(\x04\x12\x13\n\x0blease_token\x18\n \x01(\t\" \n\x0f\x45ndReadResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13NixlMetadataRequest\"\x83\x02\n\x0cNixlMetadata\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x10\n\x08mem_type\x18\x04 \x01(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\x05\x12\x14\n\x0c\x62\x61se_address\x18\x06 \x01(\x04\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\x18\n\x10\x62locks_per_layer\x18\x08 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\t \x01(\x03\x12\x1b\n\x13rank_base_addresses\x18\n \x03(\x04\x12\x17\n\x0frank_device_ids\x18\x0b \x03(\x05\" \n\x10IpcHandleRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\"\x87\x02\n\rCudaIpcHandle\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\x12\r\n\x05shape\x18\t \x03(\x03\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"\x80\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x13\n\x0blease_token\x18\n \x01(\t\x12\x12\n\nnum_tokens\x18\x0b \x01(\x05\x12\x13\n\x0bprompt_hash\x18\x0c \x01(\x0c\"@\n\x07KVChunk\x12\x13\n\x0b\x66irst_index\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xdf\x02\n\nKVTransfer\x12\x34\n\x04Pull\x12\x16.pdmesh.v1.PullRequest\x1a\x12.pdmesh.v1.KVChunk0\x01\x12\x45\n\x0cGetIpcHandle\x12\x1b.pdmesh.v1.IpcHandleRequest\x1a\x18.pdmesh.v1.CudaIpcHandle\x12J\n\x0fGetNixlMetadata\x12\x1e.pdmesh.v1.NixlMetadataRequest\x1a\x17.pdmesh.v1.NixlMetadata\x12\x46\n\tBeginRead\x12\x1b.pdmesh.v1.BeginReadRequest\x1a\x1c.pdmesh.v1.BeginReadResponse\x12@\n\x07\x45ndRead\x12\x19.pdmesh.v1.EndReadRequest\x1a\x1a.pdmesh.v1.EndReadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdmesh/v1/kv_transfer.proto\x12\tpdmesh.v1\"\x9b\x01\n\x10\x42\x65ginReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x13\n\x0bmax_seconds\x18\x03 \x01(\x01\x12\r\n\x05stage\x18\x04 \x01(\x08\x12\x13\n\x0blease_token\x18\n \x01(\t\x12\x12\n\nnum_tokens\x18\x0b \x01(\x05\x12\x13\n\x0bprompt_hash\x18\x0c \x01(\x0c\"j\n\x11\x42\x65ginReadResponse\x12\x0f\n\x07read_id\x18\x01 \x01(\x04\x12\x17\n\x0fgranted_seconds\x18\x02 \x01(\x01\x12+\n\x06staged\x18\x03 \x01(\x0b\x32\x1b.pdmesh.v1.NixlStagedRegion\"Z\n\x10NixlStagedRegion\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\x04\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\x12\x11\n\tnum_ranks\x18\x04 \x01(\x05\"J\n\x0e\x45ndReadRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07read_id\x18\x02 \x01(\x04\x12\x13\n\x0blease_token\x18\n \x01(\t\" \n\x0f\x45ndReadResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13NixlMetadataRequest\"\xb3\x02\n\x0cNixlMetadata\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x02 \x01(\x0c\x12\x13\n\x0bincarnation\x18\x03 \x01(\t\x12\x10\n\x08mem_type\x18\x04 \x01(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\x05\x12\x14\n\x0c\x62\x61se_address\x18\x06 \x01(\x04\x12\x12\n\nnum_layers\x18\x07 \x01(\x05\x12\x18\n\x10\x62locks_per_layer\x18\x08 \x01(\x05\x12\x13\n\x0b\x62lock_bytes\x18\t \x01(\x03\x12\x1b\n\x13rank_base_addresses\x18\n \x03(\x04\x12\x17\n\x0frank_device_ids\x18\x0b \x03(\x05\x12\x17\n\x0fstaging_address\x18\x0c \x01(\x04\x12\x15\n\rstaging_bytes\x18\r \x01(\x03\" \n\x10IpcHandleRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\"\x87\x02\n\rCudaIpcHandle\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\x05\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x03 \x01(\x03\x12\x1c\n\x14storage_offset_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x03\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\x12\r\n\x05shape\x18\t \x03(\x03\x12\r\n\x05\x64type\x18\n \x01(\t\x12\x13\n\x0bincarnation\x18\x0b \x01(\t\"\x80\x01\n\x0bPullRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x13\n\x0blease_token\x18\n \x01(\t\x12\x12\n\nnum_tokens\x18\x0b \x01(\x05\x12\x13\n\x0bprompt_hash\x18\x0c \x01(\x0c\"@\n\x07KVChunk\x12\x13\n\x0b\x66irst_index\x18\x01 \x01(\x05\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xdf\x02\n\nKVTransfer\x12\x34\n\x04Pull\x12\x16.pdmesh.v1.PullRequest\x1a\x12.pdmesh.v1.KVChunk0\x01\x12\x45\n\x0cGetIpcHandle\x12\x1b.pdmesh.v1.IpcHandleRequest\x1a\x18.pdmesh.v1.CudaIpcHandle\x12J\n\x0fGetNixlMetadata\x12\x1e.pdmesh.v1.NixlMetadataRequest\x1a\x17.pdmesh.v1.NixlMetadata\x12\x46\n\tBeginRead\x12\x1b.pdmesh.v1.BeginReadRequest\x1a\x1c.pdmesh.v1.BeginReadResponse\x12@\n\x07\x45ndRead\x12\x19.pdmesh.v1.EndReadRequest\x1a\x1a.pdmesh.v1.EndReadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdmesh.v1.kv_transfer_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BEGINREADREQUEST']._serialized_start=43
-  _globals['_BEGINREADREQUEST']._serialized_end=183
-  _globals['_BEGINREADRESPONSE']._serialized_start=185
-  _globals['_BEGINREADRESPONSE']._serialized_end=246
-  _globals['_ENDREADREQUEST']._serialized_start=248
-  _globals['_ENDREADREQUEST']._serialized_end=322
-  _globals['_ENDREADRESPONSE']._serialized_start=324
-  _globals['_ENDREADRESPONSE']._serialized_end=356
-  _globals['_NIXLMETADATAREQUEST']._serialized_start=358
-  _globals['_NIXLMETADATAREQUEST']._serialized_end=379
-  _globals['_NIXLMETADATA']._serialized_start=382
-  _globals['_NIXLMETADATA']._serialized_end=641
-  _globals['_IPCHANDLEREQUEST']._serialized_start=643
-  _globals['_IPCHANDLEREQUEST']._serialized_end=675
-  _globals['_CUDAIPCHANDLE']._serialized_start=678
-  _globals['_CUDAIPCHANDLE']._serialized_end=941
-  _globals['_PULLREQUEST']._serialized_start=944
-  _globals['_PULLREQUEST']._serialized_end=1072
-  _globals['_KVCHUNK']._serialized_start=1074
-  _globals['_KVCHUNK']._serialized_end=1138
-  _globals['_KVTRANSFER']._serialized_start=1141
-  _globals['_KVTRANSFER']._serialized_end=1492
+  _globals['_BEGINREADREQUEST']._serialized_end=198
+  _globals['_BEGINREADRESPONSE']._serialized_start=200
+  _globals['_BEGINREADRESPONSE']._serialized_end=306
+  _globals['_NIXLSTAGEDREGION']._serialized_start=308
+  _globals['_NIXLSTAGEDREGION']._serialized_end=398
+  _globals['_ENDREADREQUEST']._serialized_start=400
+  _globals['_ENDREADREQUEST']._serialized_end=474
+  _globals['_ENDREADRESPONSE']._serialized_start=476
+  _globals['_ENDREADRESPONSE']._serialized_end=508
+  _globals['_NIXLMETADATAREQUEST']._serialized_start=510
+  _globals['_NIXLMETADATAREQUEST']._serialized_end=531
+  _globals['_NIXLMETADATA']._serialized_start=534
+  _globals['_NIXLMETADATA']._serialized_end=841
+  _globals['_IPCHANDLEREQUEST']._serialized_start=843
+  _globals['_IPCHANDLEREQUEST']._serialized_end=875
+  _globals['_CUDAIPCHANDLE']._serialized_start=878
+  _globals['_CUDAIPCHANDLE']._serialized_end=1141
+  _globals['_PULLREQUEST']._serialized_start=1144
+  _globals['_PULLREQUEST']._serialized_end=1272
+  _globals['_KVCHUNK']._serialized_start=1274
+  _globals['_KVCHUNK']._serialized_end=1338
+  _globals['_KVTRANSFER']._serialized_start=1341
+  _globals['_KVTRANSFER']._serialized_end=1692
 # @@protoc_insertion_point(module_scope)

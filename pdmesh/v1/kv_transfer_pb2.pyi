@@ -1,34 +1,50 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class BeginReadRequest(_message.Message):
-    __slots__ = ("request_id", "block_ids", "max_seconds", "lease_token", "num_tokens", "prompt_hash")
+    __slots__ = ("request_id", "block_ids", "max_seconds", "stage", "lease_token", "num_tokens", "prompt_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     max_seconds: float
+    stage: bool
     lease_token: str
     num_tokens: int
     prompt_hash: bytes
-    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., max_seconds: _Optional[float] = ..., lease_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., max_seconds: _Optional[float] = ..., stage: _Optional[bool] = ..., lease_token: _Optional[str] = ..., num_tokens: _Optional[int] = ..., prompt_hash: _Optional[bytes] = ...) -> None: ...
 
 class BeginReadResponse(_message.Message):
-    __slots__ = ("read_id", "granted_seconds")
+    __slots__ = ("read_id", "granted_seconds", "staged")
     READ_ID_FIELD_NUMBER: _ClassVar[int]
     GRANTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     read_id: int
     granted_seconds: float
-    def __init__(self, read_id: _Optional[int] = ..., granted_seconds: _Optional[float] = ...) -> None: ...
+    staged: NixlStagedRegion
+    def __init__(self, read_id: _Optional[int] = ..., granted_seconds: _Optional[float] = ..., staged: _Optional[_Union[NixlStagedRegion, _Mapping]] = ...) -> None: ...
+
+class NixlStagedRegion(_message.Message):
+    __slots__ = ("address", "num_blocks", "nbytes", "num_ranks")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_RANKS_FIELD_NUMBER: _ClassVar[int]
+    address: int
+    num_blocks: int
+    nbytes: int
+    num_ranks: int
+    def __init__(self, address: _Optional[int] = ..., num_blocks: _Optional[int] = ..., nbytes: _Optional[int] = ..., num_ranks: _Optional[int] = ...) -> None: ...
 
 class EndReadRequest(_message.Message):
     __slots__ = ("request_id", "read_id", "lease_token")
@@ -51,7 +67,7 @@ class NixlMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NixlMetadata(_message.Message):
-    __slots__ = ("agent_name", "agent_metadata", "incarnation", "mem_type", "device_id", "base_address", "num_layers", "blocks_per_layer", "block_bytes", "rank_base_addresses", "rank_device_ids")
+    __slots__ = ("agent_name", "agent_metadata", "incarnation", "mem_type", "device_id", "base_address", "num_layers", "blocks_per_layer", "block_bytes", "rank_base_addresses", "rank_device_ids", "staging_address", "staging_bytes")
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     AGENT_METADATA_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +79,8 @@ class NixlMetadata(_message.Message):
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
     RANK_BASE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     RANK_DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
+    STAGING_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     agent_name: str
     agent_metadata: bytes
     incarnation: str
@@ -74,7 +92,9 @@ class NixlMetadata(_message.Message):
     block_bytes: int
     rank_base_addresses: _containers.RepeatedScalarFieldContainer[int]
     rank_device_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., incarnation: _Optional[str] = ..., mem_type: _Optional[str] = ..., device_id: _Optional[int] = ..., base_address: _Optional[int] = ..., num_layers: _Optional[int] = ..., blocks_per_layer: _Optional[int] = ..., block_bytes: _Optional[int] = ..., rank_base_addresses: _Optional[_Iterable[int]] = ..., rank_device_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    staging_address: int
+    staging_bytes: int
+    def __init__(self, agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., incarnation: _Optional[str] = ..., mem_type: _Optional[str] = ..., device_id: _Optional[int] = ..., base_address: _Optional[int] = ..., num_layers: _Optional[int] = ..., blocks_per_layer: _Optional[int] = ..., block_bytes: _Optional[int] = ..., rank_base_addresses: _Optional[_Iterable[int]] = ..., rank_device_ids: _Optional[_Iterable[int]] = ..., staging_address: _Optional[int] = ..., staging_bytes: _Optional[int] = ...) -> None: ...
 
 class IpcHandleRequest(_message.Message):
     __slots__ = ("rank",)

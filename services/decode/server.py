@@ -35,7 +35,7 @@ from pdmesh.rpc import tracecontext
 from pdmesh.rpc.authz import caller
 from pdmesh.rpc.peers import PeerDirectory
 from pdmesh.rpc.streams import STREAM_HEARTBEAT_S, with_heartbeats
-from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
+from pdmesh.rpc.release import ACCEPTED_KEY, FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.rpc.convert import logprob_to_proto, params_from_proto
 from pdmesh.transport.base import BaseKVTransport
 from pdmesh.transport.capability import check_descriptor
@@ -84,6 +84,8 @@ class DecodeServicer(dgrpc.DecodeServicer):
         rid = request.request_id
         if not self.rt.owners.claim(rid, caller()):  # never replace a live request's stream
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {rid!r} is in use on {self.rt.worker_id}", REFUSED)
+        if not colocated:
+            await context.send_initial_metadata(((ACCEPTED_KEY, "1"),))
         tp = tracecontext.from_context(context)
         try:
             params = params_from_proto(request.params)
@@ -228,7 +230,7 @@ def make_transports(rt: WorkerRuntime) -> dict[str, BaseKVTransport]:
     if "nixl" in rt.transports:
         from pdmesh.transport.nixl import NixlKVTransport
 
-        out["nixl"] = NixlKVTransport(rt.channels, rt.nixl_agent, faults)
+        out["nixl"] = NixlKVTransport(rt.channels, rt.nixl_agent, faults, rt.metrics)
     return out
 
 

@@ -24,7 +24,7 @@ from pdmesh.rpc import tracecontext
 from pdmesh.rpc.channels import ChannelPool
 from pdmesh.routing import can_use
 from pdmesh.rpc.convert import logprob_from_proto, params_to_proto
-from pdmesh.rpc.release import FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
+from pdmesh.rpc.release import ACCEPTED_KEY, FINISHED_BY_CALLER, REFUSED_KEY, release_held_kv
 from pdmesh.v1 import common_pb2 as pb
 from pdmesh.v1 import decode_pb2 as dpb
 from pdmesh.v1 import decode_pb2_grpc as dgrpc
@@ -304,6 +304,10 @@ def _event(msg: dpb.GenerateResponse) -> TokenEvent:
 
 
 def _refused(exc: grpc.aio.AioRpcError) -> bool:
-    """The decode worker turned the request away before touching its KV (draining, full): the
-    prefill worker still holds the KV, so another decode worker may take it."""
-    return any(k == REFUSED_KEY for k, _ in (exc.trailing_metadata() or ()))
+    """The decode worker turned the request away before touching its KV (draining, full), or the
+    call never reached its handler (UNAVAILABLE before the worker said it accepted: it had stopped
+    listening after the route was handed out): the prefill worker still holds the KV, so another
+    decode worker may take it."""
+    if any(k == REFUSED_KEY for k, _ in (exc.trailing_metadata() or ())):
+        return True
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and not any(k == ACCEPTED_KEY for k, _ in (exc.initial_metadata() or ()))

@@ -150,8 +150,8 @@ def add_servicers(rt: WorkerRuntime, leases: LeaseTable) -> list[str]:
     if faults.mode:
         log.warning("injecting KV transfer faults: %s", rt.wcfg.inject_kv_faults)
     nixl = rt.nixl_agent
-    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases, rt.incarnation, faults, rt.metrics,
-                                                              nixl.metadata if nixl is not None else None), rt.server)
+    kgrpc.add_KVTransferServicer_to_server(KVTransferServicer(rt.llm.pool, leases, rt.incarnation, faults, rt.metrics, nixl),
+                                           rt.server)
     return ["pdmesh.v1.Prefill", "pdmesh.v1.KVTransfer"]
 
 

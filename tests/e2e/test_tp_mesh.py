@@ -1,8 +1,9 @@
 """Tensor-parallel workers in a real mesh on CPU: prefill TP 2 and TP 1, decode TP 1 and TP 2, every
 pairing (the scheduler round-robins over the four pairs), KV handed between TP sizes over grpc and
-nixl (UCX over TCP), greedy tokens equal to one TP-1 engine in this process, pulled KV checked
-block by block against the source's checksums (``--kv-audit``: layout-independent), every block
-back at the end."""
+nixl (UCX over TCP; staged by default: each prefill rank packed at BeginRead, heads of another TP
+size landed through the decode worker's staging arena), greedy tokens equal to one TP-1 engine in
+this process, pulled KV checked block by block against the source's checksums (``--kv-audit``:
+layout-independent), every block and every staging extent back at the end."""
 
 from __future__ import annotations
 
@@ -78,10 +79,23 @@ def _pulled(svc: Services, name: str, transport: str) -> float:
     return scrape(svc.metrics_url(name)).get(f'pdmesh:kv_transfer_bytes_total{{transport="{transport}"}}', 0.0)
 
 
+def _staged_reads(svc: Services, name: str) -> float:
+    """NIXL READs of packed regions into the decode worker's arena (mixed TP sizes always land there)."""
+    return scrape(svc.metrics_url(name)).get('pdmesh:kv_nixl_reads_total{kind="staged"}', 0.0)
+
+
+def _staging_idle(svc: Services) -> None:
+    """Every staging extent is back on every worker (gauges refresh every 0.5 s)."""
+    wait_until(lambda: all(scrape(svc.metrics_url(n)).get("pdmesh:kv_nixl_staging_used_bytes", 0.0) == 0 for n in WORKERS),
+               10, "staging arenas empty")
+
+
 def test_every_tp_pairing_gives_one_engines_tokens(tp_mesh, reference):
     """TP 2 -> TP 1 and TP 1 -> TP 1 over grpc; TP 2 -> TP 2 and TP 1 -> TP 2 over nixl."""
     _every_pair(tp_mesh, reference)
     assert _pulled(tp_mesh, "decode-0", "grpc") > 0 and _pulled(tp_mesh, "decode-1", "nixl") > 0
+    assert _staged_reads(tp_mesh, "decode-1") > 0  # TP 1 -> TP 2: packed, landed on both ranks
+    _staging_idle(tp_mesh)
 
 
 def test_swapped_transports(tp_mesh, reference):
@@ -99,3 +113,5 @@ def test_swapped_transports(tp_mesh, reference):
     wait_http(svc.base + "/health", svc.procs["gateway"])
     _every_pair(svc, reference)
     assert _pulled(svc, "decode-0", "nixl") > 0 and _pulled(svc, "decode-1", "grpc") > 0
+    assert _staged_reads(svc, "decode-0") > 0  # TP 2 -> TP 1: both ranks packed, landed in rank 0's heads
+    _staging_idle(svc)

@@ -71,6 +71,16 @@ def no_audit_mismatch(svc: Services) -> None:
     time.sleep(1.0)  # gauges and counters refresh every 0.5 s
     for name in ("prefill-0", "decode-0"):
         assert metric(svc, name, "pdmesh:kv_audit_mismatches_total") == 0, f"{name}: KV changed"
+    staging_idle(svc)
+
+
+def staging_idle(svc: Services, timeout: float = 15.0) -> None:
+    """Every extent of both staging arenas is back (leases ended, reads stopped) within ``timeout``."""
+    t0 = time.monotonic()
+    while (used := {n: metric(svc, n, "pdmesh:kv_nixl_staging_used_bytes") for n in ("prefill-0", "decode-0")}) != \
+            {"prefill-0": 0, "decode-0": 0}:
+        assert time.monotonic() - t0 < timeout, f"staging extents still taken: {used}"
+        time.sleep(0.25)
 
 
 def test_nixl_gives_the_grpc_tokens_and_frees_every_block(nixl_pair, refs, report):
@@ -88,6 +98,9 @@ def test_nixl_gives_the_grpc_tokens_and_frees_every_block(nixl_pair, refs, repor
     assert metric(svc, "decode-0", 'pdmesh:kv_transfer_bytes_total{transport="nixl"}') > 0
     assert metric(svc, "gateway", 'pdmesh:kv_transfer_bytes_total{transport="nixl"}') > 0
     assert metric(svc, "decode-0", "pdmesh:kv_transfer_failures_total") == 0
+    # staged on both sides (--nixl-staging-mb's default): one READ of the packed blocks per pull
+    reads = {k: metric(svc, "decode-0", f'pdmesh:kv_nixl_reads_total{{kind="{k}"}}') for k in ("staged", "direct", "unstaged", "fallback")}
+    assert reads["staged"] + reads["direct"] == len(PROMPTS) and reads["unstaged"] == reads["fallback"] == 0, reads
     no_audit_mismatch(svc)
     leaked = nothing_lost(svc.scheduler, svc.metrics_url("gateway"), tally, before, expect_workers=2)
     report.add("nixl_tokens_equal_grpc", tally, faults_injected=0, blocks_leaked=leaked)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.faults.client import WORKER_ARGS, Tally, body, greedy, make_client, nothing_lost, stream
-from tests.meshproc import Services, gateway_books, scrape, wait_http, wait_until
+from tests.meshproc import Services, gateway_books, list_workers, scrape, wait_http, wait_until
 
 PROMPT = list(range(2000, 2300))  # 300 tokens: 19 KV blocks, 4 transfer chunks
 
@@ -234,3 +234,37 @@ def test_scheduler_killed_and_restarted_under_load(pair, report):
     leaked = nothing_lost(pair.scheduler, pair.metrics_url("gateway"), tally, before, expect_workers=2)
     report.add("scheduler_restart_under_load", tally, faults_injected=1, blocks_leaked=leaked,
                refused_503_in_gap=sum(1 for _, k, _ in timeline if k == "error"))
+
+
+def test_route_to_a_decode_worker_that_stopped_listening_goes_to_another(tmp_path, embedded_dir, report):
+    """A route handed out before a decode worker's port closed (it was killed; the scheduler lists it
+    until its lease runs out, and a draining worker's last routes race its server's stop): the call
+    fails UNAVAILABLE before the worker accepted it, the KV is untouched, so the gateway offers it to
+    the other decode worker instead of failing the request."""
+    svc = Services(tmp_path, prefill=1, decode=2, worker_args=WORKER_ARGS,
+                   gateway_args=("--api-key", "fault-suite-key"), scheduler_args=("--lease", "30", "--routing", "round-robin"))
+    try:
+        svc.wait_workers(1, 2)
+        ref = greedy(svc, PROMPT[:20], 6)
+        before = gateway_books(svc.metrics_url("gateway"))
+        svc.kill("decode-1")
+        svc.procs["decode-1"].p.wait(30)  # its port is closed; the scheduler still routes to it
+        tally = Tally()
+
+        async def main():
+            async with make_client(svc.base) as c:
+                return [await stream(c, tally, body(PROMPT[:20], 6)) for _ in range(6)]
+
+        outs = run(main())
+        assert [o.kind for o in outs] == ["ok"] * 6, [o for o in outs if o.kind != "ok"]
+        assert all(o.text == ref for o in outs), (ref, [o.text for o in outs])
+        dead = f"decode-127.0.0.1-{svc.ports['decode-1'][0]}"
+        assert dead in [w.info.worker_id for w in list_workers(svc.scheduler)], "the killed worker left routing too early"
+        svc.procs["gateway"].wait_log(f"decode {dead} refused", 5)  # routed there, then offered to decode-0
+        svc.start("decode-1")
+        svc.wait_registered("decode-1")
+        leaked = nothing_lost(svc.scheduler, svc.metrics_url("gateway"), tally, before, expect_workers=3)
+        report.add("route_to_closed_decode_port", tally, faults_injected=1, blocks_leaked=leaked)
+    finally:
+        rcs = svc.stop_all()
+    assert all(rc == 0 for rc in rcs.values()), rcs

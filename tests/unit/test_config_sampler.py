@@ -54,6 +54,11 @@ def test_literal_fields_become_flag_choices_and_tuples_repeat():
     assert got == ("grpc", "cuda_ipc")
     with pytest.raises(ConfigError, match="--kv-transports: 'rdma' is not one of cuda_ipc, nixl, grpc"):
         WorkerConfig(kv_transports=("grpc", "rdma"))  # the same check when built directly
+    assert from_flags(WorkerConfig, w.parse_args([])).nixl_staging_mb == 512
+    assert from_flags(WorkerConfig, w.parse_args(["--nixl-staging-mb", "0"])).nixl_staging_mb == 0  # staging off
+    for bad in (-1, 65537):
+        with pytest.raises(ConfigError, match="--nixl-staging-mb: must be in 0..65536"):
+            WorkerConfig(nixl_staging_mb=bad)
     with pytest.raises(ConfigError, match="--enable-auto-tool-choice"):
         GatewayConfig(enable_auto_tool_choice=True)
 
