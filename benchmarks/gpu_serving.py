@@ -53,8 +53,10 @@ def layout(name: str, gpus: list[int], util_1gpu_disagg: float, cpu: bool = Fals
     raise SystemExit(f"unknown layout {name!r}")
 
 
-def worker_window(svc: Services, names: list[str], before: dict[str, dict], after: dict[str, dict]) -> dict:
-    """Worker-side figures over one load point (deltas of their Prometheus series)."""
+def worker_window(names: list[str], before: dict[str, dict], after: dict[str, dict]) -> dict:
+    """Worker-side figures over one load point (deltas of their Prometheus series), summed over the
+    workers ``names``: steps, mean step time and tokens sampled by step kind, prompts computed
+    (first tokens), engine step seconds in all, mean prefill time, KV transfers."""
     def d(name: str, key: str) -> float:
         return after[name].get(key, 0.0) - before[name].get(key, 0.0)
 
@@ -78,6 +80,8 @@ def worker_window(svc: Services, names: list[str], before: dict[str, dict], afte
     # the step time an output token waited for, over the steps that decode (decode + mixed)
     out["token_weighted_step_ms"] = mean_ms(of("engine_step_token_seconds_total", "decode", "mixed"),
                                             of("engine_step_tokens_total", "decode", "mixed"))
+    out["step_seconds"] = total(of("engine_step_seconds_sum", "decode", "mixed", "prefill"))
+    out["prompts"] = total(["pdmesh:request_prefill_time_seconds_count"])
     out["mean_prefill_time_ms"] = mean_ms(["pdmesh:request_prefill_time_seconds_sum"], ["pdmesh:request_prefill_time_seconds_count"])
     out["kv_transfer_bytes"] = total(["pdmesh:kv_transfer_bytes_total"])
     out["mean_kv_transfer_ms"] = mean_ms(["pdmesh:kv_transfer_seconds_sum"], ["pdmesh:kv_transfer_seconds_count"])
@@ -139,7 +143,7 @@ def main() -> int:
                 m = summarize(results, duration, PERCENTILES, SLOS["tpot35"], num_gpus)
                 m["request_goodput_tpot35"] = m.pop("request_goodput")
                 m["request_goodput_tpot40"] = summarize(results, duration, PERCENTILES, SLOS["tpot40"], num_gpus)["request_goodput"]
-                wk = worker_window(svc, names, before, after)
+                wk = worker_window(names, before, after)
                 points.append({"label": f"{a.layout} {in_len}:{out_len}", "request_rate": "inf", "max_concurrency": conc,
                                "burstiness": 1.0, "goodput_slo_ms": SLOS["tpot35"], "metrics": m, "worker": wk,
                                "errors": sorted({r.error for r in results if not r.success})[:5]})
