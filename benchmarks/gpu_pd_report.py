@@ -40,31 +40,35 @@ def rows(folder: Path, shape: str) -> list[dict]:
     return sorted(out, key=lambda r: (r["layout"] != "disagg", r["layout"], r["concurrency"]))
 
 
+def report(folder: Path, shape: str) -> str:
+    """The markdown tables of one shape's points under ``folder``."""
+    rs = [r for r in rows(folder, shape) if r["concurrency"] > 1]
+    head = ["layout", "conc", "reqs", "out tok/s", "TTFT p50/p99 ms", "TPOT p50 ms", "req P99 ITL p50 ms"] + [n for n, _ in SLOS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rs:
+        cells = [r["layout"], str(r["concurrency"]), str(r["requests"]), f"{r['tok_s']:.0f}",
+                 f"{r['ttft_p50']:.0f} / {r['ttft_p99']:.0f}", f"{r['tpot_p50']:.1f}", f"{r['req_p99_itl_p50']:.1f}"]
+        cells += [f"{r[n]:.3f}" for n, _ in SLOS]
+        lines.append("| " + " | ".join(cells) + " |")
+    pulls = [r for r in rows(folder, shape) if r["pull"]] + [r for r in rows(folder, shape.split("_")[0] + "_32") if r["pull"]]
+    if pulls:
+        lines += ["", "KV pulls (wall: from the copy's launch by the engine until the engine saw it done, between steps; "
+                  "gpu: the copy itself, CUDA events)", "",
+                  "| layout | conc | pulls | wall median / p99 / max ms | gpu median / p99 / max ms |", "|---|---|---|---|---|"]
+        for r in sorted(pulls, key=lambda r: r["concurrency"]):
+            cells = [f"{p['median']:.2f} / {p['p99']:.2f} / {p['max']:.2f}" if p else "-"
+                     for p in (r["pull"].get("wall"), r["pull"].get("gpu"))]
+            n = (r["pull"].get("wall") or {}).get("n", 0)
+            lines.append(f"| {r['layout']} | {r['concurrency']} | {n} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")
     ap.add_argument("--shape", default="3500_1500")
     a = ap.parse_args()
-    rs = [r for r in rows(Path(a.folder), a.shape) if r["concurrency"] > 1]
-    head = ["layout", "conc", "reqs", "out tok/s", "TTFT p50/p99 ms", "TPOT p50 ms", "req P99 ITL p50 ms"] + [n for n, _ in SLOS]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rs:
-        cells = [r["layout"], str(r["concurrency"]), str(r["requests"]), f"{r['tok_s']:.0f}",
-                 f"{r['ttft_p50']:.0f} / {r['ttft_p99']:.0f}", f"{r['tpot_p50']:.1f}", f"{r['req_p99_itl_p50']:.1f}"]
-        cells += [f"{r[n]:.3f}" for n, _ in SLOS]
-        print("| " + " | ".join(cells) + " |")
-    pulls = [r for r in rows(Path(a.folder), a.shape) if r["pull"]] + \
-        [r for r in rows(Path(a.folder), a.shape.split("_")[0] + "_32") if r["pull"]]
-    if pulls:
-        print("\nKV pulls (wall: from the copy's launch by the engine until the engine saw it done, between steps; "
-              "gpu: the copy itself, CUDA events)\n")
-        print("| layout | conc | pulls | wall median / p99 / max ms | gpu median / p99 / max ms |\n|---|---|---|---|---|")
-        for r in sorted(pulls, key=lambda r: r["concurrency"]):
-            cells = [f"{p['median']:.2f} / {p['p99']:.2f} / {p['max']:.2f}" if p else "-"
-                     for p in (r["pull"].get("wall"), r["pull"].get("gpu"))]
-            n = (r["pull"].get("wall") or {}).get("n", 0)
-            print(f"| {r['layout']} | {r['concurrency']} | {n} | {cells[0]} | {cells[1]} |")
+    print(report(Path(a.folder), a.shape))
 
 
 if __name__ == "__main__":

@@ -22,34 +22,109 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gpu_serving import worker_window  # noqa: E402
 from benchmarks.gpu_up import Up, bench, complete, prompt, pull_stats, reference  # noqa: E402
 from benchmarks.synthetic_tokenizer import write as write_tokenizer  # noqa: E402
+
+LISTENER = re.compile(r"^\s+((?:prefill|decode|both)-\d+)\s.*\smetrics (http://\S+/metrics)\s*$", re.M)
+"""A worker's row in the listener table ``pdmesh up`` prints when it is up."""
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def mesh_args(model: str, tok_dir: Path, cpu: bool) -> list[str]:
+    """``pdmesh up`` flags for the dummy preset ``model`` (tiny and on CPU with ``cpu``)."""
+    args = ["--model", model, "--load-format", "dummy", "--tokenizer", str(tok_dir), "--max-model-len", "8192"]
+    if cpu:
+        args += ["--dtype", "float32", "--worker-args", "--cpu-threads 1 --kv-cache-memory 268435456"]
+    return args
+
+
+def reference_tokens(model: str, prompts: list[list[int]], tok, ref_file: Optional[Path], cpu: bool) -> list[list[int]]:
+    """Greedy tokens (48 per prompt) of one engine on cuda:0 (or the CPU), read from ``ref_file``
+    when it exists, else computed (and written there)."""
+    if ref_file is not None and ref_file.exists():
+        log(f"reference tokens from {ref_file}")
+        return json.loads(ref_file.read_text())
+    log("reference tokens on " + ("cpu" if cpu else "cuda:0"))
+    ref = reference(model, prompts, 48, 8192, tok, own_caches=False, device="cpu" if cpu else "cuda:0")
+    if ref_file is not None:
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        ref_file.write_text(json.dumps(ref) + "\n")
+    return ref
+
+
+def checked_mesh(name: str, args: list[str], log_file: Path, prompts: list[list[int]], ref: list[list[int]], checked: dict,
+                 cpu: bool, disagg: bool) -> Up:
+    """``pdmesh up ARGS``, up; its greedy tokens of ``prompts`` (sent one at a time) must equal ``ref``
+    (an empty ``ref`` takes this mesh's), and a disaggregated mesh must have pulled every KV cache.
+    Records the check in ``checked[name]``; stops the mesh and exits when it fails."""
+    log(f"starting {name}")
+    up = Up(log_file, args)
+    up.wait_up(600)
+    got = [complete(up.base, p, 48)[2] for p in prompts]
+    if not ref:  # --reference colocated: the first mesh's tokens, checked against every later mesh's
+        ref.extend(got)
+    checked[name] = ok = [g == r for g, r in zip(got, ref)]
+    log(f"{name} up; tokens equal to the reference: {ok}")
+    why = "" if all(ok) else "wrong tokens"
+    if disagg and not why:  # the KV really moved (a failed pull would be recomputed: right tokens, wrong figures)
+        text = up.text()
+        pulled = text.count("via cuda_ipc in") if not cpu else text.count(" pulled ")
+        if pulled < len(prompts) or "KV pull via" in text:
+            why = f"{pulled} pulls logged for {len(prompts)} requests, or a failed pull"
+    if why:
+        up.stop()
+        raise SystemExit(f"{name}: {why}: not measuring")
+    return up
+
+
+def worker_urls(up: Up) -> dict[str, str]:
+    """Every worker's /metrics URL, from the listener table ``pdmesh up`` printed."""
+    return dict(LISTENER.findall(up.text()))
+
+
+def measure(up: Up, layout: str, tok_dir: Path, inp: int, out: int, conc: int, n: int, path: Path, meta: dict) -> dict:
+    """One ``pdmesh bench`` point (``n`` requests, at most ``conc`` at once) written to ``path``: the
+    bench result plus ``meta``, the KV pulls the decode workers logged meanwhile, and every worker's
+    metrics over the point (``workers``: ``gpu_serving.worker_window`` each; ``busy``: the share of
+    the point's duration each spent in engine steps)."""
+    from tests.meshproc import scrape
+
+    urls = worker_urls(up)
+    mark = len(up.text())
+    before = {w: scrape(u) for w, u in urls.items()}
+    m = bench(up.base, tok_dir, conc, n, inp, out, path)
+    after = {w: scrape(u) for w, u in urls.items()}
+    doc = json.loads(path.read_text())
+    doc.update(meta, layout=layout, concurrency=conc)
+    pulls = pull_stats(up.text(), mark)
+    if pulls:
+        doc["pull_ms"] = pulls
+    doc["workers"] = {w: worker_window([w], before, after) for w in urls}
+    doc["busy"] = {w: v["step_seconds"] / m["duration_s"] for w, v in doc["workers"].items() if m["duration_s"] > 0}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
+
+
 def run_points(up: Up, name: str, tok_dir: Path, inp: int, out: int, concs: list[int], args, summary: dict) -> None:
     for c in concs:
         n = max(c, int(c * args.prompts_per_concurrency))
-        mark = len(up.text())
         t0 = time.monotonic()
         path = Path(args.out) / f"pd-{inp}_{out}-{name}-c{c}.json"
-        m = bench(up.base, tok_dir, c, n, inp, out, path)
-        doc = json.loads(path.read_text())
-        doc.update({"layout": name, "concurrency": c, "commit": args.commit, "machine": "2 x NVIDIA H200"})
-        pulls = pull_stats(up.text(), mark)
-        if pulls:
-            doc["pull_ms"] = pulls
-        path.write_text(json.dumps(doc, indent=1) + "\n")
+        doc = measure(up, name, tok_dir, inp, out, c, n, path, {"commit": args.commit, "machine": "2 x NVIDIA H200"})
+        m = doc["points"][0]["metrics"]
         summary["points"].append({"layout": name, "concurrency": c, "prompts": n, "wall_s": round(time.monotonic() - t0, 1),
                                   "output_throughput": m["output_throughput"], "median_tpot_ms": m["median_tpot_ms"],
                                   "median_ttft_ms": m["median_ttft_ms"], "failed": m["failed"], "pull_ms": doc.get("pull_ms")})
@@ -92,40 +167,16 @@ def main() -> None:
     tok_dir = write_tokenizer(vocab, work / "tok")
     tok = Tokenizer(str(tok_dir))
     prompts = [prompt(inp, s, vocab) for s in (11, 12)]
-    ref: list[list[int]] = []
     ref_file = Path(args.reference_file) if args.reference_file else None
-    if args.reference == "engine" and ref_file is not None and ref_file.exists():
-        ref = json.loads(ref_file.read_text())
-        log(f"reference tokens from {ref_file}")
-    elif args.reference == "engine":
-        log("reference tokens on cuda:0")
-        ref = reference(args.model, prompts, 48, 8192, tok, own_caches=False, device="cpu" if args.cpu_smoke else "cuda:0")
-        if ref_file is not None:
-            ref_file.parent.mkdir(parents=True, exist_ok=True)
-            ref_file.write_text(json.dumps(ref) + "\n")
-    model = ["--model", args.model, "--load-format", "dummy", "--tokenizer", str(tok_dir), "--max-model-len", "8192"]
-    if args.cpu_smoke:
-        model += ["--dtype", "float32", "--worker-args", "--cpu-threads 1 --kv-cache-memory 268435456"]
+    ref = reference_tokens(args.model, prompts, tok, ref_file, args.cpu_smoke) if args.reference == "engine" else []
+    model = mesh_args(args.model, tok_dir, args.cpu_smoke)
     summary: dict = {"shape": args.shape, "commit": args.commit, "points": [], "tokens_checked": {}}
+    if args.reference == "colocated":
+        summary["reference"] = "tokens of the first mesh, compared with every later mesh's"
 
     def mesh(name: str, extra: list[str]) -> Up:
-        log(f"starting {name}")
-        up = Up(work / f"{name}.log", model + extra)
-        up.wait_up(600)
-        got = [complete(up.base, p, 48)[2] for p in prompts]
-        if not ref:  # --reference colocated: the first mesh's tokens, checked against every later mesh's
-            ref.extend(got)
-            summary["reference"] = f"tokens of the {name} mesh, compared with every colocated mesh's (one engine each)"
-        summary["tokens_checked"][name] = ok = [g == r for g, r in zip(got, ref)]
-        log(f"{name} up; tokens equal to the reference: {ok}")
-        if not all(ok):
-            raise SystemExit(f"{name}: wrong tokens; not measuring")
-        if name == "disagg":  # the KV really moved (a failed pull would be recomputed: right tokens, wrong figures)
-            text = up.text()
-            pulled = text.count("via cuda_ipc in") if not args.cpu_smoke else text.count(" pulled ")
-            if pulled < len(prompts) or "KV pull via" in text:
-                raise SystemExit(f"disagg: {pulled} pulls logged for {len(prompts)} requests, or a failed pull: not measuring")
-        return up
+        return checked_mesh(name, model + extra, work / f"{name}.log", prompts, ref, summary["tokens_checked"], args.cpu_smoke,
+                            name == "disagg")
 
     if "disagg" in args.layouts:
         up = mesh("disagg", [])

@@ -54,7 +54,9 @@ def layout(name: str, gpus: list[int], util_1gpu_disagg: float, cpu: bool = Fals
 
 
 def worker_window(names: list[str], before: dict[str, dict], after: dict[str, dict]) -> dict:
-    """Worker-side figures over one load point (deltas of their Prometheus series)."""
+    """Worker-side figures over one load point (deltas of their Prometheus series), summed over the
+    workers ``names``: steps, mean step time and tokens sampled by step kind, prompts computed
+    (first tokens), engine step seconds in all, mean prefill time, KV transfers."""
     def d(name: str, key: str) -> float:
         return after[name].get(key, 0.0) - before[name].get(key, 0.0)
 
@@ -78,6 +80,8 @@ def worker_window(names: list[str], before: dict[str, dict], after: dict[str, di
     # the step time an output token waited for, over the steps that decode (decode + mixed)
     out["token_weighted_step_ms"] = mean_ms(of("engine_step_token_seconds_total", "decode", "mixed"),
                                             of("engine_step_tokens_total", "decode", "mixed"))
+    out["step_seconds"] = total(of("engine_step_seconds_sum", "decode", "mixed", "prefill"))
+    out["prompts"] = total(["pdmesh:request_prefill_time_seconds_count"])
     out["mean_prefill_time_ms"] = mean_ms(["pdmesh:request_prefill_time_seconds_sum"], ["pdmesh:request_prefill_time_seconds_count"])
     out["kv_transfer_bytes"] = total(["pdmesh:kv_transfer_bytes_total"])
     out["mean_kv_transfer_ms"] = mean_ms(["pdmesh:kv_transfer_seconds_sum"], ["pdmesh:kv_transfer_seconds_count"])
