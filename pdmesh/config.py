@@ -402,6 +402,13 @@ class EngineConfig:
     speculative: Optional[SpeculativeConfig] = None
     """N-gram speculative decoding (``--speculative-config``); None: off."""
 
+    def __post_init__(self) -> None:
+        # A tier slot holds a whole block of one pool; a rank's pool holds only its KV heads, so the
+        # offload copy would not fit (CPU) or would write past the slot (GPU): refused, not half done.
+        _require(self.device.tensor_parallel_size == 1 or self.cache.kv_offload_cpu_gb == 0, "kv_offload_cpu_gb",
+                 f"lower KV tiers are not supported with --tensor-parallel-size {self.device.tensor_parallel_size} "
+                 "(a tier slot holds one pool's whole block, a rank's pool only its heads)")
+
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser) -> None:
         for cls in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig):
