@@ -71,46 +71,57 @@ def wall_step(eng: LLMEngine) -> float:
     return time.perf_counter() - t0
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():  # (the CPU smoke runs of the GPU scripts share these helpers)
+        torch.cuda.synchronize()
+
+
 def steady_step(eng: LLMEngine, steps: int = 20) -> float:
     """Seconds per step over ``steps`` consecutive steps (as a serving loop runs them: with async
     scheduling, step N+1's host work overlaps step N on the GPU)."""
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         eng.step()
-    torch.cuda.synchronize()
+    _sync()
     return (time.perf_counter() - t0) / steps
+
+
+def decode_point(eng: LLMEngine, preset: str, b: int, ctx: int, hbm: float, keep: bool = False,
+                 reps: int = 7, steps: int = 20) -> dict:
+    """``b`` requests of ``ctx`` prompt tokens prefilled, then the steady decode step (median of
+    ``reps`` runs of ``steps`` steps) against the HBM floor (bytes of every parameter + the batch's
+    KV at its mean context, at the pool's element size). ``keep``: leave the requests running."""
+    params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    for i in range(b):
+        eng.add_request(f"{preset}-{b}-{i}", [(i * 131 + j * 7) % 30000 + 10 for j in range(ctx)], params)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    for _ in range(5):
+        eng.step()
+    param_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    kv_tok = eng.arch.kv_bytes_per_token(eng.pool.kv.element_size())
+    start_len = statistics.mean(s.num_tokens for s in eng.scheduler.running)
+    step = statistics.median(steady_step(eng, steps) for _ in range(reps))
+    mean_ctx = (start_len + statistics.mean(s.num_tokens for s in eng.scheduler.running)) / 2
+    floor = (param_bytes + b * mean_ctx * kv_tok) / hbm
+    out = {"model": preset, "batch": b, "context": ctx, "cuda_graphs": eng.runner.graphs is not None,
+           "async_scheduling": eng.async_scheduling,
+           "decode_attention": "triton" if getattr(eng.backend, "triton_decode", False) else eng.backend.name,
+           "launched_behind": eng.num_steps_launched_behind,
+           "mean_context": mean_ctx, "step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor}
+    if not keep:
+        for s in list(eng.scheduler.running):
+            eng.abort(s.request_id)
+    return out
 
 
 def decode_step_times(preset: str, batches: list[int], ctx: int, eager: bool, hbm: float,
                       async_scheduling: str = "auto", decode_attention: str = "auto") -> list[dict]:
-    out = []
     eng = LLMEngine(engine_config(preset, eager=eager, max_num_seqs=max(batches), max_model_len=ctx + 512,
                                   max_tokens_step=8192, async_scheduling=async_scheduling,
                                   decode_attention=decode_attention))
-    arch = eng.arch
-    param_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
-    kv_tok = arch.kv_bytes_per_token(2)
-    for b in batches:
-        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-        for i in range(b):
-            eng.add_request(f"{preset}-{b}-{i}", [(i * 131 + j * 7) % 30000 + 10 for j in range(ctx)], params)
-        while any(s.num_computed_tokens < s.num_prompt_tokens for s in eng.scheduler.running) or eng.scheduler.waiting:
-            eng.step()
-        for _ in range(5):
-            eng.step()
-        start_len = statistics.mean(s.num_tokens for s in eng.scheduler.running)
-        step = statistics.median(steady_step(eng) for _ in range(7))
-        mean_ctx = (start_len + statistics.mean(s.num_tokens for s in eng.scheduler.running)) / 2
-        bytes_read = param_bytes + b * mean_ctx * kv_tok
-        floor = bytes_read / hbm
-        out.append({"model": preset, "batch": b, "context": ctx, "cuda_graphs": not eager and eng.runner.graphs is not None,
-                    "async_scheduling": eng.async_scheduling,
-                    "decode_attention": "triton" if getattr(eng.backend, "triton_decode", False) else eng.backend.name,
-                    "launched_behind": eng.num_steps_launched_behind,
-                    "mean_context": mean_ctx, "step_ms": step * 1e3, "floor_ms": floor * 1e3, "ratio": step / floor})
-        for s in list(eng.scheduler.running):
-            eng.abort(s.request_id)
+    out = [decode_point(eng, preset, b, ctx, hbm) for b in batches]
     eng = None  # free the memory (closures above still name them)
     _release()
     return out

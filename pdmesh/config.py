@@ -11,8 +11,9 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import json
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
@@ -25,6 +26,8 @@ AsyncScheduling = Literal["auto", "on", "off"]
 AttentionBackendName = Literal["auto", "torch", "flashinfer"]
 DecodeAttention = Literal["auto", "flashinfer", "triton"]
 TPAllReduce = Literal["auto", "nccl", "symm_mem", "flashinfer"]
+Quantization = Literal["fp8", "int8"]
+KVCacheDtype = Literal["auto", "fp8"]
 
 
 class ConfigError(ValueError):
@@ -160,6 +163,10 @@ class ModelConfig:
     """Longest prompt + completion in tokens; defaults to the model's max_position_embeddings."""
     seed: int = 0
     """Seed for dummy weights and for requests without their own seed."""
+    quantization: Optional[Quantization] = None
+    """Quantize the linear layers at load (online, from the bf16/fp32 checkpoint): 'fp8' (e4m3) or
+    'int8', weights per output channel, activations per token at run time (W8A8; a one-row decode
+    reads the 1-byte weights in a GEMV). Embeddings, norms and the LM head keep --dtype."""
     generation_config: str = "auto"
     """Where the model's generation defaults come from: 'auto' (the model directory's
     generation_config.json: its EOS ids end requests, its sampling fields are request defaults),
@@ -187,6 +194,10 @@ class CacheConfig:
     """Exact number of KV blocks (overrides the memory-based sizing; for tests and benchmarks)."""
     enable_prefix_caching: bool = True
     """Reuse KV of full blocks whose token prefix was computed before (content-hash chained)."""
+    kv_cache_dtype: KVCacheDtype = "auto"
+    """KV cache element type: 'auto' (--dtype) or 'fp8' (e4m3, values clamped to +-448, unscaled as
+    vLLM's default): half the memory and transfer bytes of bf16; attention reads it directly
+    (FlashInfer, our Triton decode) or dequantizes it (the torch backend). Peers must agree."""
     kv_audit: bool = False
     """For tests: checksum each request's prompt KV when it is complete and again when its blocks
     are freed, counting any difference (pdmesh:kv_audit_mismatches_total); costs a hash of the
@@ -209,6 +220,7 @@ class CacheConfig:
     blocks too. 0: none (only blocks already evicted to disk survive a restart)."""
 
     def __post_init__(self) -> None:
+        check_choices(self)
         _require(1 <= self.block_size <= 1024, "block_size", "must be in 1..1024")
         _require(self.kv_cache_memory > 0, "kv_cache_memory", "must be > 0")
         _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
@@ -303,6 +315,82 @@ class DeviceConfig:
         _require(self.warmup in ("auto", "on", "off"), "warmup", "must be 'auto', 'on' or 'off'")
 
 
+SPEC_FLAG = "--speculative-config"
+MAX_SPECULATIVE_TOKENS = 16
+"""Most draft tokens per step (a verify step runs 1 + K positions per sequence)."""
+
+_VLLM_ONLY = ("model", "draft_tensor_parallel_size", "quantization", "max_model_len", "revision",
+              "code_revision", "disable_by_batch_size", "disable_mqa_scorer", "acceptance_method",
+              "posterior_threshold", "posterior_alpha", "draft_model", "speculative_token_tree",
+              "parallel_drafting", "disable_padded_drafter_batch")
+"""vLLM keys of other methods (draft models, EAGLE, MTP, typical acceptance): refused by name."""
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """N-gram speculative decoding (vLLM's ``{"method": "ngram", ...}``)."""
+
+    num_speculative_tokens: int
+    """K: draft tokens proposed per sequence and step; one forward pass verifies K + 1 positions."""
+    prompt_lookup_max: int = 5
+    """Longest n-gram (suffix of the sequence) looked up in the request's prompt and output."""
+    prompt_lookup_min: int = 5
+    """Shortest n-gram that may produce a proposal (shorter matches propose nothing)."""
+    method: str = "ngram"
+    """Proposal method: 'ngram' (prompt lookup) is the only one."""
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise ConfigError(f"{SPEC_FLAG}: method {self.method!r} is not supported (only 'ngram')")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{SPEC_FLAG}: {name} must be an integer, got {value!r}")
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"{SPEC_FLAG}: num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}")
+        if self.prompt_lookup_min < 1 or self.prompt_lookup_max < 1:
+            raise ConfigError(f"{SPEC_FLAG}: prompt_lookup_min and prompt_lookup_max must be >= 1")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"{SPEC_FLAG}: prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                              f"({self.prompt_lookup_max})")
+
+
+def parse_speculative_config(text: Optional[str]) -> Optional[SpeculativeConfig]:
+    """The flag's JSON -> config (None for an empty value).  As vLLM: 'ngram' (or '[ngram]')
+    needs num_speculative_tokens; one of prompt_lookup_min/max given sets the other to it, neither
+    gives 5 and 5."""
+    if text is None or not text.strip():
+        return None
+    try:
+        raw: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{SPEC_FLAG}: not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{SPEC_FLAG}: expected a JSON object, got {type(raw).__name__}")
+    raw = dict(raw)
+    method = raw.pop("method", None)
+    if method is None:
+        raise ConfigError(f'{SPEC_FLAG}: "method" is required (only "ngram" is supported)')
+    if method == "[ngram]":
+        method = "ngram"
+    refused = sorted(k for k in raw if k in _VLLM_ONLY)
+    if refused:
+        raise ConfigError(f"{SPEC_FLAG}: {', '.join(refused)} not supported: only the 'ngram' method (no draft model) exists here")
+    known = {f.name for f in fields(SpeculativeConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{SPEC_FLAG}: unknown key(s) {', '.join(unknown)}; expected num_speculative_tokens, "
+                          "prompt_lookup_max, prompt_lookup_min")
+    if "num_speculative_tokens" not in raw:
+        raise ConfigError(f"{SPEC_FLAG}: num_speculative_tokens is required")
+    lo, hi = raw.pop("prompt_lookup_min", None), raw.pop("prompt_lookup_max", None)
+    if lo is None and hi is None:
+        lo = hi = 5
+    lo = hi if lo is None else lo
+    hi = lo if hi is None else hi
+    return SpeculativeConfig(method=method, prompt_lookup_min=lo, prompt_lookup_max=hi, **raw)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine needs."""
@@ -311,11 +399,25 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    speculative: Optional[SpeculativeConfig] = None
+    """N-gram speculative decoding (``--speculative-config``); None: off."""
+
+    def __post_init__(self) -> None:
+        # A tier slot holds a whole block of one pool; a rank's pool holds only its KV heads, so the
+        # offload copy would not fit (CPU) or would write past the slot (GPU): refused, not half done.
+        _require(self.device.tensor_parallel_size == 1 or self.cache.kv_offload_cpu_gb == 0, "kv_offload_cpu_gb",
+                 f"lower KV tiers are not supported with --tensor-parallel-size {self.device.tensor_parallel_size} "
+                 "(a tier slot holds one pool's whole block, a rank's pool only its heads)")
 
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser) -> None:
         for cls in (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig):
             add_flags(parser, cls)
+        parser.add_argument(
+            SPEC_FLAG, dest="speculative_config", default=None,
+            help='Speculative decoding as vLLM spells it, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                 '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\': proposals from each request\'s own prompt and '
+                 'output (n-gram lookup), verified K+1 positions per sequence in one forward pass (default: off)')
 
     @staticmethod
     def from_flags(ns: argparse.Namespace) -> "EngineConfig":
@@ -324,4 +426,5 @@ class EngineConfig:
             cache=from_flags(CacheConfig, ns),
             scheduler=from_flags(SchedulerConfig, ns),
             device=from_flags(DeviceConfig, ns),
+            speculative=parse_speculative_config(getattr(ns, "speculative_config", None)),
         )

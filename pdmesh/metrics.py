@@ -13,6 +13,8 @@ What each role reports (the dashboard in deploy/grafana reads exactly these):
 * every worker: engine step time by kind (the stack's own cost is client TPOT / decode step time).
 * prefill/both with lower KV tiers: hits, misses, bytes and seconds of offloads and loads (GB/s),
   dropped and corrupt blocks, occupancy, by tier (host, disk).
+* decode and colocated with ``--speculative-config``: vLLM's spec_decode counters (drafts, draft
+  tokens, accepted tokens, accepted tokens per position).
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ SPECS: dict[str, tuple[str, str, tuple[str, ...], Optional[tuple]]] = {
     "kv_audit_mismatches_total": ("counter", "KV blocks whose prompt KV changed while owned or arrived different from the source (--kv-audit).",
                                   (), None),
     "kv_transfer_faults_injected_total": ("counter", "Prefill: KV pulls corrupted by --inject-kv-faults.", ("mode",), None),
+    "spec_decode_num_drafts_total": ("counter", "Speculative decoding: verify steps of a sequence that carried draft tokens.", (), None),
+    "spec_decode_num_draft_tokens_total": ("counter", "Speculative decoding: draft tokens verified.", (), None),
+    "spec_decode_num_accepted_tokens_total": ("counter", "Speculative decoding: draft tokens accepted.", (), None),
+    "spec_decode_num_accepted_tokens_per_pos_total": ("counter", "Speculative decoding: draft tokens accepted at each "
+                                                      "position of their proposal (0-based).", ("position",), None),
     "requests_received_total": ("counter", "Gateway: generation requests received (before validation).", (), None),
     "requests_finished_total": ("counter", "Gateway: requests that reached the mesh and ended, by outcome (ok, error, aborted).", ("outcome",), None),
     "requests_rejected_total": ("counter", "Gateway: requests refused before reaching the mesh, by HTTP status.", ("status",), None),

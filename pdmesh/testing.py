@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from pdmesh.config import (AsyncScheduling, AttentionBackendName, CacheConfig, DecodeAttention, DeviceConfig, Dtype, EngineConfig,
-                           ModelConfig, SchedulerConfig, TPAllReduce)
+                           KVCacheDtype, LoadFormat, ModelConfig, Quantization, SchedulerConfig, TPAllReduce)
 
 if TYPE_CHECKING:
     from pdmesh.transport.handoff import HandoffResult
@@ -22,10 +22,13 @@ def engine_config(model: str, device: str = "cuda", dtype: Dtype = "bfloat16", b
                   max_model_len: Optional[int] = 8192, block_size: int = 32, gpu_util: float = 0.9,
                   fused: bool = True, async_scheduling: AsyncScheduling = "auto", decode_attention: DecodeAttention = "auto",
                   tokenizer: Optional[str] = None, tensor_parallel_size: int = 1, tp_all_reduce: TPAllReduce = "auto",
-                  enable_expert_parallel: bool = False) -> EngineConfig:
+                  enable_expert_parallel: bool = False, quantization: Optional[Quantization] = None,
+                  kv_cache_dtype: KVCacheDtype = "auto", load_format: LoadFormat = "dummy") -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=model, load_format="dummy", dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer),
-        cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util),
+        model=ModelConfig(model=model, load_format=load_format, dtype=dtype, max_model_len=max_model_len, tokenizer=tokenizer,
+                          quantization=quantization),
+        cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, gpu_memory_utilization=gpu_util,
+                          kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens_step,
                                   async_scheduling=async_scheduling),
         device=DeviceConfig(device=device, attention_backend=backend, enforce_eager=eager, fused_kernels=fused,

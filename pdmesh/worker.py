@@ -32,6 +32,7 @@ import grpc
 from pdmesh.config import EngineConfig, _require, add_flags, check_choices, from_flags
 from pdmesh.engine.async_engine import AsyncEngine
 from pdmesh.engine.engine import LLMEngine, pick_device
+from pdmesh.engine.spec_decode import SpecStats
 from pdmesh.engine.warmup import warm_up
 from pdmesh.env import ENV
 from pdmesh.kv.events import KVEventLog
@@ -166,6 +167,7 @@ class WorkerRuntime:
         self._last_prefix = (0, 0)
         self._last_tiers: dict[str, dict[str, float]] = {}
         self._last_audit = 0
+        self._last_spec: Optional[SpecStats] = None
         self.incarnation = uuid.uuid4().hex
         """Identifies this process: peers drop cached CUDA IPC handles and NIXL metadata when it changes."""
         self.draining = False
@@ -364,6 +366,8 @@ class WorkerRuntime:
                 self._last_audit = s.audit_mismatches
                 for tier, c in (s.tiers or {}).items():
                     self._export_tier(m, tier, c)
+                if s.spec is not None:
+                    self._spec_counters(m, s.spec)
             agent = self.__dict__.get("nixl_agent")  # made when the servicers were added, if nixl is offered
             if m is not None and agent is not None and agent.arena is not None:
                 m.set("kv_nixl_staging_used_bytes", agent.arena.used_bytes)
@@ -383,6 +387,16 @@ class WorkerRuntime:
             last[field] = v
         m.set("kv_tier_usage_bytes", c.used_bytes, tier=tier)
         m.set("kv_tier_capacity_bytes", c.capacity_bytes, tier=tier)
+
+    def _spec_counters(self, m: ServiceMetrics, now: "SpecStats") -> None:
+        """Advance the spec_decode counters by what the engine counted since the last refresh."""
+        last = self._last_spec or SpecStats(accepted_per_pos=[0] * len(now.accepted_per_pos))
+        m.inc("spec_decode_num_drafts_total", now.num_drafts - last.num_drafts)
+        m.inc("spec_decode_num_draft_tokens_total", now.num_draft_tokens - last.num_draft_tokens)
+        m.inc("spec_decode_num_accepted_tokens_total", now.num_accepted_tokens - last.num_accepted_tokens)
+        for pos, (a, b) in enumerate(zip(now.accepted_per_pos, last.accepted_per_pos)):
+            m.inc("spec_decode_num_accepted_tokens_per_pos_total", a - b, position=str(pos))
+        self._last_spec = now
 
     async def _drain(self) -> None:
         self.draining = True

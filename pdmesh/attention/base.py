@@ -43,6 +43,19 @@ class BatchLayout:
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
 
+    def as_decode_rows(self) -> "BatchLayout":
+        """The same tokens as one-query rows: query token ``i`` of sequence ``b`` becomes a row of
+        its own with context ``context_lens[b] - query_lens[b] + i + 1`` over ``b``'s block table
+        (causal by construction).  A verify step of speculative decoding (1 + K tokens per
+        sequence) then runs as a decode step: the decode kernels and their CUDA graphs, at the
+        price of reading each sequence's KV 1 + K times (it pays at small batches)."""
+        ctx: list[int] = []
+        tables: list = []
+        for q, c, t in zip(self.query_lens, self.context_lens, self.block_tables):
+            ctx.extend(range(c - q + 1, c + 1))
+            tables.extend([t] * q)
+        return BatchLayout([1] * len(ctx), ctx, tables, self.slot_mapping, self.block_size)
+
 
 class BaseAttentionBackend(ABC):
     """Paged attention over a KV pool laid out ``[num_blocks, 2, block_size, Hkv, D]`` per layer."""

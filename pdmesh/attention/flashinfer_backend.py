@@ -39,9 +39,11 @@ class FlashInferBackend(BaseAttentionBackend):
     name = "flashinfer"
 
     def __init__(self, device: torch.device, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 block_size: int, decode_kernel: str = "auto") -> None:
+                 block_size: int, decode_kernel: str = "auto", kv_dtype: Optional[torch.dtype] = None) -> None:
         self.device = device
         self.hq, self.hkv, self.d, self.dtype, self.block_size = num_heads, num_kv_heads, head_dim, dtype, block_size
+        self.kv_dtype = kv_dtype or dtype
+        """The KV pool's element type: the model dtype, or fp8 e4m3 (the kernels read it as is)."""
         self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.use_tensor_cores = num_heads // num_kv_heads >= 4
         self.triton_decode = pick_decode_kernel(decode_kernel, device, num_heads, num_kv_heads, head_dim) == "triton"
@@ -54,7 +56,7 @@ class FlashInferBackend(BaseAttentionBackend):
         its buffers fixed for ``graph_batch`` sequences of at most ``max_pages`` pages."""
         if self.triton_decode:
             return DecodeAttention(self.device, self.hq, self.hkv, self.d, self.block_size, graph_batch, max_pages,
-                                   kv_dtype=self.dtype)
+                                   kv_dtype=self.kv_dtype)
         if graph_batch is None:
             return flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=self.use_tensor_cores)
         b, dev = graph_batch, self.device
@@ -74,7 +76,7 @@ class FlashInferBackend(BaseAttentionBackend):
             return
         wrapper.plan(torch.from_numpy(m.kv_indptr), self._indices_on_device(m.kv_indices),
                      torch.from_numpy(m.kv_last_page_len), self.hq, self.hkv, self.d, batch.block_size,
-                     q_data_type=self.dtype, kv_data_type=self.dtype)
+                     q_data_type=self.dtype, kv_data_type=self.kv_dtype)
 
     def _indices_on_device(self, indices: np.ndarray) -> torch.Tensor:
         """[P] int32 host -> device without a stream sync (through the pinned staging buffer)."""
@@ -95,7 +97,7 @@ class FlashInferBackend(BaseAttentionBackend):
                                                (m.qo_indptr, m.kv_indptr, m.kv_indices, m.kv_last_page_len))
             wrapper = self.prefill
             wrapper.plan(qo, kv_indptr, kv_indices, last, self.hq, self.hkv, self.d, bs, causal=True,
-                         q_data_type=self.dtype, kv_data_type=self.dtype)
+                         q_data_type=self.dtype, kv_data_type=self.kv_dtype)
         return FlashInferPlan(wrapper, slots // bs, slots % bs)
 
     def run(self, plan: FlashInferPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:

@@ -53,16 +53,30 @@ class PinnedStaging:
         return self._buf[:n]
 
 
+FP8_KV = torch.float8_e4m3fn
+FP8_KV_MAX = 448.0
+
+
+def to_kv_dtype(x: torch.Tensor, kv_dtype: torch.dtype) -> torch.Tensor:
+    """New K or V values as the pool stores them: fp8 e4m3 values are clamped to +-448 first (a
+    plain cast is not saturating on CUDA), unscaled (vLLM's default k/v scale of 1.0)."""
+    if kv_dtype == FP8_KV and x.dtype != FP8_KV:
+        return x.clamp(-FP8_KV_MAX, FP8_KV_MAX).to(FP8_KV)
+    return x
+
+
 def store_kv(kv_layer: torch.Tensor, slot_block: torch.Tensor, slot_offset: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor) -> None:
-    """kv_layer [N, 2, bs, Hkv, D]; k, v [T, Hkv, D]: write new tokens into their slots (one
-    kernel when v follows k in each row, as the qkv projection's views do)."""
+    """kv_layer [N, 2, bs, Hkv, D] (model dtype or fp8); k, v [T, Hkv, D] in the model dtype:
+    write new tokens into their slots (one kernel when v follows k in each row, as the qkv
+    projection's views do; converted first for an fp8 pool)."""
     kv = _kv_rows(k, v)
+    dt = kv_layer.dtype
     if kv is not None:
-        kv_layer[slot_block, :, slot_offset] = kv
+        kv_layer[slot_block, :, slot_offset] = to_kv_dtype(kv, dt)
     else:
-        kv_layer[:, 0][slot_block, slot_offset] = k
-        kv_layer[:, 1][slot_block, slot_offset] = v
+        kv_layer[:, 0][slot_block, slot_offset] = to_kv_dtype(k, dt)
+        kv_layer[:, 1][slot_block, slot_offset] = to_kv_dtype(v, dt)
 
 
 def _kv_rows(k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:

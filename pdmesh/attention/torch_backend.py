@@ -2,7 +2,8 @@
 
 Works on CPU and CUDA.  ``plan`` pads the batch into ``[B, max_q]`` queries and
 ``[B, max_ctx]`` keys with index tensors and one boolean mask; ``run`` is then a store, two
-gathers and one SDPA call per layer — no Python loop over sequences or blocks.
+gathers and one SDPA call per layer — no Python loop over sequences or blocks.  An fp8 KV pool
+(``--kv-cache-dtype fp8``) is written clamped to +-448 and dequantized to q's dtype when read.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from pdmesh.attention.base import BaseAttentionBackend, BatchLayout
+from pdmesh.attention.paged import to_kv_dtype
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,10 @@ class TorchAttentionBackend(BaseAttentionBackend):
 
     def run(self, plan: TorchPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
-        k_cache[plan.slot_block, plan.slot_offset] = k
-        v_cache[plan.slot_block, plan.slot_offset] = v
-        keys = k_cache[plan.key_block, plan.key_offset]  # [B, max_ctx, Hkv, D]
-        vals = v_cache[plan.key_block, plan.key_offset]
+        k_cache[plan.slot_block, plan.slot_offset] = to_kv_dtype(k, kv_layer.dtype)
+        v_cache[plan.slot_block, plan.slot_offset] = to_kv_dtype(v, kv_layer.dtype)
+        keys = k_cache[plan.key_block, plan.key_offset].to(q.dtype)  # [B, max_ctx, Hkv, D] (fp8 dequantized)
+        vals = v_cache[plan.key_block, plan.key_offset].to(q.dtype)
         qp = q[plan.q_index]  # [B, max_q, Hq, D]
         out = F.scaled_dot_product_attention(
             qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2), attn_mask=plan.mask,

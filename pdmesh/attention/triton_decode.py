@@ -62,15 +62,15 @@ if triton is not None:
             n_ok = n < hi
             page = tl.load(idx_base + n // PAGE, mask=n_ok, other=0).to(tl.int64)
             row = page * stride_page + (n % PAGE) * stride_tok + h * D
-            k = tl.load(kv_ptr + row[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)  # [D, BLOCK_N]
+            k = tl.load(kv_ptr + row[None, :] + d[:, None], mask=n_ok[None, :], other=0.0).to(q.dtype)  # [D, BLOCK_N]
             sc = tl.dot(q, k) * scale_log2  # [GROUP_PAD, BLOCK_N], log2 domain
             sc = tl.where(n_ok[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
             p = tl.exp2(sc - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(kv_ptr + stride_kv + row[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # [BLOCK_N, D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            v = tl.load(kv_ptr + stride_kv + row[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)  # (an fp8 cache is converted as it loads)
             m_i = m_new
         if DIRECT:
             out = acc / l_i[:, None]

@@ -85,3 +85,33 @@ def jsonl_dataset(path: str, encode, decode, default_output_len: int, limit: Opt
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
+
+
+_PASSAGES = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after the "
+    "engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally nicknamed La dame "
+    "de fer, it was constructed as the centrepiece of the 1889 World's Fair.",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose and "
+    "oxygen. It takes place mainly in the leaves, inside small structures called chloroplasts, which contain the green "
+    "pigment chlorophyll.",
+)
+_CODE = ("def total_price(items):\n    total = 0\n    for item in items:\n        total = total + item.price * item.quantity\n"
+         "    return total\n\n\ndef average_price(items):\n    if not items:\n        return 0\n"
+         "    return total_price(items) / len(items)\n")
+
+
+def copy_heavy_chats() -> list[list[dict[str, str]]]:
+    """Chat requests whose answers quote their prompts (repeat a passage, edit code): the workload
+    n-gram speculative decoding is for."""
+    out = [[{"role": "user", "content": "Repeat the following passage exactly, word for word:\n\n" + p}] for p in _PASSAGES]
+    out.append([{"role": "user", "content": "Rename the function total_price to compute_total everywhere in this code "
+                                            "and return the whole code:\n\n" + _CODE}])
+    out.append([{"role": "user", "content": "Copy this code exactly, then add a docstring to each function:\n\n" + _CODE}])
+    return out
+
+
+def open_chats() -> list[list[dict[str, str]]]:
+    """Chat requests whose answers do not quote the prompt (speculation should find little)."""
+    return [[{"role": "user", "content": q}] for q in (
+        "Write a short story about a dragon who learns to cook.", "Explain how a bicycle works.",
+        "Give me three ideas for a birthday party.", "Why is the sky blue?")]

@@ -81,8 +81,11 @@ class DecodeGraphs:
         return BatchLayout([1] * b, ctx + [1] * pad, tables + [null_table] * pad, self.slot_block[:0], self.block_size)
 
     def can_run(self, layout: BatchLayout) -> bool:
-        return (layout.is_decode_only and len(layout.query_lens) <= self.buckets[-1]
-                and max(layout.context_lens) <= self.max_pages * self.block_size)
+        return layout.is_decode_only and self.fits(len(layout.query_lens), max(layout.context_lens))
+
+    def fits(self, rows: int, max_context: int) -> bool:
+        """Whether ``rows`` one-query rows whose longest context is ``max_context`` fit a captured graph."""
+        return rows <= self.buckets[-1] and max_context <= self.max_pages * self.block_size
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
             on_loaded: Optional[Callable[[], None]] = None) -> torch.Tensor:

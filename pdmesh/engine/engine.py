@@ -11,7 +11,8 @@ it.  Roles in the mesh:
   cache hits) and returns which of them must be filled; ``start_pull`` hands the transfer to the
   KV connector (``pdmesh.engine.connector``), which polls it between steps and, when it ends,
   queues the request to generate from its first token (pulled), to compute its prompt here
-  (recomputed) or drops it (failed).  ``pdmesh.transport.handoff`` drives this from asyncio.
+  (recomputed) or drops it (failed) (``pdmesh.engine.arrivals``, which lower-tier loads go through
+  too).  ``pdmesh.transport.handoff`` drives this from asyncio.
 
 KV ownership: every allocated block belongs to exactly the request ids in the block manager;
 ``abort``/``release``/finishing free them at once — except that blocks of a request that a
@@ -36,6 +37,14 @@ async scheduling a batch with grammars is launched behind too, in two parts: ste
 advanced the grammars and N+1's mask is filled, while the device runs N+1's forward.  A row whose
 sequence ended at step N (or was aborted) is left unmasked and its token dropped; a grammar state
 is released when its sequence finishes or is aborted.
+
+Speculative decoding (``--speculative-config``, ``spec_decode``): before a synchronous step every
+running sequence that may speculate gets n-gram draft tokens; the step verifies them (1 + K rows
+sampled) and ``postprocess`` keeps the accepted drafts plus one token, returning blocks that hold
+only rejected drafts' KV at once.  A step with drafts is never launched behind, and a sequence that
+may propose keeps the next step from being launched behind (its proposal needs its last token).
+Constrained, penalised and prefill-only sequences never get drafts; they share verify steps with
+those that do (a constrained sequence's one row is masked there).
 """
 
 from __future__ import annotations
@@ -53,18 +62,21 @@ from pdmesh.distributed.group import TPGroup
 from pdmesh.distributed.ranks import RankGroup
 from pdmesh.engine.devices import on_device, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from pdmesh.engine.connector import KVConnector, PullJob, PullOutcome, PullReport
-from pdmesh.engine.offload import LOAD_TIMEOUT_S, KVTiers, TierLoadJob
+from pdmesh.engine.arrivals import Arrivals
+from pdmesh.engine.offload import KVTiers, TierLoadJob
 from pdmesh.engine.grammar import GrammarEngine, GrammarError, GrammarSpec
 from pdmesh.engine.runner import LaunchedStep, placeholder
 from pdmesh.engine.scheduler import Scheduler
 from pdmesh.engine.stats import EngineStats, RemoteAdmission  # noqa: F401 (re-exported)
 from pdmesh.engine.sequence import RequestOutput, SamplingParams, Sequence, SequenceStatus, TokenLogprob
+from pdmesh.engine.spec_decode import SpecDecoder, may_propose
 from pdmesh.kv.audit import KVAudit
-from pdmesh.kv.block_manager import PrefixCachingBlockManager, PrefixHit
+from pdmesh.kv.block_manager import PrefixCachingBlockManager
 from pdmesh.kv.events import KVEventLog
 from pdmesh.engine.shard import build_shard
 from pdmesh.models import check_tensor_parallel
 from pdmesh.models.loader import ResolvedModel, resolve
+from pdmesh.models.quant import check_quantization
 from pdmesh.transport.base import TransferError
 from pdmesh.transport.cuda_ipc import open_share
 from pdmesh.tokenizer import Tokenizer, has_tokenizer
@@ -102,6 +114,7 @@ class LLMEngine:
         self.max_model_len = config.model.max_model_len or arch.max_position_embeddings
         tp_size = config.device.tensor_parallel_size
         check_tensor_parallel(arch, tp_size, config.device.enable_expert_parallel)
+        check_quantization(arch, config.model.quantization)
         self.ranks: Optional[RankGroup] = None
         """The other ranks of this worker's tensor-parallel group (None without TP)."""
         if tp_size > 1:
@@ -146,10 +159,10 @@ class LLMEngine:
         self._deferred_frees: list[tuple[LaunchedStep, str]] = []
         """Requests whose blocks are freed once that step is collected."""
         self.held: dict[str, Sequence] = {}
-        self.remote: dict[str, Sequence] = {}
-        """Requests waiting for (or receiving) their prompt's KV from another worker."""
         self.connector = KVConnector(self.blocks)
         """Pulls, tier loads and offloads in flight, polled between steps."""
+        self.spec: Optional[SpecDecoder] = SpecDecoder(config.speculative, self.max_model_len) if config.speculative else None
+        """Speculative decoding (n-gram proposals, verify steps); None when off."""
         on_event = self.kv_events.record if self.kv_events is not None else None
         if on_event is not None:
             self.blocks.on_cache_event = lambda h, added: on_event("device", h, added)
@@ -157,7 +170,11 @@ class LLMEngine:
         """Host-memory and disk KV tiers under the pool (``--kv-offload-cpu-gb``, ``--kv-offload-disk-*``)."""
         if config.cache.kv_offload_cpu_gb > 0:
             self.tiers = KVTiers(config.cache, config.model, self.pool, self.blocks, self.connector, self.device, on_event)
-            self.scheduler.prefetch = self._start_load
+        self.arrivals = Arrivals(self.blocks, self.scheduler, self.connector, self.audit, self.tiers)
+        self.remote = self.arrivals.waiting
+        """Requests waiting for (or receiving) their prompt's KV from another worker or a lower tier."""
+        if self.tiers is not None:
+            self.scheduler.prefetch = self.arrivals.start_load
         self.num_steps = 0
         self.last_step_kind = ""
         """'decode' (one new token per sequence), 'prefill' (prompt tokens only) or 'mixed', for the
@@ -286,7 +303,7 @@ class LLMEngine:
         now = time.monotonic()
         for a, err in self.connector.poll(now):
             if isinstance(a.job, TierLoadJob):
-                self._settle_load(a.job, a.transfer, err)
+                self.arrivals.settle_load(a.job, a.transfer, err)
                 continue
             job, rid = a.job, a.job.request_id
             name, secs = job.transport.name, now - a.started
@@ -295,92 +312,18 @@ class LLMEngine:
                 if self.audit is not None and seq is not None:
                     self.audit.expect(rid, self.blocks.block_table(rid), seq.num_prompt_tokens, job.first_block,
                                       job.expect_checksums)
-                self._activate_remote(rid)
+                self.arrivals.landed(rid)
                 report = PullReport(PullOutcome.PULLED, name, a.transfer.nbytes if a.transfer else 0, a.blocks, secs,
                                     a.transfer.device_seconds() if a.transfer else None)
             else:
                 log.warning("KV pull of %s via %s failed: %s (policy: %s)", rid, name, err, job.policy)
-                if job.policy == "recompute" and self._recompute_remote(rid):
+                if job.policy == "recompute" and self.arrivals.recompute(rid):
                     report = PullReport(PullOutcome.RECOMPUTED, name, seconds=secs, error=err)
                 else:
                     self.abort(rid)
                     report = PullReport(PullOutcome.FAILED, name, seconds=secs, error=err)
             job.on_outcome(report)
         return self.transfers_pending()
-
-    def _start_load(self, seq: Sequence, hit: PrefixHit) -> bool:
-        """The scheduler's ``prefetch``: if the lower tiers hold more of ``seq``'s prefix than the
-        device, allocate its blocks and start loading them (True: the sequence waits in
-        ``remote`` until ``_settle_load``); else False, and it is computed as usual."""
-        tiers = self.tiers
-        assert tiers is not None  # the scheduler prefetches only when tiers exist
-        rid = seq.request_id
-        plan = tiers.plan(seq.token_ids, hit)
-        count = seq.num_preemptions == 0 and not seq.tiers_looked_up
-        if not plan or self.blocks.allocate(rid, seq.num_tokens, hit) is None:
-            if count and not plan:
-                seq.tiers_looked_up = True
-                tiers.count_lookup(seq.num_tokens - hit.num_tokens)
-            return False
-        self.blocks.record_prefix_query(seq.num_tokens, hit.num_tokens)
-        first = len(hit.block_ids)
-        job, load = tiers.start_load(rid, plan, first, self.blocks.block_table(rid)[first:first + len(plan)])
-        if count:
-            seq.tiers_looked_up = True
-            job.count_tokens = seq.num_tokens - hit.num_tokens
-        seq.num_computed_tokens = hit.num_tokens
-        seq.status = SequenceStatus.WAITING_FOR_KV
-        self.remote[rid] = seq
-        self.connector.add(job, load, len(load.dst), job.started, job.started + LOAD_TIMEOUT_S)
-        return True
-
-    def _settle_load(self, job: TierLoadJob, load, err: Optional[str]) -> None:
-        """A tier load ended: requeue its request (at the front) with the blocks that arrived
-        computed; the rest of its prompt is computed as usual."""
-        assert self.tiers is not None  # tier loads exist only when tiers do
-        n = self.tiers.loaded(job, load) if err is None else 0
-        if err is not None:
-            log.warning("KV tier load of %s failed: %s (computing its prompt)", job.request_id, err)
-        if job.count_tokens is not None:
-            self.tiers.count_lookup(job.count_tokens, job.tiers[:n])
-        seq = self.remote.pop(job.request_id, None)
-        if seq is None:  # aborted meanwhile
-            return
-        if not self.blocks.has_request(job.request_id):  # its blocks went to quarantine: start afresh
-            seq.num_computed_tokens = 0
-        else:
-            seq.num_computed_tokens = (job.first_block + n) * self.blocks.block_size
-            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
-        if seq.num_preemptions == 0:
-            seq.num_cached_tokens = seq.num_computed_tokens
-        self.scheduler.add(seq, front=True)
-
-    def _activate_remote(self, request_id: str) -> bool:
-        """The remote KV has landed: queue the request for decoding. False if it was aborted."""
-        seq = self.remote.pop(request_id, None)
-        if seq is None:
-            return False
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        self.blocks.cache_full_blocks(request_id, seq.token_ids, seq.num_computed_tokens)
-        if self.audit is not None:
-            self.audit.record(request_id, self.blocks.block_table(request_id), seq.num_prompt_tokens)
-        self.scheduler.add(seq)
-        return True
-
-    def _recompute_remote(self, request_id: str) -> bool:
-        """The remote KV could not be had (failed pull): free what was allocated for it and queue the
-        request to compute its prompt here — like a preempted request, it re-prefills prompt + token 0
-        and goes on from token 1.  False if it was aborted meanwhile."""
-        seq = self.remote.pop(request_id, None)
-        if seq is None:
-            return False
-        if self.audit is not None:
-            self.audit.forget(request_id)
-        self.blocks.free(request_id)
-        seq.num_computed_tokens = 0
-        seq.num_preemptions += 1
-        self.scheduler.add(seq)
-        return True
 
     def abort(self, request_id: str) -> bool:
         """Drop the request wherever it is and free its blocks at once (blocks that its stopped
@@ -467,6 +410,8 @@ class LLMEngine:
                     self.runner.launch_sample(nxt, self._mask)
                 self._launched(nxt)
             return outputs
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
@@ -477,7 +422,8 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = started
         mask = self._mask if self._constrained(batch.seqs) else None
-        if self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs)):
+        if (self.async_scheduling and not batch.preempted and decoding == len(batch.seqs) and all(map(_launchable, batch.seqs))
+                and not any(s.spec_token_ids for s in batch.seqs)):
             self._inflight = self.runner.launch(batch, mask=mask)
             self._launched(self._inflight)
             return []
@@ -490,6 +436,8 @@ class LLMEngine:
         in-flight step's token."""
         running = self.scheduler.running
         if self.scheduler.waiting or not running or len(running) > self.blocks.num_free_blocks:
+            return False
+        if self.spec is not None and any(map(may_propose, running)):  # a proposal needs the last token
             return False
         cfg = self.config.scheduler
         if len(running) > min(cfg.max_num_seqs, cfg.max_num_batched_tokens):
@@ -537,16 +485,46 @@ class LLMEngine:
         now = time.monotonic()
         for seq, lps in result.prompt_logprobs:
             seq.prompt_logprobs.extend(lps)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
-            if self.audit is not None and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                self.audit.record(seq.request_id, self.blocks.block_table(seq.request_id), seq.num_prompt_tokens)
+        rows = {id(s): i for i, s in enumerate(result.sampled_seqs)}
         outputs = []
-        for seq, tok, lp in zip(result.sampled_seqs, result.token_ids, result.logprobs):
-            seq.token_ids.append(tok)
-            outputs.append(self._emit(seq, tok, lp, now))
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            i = rows.get(id(seq))
+            if i is None:  # a prompt chunk that samples nothing yet
+                self._computed(seq, seq.num_computed_tokens + n)
+            elif result.targets is None:
+                outputs.append(self._advance(seq, n, [result.token_ids[i]], [result.logprobs[i]], now))
+            else:  # a verify step (speculative decoding)
+                outputs.append(self._advance(seq, n, result.targets[i], result.target_logprobs[i], now))
         return outputs
+
+    def _computed(self, seq: Sequence, num_computed: int) -> None:
+        """The sequence's KV now covers ``num_computed`` tokens: cache its full blocks (and audit)."""
+        seq.num_computed_tokens = num_computed
+        self.blocks.cache_full_blocks(seq.request_id, seq.token_ids, num_computed)
+        if self.audit is not None and num_computed >= seq.num_prompt_tokens:
+            self.audit.record(seq.request_id, self.blocks.block_table(seq.request_id), seq.num_prompt_tokens)
+
+    def _advance(self, seq: Sequence, n: int, targets: list[int], lps: list[Optional[TokenLogprob]],
+                 now: float) -> RequestOutput:
+        """``seq`` computed ``n`` more tokens and sampled ``targets`` (one per row: 1 + its drafts).
+        It gets the accepted drafts plus one token (``spec_decode``; fewer if one of them ends it),
+        its KV counts as computed through the last accepted draft, and blocks holding only rejected
+        drafts' KV are freed at once.  Without drafts: its one sampled token."""
+        drafts = len(seq.spec_token_ids)
+        emit = self.spec.accept(seq, targets) if self.spec is not None else 1
+        i, tok = 0, targets[0]
+        for i, tok in enumerate(targets[:emit]):
+            seq.token_ids.append(tok)
+            if i + 1 < emit and self._finish_reason(seq, tok) is not None:
+                break
+        self._computed(seq, min(seq.num_computed_tokens + n - len(targets) + emit, seq.num_tokens))
+        if drafts:
+            self.blocks.trim(seq.request_id, seq.num_computed_tokens)
+        out = self._emit(seq, tok, lps[i], now)
+        if i:
+            out.new_token_ids = targets[:i + 1]
+            out.logprobs = [lp for lp in lps[:i + 1] if lp is not None] if lps[i] is not None else None
+        return out
 
     def _emit(self, seq: Sequence, tok: int, lp: Optional[TokenLogprob], now: float) -> RequestOutput:
         """The output for ``seq``'s newest token ``tok``; finishes or holds the sequence as due."""
@@ -613,5 +591,6 @@ class LLMEngine:
             audit_mismatches=self.audit.mismatches if self.audit is not None else 0,
             transfers_stopping=len(self.connector.stopping),
             quarantined_blocks=self.connector.quarantined_blocks(),
+            spec=self.spec.stats.copy() if self.spec is not None else None,
             tiers=self.tiers.snapshot() if self.tiers is not None else None,
         )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from pdmesh.config import (AsyncScheduling, AttentionBackendName, CacheConfig, DeviceConfig, Dtype, EngineConfig, LoadFormat,
-                           ModelConfig, SchedulerConfig)
+from pdmesh.config import (AsyncScheduling, AttentionBackendName, CacheConfig, DeviceConfig, Dtype, EngineConfig, KVCacheDtype,
+                           LoadFormat, ModelConfig, Quantization, SchedulerConfig, parse_speculative_config)
 from pdmesh.engine.engine import LLMEngine
 from pdmesh.engine.sequence import SamplingParams, TokenLogprob
 from pdmesh.tokenizer import StopStringMatcher, Tokenizer
@@ -43,19 +44,26 @@ class LLM:
                  enable_prefix_caching: bool = True, max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  enable_chunked_prefill: bool = True, device: str = "auto", attention_backend: AttentionBackendName = "auto",
                  enforce_eager: bool = False, async_scheduling: AsyncScheduling = "auto", tensor_parallel_size: int = 1,
-                 enable_expert_parallel: bool = False, cpu_threads: int = 0, engine_config: Optional[EngineConfig] = None) -> None:
+                 enable_expert_parallel: bool = False, cpu_threads: int = 0, quantization: Optional[Quantization] = None,
+                 kv_cache_dtype: KVCacheDtype = "auto", speculative_config: Optional[Union[dict[str, Any], str]] = None,
+                 engine_config: Optional[EngineConfig] = None) -> None:
+        """``quantization`` ('fp8', 'int8'), ``kv_cache_dtype`` ('fp8'): as ``--quantization`` and
+        ``--kv-cache-dtype``.  ``speculative_config``: vLLM's dict (or its JSON), e.g. ``{"method":
+        "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}``."""
         if engine_config is None:
             mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                             **({"model": model} if model else {}))
+                             quantization=quantization, **({"model": model} if model else {}))
             engine_config = EngineConfig(
                 model=mc,
                 cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-                                  enable_prefix_caching=enable_prefix_caching),
+                                  enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
                 scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                           enable_chunked_prefill=enable_chunked_prefill, async_scheduling=async_scheduling),
                 device=DeviceConfig(device=device, attention_backend=attention_backend, enforce_eager=enforce_eager,
                                     tensor_parallel_size=tensor_parallel_size, cpu_threads=cpu_threads,
                                     enable_expert_parallel=enable_expert_parallel),
+                speculative=parse_speculative_config(json.dumps(speculative_config) if isinstance(speculative_config, dict)
+                                                     else speculative_config),
             )
         self.engine = LLMEngine(engine_config)
         self._ids = itertools.count()

@@ -57,11 +57,13 @@ LOAD_TIMEOUT_S = 60.0
 
 
 def namespace(model: ModelConfig, pool: KVCachePool) -> str:
-    """What a disk block's bytes depend on besides its tokens: the model and weights, the dtype and
-    the KV layout (a directory name; blocks of another model are never looked at)."""
+    """What a disk block's bytes depend on besides its tokens: the model and weights (quantized or
+    not, and the dtype computing it), the KV dtype and layout (a directory name; blocks of another
+    model are never looked at)."""
     lay = pool.layout
     key = repr((model.model, model.load_format, model.seed if model.load_format == "dummy" else None,
-                lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype, lay.layout))
+                lay.num_layers, lay.num_kv_heads, lay.head_dim, lay.block_size, lay.dtype, lay.layout,
+                model.quantization, model.dtype))
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 

@@ -26,6 +26,12 @@ to the other ranks (``followers``), which run the same ``execute`` on their shar
 makes the same collectives in the same order (forward, prompt-logprob logits, sampled logits, and
 for launched steps the broadcast of the sampled ids that the next step's placeholders name).
 Sampling, grammars and logprobs happen on rank 0 only.
+
+Speculative decoding (``pdmesh.engine.spec_decode``): a sequence with K draft tokens runs its last
+token and the drafts (1 + K positions) in one step, and all 1 + K rows are sampled
+(``StepResult.targets``; every rank computes those rows' logits).  A verify step whose rows fit a
+captured decode graph runs as one-query decode rows (``StepInputs.decode_rows``, decided by rank 0).
+Verify steps are always waited for (``run``), never launched.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class StepInputs:
     """Row ranges whose logits give prompt logprobs, in sequence order."""
     launch: bool = False
     """Async scheduling: the sampled ids are broadcast to every rank (the next step's placeholders)."""
+    decode_rows: bool = False
+    """A verify step run as one-query decode rows (``BatchLayout.as_decode_rows``), graphs included."""
 
 
 @dataclass
@@ -140,6 +148,11 @@ class StepResult:
     logprobs: list[Optional[TokenLogprob]]
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
     """Logprobs of the prompt tokens this step computed, for sequences that asked (in order)."""
+    targets: Optional[list[list[int]]] = None
+    """Verify steps only: per sampled sequence, the tokens sampled at its 1 + K rows (K: its
+    draft tokens; ``token_ids`` then holds each list's first)."""
+    target_logprobs: Optional[list[list[Optional[TokenLogprob]]]] = None
+    """Verify steps only: the logprobs of ``targets`` (None where not asked)."""
 
 
 LogitsMask = Callable[[torch.Tensor, list[Sequence]], None]
@@ -168,6 +181,9 @@ class ModelRunner:
         self._fence = _InputFence(device)
         self.graphs: Optional[DecodeGraphs] = None
         """``DecodeGraphs`` when CUDA graphs are captured (``capture_decode_graphs``)."""
+        self.verify_as_decode: Optional[bool] = None
+        """Run verify steps (speculative decoding) as decode rows (``BatchLayout.as_decode_rows``):
+        None: when the rows fit a captured CUDA graph; True/False: always/never (tests)."""
 
     @property
     def _rank0_blocks(self) -> PrefixCachingBlockManager:
@@ -201,7 +217,17 @@ class ModelRunner:
             packed, ctx_lens, logits_idx, sample_seqs = self._token_ranges(batch)
         tables = [self._rank0_blocks.block_table_array(seq.request_id) for seq in batch.seqs]
         rows = [(a, b) for _, a, b, _, _ in self._prompt_spans(batch)]
-        return StepInputs(packed, list(batch.num_new_tokens), ctx_lens, tables, logits_idx, rows, launch), sample_seqs
+        return StepInputs(packed, list(batch.num_new_tokens), ctx_lens, tables, logits_idx, rows, launch,
+                          self._as_decode_rows(batch, ctx_lens)), sample_seqs
+
+    def _as_decode_rows(self, batch: ScheduledBatch, ctx_lens: list[int]) -> bool:
+        """Whether a verify step (every sequence runs its last token and its drafts, some have
+        drafts) runs as one-query decode rows: where they fit a captured graph (``verify_as_decode``)."""
+        if self.verify_as_decode is False or not any(s.spec_token_ids for s in batch.seqs):
+            return False
+        if any(n != 1 + len(s.spec_token_ids) for s, n in zip(batch.seqs, batch.num_new_tokens)):
+            return False
+        return bool(self.verify_as_decode) or (self.graphs is not None and self.graphs.fits(sum(batch.num_new_tokens), max(ctx_lens)))
 
     def execute(self, inputs: StepInputs, prev_ids: Optional[torch.Tensor] = None) -> StepTensors:
         """Every rank: run the step's model forward and the logits it needs (rank 0 first sends the
@@ -218,6 +244,8 @@ class ModelRunner:
                 raise RuntimeError("a placeholder token without the step that samples it")
             input_ids = torch.where(input_ids < 0, prev_ids[(-input_ids - 1).clamp(min=0)], input_ids)
         layout = BatchLayout(inputs.query_lens, inputs.context_lens, inputs.block_tables, dev[2], self.block_size)
+        if inputs.decode_rows:
+            layout = layout.as_decode_rows()
         if self.graphs is not None and self.graphs.can_run(layout):
             hidden = self.graphs.run(input_ids, dev[1], layout, on_loaded=self._fence.mark)
         else:
@@ -251,20 +279,23 @@ class ModelRunner:
     def _token_ranges(self, batch: ScheduledBatch) -> tuple[np.ndarray, list[int], list[int], list[Sequence]]:
         """Any step (prompt chunks): one numpy op per sequence, never per token."""
         ids, pos, slots = [], [], []
-        ctx_lens, logits_idx, sample_seqs = [], [], []
+        ctx_lens: list[int] = []
+        logits_idx: list[int] = []
+        sample_seqs: list[Sequence] = []
         offset = 0
         bs = self.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             end = start + n
             p = np.arange(start, end, dtype=np.int64)
-            ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            ids.append(np.asarray(seq.token_ids[start:end] + seq.spec_token_ids, dtype=np.int64))
             pos.append(p)
             slots.append(self._rank0_blocks.block_table_array(seq.request_id)[p // bs].astype(np.int64) * bs + p % bs)
             ctx_lens.append(end)
             offset += n
-            if end == seq.num_tokens:
-                logits_idx.append(offset - 1)
+            k = len(seq.spec_token_ids)
+            if end == seq.num_tokens + k:  # (a verify step: its last 1 + K rows are sampled)
+                logits_idx.extend(range(offset - 1 - k, offset))
                 sample_seqs.append(seq)
         packed = np.stack([np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)])
         return packed, ctx_lens, logits_idx, sample_seqs
@@ -334,8 +365,8 @@ class ModelRunner:
         if prev is not None and not prev.sampled:
             raise RuntimeError("the previous step's sampling was never launched")
         inputs, sample_seqs = self.prepare(batch, launch=True)
-        if len(sample_seqs) != len(batch.seqs) or not sample_seqs:
-            raise RuntimeError("launch() takes decode batches only")
+        if len(sample_seqs) != len(batch.seqs) or not sample_seqs or any(s.spec_token_ids for s in sample_seqs):
+            raise RuntimeError("launch() takes decode batches (without draft tokens) only")
         logits = self.execute(inputs, prev.ids if prev is not None else None).logits
         assert logits is not None  # every sequence is sampled, so the step computed their logits
         sampling = None
@@ -387,6 +418,8 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(step, batch) if step.prompt_logits else []
         if not sample_seqs:
             return StepResult([], [], [], prompt_lps)
+        if any(s.spec_token_ids for s in sample_seqs):
+            return self._verify(step.logits, sample_seqs, prompt_lps, mask)
         logits = step.logits
         assert logits is not None  # sequences are sampled, so the step computed their logits
         if mask is not None:
@@ -396,3 +429,32 @@ class ModelRunner:
         sb = build_sampling_batch(sample_seqs, logits.shape[-1], self.device)
         tokens, logprobs = self.sampler(logits, sb, sample_seqs)
         return StepResult(sample_seqs, tokens, logprobs, prompt_lps)
+
+    def _verify(self, logits: Optional[torch.Tensor], seqs: list[Sequence], prompt_lps: list[tuple[Sequence, list[TokenLogprob]]],
+                mask: Optional[LogitsMask]) -> StepResult:
+        """A verify step (speculative decoding): ``logits`` [sum(1 + K_i), V] holds the 1 + K_i rows
+        of every sampled sequence (K_i: its drafts, 0 for most); a target token is sampled from each,
+        row ``j`` as the sequence's output token ``num_output_tokens + j`` (``pdmesh.engine.spec_decode``
+        decides what is accepted).  Sequences with drafts have no grammar or penalties; ``mask``
+        constrains the one row of each sequence with a grammar."""
+        assert logits is not None  # sequences are sampled, so the step computed their logits
+        counts = [1 + len(s.spec_token_ids) for s in seqs]
+        row_seqs = [s for s, c in zip(seqs, counts) for _ in range(c)]
+        offsets = [j for c in counts for j in range(c)]
+        if mask is not None:
+            constrained = [r for r, s in enumerate(row_seqs) if s.grammar is not None]
+            sub = logits[constrained]
+            mask(sub, [row_seqs[r] for r in constrained])
+            logits[constrained] = sub
+        lps: list[Optional[TokenLogprob]]
+        if all(plain_greedy(s) for s in seqs):
+            flat, lps = logits.argmax(dim=-1).tolist(), [None] * len(row_seqs)
+        else:
+            sb = build_sampling_batch(row_seqs, logits.shape[-1], self.device, offsets)
+            flat, lps = self.sampler(logits, sb, row_seqs)
+        targets, target_lps, i = [], [], 0
+        for c in counts:
+            targets.append(flat[i:i + c])
+            target_lps.append(lps[i:i + c])
+            i += c
+        return StepResult(seqs, [t[0] for t in targets], [lp[0] for lp in target_lps], prompt_lps, targets, target_lps)

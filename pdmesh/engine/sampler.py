@@ -61,8 +61,14 @@ def _vec(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device) -> SamplingBatch:
+def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device,
+                         offsets: Optional[list[int]] = None) -> SamplingBatch:
+    """One row per entry of ``seqs``; row i samples its sequence's output token
+    ``num_output_tokens + offsets[i]`` (offsets: 0 for every row unless given; verify steps of
+    speculative decoding repeat a sequence with offsets 0..K; penalties read the sequence's
+    output as it is, so rows with offsets must have none)."""
     ps = [s.params for s in seqs]
+    offs = offsets or [0] * len(seqs)
     temps = _vec([p.temperature for p in ps], torch.float32, device)
     any_topp = any(p.top_p < 1.0 for p in ps)
     any_topk = any(p.top_k > 0 for p in ps)
@@ -71,14 +77,14 @@ def build_sampling_batch(seqs: list[Sequence], vocab: int, device: torch.device)
     any_rep = any(p.repetition_penalty != 1.0 for p in ps)
     suppress = []
     for i, s in enumerate(seqs):
-        if s.num_output_tokens < s.params.min_tokens and s.grammar is None:  # a grammar decides its end
+        if s.num_output_tokens + offs[i] < s.params.min_tokens and s.grammar is None:  # a grammar decides its end
             ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(s.eos_token_ids))
             if ids:
                 suppress.append((i, ids))
     bias_rows = [(i, t, b) for i, p in enumerate(ps) for t, b in p.logit_bias if t < vocab]
     seeds = [
-        None if s.params.seed is None else (s.params.seed * _SEED_MIX + s.num_output_tokens) & 0x7FFF_FFFF_FFFF_FFFF
-        for s in seqs
+        None if s.params.seed is None else (s.params.seed * _SEED_MIX + s.num_output_tokens + off) & 0x7FFF_FFFF_FFFF_FFFF
+        for s, off in zip(seqs, offs)
     ]
     return SamplingBatch(
         temperature=temps,

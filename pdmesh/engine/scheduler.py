@@ -2,10 +2,12 @@
 
 Each step gets a token budget (``max_num_batched_tokens``) and a sequence cap (``max_num_seqs``):
 
-1. Running sequences first, in admission order: a decode takes 1 token, an unfinished chunked
-   prefill takes the rest of its prompt up to the budget.  When the block manager cannot extend a
+1. Running sequences first, in admission order: a decode takes 1 token (1 + its draft tokens
+   with speculative decoding, drafts cut to the budget), an unfinished chunked prefill takes the
+   rest of its prompt up to the budget.  When the block manager cannot extend a
    sequence, the most recently admitted running sequence is preempted (recompute: blocks freed,
-   sent to the front of the waiting queue) until it can — possibly the sequence itself.
+   sent to the front of the waiting queue) until it can — possibly the sequence itself; a
+   sequence's draft tokens are dropped before anyone is preempted for it.
 2. Then waiting sequences, FIFO, while budget, cap and blocks allow.  A sequence admitted for the
    first time looks up its prefix in the cache and only computes the rest (unless it asked for
    prompt logprobs, which need every prompt position computed).  With lower KV tiers, a sequence
@@ -79,6 +81,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq.request_id)
+        seq.spec_token_ids = []
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -92,11 +95,17 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(out) < self.cfg.max_num_seqs:
             seq = self.running[i]
-            remaining = seq.num_tokens - seq.num_computed_tokens
+            if seq.spec_token_ids:  # a decode with drafts: as many as the budget allows
+                del seq.spec_token_ids[budget - 1:]
+            remaining = seq.num_tokens - seq.num_computed_tokens + len(seq.spec_token_ids)
             n = min(remaining, budget) if chunked else remaining
             if n > budget:
                 break
             while self.blocks.allocate(seq.request_id, seq.num_computed_tokens + n) is None:
+                if seq.spec_token_ids:  # drop the drafts before preempting anyone
+                    n -= len(seq.spec_token_ids)
+                    seq.spec_token_ids = []
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)

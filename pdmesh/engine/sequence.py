@@ -11,6 +11,7 @@ from pdmesh.engine.grammar import GrammarSpec
 
 if TYPE_CHECKING:
     from pdmesh.engine.grammar import GrammarState
+    from pdmesh.engine.spec_decode import SpecState
 
 MAX_LOGPROBS = 20
 """Most alternatives per token that logprobs and prompt_logprobs may ask for."""
@@ -145,6 +146,11 @@ class Sequence:
     """Structured output: the grammar's state after this sequence's output tokens (engine-owned)."""
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """Logprobs of prompt tokens 1.. computed so far (``params.prompt_logprobs`` requests)."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Speculative decoding: draft tokens to verify after the last token this step (engine-owned;
+    the scheduler gives the sequence 1 + len(drafts) new tokens; cleared when the step is done)."""
+    spec_state: Optional["SpecState"] = None
+    """Speculative decoding: the proposer's per-sequence state (token history, back-off)."""
     tiers_looked_up: bool = False
     """Its prefix was looked up in the lower KV tiers (counted once in their hit/miss counters)."""
 

@@ -34,8 +34,13 @@ class Shard:
     num_blocks: int
 
 
+def kv_cache_dtype(config: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """Element type of the KV pool (``--kv-cache-dtype``): the model dtype, or fp8 e4m3."""
+    return torch.float8_e4m3fn if config.cache.kv_cache_dtype == "fp8" else dtype
+
+
 def size_kv(config: EngineConfig, resolved: ResolvedModel, device: torch.device, dtype: torch.dtype, tp: int) -> int:
-    """KV blocks this rank's pool can hold: its share of the GPU (``--gpu-memory-utilization``) minus
+    """KV blocks (of ``dtype`` elements) this rank's pool can hold: its share of the GPU (``--gpu-memory-utilization``) minus
     what the process already holds and a working reserve, or ``--kv-cache-memory`` on CPU."""
     arch, bs = resolved.arch, config.cache.block_size
     if device.type == "cuda":
@@ -60,13 +65,15 @@ def build_shard(config: EngineConfig, resolved: ResolvedModel, tp: TPGroup, dtyp
              arch.num_parameters() / 1e9, f", rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
              f", experts {tp.rank * arch.num_experts // tp.size}-{(tp.rank + 1) * arch.num_experts // tp.size - 1}" if ep else "",
              device)
-    model = load_model(resolved, dtype, device, max_model_len, config.model.seed, tp, config.device.enable_expert_parallel)
+    model = load_model(resolved, dtype, device, max_model_len, config.model.seed, tp, config.device.enable_expert_parallel,
+                       config.model.quantization)
     log.info("weights loaded in %.1f s", time.perf_counter() - t0)
     tp.enable_fused_norm(config.scheduler.max_num_seqs, arch.hidden_size, dtype)  # --tp-all-reduce flashinfer only
-    num_blocks = tp.min_int(config.cache.num_kv_blocks or size_kv(config, resolved, device, dtype, tp.size))
-    pool = KVCachePool(arch, num_blocks, config.cache.block_size, dtype, device, tp.size, shared=tp.rank > 0)
+    kv_dtype = kv_cache_dtype(config, dtype)
+    num_blocks = tp.min_int(config.cache.num_kv_blocks or size_kv(config, resolved, device, kv_dtype, tp.size))
+    pool = KVCachePool(arch, num_blocks, config.cache.block_size, kv_dtype, device, tp.size, shared=tp.rank > 0)
     backend = select_backend(config.device.attention_backend, device, arch.num_heads // tp.size, pool.layout.local_kv_heads,
-                             arch.head_dim, dtype, config.cache.block_size, config.device.decode_attention)
+                             arch.head_dim, dtype, config.cache.block_size, config.device.decode_attention, kv_dtype)
     if device.type == "cuda" and config.device.fused_kernels and backend.name == "flashinfer":
         model.enable_fused_kernels()
     runner = ModelRunner(model, pool, None, backend, device)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from pdmesh.engine.spec_decode import SpecStats
 
 
 @dataclass(frozen=True)
@@ -33,3 +36,5 @@ class EngineStats:
     quarantined_blocks: int = 0
     tiers: Optional[dict] = None
     """Lower KV tiers: {'host' | 'disk': TierCounters} (None without tiers)."""
+    spec: Optional[SpecStats] = None
+    """Speculative decoding counters (a copy), when it is on."""

@@ -94,7 +94,7 @@ def warm_up(eng: LLMEngine) -> float:
     for i in range(batch):
         rid = f"{_PREFIX}remote-{i}"
         if eng.admit_remote(rid, _tokens(plen, vocab, 10 + i), 1, greedy.with_updates(max_tokens=6 + i)) is not None:
-            eng._activate_remote(rid)  # as if its KV had landed (the KV contents do not matter here)
+            eng.arrivals.landed(rid)  # as if its KV had landed (the KV contents do not matter here)
     _drain(eng)
     _copy_kernels(eng)
     if eng.blocks.requests or eng.held or eng.remote:
@@ -102,9 +102,11 @@ def warm_up(eng: LLMEngine) -> float:
     eng.blocks.reset()
     eng.tiers, eng.blocks.on_cache_event = tiers, events
     if tiers is not None:
-        eng.scheduler.prefetch = eng._start_load
+        eng.scheduler.prefetch = eng.arrivals.start_load
     eng.num_steps = 0
     eng.num_steps_launched_behind = 0
+    if eng.spec is not None:  # verify steps run the prompt kernels compiled above
+        eng.spec.reset()
     dt = time.perf_counter() - t0
     log.info("warm-up done in %.1f s (kernels compiled, first request will not wait for them)", dt)
     return dt

@@ -21,6 +21,8 @@ import hashlib
 import logging
 from typing import Sequence
 
+import torch
+
 from pdmesh.kv.pool import KVCachePool
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ def block_checksums(pool: KVCachePool, block_ids: Sequence[int], num_tokens: int
         if slots <= 0:
             break
         data = pool.logical_block(b, slots)
-        out.append(int.from_bytes(hashlib.blake2b(data.numpy().tobytes(), digest_size=8).digest(), "little"))
+        out.append(int.from_bytes(hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=8).digest(), "little"))
     return out
 
 

@@ -1,7 +1,7 @@
 """Paged KV block manager with reference counts and automatic prefix caching.
 
 Pure Python (no tensors): it hands out block ids; ``pdmesh.kv.pool`` holds the tensors.  A
-request's table is also kept as a numpy array for the model runner (rebuilt when it grows).
+request's table is also kept as a numpy array for the model runner (rebuilt when it changes).
 
 Algorithm
 ---------
@@ -55,7 +55,7 @@ class _Request:
     hashes: list[bytes] = field(default_factory=list)
     """Hashes of this request's leading full blocks that have been cached (len <= len(blocks))."""
     array: Optional[np.ndarray] = None
-    """``blocks`` as int32, as of its length then (blocks are only ever appended)."""
+    """``blocks`` as int32, as of its length then (rebuilt when the length changes)."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,25 @@ class PrefixCachingBlockManager:
                 elif self.released is not None:
                     self.released.append((b, h))
         return len(req.blocks)
+
+    def trim(self, request_id: str, num_tokens: int) -> list[int]:
+        """Free the request's trailing blocks beyond those covering ``num_tokens`` tokens (KV slots
+        of rejected speculative tokens); returns the freed ids.  Only blocks held by this request
+        alone and never cached can be trailing: a shared or hashed block holds computed tokens."""
+        req = self.requests[request_id]
+        keep = self.blocks_needed(num_tokens)
+        freed = req.blocks[keep:]
+        if not freed:
+            return []
+        for b in reversed(freed):
+            assert self.ref_count[b] == 1 and self.block_hash[b] is None, f"trimmed block {b} is shared or cached"
+            self.ref_count[b] = 0
+            self.free_queue[b] = None
+            self.free_queue.move_to_end(b, last=False)
+        del req.blocks[keep:]
+        del req.hashes[keep:]
+        req.array = None
+        return freed
 
     def pin(self, owner: str, block_ids: Sequence[int]) -> None:
         """Make ``owner`` (a fresh id) hold ``block_ids`` too (ref count + 1 each; a free block

@@ -48,6 +48,12 @@ def rows(pool: torch.Tensor) -> torch.Tensor:
     return pool.view(pool.shape[0], pool.shape[1], -1)
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 pool (``--kv-cache-dtype fp8``) viewed as its bytes (uint8, same shape and strides):
+    block moves copy bytes, and ``index_copy_`` has no fp8 kernel on the CPU; other dtypes as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def _on_gpu(src: torch.Tensor, dst: torch.Tensor) -> bool:
     """Whether the kernel can run: Triton present, one side on a GPU, the other on it or pinned."""
     if triton is None:
@@ -70,7 +76,7 @@ def copy_blocks(src: torch.Tensor, src_ids: torch.Tensor, dst: torch.Tensor, dst
     n = src_ids.numel()
     if n == 0:
         return
-    s3, d3 = rows(src), rows(dst)
+    s3, d3 = as_bytes(rows(src)), as_bytes(rows(dst))
     x = s3.shape[2]
     if not _on_gpu(src, dst):
         if src.device != dst.device:
@@ -97,7 +103,7 @@ def gather_heads(src: torch.Tensor, src_ids: torch.Tensor, heads: tuple[int, int
         out = torch.empty((src.shape[0], n) + tuple(src.shape[2:]), dtype=src.dtype, device=src.device)
         copy_blocks(src, src_ids, out, torch.arange(n, device=src.device))
         return out
-    return src.index_select(1, src_ids)[:, :, :, :, heads[0]:heads[1]].contiguous()
+    return as_bytes(src).index_select(1, src_ids)[:, :, :, :, heads[0]:heads[1]].contiguous().view(src.dtype)
 
 
 def scatter_heads(data: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor, heads: tuple[int, int]) -> None:
@@ -107,7 +113,7 @@ def scatter_heads(data: torch.Tensor, dst: torch.Tensor, dst_ids: torch.Tensor, 
     if _full(dst, heads) and data.is_contiguous() and _on_gpu(data, dst):
         copy_blocks(data, torch.arange(data.shape[1], device=data.device), dst, dst_ids)
     else:
-        dst[:, :, :, :, heads[0]:heads[1]].index_copy_(1, dst_ids, data)
+        as_bytes(dst[:, :, :, :, heads[0]:heads[1]]).index_copy_(1, dst_ids, as_bytes(data))
 
 
 def copy_heads(src: torch.Tensor, src_ids: torch.Tensor, src_heads: tuple[int, int], dst: torch.Tensor,

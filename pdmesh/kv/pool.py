@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdmesh.kv.copy import scatter_heads
+from pdmesh.kv.copy import as_bytes, scatter_heads
 from pdmesh.kv.shards import local_kv_heads, rank_heads, source_ranks
 from pdmesh.models.arch import ModelArch
 
@@ -32,7 +32,7 @@ class KVLayout:
     head_dim: int
     block_size: int
     dtype: str
-    """torch dtype name, e.g. 'float32', 'bfloat16'."""
+    """torch dtype name, e.g. 'float32', 'bfloat16', 'float8_e4m3fn' (--kv-cache-dtype fp8)."""
     layout: str = "LNKBHD"
     """Axis order: layers, blocks, K/V, block slots, kv heads, head dim."""
     tp_size: int = 1
@@ -102,10 +102,10 @@ class KVCachePool:
         """Contiguous ``[L, n, 2, bs, h, D]`` copy of blocks ``block_ids`` of rank ``rank`` (its local
         heads ``heads``, default all), on that rank's device."""
         kv = self.ranks[rank]
-        data = kv.index_select(1, torch.tensor(block_ids, dtype=torch.int64, device=kv.device))
+        data = as_bytes(kv).index_select(1, torch.tensor(block_ids, dtype=torch.int64, device=kv.device))
         if heads is not None and heads != (0, kv.shape[4]):
             data = data[:, :, :, :, heads[0]:heads[1]].contiguous()
-        return data
+        return data.view(kv.dtype)
 
     @torch.no_grad()
     def write_heads(self, rank: int, block_ids: list[int], heads: tuple[int, int] | None, data: torch.Tensor) -> None:

@@ -3,7 +3,8 @@
 At one row a projection is a pure weight stream; cuBLAS's kernels for these shapes leave part of
 HBM bandwidth unused on the smaller projections (split-K plus a reduce kernel) and cannot take the
 gated activation as a prologue.  This kernel reads each weight tile once with an evict-first hint,
-accumulates in float32, and optionally computes ``silu(gate) * up`` from a ``[2K]`` input while
+accumulates in float32 (1-byte fp8/int8 weights are converted as they load and scaled per row at the
+end: weight-only quantization at batch 1), and optionally computes ``silu(gate) * up`` from a ``[2K]`` input while
 loading it (the MLP's down projection without a separate activation kernel).
 
 Callers check ``gemv_applies`` (Triton present, CUDA, one row) and otherwise use ``F.linear``.
@@ -25,8 +26,9 @@ except ImportError:  # CPU-only installs
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, n, k, stride_w,
-                     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(w_ptr, x_ptr, b_ptr, s_ptr, y_ptr, n, k, stride_w,
+                     HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -44,6 +46,8 @@ if triton is not None:
                 x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if HAS_SCALE:  # a 1-byte weight (fp8 or int8) with one scale per output row
+            y *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -62,17 +66,18 @@ def _config(n: int, k: int) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, silu_mul: bool = False,
-         config: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
+         config: Optional[tuple[int, int, int]] = None, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x: [1, K] (or [1, 2K] with ``silu_mul``: gate then up), weight: [N, K], bias: [N] or None,
-    all one dtype on one CUDA device -> [1, N] in that dtype."""
+    on one CUDA device -> [1, N] in x's dtype.  The weight is in x's dtype, or (weight-only
+    quantization) fp8 e4m3 / int8 with ``scale`` [N] float32 per output row."""
     n, k = weight.shape
     if x.shape != (1, 2 * k if silu_mul else k) or not x.is_contiguous() or weight.stride(1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or _config(n, k)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](weight, x, bias if bias is not None else weight, y, n, k, weight.stride(0),
-                                             HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-                                             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](weight, x, bias if bias is not None else x, scale if scale is not None else x,
+                                             y, n, k, weight.stride(0), HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
+                                             HAS_SCALE=scale is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
 
 

@@ -10,7 +10,7 @@ split like the query heads, or replicated when there are fewer than ranks (``pdm
 from __future__ import annotations
 
 import math
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from pdmesh.distributed.group import TPGroup
 from pdmesh.kv.shards import local_kv_heads
 from pdmesh.models.arch import ModelArch
 from pdmesh.models.gemv import gemv, gemv_applies
+from pdmesh.models.quant import QuantLinear
 
 
 class AttentionContext(Protocol):
@@ -170,19 +171,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rot * sin
 
 
-def row_parallel(x: torch.Tensor, lin: nn.Linear, tp: TPGroup, use_gemv: bool, silu_mul: bool = False,
+Projection = Union[nn.Linear, QuantLinear]
+"""A projection layer: full precision, or quantized at load (``--quantization``)."""
+
+
+def linear(x: torch.Tensor, lin: Projection, bias: Optional[torch.Tensor], use_gemv: bool, silu_mul: bool = False) -> torch.Tensor:
+    """``x @ W^T + bias`` for x [T, K] and ``lin``'s weight W [N, K] (``lin``: nn.Linear, or a
+    ``QuantLinear`` with 1-byte weights, ``--quantization``); ``use_gemv`` and one row on CUDA: a
+    Triton GEMV (weight-only for a quantized layer).  ``silu_mul``: x is [T, 2K] gate|up and
+    SiLU(gate)*up is applied first (inside the GEMV, else FlashInfer's kernel)."""
+    if use_gemv and gemv_applies(x):
+        return gemv(x, lin.weight, bias, silu_mul=silu_mul, scale=getattr(lin, "weight_scale", None))
+    if silu_mul:
+        from flashinfer.activation import silu_and_mul
+
+        x = silu_and_mul(x)
+    if isinstance(lin, QuantLinear):
+        return lin.matmul(x, bias)
+    return F.linear(x, lin.weight, bias)
+
+
+def row_parallel(x: torch.Tensor, lin: Projection, tp: TPGroup, use_gemv: bool, silu_mul: bool = False,
                  reduce: bool = True) -> torch.Tensor:
     """A row-parallel projection: this rank's partial product (its bias only on rank 0), summed
-    over the ranks (``reduce=False``: not summed; the caller sums it, e.g. with the next norm)."""
-    bias = lin.bias if tp.rank == 0 else None
-    if use_gemv and gemv_applies(x):
-        y = gemv(x, lin.weight, bias, silu_mul=silu_mul)
-    else:
-        if silu_mul:
-            from flashinfer.activation import silu_and_mul
-
-            x = silu_and_mul(x)
-        y = F.linear(x, lin.weight, bias)
+    over the ranks (``reduce=False``: not summed; the caller sums it, e.g. with the next norm).
+    A quantized layer's scales are this rank's own (its slice of K), which the sum composes."""
+    y = linear(x, lin, lin.bias if tp.rank == 0 else None, use_gemv, silu_mul)
     return tp.all_reduce(y) if reduce else y
 
 
@@ -202,7 +216,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""
         if self.fused and gemv_applies(x):  # one row: GEMVs, the activation inside the down one
-            gu = gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+            gu = linear(x, self.gate_up_proj, self.gate_up_proj.bias, True)
             return row_parallel(gu, self.down_proj, self.tp, True, silu_mul=True, reduce=reduce)
         gu = self.gate_up_proj(x)
         if self.fused:
@@ -230,8 +244,8 @@ class Attention(nn.Module):
         self.fused = False
         """CUDA: one-row projections run as Triton GEMVs (``pdmesh.models.gemv``)."""
 
-    def _project(self, x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        return gemv(x, lin.weight, lin.bias) if self.fused and gemv_applies(x) else lin(x)
+    def _project(self, x: torch.Tensor, lin: Projection) -> torch.Tensor:
+        return linear(x, lin, lin.bias, self.fused)
 
     def forward(self, x: torch.Tensor, rope: "BoundRotary", ctx: AttentionContext, reduce: bool = True) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden], summed over the ranks unless ``reduce`` is False."""

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from pdmesh.config import DEFAULT_MODEL, ModelConfig
+from pdmesh.config import DEFAULT_MODEL, ModelConfig, Quantization
 from pdmesh.distributed.group import TPGroup
 from pdmesh.env import ENV
 from pdmesh.models import build_model
@@ -194,8 +194,9 @@ def fill_dummy(model: CausalLM, seed: int) -> None:
 
 
 def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max_len: int, seed: int = 0,
-               tp: Optional[TPGroup] = None, expert_parallel: bool = False) -> CausalLM:
-    """Build (this rank's shard of) the model on ``device`` and fill its weights."""
+               tp: Optional[TPGroup] = None, expert_parallel: bool = False, quantization: Optional[Quantization] = None) -> CausalLM:
+    """Build (this rank's shard of) the model on ``device`` and fill its weights; ``quantization``
+    ('fp8', 'int8'): then replace its projections by quantized ones (``pdmesh.models.quant``)."""
     model = build_model(res.arch, dtype, tp, expert_parallel)
     model.materialize(device, max_len)
     if res.weights_dir is None:
@@ -205,5 +206,12 @@ def load_model(res: ResolvedModel, dtype: torch.dtype, device: torch.device, max
         missing = model.expected_weight_names() - loaded
         if missing:
             raise ValueError(f"checkpoint {res.weights_dir} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    if quantization:
+        from pdmesh.models.quant import quantize_model
+
+        n = quantize_model(model, quantization)
+        log.info("quantized %d linear layers to %s (weights per channel, activations per token)", n, quantization)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the full-precision weights' memory goes back for the KV cache
     model.eval()
     return model

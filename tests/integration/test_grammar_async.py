@@ -8,7 +8,8 @@ seeded) gives the same tokens and finish reasons with async scheduling on and of
 constrained steps are launched behind; after every step each matcher has accepted exactly the
 tokens collected so far (never one twice, never one missed); a request that ends while its next
 token is in flight has that token dropped; an abort mid-stream frees the matcher at once; a
-request split between a prefill and an async decode engine gives the tokens of one engine."""
+request split between a prefill and an async decode engine gives the tokens of one engine;
+n-gram speculation next to constrained requests changes no token."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import gc
 import json
 import re
 import weakref
+from typing import Optional
 
 import jsonschema
 import pytest
@@ -90,12 +92,15 @@ def check_matchers(eng: LLMEngine, specs: dict[str, GrammarSpec]) -> int:
     return checked
 
 
-def run_mix(eng: LLMEngine) -> dict:
-    """Run MIX in one continuous batch, checking the matchers after every step."""
+def run_mix(eng: LLMEngine, extra: Optional[dict[str, tuple[list[int], SamplingParams]]] = None) -> dict:
+    """Run MIX (and ``extra``: request id -> (prompt, params)) in one continuous batch, checking the
+    matchers after every step."""
     specs = {rid: p.grammar for rid, p in MIX.items() if p.grammar is not None}
     for i, (rid, params) in enumerate(MIX.items()):
         eng.add_request(rid, prompt(i), params)
-    toks: dict[str, list[int]] = {rid: [] for rid in MIX}
+    for rid, (p, params) in (extra or {}).items():
+        eng.add_request(rid, p, params)
+    toks: dict[str, list[int]] = {rid: [] for rid in [*MIX, *(extra or {})]}
     reasons: dict[str, str] = {}
     ended_in_flight: set[str] = set()
     behind = checked = 0
@@ -137,6 +142,23 @@ def test_mixed_constrained_batch_same_tokens_async_on_and_off(tiny):
     # ... and requests ended by their grammar while their next token was in flight: it was dropped
     assert {"choice", "regex"} & on["ended_in_flight"], on["ended_in_flight"]
     assert len(toks["choice"]) < len(toks["free-long"])  # it ended early among continuing ones
+
+
+@pytest.mark.parametrize("mode", ["off", "on"])
+def test_speculation_next_to_constrained_requests_gives_the_plain_tokens(tiny, mode):
+    """N-gram speculation on: constrained requests never get drafts (their mask depends on every
+    token), the free ones do and are verified in the same steps as the constrained rows (masked
+    there); tokens and finish reasons are those of decoding without speculation, async scheduling
+    off and on, and every matcher holds exactly the tokens collected."""
+    model, tok = tiny
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+    eng = LLM(model=model, tokenizer=tok, device="cpu", async_scheduling=mode, num_kv_blocks=256, block_size=8,
+              speculative_config=spec).engine
+    # a free request whose prompt holds most tokens the model may emit: a proposal at most steps
+    extra = {"free-copy": (list(range(40, 440)), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))}
+    got, want = run_mix(eng, extra), run_mix(engine(tiny, "off"), extra)
+    assert got["toks"] == want["toks"] and got["reasons"] == want["reasons"]
+    assert eng.spec is not None and eng.spec.stats.num_drafts > 0 and got["checked"] > 50
 
 
 def test_abort_mid_stream_frees_the_matcher_and_the_rest_go_on(tiny):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig
+from pdmesh.config import CacheConfig, DeviceConfig, EngineConfig, KVCacheDtype, ModelConfig
 from pdmesh.engine import LLMEngine, SamplingParams
 
 BS = 8
@@ -20,10 +20,11 @@ A, B, C = list(range(10, 90)), list(range(100, 180)), [(i * 7) % 256 for i in ra
 A2 = A[:72] + [3, 1, 4, 1, 5, 9, 2, 6]  # A's first 9 blocks, another last block
 
 
-def engine(model_dir, blocks=24, host_blocks=0, disk=None, disk_blocks=64) -> LLMEngine:
-    cache = CacheConfig(block_size=BS, num_kv_blocks=blocks, kv_offload_cpu_gb=host_blocks * BLOCK_BYTES / 2**30,
+def engine(model_dir, blocks=24, host_blocks=0, disk=None, disk_blocks=64, kv: KVCacheDtype = "auto") -> LLMEngine:
+    bb = BLOCK_BYTES // 4 if kv == "fp8" else BLOCK_BYTES
+    cache = CacheConfig(block_size=BS, num_kv_blocks=blocks, kv_offload_cpu_gb=host_blocks * bb / 2**30,
                         kv_offload_disk_path=str(disk) if disk else None,
-                        kv_offload_disk_gb=disk_blocks * (BLOCK_BYTES + 36) / 2**30 if disk else 0.0)
+                        kv_offload_disk_gb=disk_blocks * (bb + 36) / 2**30 if disk else 0.0, kv_cache_dtype=kv)
     return LLMEngine(EngineConfig(model=ModelConfig(model=model_dir), cache=cache, device=DeviceConfig(device="cpu")))
 
 
@@ -111,13 +112,17 @@ def a_chain() -> list[bytes]:
     return chain
 
 
-def push_a_to_disk(eng: LLMEngine) -> None:
-    """Run A, then enough others that A's blocks are on disk only (not on the device, not in host memory)."""
+def push_a_to_disk(eng: LLMEngine) -> torch.Tensor:
+    """Run A, then enough others that A's blocks are on disk only (not on the device, not in host
+    memory); returns the bytes of A's 9 full blocks as they were on the device."""
     more = [[(i * 13 + k) % 256 for i in range(80)] for k in (1, 2)]
-    for name, p in (("A", A), ("B", B), ("C", C), ("D", more[0]), ("E", more[1])):
+    run(eng, "A", A)
+    a_bytes = eng.pool.kv[:, [eng.blocks.cached[h] for h in a_chain()]].view(torch.uint8).clone()
+    for name, p in (("B", B), ("C", C), ("D", more[0]), ("E", more[1])):
         run(eng, name, p)
     idle(eng)
     assert all(h in eng.tiers.disk and h not in eng.tiers.host and h not in eng.blocks.cached for h in a_chain())
+    return a_bytes
 
 
 def test_a_damaged_disk_block_is_a_miss_never_served(model_dir, reference, tmp_path):
@@ -187,3 +192,22 @@ def test_a_graceful_stop_writes_host_blocks_to_disk_for_the_next_start(model_dir
     toks, cached, _ = run(again, "A2", A2)
     assert toks == reference["A2"] and cached == 72 and again.stats().tiers["disk"].hits == 72
     idle(again)
+
+
+def test_fp8_kv_blocks_go_to_disk_and_come_back_byte_for_byte(model_dir, tmp_path):
+    """--kv-cache-dtype fp8 under host and disk tiers: blocks of a quarter of fp32's bytes go down
+    to host memory and disk and come back bit for bit, with the tokens of an fp8 engine that
+    recomputes them; fp8, quantized and full-precision blocks live in separate disk namespaces."""
+    from pdmesh.engine.offload import namespace
+
+    eng = engine(model_dir, host_blocks=12, disk=tmp_path / "kv", kv="fp8")
+    assert eng.tiers.host.block_bytes == BLOCK_BYTES // 4
+    a_bytes = push_a_to_disk(eng)
+    toks, cached, _ = run(eng, "A2", A2)
+    assert cached == 72 and eng.stats().tiers["disk"].hits == 72
+    assert torch.equal(eng.pool.kv[:, [eng.blocks.cached[h] for h in a_chain()]].view(torch.uint8), a_bytes)
+    assert toks == run(engine(model_dir, blocks=64, kv="fp8"), "A2", A2)[0]
+    idle(eng)
+    plain = engine(model_dir, blocks=4)
+    keys = {namespace(ModelConfig(model=model_dir, quantization=q), pool) for q in (None, "int8") for pool in (eng.pool, plain.pool)}
+    assert len(keys) == 4

@@ -8,7 +8,8 @@ every arena extent back (exact free runs) after each way a lease ends and after 
 a full arena on either side falls back to one region per (layer, block), still exact, and counted.
 Between tensor-parallel sizes (2 -> 1, 1 -> 2, 2 -> 2): every source rank packed, one READ per
 source rank, heads landed on the ranks that hold them through an arena extent (or a buffer
-registered for the pull when the arena is full or off), exact in every head.
+registered for the pull when the arena is full or off), exact in every head. fp8 pools
+(--kv-cache-dtype fp8) byte for byte, between TP sizes too.
 """
 
 from __future__ import annotations
@@ -49,12 +50,12 @@ SCATTERED = [3, 12, 7, 1, 10, 15, 5]
 CONSECUTIVE = [4, 5, 6, 7, 8, 9, 10]
 
 
-def _agent(name: str, fill: bool, tp: int = 1, arena: int = ARENA):
+def _agent(name: str, fill: bool, tp: int = 1, arena: int = ARENA, dtype: torch.dtype = torch.float32):
     """An agent over a pool of 16 blocks of 3 layers split over ``tp`` ranks (rank 0 maps the others,
-    as in a worker), with an ``arena``-byte staging arena (0: none)."""
+    as in a worker), with an ``arena``-byte staging arena (0: none), of ``dtype`` elements."""
     from pdmesh.transport.nixl import NixlAgent
 
-    ranks = [KVCachePool(ARCH, 16, BLOCK, torch.float32, torch.device("cpu"), tp_size=tp) for _ in range(tp)]
+    ranks = [KVCachePool(ARCH, 16, BLOCK, dtype, torch.device("cpu"), tp_size=tp) for _ in range(tp)]
     pool = ranks[0]
     pool.attach_ranks([r.kv for r in ranks[1:]], [None] * (tp - 1))
     if fill:
@@ -136,7 +137,7 @@ def _heads(pool: KVCachePool, ids: list[int]) -> torch.Tensor:
 
 
 def _exact(src_agent, dst_agent, src: list[int], dst: list[int]) -> None:
-    assert torch.equal(_heads(dst_agent.pool, dst), _heads(src_agent.pool, src))
+    assert torch.equal(_heads(dst_agent.pool, dst).view(torch.uint8), _heads(src_agent.pool, src).view(torch.uint8))
     untouched = sorted(set(range(dst_agent.pool.kv.shape[1])) - set(dst))
     for kv in dst_agent.pool.ranks:
         assert not kv[:, untouched].any(), "a block outside the destination was written"
@@ -390,6 +391,20 @@ def test_mixed_tp_from_a_full_source_arena_reads_the_pools_into_an_extent_here(t
         src_agent.arena.free(hog)
     _all_free(src_agent)
     _all_free(tp_agents["dst1"])
+
+
+@pytest.mark.parametrize("src_tp,dst_tp,kinds", [(1, 1, {"staged": 1}), (2, 1, {"staged": 2}), (1, 2, {"staged": 1})])
+def test_fp8_kv_pulls_are_exact_bytes(src_tp, dst_tp, kinds):
+    """--kv-cache-dtype fp8 pools (a byte per element): packed, read and landed byte for byte, between
+    TP sizes too (heads gathered and scattered as bytes)."""
+    fp8 = torch.float8_e4m3fn
+    src = _agent(f"fp8-src-{src_tp}-{dst_tp}", True, tp=src_tp, dtype=fp8)
+    dst = _agent(f"fp8-dst-{src_tp}-{dst_tp}", False, tp=dst_tp, dtype=fp8)
+    assert src.pool.layout.block_bytes * 4 == KVCachePool(ARCH, 2, BLOCK, torch.float32, torch.device("cpu"), tp_size=src_tp).layout.block_bytes
+    fallbacks, _ = _pull((src, dst), SCATTERED, kinds)
+    assert fallbacks == 0
+    _all_free(src)
+    _all_free(dst)
 
 
 def test_arena_extents_are_exact_and_merge_back():

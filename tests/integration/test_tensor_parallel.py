@@ -105,3 +105,37 @@ def test_vocabulary_padding_rows_are_zero(tmp_path_factory):
     assert r0["lm_head.weight"].shape == r1["lm_head.weight"].shape == (128, 32)
     assert torch.equal(torch.cat([r0["lm_head.weight"], r1["lm_head.weight"][:127]]), full["lm_head.weight"])
     assert not r1["lm_head.weight"][127].any() and not r1["model.embed_tokens.weight"][127].any()
+
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_tp2_quantized_fp8_kv_and_speculating(tmp_path_factory):
+    """--quantization int8 with --kv-cache-dtype fp8 over TP 2: each rank quantizes its own shard (a
+    row-parallel layer scales its slice of K), so TP 2's logits differ from float32 by about what
+    TP 1's quantized ones do; every rank's pool is fp8; n-gram speculation on that engine gives
+    its greedy tokens exactly (the verify rows' logits gathered on both ranks), async scheduling on."""
+    from pdmesh.models.quant import QuantLinear
+
+    _, path = build_random_hf("llama", tmp_path_factory)
+    ids = PROMPTS_IDS[2]
+    ref = LLM(model=str(path), **KW).engine.score(ids)
+    err1 = _relative(LLM(model=str(path), quantization="int8", kv_cache_dtype="fp8", **KW).engine.score(ids), ref)
+    greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    q = dict(model=str(path), tensor_parallel_size=2, cpu_threads=1, quantization="int8", kv_cache_dtype="fp8",
+             async_scheduling="on", **KW)
+    with LLM(**q) as tp2:
+        layer = tp2.engine.model.model.layers[0]
+        assert isinstance(layer.self_attn.o_proj, QuantLinear) and isinstance(layer.mlp.gate_up_proj, QuantLinear)
+        assert [t.dtype for t in tp2.engine.pool.ranks] == [torch.float8_e4m3fn] * 2
+        err2 = _relative(tp2.engine.score(ids), ref)
+        want = [r.outputs[0].token_ids for r in tp2.generate(PROMPTS_IDS, greedy, detokenize=False)]
+    with LLM(speculative_config=SPEC, **q) as spec2:
+        got = [r.outputs[0].token_ids for r in spec2.generate(PROMPTS_IDS, greedy, detokenize=False)]
+        assert spec2.engine.spec.stats.num_drafts > 0
+    assert got == want
+    assert 0 < err1 < 0.2 and err2 < 2 * err1, (err1, err2)

@@ -228,3 +228,13 @@ def test_kv_aware_never_pairs_layouts_that_do_not_convert():
     assert not reg.apply_kv_events("p1", 1, True, [spb.KVEvents(tier="device", added=Prompt(prompt).hashes(2))])
     p, d, _, _ = route(reg, KVAwarePolicy(), "m", len(prompt), prompt_ids=prompt)
     assert (p.worker_id, d.worker_id) == ("p2", "d1")
+
+
+def test_tiers_with_tensor_parallelism_are_refused_naming_the_flags():
+    """A rank's pool holds only its KV heads, a tier slot one pool's whole block: refused up front."""
+    from pdmesh.config import CacheConfig, ConfigError, DeviceConfig, EngineConfig
+
+    with pytest.raises(ConfigError, match="--kv-offload-cpu-gb: lower KV tiers are not supported with --tensor-parallel-size 2"):
+        EngineConfig(cache=CacheConfig(kv_offload_cpu_gb=1.0), device=DeviceConfig(device="cpu", tensor_parallel_size=2))
+    EngineConfig(cache=CacheConfig(kv_offload_cpu_gb=1.0), device=DeviceConfig(device="cpu"))
+    EngineConfig(device=DeviceConfig(device="cpu", tensor_parallel_size=2))
