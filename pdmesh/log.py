@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 import time
@@ -12,6 +13,9 @@ from pdmesh.env import ENV
 
 
 def configure_logging(service: str) -> None:
+    """Log lines tagged with ``service`` and its pid; a crash in native code (SIGSEGV, SIGABRT)
+    prints every thread's Python stack to stderr before the process dies."""
+    faulthandler.enable(file=sys.stderr, all_threads=True)
     logging.basicConfig(
         level=ENV.LOG_LEVEL.get().upper(),
         format=f"%(asctime)s %(levelname)s {service}[%(process)d] %(name)s: %(message)s",

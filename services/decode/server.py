@@ -244,7 +244,7 @@ def make_handoff(rt: WorkerRuntime) -> KVHandoff:
 
 
 async def serve(rt: WorkerRuntime) -> None:
-    peers = PeerDirectory(rt.wcfg.scheduler, rt.channels)
+    peers = PeerDirectory(rt.wcfg.scheduler, rt.channels, remember_s=rt.wcfg.kv_lease_max_seconds)
 
     def add(r: WorkerRuntime) -> list[str]:
         dgrpc.add_DecodeServicer_to_server(DecodeServicer(r, make_handoff(r), peers), r.server)
