@@ -126,15 +126,22 @@ class LLM:
                 st["res"].num_cached_tokens = out.num_cached_tokens
                 if out.prompt_logprobs is not None:
                     st["res"].prompt_logprobs = out.prompt_logprobs
-                comp.token_ids.extend(out.new_token_ids)
+                new = out.new_token_ids
+                if st["detok"] is not None:  # token by token: a step may run past a stop string
+                    hit = False
+                    for i, t in enumerate(out.new_token_ids):
+                        text, hit = st["stop"].feed(st["detok"].step(t))
+                        comp.text += text
+                        if hit:
+                            new = out.new_token_ids[:i + 1]
+                            break
+                    if out.finished and not hit:
+                        text, hit = st["stop"].feed(st["detok"].flush())
+                        comp.text += text
+                comp.token_ids.extend(new)
                 if out.logprobs and comp.logprobs is not None:
-                    comp.logprobs.extend(out.logprobs)
+                    comp.logprobs.extend(out.logprobs[:len(new)])
                 if st["detok"] is not None:
-                    delta = "".join(st["detok"].step(t) for t in out.new_token_ids)
-                    if out.finished:
-                        delta += st["detok"].flush()
-                    text, hit = st["stop"].feed(delta)
-                    comp.text += text
                     if hit:
                         eng.abort(out.request_id)
                         comp.finish_reason = "stop"

@@ -85,12 +85,16 @@ class TextPipeline:
             delta.tool_calls.extend(calls)
         delta.content += c
 
-    def add(self, token_ids: list[int], delta: Delta) -> bool:
-        """Text of ``token_ids`` into ``delta``; True if a stop string was hit."""
-        text = "".join(self.detok.step(t) for t in token_ids)
-        emit, hit = self.stop.feed(text)
-        self._split(emit, delta)
-        return hit
+    def add(self, token_ids: list[int], delta: Delta) -> Optional[int]:
+        """Text of ``token_ids`` into ``delta``, token by token; when a stop string is hit, how many
+        of them were needed to complete it (the rest are not part of the choice: a step that
+        produced several tokens, e.g. accepted speculative drafts, may run past the stop), else None."""
+        for i, t in enumerate(token_ids):
+            emit, hit = self.stop.feed(self.detok.step(t))
+            self._split(emit, delta)
+            if hit:
+                return i + 1
+        return None
 
     def finish(self, delta: Delta, stopped: bool) -> None:
         """Everything held back, into ``delta`` (at the choice's end)."""

@@ -89,16 +89,21 @@ async def run_choice(mesh: MeshClient, model: str, choice: Choice, pipe: TextPip
             else:
                 choice.itls.append(now - choice.last_at)
             choice.last_at = now
-            if hooks is not None:
-                hooks.on_tokens(choice, len(res.token_ids), ev.token_ids)
             d = Delta(res.index, logprobs=ev.logprobs, token_ids=ev.token_ids, first=first)
             # as vLLM: the token that stopped the request (EOS, a stop id) is not part of the text
             shown = ev.token_ids[:-1] if ev.finished and ev.finish_reason == "stop" and \
                 not choice.params.include_stop_str_in_output else ev.token_ids
-            stopped = pipe.add(shown, d)
+            cut = pipe.add(shown, d)
+            stopped = cut is not None
+            kept = ev.token_ids if cut is None else ev.token_ids[:cut]  # tokens past a stop string are not the choice's
+            if len(kept) < len(ev.token_ids):
+                d.token_ids = kept
+                d.logprobs = ev.logprobs[:len(kept)] if ev.logprobs is not None else None
+            if hooks is not None:
+                hooks.on_tokens(choice, len(res.token_ids), kept)
             if pipe.reasoning is not None and (d.reasoning or pipe.reasoning.in_reasoning):
-                res.reasoning_tokens += len(ev.token_ids)
-            res.token_ids.extend(ev.token_ids)
+                res.reasoning_tokens += len(kept)
+            res.token_ids.extend(kept)
             finish = "stop" if stopped else (ev.finish_reason if ev.finished else None)
             if finish is not None:
                 choice.trace.stopped_by_text = stopped

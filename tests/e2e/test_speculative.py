@@ -100,3 +100,24 @@ def test_structured_output_through_the_speculating_decode_worker(svc, client, pl
     assert r.choices[0].message.content == want
     jsonschema.validate(json.loads(want), schema)
     wait_idle(svc.scheduler, expect=2)
+
+
+def test_a_stop_string_inside_accepted_drafts_ends_the_choice_there(svc, client, plain):
+    """A verify step can accept several tokens at once and run past a stop string: the text, the
+    usage and the logprobs end at the token that completed it, as without speculation."""
+    want = plain.chat([COPY], SamplingParams(temperature=0, max_tokens=60, stop=["Gustave"], logprobs=0))[0].outputs[0]
+    assert want.finish_reason == "stop" and "Eiffel" in want.text, want
+    for stream in (False, True):
+        r = client.chat.completions.create(model=MODEL, messages=COPY, max_tokens=60, temperature=0, stop=["Gustave"],
+                                           logprobs=True, stream=stream, **({"stream_options": {"include_usage": True}} if stream else {}))
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            lps = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+            usage, finish = chunks[-1].usage, next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+        else:
+            text, lps, usage, finish = r.choices[0].message.content, r.choices[0].logprobs.content, r.usage, r.choices[0].finish_reason
+        assert (text, finish) == (want.text, "stop"), (stream, text)
+        assert usage.completion_tokens == len(want.token_ids) == len(lps), (stream, usage, len(want.token_ids), len(lps))
+    assert spec_counters(svc)["pdmesh:spec_decode_num_accepted_tokens_total"] > 0
+    wait_idle(svc.scheduler, expect=2)
