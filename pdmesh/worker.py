@@ -418,6 +418,9 @@ def build_configs(role: str, default_port: int, argv: Optional[list[str]]
     _require(role != "decode" or ecfg.cache.kv_offload_cpu_gb == 0, "kv_offload_cpu_gb",
              "lower KV tiers serve prompts computed here: give them to prefill and colocated ('both') workers "
              "(a decode worker reuses its device prefix cache only)")
+    _require(role != "prefill" or ecfg.speculative is None, "speculative_config",
+             "a prefill worker samples one token per request and never speculates: give it to decode and colocated "
+             "('both') workers (pdmesh up --decode-args / --colocated-args)")
     return (from_flags(WorkerConfig, ns), ecfg, from_flags(TracingConfig, ns), from_flags(TlsConfig, ns),
             from_flags(InternalAuthConfig, ns))
 

@@ -210,3 +210,13 @@ def test_verify_rows_are_seeded_like_the_tokens_they_stand_for():
         s = Sequence("r", [1, 2, 7] + [0] * j, 2, p, frozenset())
         plain.append(int(sampler.sample(logits, build_sampling_batch([s], 64, torch.device("cpu")))[0]))
     assert spec_rows.tolist() == plain
+
+
+def test_prefill_worker_refuses_speculation_decode_and_colocated_take_it():
+    from pdmesh.worker import build_configs
+
+    flag = ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}']
+    with pytest.raises(ConfigError, match="speculative.config.*never speculates"):
+        build_configs("prefill", 0, flag)
+    assert build_configs("decode", 0, flag)[1].speculative == SpeculativeConfig(3, 2, 2)
+    assert build_configs("both", 0, flag)[1].speculative is not None
