@@ -80,8 +80,10 @@ class QuantLinear(nn.Module):
         """[N] in the model dtype, or None."""
         self.in_features, self.out_features = linear.in_features, linear.out_features
         n, k = self.weight.shape
-        self.use_kernel = method == "int8" or (n % 16 == 0 and k % 16 == 0)
-        """False where _scaled_mm cannot take the shape (fp8 with K or N not a multiple of 16)."""
+        align = 8 if method == "int8" else 16
+        self.use_kernel = n % align == 0 and k % align == 0
+        """False where the kernel cannot take the shape (K or N not a multiple of 16 for _scaled_mm,
+        of 8 for _int_mm): the dequantized matmul instead."""
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, method={self.method}"
@@ -131,6 +133,20 @@ def check_quantization(arch: ModelArch, method: Optional[QuantMethod]) -> None:
                          "--quantization (--kv-cache-dtype fp8 works)")
 
 
+FP8_MIN_CAPABILITY = (8, 9)
+"""Compute capability of the first GPUs with FP8 matmuls (Ada, Hopper): ``torch._scaled_mm`` needs it."""
+
+
+def check_device(device: torch.device, method: QuantMethod) -> None:
+    """ValueError naming --quantization when ``device`` has no kernel for ``method`` (fp8 below
+    compute capability 8.9), instead of a torch error at the first forward pass."""
+    if method == "fp8" and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if tuple(cap) < FP8_MIN_CAPABILITY:
+            raise ValueError(f"--quantization fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                             f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}: use --quantization int8")
+
+
 def quantize_model(model: nn.Module, method: Optional[QuantMethod]) -> int:
     """Replace every projection of ``QUANTIZED_LAYERS`` in ``model`` (a ``CausalLM``, whose ``arch``
     must pass ``check_quantization``) by a ``QuantLinear`` in place, freeing the full-precision
@@ -141,6 +157,9 @@ def quantize_model(model: nn.Module, method: Optional[QuantMethod]) -> int:
         check_quantization(arch, method)
     if method is None:
         return 0
+    first = next(model.parameters(), None)
+    if first is not None:
+        check_device(first.device, method)
     targets = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
                if name in QUANTIZED_LAYERS and isinstance(child, nn.Linear)]
     with torch.no_grad():

@@ -140,3 +140,18 @@ def test_fp8_pool_moves_blocks_exactly():
     copy_blocks(a.kv, torch.tensor([2]), b.kv, torch.tensor([3]))
     assert torch.equal(b.kv[:, 3].view(torch.uint8), a.kv[:, 2].view(torch.uint8))
     assert a.layout.dtype == "float8_e4m3fn"
+
+
+def test_fp8_refused_below_compute_capability_8_9(monkeypatch):
+    import torch
+
+    from pdmesh.models.quant import check_device
+
+    check_device(torch.device("cpu"), "fp8")  # the CPU path has the kernels
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    check_device(torch.device("cuda", 0), "int8")
+    with pytest.raises(ValueError, match=r"--quantization fp8 needs .* A100 is 8\.0: use --quantization int8"):
+        check_device(torch.device("cuda", 0), "fp8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    check_device(torch.device("cuda", 0), "fp8")
