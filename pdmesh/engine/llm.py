@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -49,7 +50,14 @@ class LLM:
                  engine_config: Optional[EngineConfig] = None) -> None:
         """``quantization`` ('fp8', 'int8'), ``kv_cache_dtype`` ('fp8'): as ``--quantization`` and
         ``--kv-cache-dtype``.  ``speculative_config``: vLLM's dict (or its JSON), e.g. ``{"method":
-        "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}``."""
+        "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}``.
+        ``engine_config``: the whole configuration; the other arguments must then stay at their defaults."""
+        args = {k: v for k, v in locals().items() if k not in ("self", "engine_config")}
+        if engine_config is not None:
+            defaults = {n: p.default for n, p in inspect.signature(LLM.__init__).parameters.items()}
+            given = sorted(k for k, v in args.items() if v != defaults[k])
+            if given:
+                raise TypeError(f"LLM(engine_config=...) takes its settings from the config; also given: {', '.join(given)}")
         if engine_config is None:
             mc = ModelConfig(tokenizer=tokenizer, load_format=load_format, dtype=dtype, max_model_len=max_model_len, seed=seed,
                              quantization=quantization, **({"model": model} if model else {}))

@@ -220,3 +220,10 @@ def test_prefill_worker_refuses_speculation_decode_and_colocated_take_it():
         build_configs("prefill", 0, flag)
     assert build_configs("decode", 0, flag)[1].speculative == SpeculativeConfig(3, 2, 2)
     assert build_configs("both", 0, flag)[1].speculative is not None
+
+
+def test_llm_refuses_arguments_next_to_an_engine_config():
+    from pdmesh.engine.llm import LLM
+
+    with pytest.raises(TypeError, match="also given: quantization, speculative_config"):
+        LLM(engine_config=EngineConfig(), quantization="int8", speculative_config={"method": "ngram", "num_speculative_tokens": 2})
