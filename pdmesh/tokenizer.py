@@ -148,3 +148,15 @@ class StopStringMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+    def feed_tokens(self, detok: IncrementalDetokenizer, token_ids: Sequence[int]) -> tuple[str, Optional[int]]:
+        """The text of ``token_ids`` (through ``detok``, token by token) safe to emit, and, when a stop
+        string is hit, how many of them it took to complete it (the rest are past the stop: one step
+        may produce several tokens, e.g. accepted speculative drafts), else None."""
+        out = []
+        for i, t in enumerate(token_ids):
+            text, hit = self.feed(detok.step(t))
+            out.append(text)
+            if hit:
+                return "".join(out), i + 1
+        return "".join(out), None

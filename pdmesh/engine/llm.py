@@ -52,8 +52,8 @@ class LLM:
         ``--kv-cache-dtype``.  ``speculative_config``: vLLM's dict (or its JSON), e.g. ``{"method":
         "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 2}``.
         ``engine_config``: the whole configuration; the other arguments must then stay at their defaults."""
-        args = {k: v for k, v in locals().items() if k not in ("self", "engine_config")}
         if engine_config is not None:
+            args = {k: v for k, v in locals().items() if k not in ("self", "engine_config")}
             defaults = {n: p.default for n, p in inspect.signature(LLM.__init__).parameters.items()}
             given = sorted(k for k, v in args.items() if v != defaults[k])
             if given:
@@ -134,27 +134,23 @@ class LLM:
                 st["res"].num_cached_tokens = out.num_cached_tokens
                 if out.prompt_logprobs is not None:
                     st["res"].prompt_logprobs = out.prompt_logprobs
-                new = out.new_token_ids
-                if st["detok"] is not None:  # token by token: a step may run past a stop string
-                    hit = False
-                    for i, t in enumerate(out.new_token_ids):
-                        text, hit = st["stop"].feed(st["detok"].step(t))
-                        comp.text += text
-                        if hit:
-                            new = out.new_token_ids[:i + 1]
-                            break
-                    if out.finished and not hit:
-                        text, hit = st["stop"].feed(st["detok"].flush())
-                        comp.text += text
+                new, hit = out.new_token_ids, False
+                if st["detok"] is not None:  # a step may run past a stop string: cut at the token completing it
+                    text, cut = st["stop"].feed_tokens(st["detok"], new)
+                    if cut is not None:
+                        new, hit = new[:cut], True
+                    elif out.finished:
+                        rest, hit = st["stop"].feed(st["detok"].flush())
+                        text += rest
+                    comp.text += text
                 comp.token_ids.extend(new)
                 if out.logprobs and comp.logprobs is not None:
                     comp.logprobs.extend(out.logprobs[:len(new)])
-                if st["detok"] is not None:
-                    if hit:
-                        eng.abort(out.request_id)
-                        comp.finish_reason = "stop"
-                        del live[out.request_id]
-                        continue
+                if hit:
+                    eng.abort(out.request_id)
+                    comp.finish_reason = "stop"
+                    del live[out.request_id]
+                    continue
                 if out.finished:
                     if st["detok"] is not None:
                         comp.text += st["stop"].flush()

@@ -89,12 +89,9 @@ class TextPipeline:
         """Text of ``token_ids`` into ``delta``, token by token; when a stop string is hit, how many
         of them were needed to complete it (the rest are not part of the choice: a step that
         produced several tokens, e.g. accepted speculative drafts, may run past the stop), else None."""
-        for i, t in enumerate(token_ids):
-            emit, hit = self.stop.feed(self.detok.step(t))
-            self._split(emit, delta)
-            if hit:
-                return i + 1
-        return None
+        emit, cut = self.stop.feed_tokens(self.detok, token_ids)
+        self._split(emit, delta)
+        return cut
 
     def finish(self, delta: Delta, stopped: bool) -> None:
         """Everything held back, into ``delta`` (at the choice's end)."""
